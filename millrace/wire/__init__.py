@@ -1,0 +1,47 @@
+"""The wire contract: batch envelope, its codec, and the small JSON messages."""
+
+from millrace.wire.batch import (
+    MAX_PAYLOAD_BYTES,
+    SCHEMA_VERSION,
+    Batch,
+    Event,
+    EventValue,
+    Window,
+)
+from millrace.wire.codec import (
+    CONTENT_TYPE_JSON,
+    CONTENT_TYPE_MSGPACK,
+    Encoding,
+    Rejection,
+    content_type_for,
+    decode_batch,
+    encode_batch,
+)
+from millrace.wire.messages import (
+    AlertMessage,
+    Command,
+    CommandReply,
+    DeviceState,
+    Heartbeat,
+)
+
+__all__ = [
+    "CONTENT_TYPE_JSON",
+    "CONTENT_TYPE_MSGPACK",
+    "MAX_PAYLOAD_BYTES",
+    "SCHEMA_VERSION",
+    "AlertMessage",
+    "Batch",
+    "Command",
+    "CommandReply",
+    "DeviceState",
+    "Encoding",
+    "Event",
+    "EventValue",
+    "Heartbeat",
+    "Rejection",
+    "Window",
+    "content_type_for",
+    "decode_batch",
+    "encode_batch",
+]

@@ -1,0 +1,169 @@
+"""The batch envelope: what an edge agent publishes on its data topic.
+
+Instances validate on construction, so a `Batch` that exists is a batch the
+cloud may store. Windows carry exact-merge aggregates (count, sum, min, max,
+sum of squares) plus first/last so hourly and daily rollups merge exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from millrace.errors import WireError
+from millrace.ids import DEVICE_ID_RULE, METRIC_NAME_RULE, is_device_id, is_metric_name
+
+SCHEMA_VERSION = 1
+SUPPORTED_VERSIONS = frozenset({SCHEMA_VERSION})
+MAX_PAYLOAD_BYTES = 512 * 1024
+MAX_WINDOWS_PER_BATCH = 20_000
+MAX_EVENTS_PER_BATCH = 20_000
+MAX_WINDOW_COUNT = 1_000_000_000  # a reading per millisecond for ~11 days: beyond any real window
+MAX_SEQ = 2**63 - 1
+MAX_PERIOD_SECONDS = 86_400
+MAX_EVENT_TEXT_CHARS = 64
+# 2000-01-01 .. 2100-01-01 in ms: anything outside is a broken clock, not data.
+MIN_TIMESTAMP_MS = 946_684_800_000
+MAX_TIMESTAMP_MS = 4_102_444_800_000
+# Relative slack when checking min <= mean <= max: float sums round.
+MEAN_TOLERANCE = 1e-9
+
+EventValue = float | int | str | bool
+
+
+def _fail(where: str, problem: str) -> WireError:
+    return WireError(f"{where}: {problem}")
+
+
+def _check_int(where: str, value: object, low: int, high: int) -> int:
+    if type(value) is not int:
+        raise _fail(where, f"expected an integer, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise _fail(where, f"{value} is outside [{low}, {high}]")
+    return value
+
+
+def _check_float(where: str, value: object) -> float:
+    if type(value) is int:
+        value = float(value)
+    if type(value) is not float:
+        raise _fail(where, f"expected a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise _fail(where, f"{value} is not finite")
+    return value
+
+
+def _check_timestamp(where: str, value: object) -> int:
+    return _check_int(where, value, MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS)
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Aggregates of one metric over [start_ms, start_ms + period_s * 1000)."""
+
+    metric: str
+    start_ms: int
+    period_s: int
+    count: int
+    sum: float
+    min: float
+    max: float
+    first: float
+    last: float
+    sumsq: float
+    rejected: int = 0
+
+    def __post_init__(self) -> None:
+        where = f"window {self.metric!r}"
+        if not is_metric_name(self.metric):
+            raise _fail("window.metric", f"{self.metric!r}: {METRIC_NAME_RULE}")
+        _check_timestamp(f"{where}.start_ms", self.start_ms)
+        _check_int(f"{where}.period_s", self.period_s, 1, MAX_PERIOD_SECONDS)
+        if self.start_ms % (self.period_s * 1000):
+            raise _fail(f"{where}.start_ms", "not aligned to a multiple of the period")
+        _check_int(f"{where}.count", self.count, 1, MAX_WINDOW_COUNT)
+        _check_int(f"{where}.rejected", self.rejected, 0, MAX_WINDOW_COUNT)
+        for name in ("sum", "min", "max", "first", "last", "sumsq"):
+            object.__setattr__(self, name, _check_float(f"{where}.{name}", getattr(self, name)))
+        if not self.min <= self.max:
+            raise _fail(where, f"min {self.min} > max {self.max}")
+        for name in ("first", "last"):
+            if not self.min <= getattr(self, name) <= self.max:
+                raise _fail(where, f"{name} {getattr(self, name)} outside [min, max]")
+        slack = MEAN_TOLERANCE * max(1.0, abs(self.min), abs(self.max))
+        mean = self.sum / self.count
+        if not self.min - slack <= mean <= self.max + slack:
+            raise _fail(where, f"sum/count {mean} outside [min, max]")
+        if self.sumsq < 0:
+            raise _fail(f"{where}.sumsq", "negative sum of squares")
+
+    @property
+    def end_ms(self) -> int:
+        """Exclusive end of the window."""
+        return self.start_ms + self.period_s * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A state or enum signal's change at `ts_ms`."""
+
+    metric: str
+    ts_ms: int
+    value: EventValue
+
+    def __post_init__(self) -> None:
+        if not is_metric_name(self.metric):
+            raise _fail("event.metric", f"{self.metric!r}: {METRIC_NAME_RULE}")
+        _check_timestamp(f"event {self.metric!r}.ts_ms", self.ts_ms)
+        value = self.value
+        if isinstance(value, str):
+            if len(value) > MAX_EVENT_TEXT_CHARS:
+                raise _fail(f"event {self.metric!r}.value", "text longer than 64 chars")
+        elif type(value) is not bool:
+            _check_float(f"event {self.metric!r}.value", value)
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One flush of an edge agent: closed windows and events, keyed by (device, boot_id, seq)."""
+
+    device: str
+    boot_id: str
+    seq: int
+    sent_at_ms: int
+    windows: tuple[Window, ...] = ()
+    events: tuple[Event, ...] = ()
+    clock_synced: bool = True
+    dropped: int = 0
+    rejected: int = 0
+    version: int = field(default=SCHEMA_VERSION)
+
+    def __post_init__(self) -> None:
+        if type(self.version) is not int or self.version not in SUPPORTED_VERSIONS:
+            raise _fail("v", f"unknown schema version {self.version!r}")
+        if not is_device_id(self.device):
+            raise _fail("device", f"{self.device!r} is not a device id ({DEVICE_ID_RULE})")
+        boot_id = self.boot_id
+        if not (
+            isinstance(boot_id, str)
+            and len(boot_id) == 32
+            and all(c in "0123456789abcdef" for c in boot_id)
+        ):
+            raise _fail("boot_id", "expected 32 lowercase hex characters")
+        _check_int("seq", self.seq, 0, MAX_SEQ)
+        _check_timestamp("sent_at_ms", self.sent_at_ms)
+        _check_int("dropped", self.dropped, 0, MAX_SEQ)
+        _check_int("rejected", self.rejected, 0, MAX_SEQ)
+        if type(self.clock_synced) is not bool:
+            raise _fail("clock_synced", "expected true or false")
+        if len(self.windows) > MAX_WINDOWS_PER_BATCH:
+            raise _fail("windows", f"more than {MAX_WINDOWS_PER_BATCH} windows")
+        if len(self.events) > MAX_EVENTS_PER_BATCH:
+            raise _fail("events", f"more than {MAX_EVENTS_PER_BATCH} events")
+        if not all(type(w) is Window for w in self.windows):
+            raise _fail("windows", "every entry must be a Window")
+        if not all(type(e) is Event for e in self.events):
+            raise _fail("events", "every entry must be an Event")
+        keys = {(w.metric, w.start_ms, w.period_s) for w in self.windows}
+        if len(keys) != len(self.windows):
+            raise _fail("windows", "the same (metric, start, period) appears twice")

@@ -1,0 +1,219 @@
+"""Small JSON messages beside the batches: birth/state, heartbeat, commands, alerts.
+
+They are rare and read by people (mosquitto_sub), so they are JSON. Each has
+`to_json()` and a strict `from_json()` that raises WireError with a reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, TypeVar
+
+from millrace.errors import WireError
+from millrace.ids import DEVICE_ID_RULE, is_device_id
+
+MAX_MESSAGE_BYTES = 64 * 1024
+DeviceStatus = Literal["online", "offline"]
+AlertState = Literal["active", "cleared"]
+Severity = Literal["info", "warning", "critical"]
+
+_T = TypeVar("_T")
+
+
+def _loads(payload: bytes, what: str) -> dict[str, Any]:
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise WireError(f"{what}: payload larger than {MAX_MESSAGE_BYTES} bytes")
+    try:
+        value = json.loads(payload.decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise WireError(f"{what}: not JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise WireError(f"{what}: expected a JSON object")
+    return value
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a finite number")
+
+
+def _dumps(obj: object) -> bytes:
+    return json.dumps(asdict(obj), separators=(",", ":"), allow_nan=False).encode()  # type: ignore[call-overload]
+
+
+def _build(cls: type[_T], data: dict[str, Any], what: str) -> _T:
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise WireError(f"{what}: {exc}") from exc
+
+
+def _need(what: str, name: str, value: object, kind: type | tuple[type, ...]) -> None:
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise WireError(f"{what}.{name}: wrong type {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise WireError(f"{what}.{name}: not finite")
+
+
+def _need_device(what: str, value: object) -> None:
+    if not is_device_id(value):
+        raise WireError(f"{what}.device: {value!r} is not a device id ({DEVICE_ID_RULE})")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    """Retained on the state topic: the birth message, or the last will (offline)."""
+
+    device: str
+    status: DeviceStatus
+    ts_ms: int
+    boot_id: str = ""
+    agent_version: str = ""
+    config_hash: str = ""
+
+    def __post_init__(self) -> None:
+        _need_device("state", self.device)
+        if self.status not in ("online", "offline"):
+            raise WireError(f"state.status: {self.status!r} is not online or offline")
+        _need("state", "ts_ms", self.ts_ms, int)
+        for name in ("boot_id", "agent_version", "config_hash"):
+            _need("state", name, getattr(self, name), str)
+
+    def to_json(self) -> bytes:
+        return _dumps(self)
+
+    @classmethod
+    def from_json(cls, payload: bytes) -> DeviceState:
+        return _build(cls, _loads(payload, "state"), "state")
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Periodic health of an agent: backlog, losses, resources, certificate life."""
+
+    device: str
+    boot_id: str
+    ts_ms: int
+    outbox_batches: int
+    outbox_bytes: int
+    outbox_oldest_age_s: float
+    dropped_batches: int
+    rejected_readings: int
+    driver_errors: dict[str, int] = field(default_factory=dict)
+    cpu_percent: float = 0.0
+    rss_bytes: int = 0
+    disk_free_bytes: int = 0
+    cert_days_left: float = 0.0
+    clock_synced: bool = True
+    agent_version: str = ""
+
+    def __post_init__(self) -> None:
+        _need_device("health", self.device)
+        for name in (
+            "ts_ms",
+            "outbox_batches",
+            "outbox_bytes",
+            "dropped_batches",
+            "rejected_readings",
+            "rss_bytes",
+            "disk_free_bytes",
+        ):
+            _need("health", name, getattr(self, name), int)
+        for name in ("outbox_oldest_age_s", "cpu_percent", "cert_days_left"):
+            _need("health", name, getattr(self, name), (int, float))
+        _need("health", "boot_id", self.boot_id, str)
+        _need("health", "clock_synced", self.clock_synced, bool)
+        _need("health", "agent_version", self.agent_version, str)
+        _need("health", "driver_errors", self.driver_errors, dict)
+        for key, count in self.driver_errors.items():
+            _need("health", f"driver_errors[{key!r}]", count, int)
+
+    def to_json(self) -> bytes:
+        return _dumps(self)
+
+    @classmethod
+    def from_json(cls, payload: bytes) -> Heartbeat:
+        return _build(cls, _loads(payload, "health"), "health")
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A command to a device; `id` makes a retried command apply once."""
+
+    id: str
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+    ts_ms: int = 0
+
+    def __post_init__(self) -> None:
+        _need("cmd", "id", self.id, str)
+        if not 1 <= len(self.id) <= 64:
+            raise WireError("cmd.id: expected 1-64 characters")
+        _need("cmd", "name", self.name, str)
+        _need("cmd", "args", self.args, dict)
+        _need("cmd", "ts_ms", self.ts_ms, int)
+
+    def to_json(self) -> bytes:
+        return _dumps(self)
+
+    @classmethod
+    def from_json(cls, payload: bytes) -> Command:
+        return _build(cls, _loads(payload, "cmd"), "cmd")
+
+
+@dataclass(frozen=True, slots=True)
+class CommandReply:
+    """A device's answer to a command, on the command's reply topic."""
+
+    id: str
+    ok: bool
+    result: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    duplicate: bool = False
+
+    def __post_init__(self) -> None:
+        _need("reply", "id", self.id, str)
+        _need("reply", "ok", self.ok, bool)
+        _need("reply", "result", self.result, dict)
+        _need("reply", "error", self.error, str)
+        _need("reply", "duplicate", self.duplicate, bool)
+
+    def to_json(self) -> bytes:
+        return _dumps(self)
+
+    @classmethod
+    def from_json(cls, payload: bytes) -> CommandReply:
+        return _build(cls, _loads(payload, "reply"), "reply")
+
+
+@dataclass(frozen=True, slots=True)
+class AlertMessage:
+    """An alert raised or cleared by the cloud, published on the alerts topic."""
+
+    alert_id: int
+    device: str
+    metric: str
+    rule: str
+    severity: Severity
+    state: AlertState
+    value: float | None
+    ts_ms: int
+    message: str = ""
+
+    def __post_init__(self) -> None:
+        _need_device("alert", self.device)
+        _need("alert", "alert_id", self.alert_id, int)
+        if self.severity not in ("info", "warning", "critical"):
+            raise WireError(f"alert.severity: {self.severity!r} unknown")
+        if self.state not in ("active", "cleared"):
+            raise WireError(f"alert.state: {self.state!r} unknown")
+        if self.value is not None:
+            _need("alert", "value", self.value, (int, float))
+
+    def to_json(self) -> bytes:
+        return _dumps(self)
+
+    @classmethod
+    def from_json(cls, payload: bytes) -> AlertMessage:
+        return _build(cls, _loads(payload, "alert"), "alert")
