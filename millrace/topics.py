@@ -6,6 +6,7 @@ with `%u` scopes a device to its own subtree.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,6 +17,7 @@ ROOT = "millrace/v1"
 DEVICE_ROOT = f"{ROOT}/d"
 ALERTS_ROOT = f"{ROOT}/alerts"
 
+COMMAND_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 TopicKind = Literal["data", "state", "health", "cmd", "reply", "alert"]
 _PLAIN_KINDS = ("data", "state", "health")
 
@@ -27,7 +29,7 @@ def _checked(device_id: str) -> str:
 
 
 def _checked_command(name: str) -> str:
-    if not name or not name.replace("_", "").replace("-", "").isalnum() or len(name) > 32:
+    if not isinstance(name, str) or COMMAND_NAME_PATTERN.fullmatch(name) is None:
         raise WireError(f"invalid command name {name!r}: 1-32 chars of a-z 0-9 _ -")
     return name
 

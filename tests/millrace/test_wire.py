@@ -1,0 +1,209 @@
+"""The batch codec: every valid batch round-trips; every mutation is rejected with a reason."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from millrace.errors import WireError
+from millrace.wire import (
+    CONTENT_TYPE_JSON,
+    CONTENT_TYPE_MSGPACK,
+    MAX_PAYLOAD_BYTES,
+    Batch,
+    Event,
+    Rejection,
+    Window,
+    decode_batch,
+    encode_batch,
+)
+from millrace.wire.batch import MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS
+
+PERIODS = (1, 5, 10, 60, 300, 3600)
+device_ids = st.from_regex(r"\A[a-z0-9][a-z0-9._-]{0,20}\Z")
+metric_names = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,20}\Z")
+values = st.floats(min_value=-1e9, max_value=1e9, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def windows(draw: st.DrawFn, metric: str | None = None) -> Window:
+    period = draw(st.sampled_from(PERIODS))
+    start = draw(st.integers(MIN_TIMESTAMP_MS // 1000 // period + 1, 4_000_000_000 // period))
+    readings = draw(st.lists(values, min_size=1, max_size=20))
+    return Window(
+        metric=metric if metric is not None else draw(metric_names),
+        start_ms=start * period * 1000,
+        period_s=period,
+        count=len(readings),
+        sum=math.fsum(readings),
+        min=min(readings),
+        max=max(readings),
+        first=readings[0],
+        last=readings[-1],
+        sumsq=math.fsum(r * r for r in readings),
+        rejected=draw(st.integers(0, 1000)),
+    )
+
+
+events = st.builds(
+    Event,
+    metric=metric_names,
+    ts_ms=st.integers(MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS),
+    value=st.one_of(values, st.integers(-(2**31), 2**31), st.text(max_size=64), st.booleans()),
+)
+
+
+@st.composite
+def batches(draw: st.DrawFn) -> Batch:
+    names = draw(st.lists(metric_names, unique=True, max_size=8))
+    return Batch(
+        device=draw(device_ids),
+        boot_id=draw(st.from_regex(r"\A[0-9a-f]{32}\Z")),
+        seq=draw(st.integers(0, 2**63 - 1)),
+        sent_at_ms=draw(st.integers(MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS)),
+        windows=tuple(draw(windows(metric=name)) for name in names),
+        events=tuple(draw(st.lists(events, max_size=5))),
+        clock_synced=draw(st.booleans()),
+        dropped=draw(st.integers(0, 10**6)),
+        rejected=draw(st.integers(0, 10**6)),
+    )
+
+
+@given(batches(), st.sampled_from(["msgpack", "json"]))
+def test_every_valid_batch_round_trips(batch: Batch, encoding: str) -> None:
+    payload = encode_batch(batch, encoding=encoding)  # type: ignore[arg-type]
+    content_type = CONTENT_TYPE_JSON if encoding == "json" else CONTENT_TYPE_MSGPACK
+    assert decode_batch(payload, content_type=content_type) == batch
+    assert decode_batch(payload) == batch  # sniffed without a content-type
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(batches(), st.data())
+def test_truncated_payload_is_rejected(batch: Batch, data: st.DataObject) -> None:
+    payload = encode_batch(batch)
+    cut = data.draw(st.integers(0, len(payload) - 1))
+    result = decode_batch(payload[:cut])
+    assert isinstance(result, Rejection)
+    assert result.reason
+
+
+@given(batches(), st.binary(min_size=1, max_size=64), st.data())
+def test_random_corruption_never_raises(batch: Batch, junk: bytes, data: st.DataObject) -> None:
+    payload = bytearray(encode_batch(batch))
+    at = data.draw(st.integers(0, len(payload) - 1))
+    payload[at : at + len(junk)] = junk
+    result = decode_batch(bytes(payload))
+    assert isinstance(result, Batch | Rejection)
+    if isinstance(result, Rejection):
+        assert result.code in {"oversize", "undecodable", "unknown_version", "invalid"}
+
+
+def _plain(batch: Batch) -> dict:
+    return msgpack.unpackb(encode_batch(batch), raw=False)
+
+
+def _first_valid_batch() -> Batch:
+    w = Window("temp", 1_700_000_000_000, 10, 2, 3.0, 1.0, 2.0, 1.0, 2.0, 5.0)
+    return Batch(
+        device="dev-a", boot_id="ab" * 16, seq=7, sent_at_ms=1_700_000_010_000, windows=(w,)
+    )
+
+
+ENVELOPE_MUTATIONS = {
+    "unknown version": ("v", 99, "unknown_version"),
+    "version as bool": ("v", True, "unknown_version"),
+    "device not a string": ("d", 42, "invalid"),
+    "device with a slash": ("d", "a/b", "invalid"),
+    "boot_id too short": ("b", "abc", "invalid"),
+    "seq negative": ("s", -1, "invalid"),
+    "seq as float": ("s", 1.5, "invalid"),
+    "seq too big": ("s", 2**64 - 1, "invalid"),
+    "sent_at in 1970": ("t", 0, "invalid"),
+    "clock flag as int": ("c", 1, "invalid"),
+    "windows not a list": ("w", {"a": 1}, "invalid"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ENVELOPE_MUTATIONS))
+def test_envelope_mutation_is_rejected(name: str) -> None:
+    key, value, code = ENVELOPE_MUTATIONS[name]
+    plain = _plain(_first_valid_batch())
+    plain[key] = value
+    result = decode_batch(msgpack.packb(plain))
+    assert isinstance(result, Rejection), name
+    assert result.code == code
+    assert result.reason
+
+
+WINDOW_MUTATIONS = {
+    "nan sum": (4, float("nan"), "not finite"),
+    "inf max": (6, float("inf"), "not finite"),
+    "count zero": (3, 0, "outside"),
+    "huge count": (3, 10**12, "outside"),
+    "count as string": (3, "2", "expected an integer"),
+    "min above max": (5, 9.0, "min"),
+    "first outside range": (7, -5.0, "first"),
+    "unaligned start": (1, 1_700_000_000_001, "aligned"),
+    "zero period": (2, 0, "outside"),
+    "negative sumsq": (9, -1.0, "negative"),
+    "metric with space": (0, "a b", "metric"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WINDOW_MUTATIONS))
+def test_window_mutation_is_rejected_with_reason(name: str) -> None:
+    index, value, words = WINDOW_MUTATIONS[name]
+    plain = _plain(_first_valid_batch())
+    plain["w"][0][index] = value
+    result = decode_batch(msgpack.packb(plain))
+    assert isinstance(result, Rejection), name
+    assert result.code == "invalid"
+    assert words in result.reason
+
+
+def test_nan_in_json_is_rejected() -> None:
+    text = encode_batch(_first_valid_batch(), encoding="json").decode().replace("3.0", "NaN", 1)
+    result = decode_batch(text.encode(), content_type=CONTENT_TYPE_JSON)
+    assert isinstance(result, Rejection)
+    assert "NaN" in result.reason
+
+
+def test_unknown_and_duplicate_keys_are_rejected() -> None:
+    plain = json.loads(encode_batch(_first_valid_batch(), encoding="json"))
+    plain["extra"] = 1
+    assert isinstance(decode_batch(json.dumps(plain).encode()), Rejection)
+    text = encode_batch(_first_valid_batch(), encoding="json").decode()
+    duplicated = text.replace('"s":7', '"s":7,"s":8')
+    result = decode_batch(duplicated.encode())
+    assert isinstance(result, Rejection)
+    assert "duplicate" in result.reason
+
+
+def test_oversize_payload_is_rejected_before_parsing() -> None:
+    result = decode_batch(b"{" + b" " * MAX_PAYLOAD_BYTES + b"}")
+    assert isinstance(result, Rejection)
+    assert result.code == "oversize"
+
+
+def test_unsupported_content_type_is_rejected() -> None:
+    result = decode_batch(encode_batch(_first_valid_batch()), content_type="text/plain")
+    assert isinstance(result, Rejection)
+    assert "content-type" in result.reason
+
+
+def test_duplicate_window_key_is_invalid() -> None:
+    w = _first_valid_batch().windows[0]
+    with pytest.raises(WireError, match="twice"):
+        Batch(
+            device="dev-a", boot_id="ab" * 16, seq=1, sent_at_ms=1_700_000_010_000, windows=(w, w)
+        )
+
+
+def test_deep_nesting_is_rejected_not_raised() -> None:
+    payload = b"[" * 100_000 + b"]" * 100_000
+    assert isinstance(decode_batch(payload, content_type=CONTENT_TYPE_JSON), Rejection)
