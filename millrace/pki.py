@@ -1,0 +1,656 @@
+"""The project CA: broker, device and service certificates, and the revocation list.
+
+Everything lives in one directory (DESIGN section 5)::
+
+    ca.crt ca.key broker.crt broker.key crl.pem index.json issued/<id>.crt issued/<id>.key
+
+`index.json` records every certificate the CA issued (serial, id, role,
+expiry, revocation time) so revocation and the broker's ACL (service users)
+can be derived from it. Private keys are written 0600 and atomically; nothing
+here logs key material.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import ipaddress
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from millrace.errors import PKIError
+from millrace.ids import DEVICE_ID_PATTERN, DEVICE_ID_RULE
+
+log = logging.getLogger(__name__)
+
+Role = Literal["device", "service"]
+ROLES: tuple[Role, ...] = ("device", "service")
+
+CA_VALIDITY_DAYS = 3650
+BROKER_VALIDITY_DAYS = 825
+# Field devices are hard to reach; three years leaves room for a yearly renewal round.
+CLIENT_VALIDITY_DAYS = 1095
+# The broker refuses every client once the CRL is past nextUpdate; renew well before.
+CRL_VALIDITY_DAYS = 30
+# Tolerate gateways whose clocks run a few minutes behind the CA's.
+BACKDATE_SECONDS = 600
+DEFAULT_BROKER_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+ORGANIZATION = "millrace"
+SAN_URI_PREFIX = "urn:millrace"
+
+_KEY_MODE = 0o600
+_CERT_MODE = 0o644
+_DIR_MODE = 0o700
+
+
+@dataclass(frozen=True, slots=True)
+class PKIPaths:
+    """Where each file of a PKI directory lives."""
+
+    dir: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.dir / "ca.crt"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.dir / "ca.key"
+
+    @property
+    def broker_cert(self) -> Path:
+        return self.dir / "broker.crt"
+
+    @property
+    def broker_key(self) -> Path:
+        return self.dir / "broker.key"
+
+    @property
+    def crl(self) -> Path:
+        return self.dir / "crl.pem"
+
+    @property
+    def index(self) -> Path:
+        return self.dir / "index.json"
+
+    @property
+    def issued(self) -> Path:
+        return self.dir / "issued"
+
+    def cert_for(self, ident: str) -> Path:
+        return self.issued / f"{ident}.crt"
+
+    def key_for(self, ident: str) -> Path:
+        return self.issued / f"{ident}.key"
+
+
+class IssuedPaths(NamedTuple):
+    """The certificate and key files of one issued identity."""
+
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedRecord:
+    """One line of the CA's index: a certificate it signed."""
+
+    ident: str
+    role: Role
+    serial: int
+    not_after: dt.datetime
+    revoked_at: dt.datetime | None = None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+def pki_paths(pki_dir: Path | str) -> PKIPaths:
+    """The file layout of the PKI directory `pki_dir`."""
+    return PKIPaths(Path(pki_dir))
+
+
+def validate_id(ident: str) -> str:
+    """Return `ident` if it may be a certificate CN, else raise PKIError naming the rule."""
+    if not isinstance(ident, str) or DEVICE_ID_PATTERN.fullmatch(ident) is None:
+        raise PKIError(f"invalid id {ident!r}: must be {DEVICE_ID_RULE}")
+    return ident
+
+
+def _check_role(role: str) -> Role:
+    if role not in ROLES:
+        raise PKIError(f"invalid role {role!r}: must be one of {', '.join(ROLES)}")
+    return role  # type: ignore[return-value]
+
+
+# -- files ------------------------------------------------------------------
+
+
+def write_atomic(path: Path, data: bytes, *, mode: int) -> None:
+    """Write `data` to `path` via a same-directory temp file created with `mode`, then rename.
+
+    The temp file is created with the final mode, so a key is never readable by
+    others even for an instant, and readers never see a half-written file.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask may have narrowed it; keys stay exactly 0600
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _make_dir(path: Path) -> None:
+    path.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+    path.chmod(_DIR_MODE)
+
+
+@contextlib.contextmanager
+def _locked(paths: PKIPaths) -> Iterator[None]:
+    """Serialize changes to the index and CRL between concurrent `millrace pki` runs."""
+    fd = os.open(paths.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _require_ca(paths: PKIPaths) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    if not paths.ca_cert.exists() or not paths.ca_key.exists():
+        raise PKIError(f"no CA in {paths.dir}: run 'millrace pki init --pki {paths.dir}' first")
+    try:
+        cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+        key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise PKIError(f"cannot read the CA in {paths.dir}: {exc}") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise PKIError(f"{paths.ca_key} is not an EC private key")
+    return cert, key
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+# -- index ------------------------------------------------------------------
+
+
+def _load_index(paths: PKIPaths) -> dict[str, Any]:
+    if not paths.index.exists():
+        return {"crl_number": 0, "certs": []}
+    try:
+        data: dict[str, Any] = json.loads(paths.index.read_text())
+    except ValueError as exc:
+        raise PKIError(f"{paths.index} is not valid JSON: {exc}") from exc
+    return data
+
+
+def _save_index(paths: PKIPaths, data: dict[str, Any]) -> None:
+    write_atomic(paths.index, json.dumps(data, indent=2).encode() + b"\n", mode=_KEY_MODE)
+
+
+def _record(entry: dict[str, Any]) -> IssuedRecord:
+    revoked = entry.get("revoked_at")
+    return IssuedRecord(
+        ident=entry["id"],
+        role=entry["role"],
+        serial=int(entry["serial"], 16),
+        not_after=dt.datetime.fromisoformat(entry["not_after"]),
+        revoked_at=dt.datetime.fromisoformat(revoked) if revoked else None,
+    )
+
+
+def issued_records(pki_dir: Path | str) -> list[IssuedRecord]:
+    """Every certificate the CA in `pki_dir` has issued, oldest first."""
+    return [_record(e) for e in _load_index(pki_path_checked(pki_dir)).get("certs", [])]
+
+
+def pki_path_checked(pki_dir: Path | str) -> PKIPaths:
+    """`pki_paths`, raising PKIError when the directory holds no CA."""
+    paths = pki_paths(pki_dir)
+    if not paths.ca_cert.exists():
+        raise PKIError(f"no CA in {paths.dir}: run 'millrace pki init --pki {paths.dir}' first")
+    return paths
+
+
+def service_ids(pki_dir: Path | str) -> list[str]:
+    """Ids holding a valid (unrevoked) service certificate, sorted; the broker ACL's users."""
+    current: dict[str, IssuedRecord] = {}
+    for record in issued_records(pki_dir):
+        current[record.ident] = record  # the newest certificate of an id wins
+    return sorted(i for i, r in current.items() if r.role == "service" and not r.revoked)
+
+
+# -- building blocks ----------------------------------------------------------
+
+
+def _name(common_name: str, unit: str | None = None) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION)]
+    if unit:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit))
+    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    return x509.Name(attrs)
+
+
+def _general_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    label = host.rstrip(".").lower()
+    if not label or any(not part for part in label.split(".")) or any(c.isspace() for c in label):
+        raise PKIError(f"invalid broker host name {host!r}: give a DNS name or an IP address")
+    return x509.DNSName(label)
+
+
+def _leaf_builder(
+    *,
+    subject: x509.Name,
+    public_key: ec.EllipticCurvePublicKey,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    days: int,
+) -> x509.CertificateBuilder:
+    now = _now()
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(seconds=BACKDATE_SECONDS))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+            critical=False,
+        )
+    )
+
+
+def _build_ca() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    name = _name("millrace CA")
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(seconds=BACKDATE_SECONDS))
+        .not_valid_after(now + dt.timedelta(days=CA_VALIDITY_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _write_crl(
+    paths: PKIPaths,
+    index: dict[str, Any],
+    *,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    next_update: dt.datetime,
+) -> None:
+    now = _now()
+    index["crl_number"] = int(index.get("crl_number", 0)) + 1
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - dt.timedelta(seconds=BACKDATE_SECONDS))
+        .next_update(next_update)
+        .add_extension(x509.CRLNumber(index["crl_number"]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+            critical=False,
+        )
+    )
+    for entry in index.get("certs", []):
+        if entry.get("revoked_at"):
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(int(entry["serial"], 16))
+                .revocation_date(dt.datetime.fromisoformat(entry["revoked_at"]))
+                .build()
+            )
+    crl = builder.sign(ca_key, hashes.SHA256())
+    write_atomic(paths.crl, crl.public_bytes(serialization.Encoding.PEM), mode=_CERT_MODE)
+
+
+# -- public operations ----------------------------------------------------------
+
+
+def init_pki(pki_dir: Path | str, *, hosts: Iterable[str] = (), force: bool = False) -> PKIPaths:
+    """Create the CA, the broker's server certificate and an empty CRL in `pki_dir`.
+
+    The broker certificate names localhost, 127.0.0.1, ::1 and every `hosts`
+    entry (IP literals become IP SANs, anything else a DNS SAN). An existing CA
+    is never overwritten unless `force`; then the old files move to
+    `replaced-<UTC time>/` because every certificate they signed stops working.
+    """
+    paths = pki_paths(pki_dir)
+    names = list(dict.fromkeys([*DEFAULT_BROKER_HOSTS, *hosts]))
+    general_names = [_general_name(h) for h in names]  # validate before touching disk
+    if paths.ca_cert.exists() or paths.ca_key.exists():
+        if not force:
+            raise PKIError(
+                f"a CA already exists in {paths.dir}; pass --force to replace it "
+                "(every certificate it issued stops working)"
+            )
+        _move_aside(paths)
+    _make_dir(paths.dir)
+    _make_dir(paths.issued)
+    with _locked(paths):
+        ca_cert, ca_key = _build_ca()
+        write_atomic(paths.ca_key, _key_pem(ca_key), mode=_KEY_MODE)
+        write_atomic(paths.ca_cert, _cert_pem(ca_cert), mode=_CERT_MODE)
+
+        broker_key = ec.generate_private_key(ec.SECP256R1())
+        broker_cert = (
+            _leaf_builder(
+                subject=_name("millrace-broker", "broker"),
+                public_key=broker_key.public_key(),
+                ca_cert=ca_cert,
+                ca_key=ca_key,
+                days=BROKER_VALIDITY_DAYS,
+            )
+            .add_extension(x509.SubjectAlternativeName(general_names), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        write_atomic(paths.broker_key, _key_pem(broker_key), mode=_KEY_MODE)
+        write_atomic(paths.broker_cert, _cert_pem(broker_cert), mode=_CERT_MODE)
+
+        index: dict[str, Any] = {"crl_number": 0, "certs": []}
+        _write_crl(
+            paths,
+            index,
+            ca_cert=ca_cert,
+            ca_key=ca_key,
+            next_update=_now() + dt.timedelta(days=CRL_VALIDITY_DAYS),
+        )
+        _save_index(paths, index)
+    log.info("created CA and broker certificate in %s for hosts %s", paths.dir, names)
+    return paths
+
+
+def _move_aside(paths: PKIPaths) -> None:
+    backup = paths.dir / f"replaced-{_now():%Y%m%dT%H%M%SZ}"
+    _make_dir(backup)
+    for path in (
+        paths.ca_cert,
+        paths.ca_key,
+        paths.broker_cert,
+        paths.broker_key,
+        paths.crl,
+        paths.index,
+        paths.issued,
+    ):
+        if path.exists():
+            shutil.move(str(path), backup / path.name)
+    log.warning("moved the previous CA and its certificates to %s", backup)
+
+
+def _check_can_issue(index: dict[str, Any], ident: str, *, force: bool) -> None:
+    current = [e for e in index["certs"] if e["id"] == ident and not e.get("revoked_at")]
+    if current and not force:
+        raise PKIError(
+            f"{ident!r} already has a valid certificate; revoke it first "
+            "('millrace pki revoke') or pass --force to issue another"
+        )
+
+
+def _sign_client(
+    paths: PKIPaths,
+    ident: str,
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    role: Role,
+    days: int,
+    force: bool,
+) -> x509.Certificate:
+    """Sign a client certificate for `ident` and record it; caller holds the lock."""
+    ca_cert, ca_key = _require_ca(paths)
+    index = _load_index(paths)
+    _check_can_issue(index, ident, force=force)
+    cert = (
+        _leaf_builder(
+            subject=_name(ident, role),
+            public_key=public_key,
+            ca_cert=ca_cert,
+            ca_key=ca_key,
+            days=days,
+        )
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(f"{SAN_URI_PREFIX}:{role}:{ident}")]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    index["certs"].append(
+        {
+            "id": ident,
+            "role": role,
+            "serial": format(cert.serial_number, "x"),
+            "not_after": cert.not_valid_after_utc.isoformat(),
+            "revoked_at": None,
+        }
+    )
+    _make_dir(paths.issued)
+    write_atomic(paths.cert_for(ident), _cert_pem(cert), mode=_CERT_MODE)
+    _save_index(paths, index)
+    return cert
+
+
+def issue(
+    pki_dir: Path | str,
+    device_id: str,
+    *,
+    role: Role = "device",
+    days: int = CLIENT_VALIDITY_DAYS,
+    force: bool = False,
+) -> IssuedPaths:
+    """Issue a client certificate and key for `device_id` into `issued/`.
+
+    CN = the id (the broker's ACL username), OU = the role, a SAN URI
+    `urn:millrace:<role>:<id>`, EKU clientAuth. Refuses an id that already
+    holds an unrevoked certificate unless `force`.
+    """
+    ident = validate_id(device_id)
+    role = _check_role(role)
+    paths = pki_path_checked(pki_dir)
+    key = ec.generate_private_key(ec.SECP256R1())
+    with _locked(paths):
+        _check_can_issue(_load_index(paths), ident, force=force)
+        _make_dir(paths.issued)
+        # Key first: a crash between the two leaves an unused key, never a cert without one.
+        write_atomic(paths.key_for(ident), _key_pem(key), mode=_KEY_MODE)
+        _sign_client(paths, ident, key.public_key(), role=role, days=days, force=force)
+    log.info("issued %s certificate for %s", role, ident)
+    return IssuedPaths(paths.cert_for(ident), paths.key_for(ident))
+
+
+def sign_csr(
+    pki_dir: Path | str,
+    csr_pem: bytes,
+    *,
+    role: Role = "device",
+    days: int = CLIENT_VALIDITY_DAYS,
+    force: bool = False,
+) -> Path:
+    """Sign a CSR whose CN is the id (the key never leaves the device); return the cert path.
+
+    Only the CSR's CN and public key are used; extensions are ours, as in `issue`.
+    """
+    role = _check_role(role)
+    paths = pki_path_checked(pki_dir)
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise PKIError(f"not a PEM certificate signing request: {exc}") from exc
+    if not csr.is_signature_valid:
+        raise PKIError("the CSR's signature does not match its public key")
+    public_key = csr.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
+        public_key.curve, ec.SECP256R1
+    ):
+        raise PKIError("the CSR must carry an EC P-256 public key")
+    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(cns) != 1:
+        raise PKIError("the CSR must have exactly one CN: the device id")
+    ident = validate_id(str(cns[0].value))
+    with _locked(paths):
+        stale_key = paths.key_for(ident)
+        _sign_client(paths, ident, public_key, role=role, days=days, force=force)
+        if stale_key.exists():
+            stale_key.unlink()  # a key from an earlier `issue` no longer matches this cert
+    log.info("signed CSR for %s certificate %s", role, ident)
+    return paths.cert_for(ident)
+
+
+def revoke(pki_dir: Path | str, device_id: str) -> list[int]:
+    """Revoke every unrevoked certificate of `device_id` and rewrite crl.pem; return serials.
+
+    The broker only sees the new CRL after a reload or restart (docs/security.md).
+    """
+    ident = validate_id(device_id)
+    paths = pki_path_checked(pki_dir)
+    with _locked(paths):
+        ca_cert, ca_key = _require_ca(paths)
+        index = _load_index(paths)
+        now = _now()
+        serials = []
+        for entry in index["certs"]:
+            if entry["id"] == ident and not entry.get("revoked_at"):
+                entry["revoked_at"] = now.isoformat()
+                serials.append(int(entry["serial"], 16))
+        if not serials:
+            known = any(e["id"] == ident for e in index["certs"])
+            problem = "is already revoked" if known else "was never issued by this CA"
+            raise PKIError(f"{ident!r} {problem}")
+        _write_crl(
+            paths,
+            index,
+            ca_cert=ca_cert,
+            ca_key=ca_key,
+            next_update=now + dt.timedelta(days=CRL_VALIDITY_DAYS),
+        )
+        _save_index(paths, index)
+    log.info("revoked %s (%d certificate(s)); crl.pem rewritten", ident, len(serials))
+    return serials
+
+
+def renew_crl(pki_dir: Path | str, *, days: int = CRL_VALIDITY_DAYS) -> Path:
+    """Re-sign crl.pem with nextUpdate `days` from now; run it well before the old one ends."""
+    if days < 1:
+        raise PKIError(f"--days must be at least 1, got {days}")
+    paths = pki_path_checked(pki_dir)
+    with _locked(paths):
+        ca_cert, ca_key = _require_ca(paths)
+        index = _load_index(paths)
+        _write_crl(
+            paths,
+            index,
+            ca_cert=ca_cert,
+            ca_key=ca_key,
+            next_update=_now() + dt.timedelta(days=days),
+        )
+        _save_index(paths, index)
+    return paths.crl
+
+
+def crl_days_left(pki_dir: Path | str) -> float:
+    """Days until crl.pem's nextUpdate (negative once it has passed and clients are refused)."""
+    paths = pki_path_checked(pki_dir)
+    try:
+        crl = x509.load_pem_x509_crl(paths.crl.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise PKIError(f"cannot read {paths.crl}: {exc}") from exc
+    next_update = crl.next_update_utc
+    if next_update is None:
+        raise PKIError(f"{paths.crl} has no nextUpdate")
+    return (next_update - dt.datetime.now(dt.UTC)).total_seconds() / 86400
+
+
+def cert_days_left(cert_path: Path | str) -> float:
+    """Days until the certificate at `cert_path` expires (negative once expired)."""
+    try:
+        cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise PKIError(f"cannot read certificate {cert_path}: {exc}") from exc
+    return (cert.not_valid_after_utc - dt.datetime.now(dt.UTC)).total_seconds() / 86400
