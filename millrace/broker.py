@@ -1,0 +1,241 @@
+"""Render the broker's mosquitto.conf and ACL from the project's one template set.
+
+The templates (millrace/templates/*.tmpl) use a small subset of Jinja —
+`{{ name }}`, `{% if name %}...{% else %}...{% endif %}` and
+`{% for x in name %}...{% endfor %}`, tags on their own lines — so Ansible's
+broker role renders the very same files with its template module (trim_blocks
+on, its default) while the millrace base install needs no Jinja at all.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from millrace import pki
+from millrace.errors import ConfigError, PKIError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8883
+# See the comment in mosquitto.conf.tmpl: bounds how many batches one ingest commit can ack.
+MAX_INFLIGHT_MESSAGES = 1000
+# About an hour of backlog for a worker that is down, at 20 devices x 1 batch per 2 s each.
+MAX_QUEUED_MESSAGES = 50_000
+# Far above any sensible batch; a client sending more is disconnected.
+MAX_PACKET_SIZE_BYTES = 8 * 1024 * 1024
+AUTOSAVE_INTERVAL_SECONDS = 10
+PERSISTENT_CLIENT_EXPIRATION = "14d"
+CONF_TEMPLATE = "mosquitto.conf.tmpl"
+ACL_TEMPLATE = "acl.tmpl"
+
+
+# -- a Jinja-compatible subset ------------------------------------------------------
+
+# A block tag swallows the newline right after it, like Jinja's trim_blocks.
+_TOKEN = re.compile(r"\{\{\s*(?P<var>\w+)\s*\}\}|\{%\s*(?P<tag>[^%]+?)\s*%\}\n?")
+
+
+@dataclass(frozen=True, slots=True)
+class _If:
+    name: str
+    then: list[Any]
+    otherwise: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _For:
+    var: str
+    name: str
+    body: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Var:
+    name: str
+
+
+def _parse(text: str) -> list[Any]:
+    """Parse `text` into a tree of str, _Var, _If and _For nodes."""
+    root: list[Any] = []
+    stack: list[tuple[Any, list[Any]]] = [(None, root)]
+    pos = 0
+    for match in _TOKEN.finditer(text):
+        stack[-1][1].append(text[pos : match.start()])
+        pos = match.end()
+        if match["var"]:
+            stack[-1][1].append(_Var(match["var"]))
+            continue
+        words = match["tag"].split()
+        if words[0] == "if" and len(words) == 2:
+            node: Any = _If(words[1], [], [])
+            stack[-1][1].append(node)
+            stack.append((node, node.then))
+        elif words[0] == "else" and len(words) == 1 and isinstance(stack[-1][0], _If):
+            stack[-1] = (stack[-1][0], stack[-1][0].otherwise)
+        elif words[0] == "for" and len(words) == 4 and words[2] == "in":
+            node = _For(words[1], words[3], [])
+            stack[-1][1].append(node)
+            stack.append((node, node.body))
+        elif words in (["endif"], ["endfor"]) and isinstance(
+            stack[-1][0], _If if words == ["endif"] else _For
+        ):
+            stack.pop()
+        else:
+            raise ValueError(f"unsupported template tag {{% {match['tag']} %}}")
+    if len(stack) != 1:
+        raise ValueError("template has an unclosed {% if %} or {% for %}")
+    root.append(text[pos:])
+    return root
+
+
+def _emit(nodes: Sequence[Any], context: Mapping[str, Any], out: list[str]) -> None:
+    for node in nodes:
+        if isinstance(node, str):
+            out.append(node)
+        elif isinstance(node, _Var):
+            out.append(str(context[node.name]))
+        elif isinstance(node, _If):
+            _emit(node.then if context[node.name] else node.otherwise, context, out)
+        else:
+            for item in context[node.name]:
+                _emit(node.body, {**context, node.var: item}, out)
+
+
+def render_template(text: str, context: Mapping[str, Any]) -> str:
+    """Render `text` (the Jinja subset above); a missing variable raises KeyError."""
+    out: list[str] = []
+    _emit(_parse(text), context, out)
+    return "".join(out)
+
+
+def template_text(name: str) -> str:
+    """The packaged template `name` (e.g. Ansible copies these files)."""
+    return resources.files("millrace").joinpath("templates", name).read_text()
+
+
+# -- broker configuration --------------------------------------------------------------
+
+
+def _config_path(key: str, path: Path) -> str:
+    """Absolute path as mosquitto reads it: one token, so no whitespace anywhere."""
+    text = str(path.resolve())
+    if any(c.isspace() for c in text):
+        raise ConfigError(key, f"mosquitto cannot read paths containing whitespace: {text!r}")
+    return text
+
+
+def _check_token(key: str, value: str) -> str:
+    if not value or any(c.isspace() for c in value):
+        raise ConfigError(key, f"must be a single word without whitespace, got {value!r}")
+    return value
+
+
+def render_mosquitto_conf(
+    *,
+    pki_dir: Path,
+    acl_file: Path,
+    persistence_dir: Path,
+    port: int = DEFAULT_PORT,
+    bind_address: str | None = None,
+    user: str | None = None,
+    log_file: Path | None = None,
+    clientid_from_certificate: bool = False,
+    max_inflight_messages: int = MAX_INFLIGHT_MESSAGES,
+    max_queued_messages: int = MAX_QUEUED_MESSAGES,
+    max_packet_size_bytes: int = MAX_PACKET_SIZE_BYTES,
+    autosave_interval_seconds: int = AUTOSAVE_INTERVAL_SECONDS,
+) -> str:
+    """mosquitto.conf text: one TLS listener on `port`, the PKI in `pki_dir`, the ACL file.
+
+    `log_file` None logs to stdout (systemd's journal); `user` None leaves mosquitto's
+    default (it drops root to the `mosquitto` user).
+    """
+    if not 1 <= port <= 65535:
+        raise ConfigError("port", f"must be 1-65535, got {port}")
+    paths = pki.pki_paths(pki_dir)
+    context = {
+        "acl_file": _config_path("acl_file", acl_file),
+        "user": _check_token("user", user) if user else "",
+        "port": port,
+        "bind_address": _check_token("bind", bind_address) if bind_address else "",
+        "cafile": _config_path("cafile", paths.ca_cert),
+        "certfile": _config_path("certfile", paths.broker_cert),
+        "keyfile": _config_path("keyfile", paths.broker_key),
+        "crlfile": _config_path("crlfile", paths.crl),
+        "clientid_from_certificate": clientid_from_certificate,
+        "max_inflight_messages": max_inflight_messages,
+        "max_queued_messages": max_queued_messages,
+        "max_packet_size_bytes": max_packet_size_bytes,
+        "persistent_client_expiration": PERSISTENT_CLIENT_EXPIRATION,
+        # mosquitto joins this with the file name, so it must end in a slash.
+        "persistence_location": _config_path("persistence_dir", persistence_dir) + "/",
+        "autosave_interval_seconds": autosave_interval_seconds,
+        "log_dest": f"file {_config_path('log_file', log_file)}" if log_file else "stdout",
+    }
+    return render_template(template_text(CONF_TEMPLATE), context)
+
+
+def render_acl(*, service_ids: Iterable[str]) -> str:
+    """ACL text: %u patterns for every client, one `user` block per service identity."""
+    services = [pki.validate_id(s) for s in service_ids]
+    return render_template(template_text(ACL_TEMPLATE), {"service_ids": services})
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerFiles:
+    """What `write_broker_config` wrote."""
+
+    conf: Path
+    acl: Path
+    persistence_dir: Path
+
+
+def write_broker_config(
+    pki_dir: Path | str,
+    out_dir: Path | str,
+    *,
+    port: int = DEFAULT_PORT,
+    bind_address: str | None = None,
+    persistence_dir: Path | str | None = None,
+    user: str | None = None,
+    log_file: Path | str | None = None,
+    clientid_from_certificate: bool = False,
+) -> BrokerFiles:
+    """Write OUT/mosquitto.conf and OUT/acl for the PKI in `pki_dir`.
+
+    The ACL lists the service identities issued so far, so run this again (and
+    reload the broker) after issuing a service certificate. `user` defaults to
+    the current user, which suits a local stack; deployments pass `mosquitto`.
+    """
+    paths = pki.pki_path_checked(pki_dir)
+    for needed in (paths.broker_cert, paths.broker_key, paths.crl):
+        if not needed.exists():
+            raise PKIError(f"{needed} is missing: run 'millrace pki init --pki {paths.dir}'")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(persistence_dir) if persistence_dir else out / "data"
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    files = BrokerFiles(conf=out / "mosquitto.conf", acl=out / "acl", persistence_dir=data_dir)
+    acl_text = render_acl(service_ids=pki.service_ids(paths.dir))
+    conf_text = render_mosquitto_conf(
+        pki_dir=paths.dir,
+        acl_file=files.acl,
+        persistence_dir=data_dir,
+        port=port,
+        bind_address=bind_address,
+        user=user or getpass.getuser(),
+        log_file=Path(log_file) if log_file else None,
+        clientid_from_certificate=clientid_from_certificate,
+    )
+    # The ACL first: a broker reloading in between sees the new users with the old config.
+    pki.write_atomic(files.acl, acl_text.encode(), mode=0o644)
+    pki.write_atomic(files.conf, conf_text.encode(), mode=0o644)
+    log.info("wrote %s and %s", files.conf, files.acl)
+    return files
