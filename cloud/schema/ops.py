@@ -1,0 +1,177 @@
+"""Operations tables: alert rules and alerts, the audit log, device health.
+
+They live on the shared `metadata` of cloud/schema/core.py so Alembic sees one
+schema. `device_health` keeps the latest heartbeat per device (one row, cheap
+for the fleet page); `device_health_history` keeps every heartbeat for the
+backlog-over-time chart and is a hypertable pruned by retention.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Double,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+from cloud.schema.core import HypertableSpec, metadata
+
+ALERT_CONDITIONS = ("above", "below", "outside", "no_data")
+ALERT_AGGREGATES = ("extreme", "mean", "last")
+ALERT_SEVERITIES = ("info", "warning", "critical")
+ALERT_STATES = ("active", "cleared")
+
+
+def _ts(name: str, *, nullable: bool = True, **kw: object) -> Column[object]:
+    return Column(name, DateTime(timezone=True), nullable=nullable, **kw)  # type: ignore[arg-type]
+
+
+alert_rules = Table(
+    "alert_rules",
+    metadata,
+    Column("id", Integer, Identity(), primary_key=True),
+    Column("name", Text, nullable=False, unique=True),
+    Column("metric", Text, nullable=False, comment="metric name; '*' = any (no_data only)"),
+    Column("devices", Text, nullable=False, server_default="*", comment="device id or glob"),
+    Column("condition", Text, nullable=False),
+    Column("low", Double),
+    Column("high", Double),
+    Column("no_data_s", Integer),
+    Column("severity", Text, nullable=False, server_default="warning"),
+    Column("hysteresis", Double, nullable=False, server_default="0"),
+    Column("aggregate", Text, nullable=False, server_default="extreme"),
+    Column("enabled", Boolean, nullable=False, server_default="true"),
+    Column("description", Text, nullable=False, server_default=""),
+    _ts("created_at", nullable=False, server_default=func.now()),
+    _ts("updated_at", nullable=False, server_default=func.now()),
+    CheckConstraint(f"condition IN {ALERT_CONDITIONS!r}", name="condition"),
+    CheckConstraint(f"severity IN {ALERT_SEVERITIES!r}", name="severity"),
+    CheckConstraint(f"aggregate IN {ALERT_AGGREGATES!r}", name="aggregate"),
+    CheckConstraint("hysteresis >= 0", name="hysteresis"),
+)
+
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("rule_id", Integer, ForeignKey("alert_rules.id", ondelete="SET NULL")),
+    Column("rule_name", Text, nullable=False, comment="kept if the rule is deleted"),
+    Column("device_id", Integer, ForeignKey("devices.id"), nullable=False),
+    Column("metric", Text, nullable=False),
+    Column("severity", Text, nullable=False),
+    Column("state", Text, nullable=False, server_default="active"),
+    Column("message", Text, nullable=False, server_default=""),
+    Column("value", Double, comment="the value that raised it"),
+    _ts("data_ts", comment="time of the data that raised it"),
+    _ts("raised_at", nullable=False, server_default=func.now()),
+    Column("clear_value", Double),
+    _ts("clear_data_ts"),
+    _ts("cleared_at"),
+    _ts("acknowledged_at"),
+    Column("acknowledged_by", Text),
+    Column("ack_comment", Text),
+    CheckConstraint(f"state IN {ALERT_STATES!r}", name="state"),
+    CheckConstraint(f"severity IN {ALERT_SEVERITIES!r}", name="severity"),
+    # At most one active alert per (rule, device, metric): concurrent workers cannot
+    # raise the same alert twice (INSERT ... ON CONFLICT DO NOTHING relies on it).
+    Index(
+        "uq_alerts_active",
+        "rule_id",
+        "device_id",
+        "metric",
+        unique=True,
+        postgresql_where=text("state = 'active'"),
+    ),
+    Index("ix_alerts_raised_at", text("raised_at DESC")),
+    Index("ix_alerts_device_raised_at", "device_id", text("raised_at DESC")),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    _ts("at", nullable=False, server_default=func.now()),
+    Column("user_name", Text, nullable=False),
+    Column("action", Text, nullable=False, comment="e.g. alert.acknowledge"),
+    Column("target", Text, nullable=False, comment="e.g. alert:42"),
+    Column("comment", Text, nullable=False, server_default=""),
+    Column("details", JSONB),
+    Index("ix_audit_log_at", text("at DESC")),
+)
+
+
+def _health_columns() -> list[Column[object]]:
+    return [
+        Column("device_id", Integer, ForeignKey("devices.id"), nullable=False),
+        _ts("received_at", nullable=False),
+        _ts("reported_at", comment="the agent's own clock"),
+        Column("boot_id", Text, nullable=False),
+        Column("outbox_batches", BigInteger, nullable=False),
+        Column("outbox_bytes", BigInteger, nullable=False),
+        Column("outbox_oldest_age_s", Double, nullable=False),
+        Column("dropped_batches", BigInteger, nullable=False),
+        Column("rejected_readings", BigInteger, nullable=False),
+        Column("driver_errors", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+        Column("cpu_percent", Double, nullable=False),
+        Column("rss_bytes", BigInteger, nullable=False),
+        Column("disk_free_bytes", BigInteger, nullable=False),
+        Column("cert_days_left", Double, nullable=False),
+        Column("clock_synced", Boolean, nullable=False),
+        Column("agent_version", Text, nullable=False, server_default=""),
+    ]
+
+
+# The latest heartbeat per device.
+device_health = Table(
+    "device_health",
+    metadata,
+    *_health_columns(),
+    PrimaryKeyConstraint("device_id", name="pk_device_health"),
+)
+
+# Every heartbeat, for charts over time; pruned by retention (30 days by default).
+device_health_history = Table(
+    "device_health_history",
+    metadata,
+    *_health_columns(),
+    PrimaryKeyConstraint("device_id", "received_at", name="pk_device_health_history"),
+    info={"hypertable": HypertableSpec("received_at", "7 days")},
+)
+
+# When each (device, metric) watched by a no_data rule was last received; metric '*'
+# stands for any data of the device. Kept by the alert engine, read by its no-data check.
+metric_freshness = Table(
+    "metric_freshness",
+    metadata,
+    Column("device_id", Integer, ForeignKey("devices.id"), nullable=False),
+    Column("metric", Text, nullable=False),
+    _ts("last_received_at", nullable=False),
+    _ts("last_data_ts", nullable=False, comment="start of the newest window seen"),
+    PrimaryKeyConstraint("device_id", "metric", name="pk_metric_freshness"),
+)
+
+__all__ = [
+    "ALERT_AGGREGATES",
+    "ALERT_CONDITIONS",
+    "ALERT_SEVERITIES",
+    "ALERT_STATES",
+    "alert_rules",
+    "alerts",
+    "audit_log",
+    "device_health",
+    "device_health_history",
+    "metric_freshness",
+]
