@@ -131,13 +131,18 @@ events = Table(
 
 
 def _rollup(name: str, chunk_interval: str) -> Table:
-    """Exact-merge aggregates of all windows of a bucket; first/last kept with their times."""
+    """Exact-merge aggregates of a bucket's windows; first/last kept with their times.
+
+    Keyed by the source period too: an agent may window one signal at several periods
+    (edge `extra_periods_s`), and merging those would count every reading twice.
+    """
     return Table(
         name,
         metadata,
         _ts("bucket", nullable=False),
         Column("device_id", Integer, nullable=False),
         Column("metric_id", Integer, nullable=False),
+        Column("period_s", Integer, nullable=False, comment="period of the source windows"),
         Column("windows", Integer, nullable=False, comment="windows merged in"),
         Column("count", BigInteger, nullable=False),
         Column("sum", Double, nullable=False),
@@ -149,7 +154,7 @@ def _rollup(name: str, chunk_interval: str) -> Table:
         Column("last", Double, nullable=False),
         _ts("last_ts", nullable=False),
         Column("rejected", BigInteger, nullable=False, server_default="0"),
-        PrimaryKeyConstraint("device_id", "metric_id", "bucket", name=f"pk_{name}"),
+        PrimaryKeyConstraint("device_id", "metric_id", "period_s", "bucket", name=f"pk_{name}"),
         info={"hypertable": HypertableSpec("bucket", chunk_interval)},
     )
 
