@@ -1,5 +1,10 @@
-"""The schema: one SQLAlchemy `metadata` holding every millrace table."""
+"""The schema: one SQLAlchemy `metadata` holding every millrace table.
 
+Importing the package loads both table modules, so `metadata` is complete
+wherever it is read (Alembic, `db upgrade`, tests).
+"""
+
+from cloud.schema import ops as _ops  # noqa: F401  (registers the ops tables)
 from cloud.schema.core import HypertableSpec, metadata
 
 __all__ = ["HypertableSpec", "metadata"]
