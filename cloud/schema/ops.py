@@ -95,6 +95,8 @@ alerts = Table(
         unique=True,
         postgresql_where=text("state = 'active'"),
     ),
+    # The latest alert of a (rule, device, metric): the engine's state lookup.
+    Index("ix_alerts_rule_device_metric", "rule_id", "device_id", "metric", text("id DESC")),
     Index("ix_alerts_raised_at", text("raised_at DESC")),
     Index("ix_alerts_device_raised_at", "device_id", text("raised_at DESC")),
 )
