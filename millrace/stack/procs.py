@@ -1,0 +1,120 @@
+"""Start, watch and stop the local plant's processes.
+
+Each service runs in its own process group with its output in a log file, so
+`millrace down` can stop a detached plant (and everything its services
+spawned) from its recorded pids alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from millrace.errors import MillraceError
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_SECONDS = 15.0
+POLL_INTERVAL_SECONDS = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A process the plant started: its name, pid (= process group id) and log file."""
+
+    name: str
+    pid: int
+    log_path: Path
+
+
+def start(
+    name: str,
+    argv: Sequence[str],
+    *,
+    log_dir: Path,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Service:
+    """Start `argv` detached in a new session, appending its output to log_dir/name.log."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+        )
+    log.debug("started %s pid=%s: %s", name, proc.pid, " ".join(argv))
+    return Service(name=name, pid=proc.pid, log_path=log_path)
+
+
+def is_running(pid: int) -> bool:
+    """True while a process with this pid exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def stop(pid: int, *, grace_seconds: float = STOP_GRACE_SECONDS) -> None:
+    """SIGTERM the process group, then SIGKILL it if it outlives the grace period."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+        deadline = time.monotonic() + (grace_seconds if sig == signal.SIGTERM else 5.0)
+        while time.monotonic() < deadline:
+            _reap(pid)
+            if not is_running(pid):
+                return
+            time.sleep(POLL_INTERVAL_SECONDS)
+    raise MillraceError(f"process {pid} did not stop; kill it by hand (kill -9 -{pid})")
+
+
+def wait_for_port(host: str, port: int, *, timeout_seconds: float, service: Service) -> None:
+    """Wait until host:port accepts TCP connections or the service dies; say which log to read."""
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        if not is_running(service.pid):
+            raise MillraceError(f"{service.name} exited during start-up; see {service.log_path}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1.0):
+            return
+        time.sleep(POLL_INTERVAL_SECONDS)
+    raise MillraceError(
+        f"{service.name} did not listen on {host}:{port} within {timeout_seconds:.0f} s; "
+        f"see {service.log_path}"
+    )
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when nothing listens on host:port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
