@@ -1,0 +1,261 @@
+"""Device registry: who exists, who is online, and each device's last heartbeat.
+
+Status comes from the retained state topic (birth = online, last will =
+offline) and is refined by the data itself: an online device that has sent no
+data for `stale_after_s` seconds is *stale* (connected but not delivering, e.g.
+a hung driver). The worker calls `apply_state` / `apply_heartbeat` inside its
+transaction; the dashboard reads `status_select()` (SQLAlchemy) or calls
+`device_statuses()` (psycopg).
+
+Ordering: messages are applied in arrival order (`received_at`), and a last
+will that names an older boot than the device's current online boot is ignored
+(it is the previous session's will, delivered late by another worker).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, Literal
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+from sqlalchemy import Interval, Select, case, func, literal, select
+from sqlalchemy.dialects import postgresql
+
+from cloud.schema.core import devices
+from millrace.wire import DeviceState, Heartbeat
+
+logger = logging.getLogger(__name__)
+
+DerivedStatus = Literal["online", "offline", "stale"]
+# A window is typically 1-60 s and the agent flushes every few seconds: five minutes
+# without data from a connected device means something is wrong, not merely slow.
+DEFAULT_STALE_AFTER_SECONDS: Final = 300.0
+
+
+def ensure_device(conn: psycopg.Connection[Any], name: str) -> int:
+    """The id of device `name`, registering it on first sight (safe under concurrency)."""
+    row = conn.execute("SELECT id FROM devices WHERE name = %s", (name,)).fetchone()
+    if row is None:
+        row = conn.execute(
+            "INSERT INTO devices (name) VALUES (%s) ON CONFLICT (name) DO NOTHING RETURNING id",
+            (name,),
+        ).fetchone()
+    if row is None:  # another worker inserted it between our SELECT and INSERT
+        row = conn.execute("SELECT id FROM devices WHERE name = %s", (name,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _ms_to_datetime(ts_ms: int) -> datetime | None:
+    try:
+        return datetime.fromtimestamp(ts_ms / 1000, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def apply_state(
+    conn: psycopg.Connection[Any], state: DeviceState, *, received_at: datetime
+) -> None:
+    """Apply a birth (online) or last will (offline) from the device's state topic."""
+    device_id = ensure_device(conn, state.device)
+    if state.status == "online":
+        cur = conn.execute(
+            """
+            UPDATE devices
+               SET status = 'online',
+                   last_state_at = %(at)s,
+                   last_seen_at = GREATEST(last_seen_at, %(at)s),
+                   boot_id = NULLIF(%(boot)s, ''),
+                   agent_version = NULLIF(%(version)s, ''),
+                   config_hash = NULLIF(%(hash)s, '')
+             WHERE id = %(id)s AND (last_state_at IS NULL OR last_state_at <= %(at)s)
+            """,
+            {
+                "id": device_id,
+                "at": received_at,
+                "boot": state.boot_id,
+                "version": state.agent_version,
+                "hash": state.config_hash,
+            },
+        )
+    else:
+        cur = conn.execute(
+            """
+            UPDATE devices
+               SET status = 'offline',
+                   last_state_at = %(at)s,
+                   last_seen_at = GREATEST(last_seen_at, %(at)s)
+             WHERE id = %(id)s AND (last_state_at IS NULL OR last_state_at <= %(at)s)
+               AND NOT (status = 'online' AND %(boot)s <> ''
+                        AND boot_id IS NOT NULL AND boot_id <> %(boot)s)
+            """,
+            {"id": device_id, "at": received_at, "boot": state.boot_id},
+        )
+    if cur.rowcount == 0:
+        logger.info(
+            "state ignored as outdated: device=%s status=%s boot_id=%s",
+            state.device,
+            state.status,
+            state.boot_id,
+        )
+
+
+_HEALTH_COLUMNS: Final = (
+    "device_id",
+    "received_at",
+    "reported_at",
+    "boot_id",
+    "outbox_batches",
+    "outbox_bytes",
+    "outbox_oldest_age_s",
+    "dropped_batches",
+    "rejected_readings",
+    "driver_errors",
+    "cpu_percent",
+    "rss_bytes",
+    "disk_free_bytes",
+    "cert_days_left",
+    "clock_synced",
+    "agent_version",
+)
+_COLS: Final = sql.SQL(", ").join(map(sql.Identifier, _HEALTH_COLUMNS))
+_VALUES: Final = sql.SQL(", ").join(map(sql.Placeholder, _HEALTH_COLUMNS))
+_INSERT_HISTORY: Final = sql.SQL(
+    "INSERT INTO device_health_history ({}) VALUES ({}) ON CONFLICT DO NOTHING"
+).format(_COLS, _VALUES)
+_UPSERT_LATEST: Final = sql.SQL(
+    "INSERT INTO device_health ({}) VALUES ({}) ON CONFLICT (device_id) DO UPDATE SET {}"
+    " WHERE device_health.received_at <= EXCLUDED.received_at"
+).format(
+    _COLS,
+    _VALUES,
+    sql.SQL(", ").join(
+        sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c))
+        for c in _HEALTH_COLUMNS
+        if c != "device_id"
+    ),
+)
+
+
+def apply_heartbeat(conn: psycopg.Connection[Any], hb: Heartbeat, *, received_at: datetime) -> None:
+    """Store a heartbeat: the latest row per device, and one row of history."""
+    params = {
+        "device_id": ensure_device(conn, hb.device),
+        "received_at": received_at,
+        "reported_at": _ms_to_datetime(hb.ts_ms),
+        "boot_id": hb.boot_id,
+        "outbox_batches": hb.outbox_batches,
+        "outbox_bytes": hb.outbox_bytes,
+        "outbox_oldest_age_s": float(hb.outbox_oldest_age_s),
+        "dropped_batches": hb.dropped_batches,
+        "rejected_readings": hb.rejected_readings,
+        "driver_errors": Jsonb(hb.driver_errors),
+        "cpu_percent": float(hb.cpu_percent),
+        "rss_bytes": hb.rss_bytes,
+        "disk_free_bytes": hb.disk_free_bytes,
+        "cert_days_left": float(hb.cert_days_left),
+        "clock_synced": hb.clock_synced,
+        "agent_version": hb.agent_version,
+    }
+    conn.execute(_INSERT_HISTORY, params)
+    conn.execute(_UPSERT_LATEST, params)
+    conn.execute(
+        "UPDATE devices SET last_seen_at = GREATEST(last_seen_at, %s) WHERE id = %s",
+        (received_at, params["device_id"]),
+    )
+
+
+# --- status -----------------------------------------------------------------------------
+
+
+def derive_status(
+    *,
+    reported: str,
+    last_data_at: datetime | None,
+    last_state_at: datetime | None,
+    now: datetime,
+    stale_after_s: float = DEFAULT_STALE_AFTER_SECONDS,
+) -> DerivedStatus:
+    """online/offline/stale from the state topic's status and when data last came.
+
+    A device that never sent a birth ("unknown") counts as connected when data
+    arrives. Freshness is measured from the later of the last data and the
+    last birth, so a device that has just come online gets a full grace period.
+    """
+    if reported == "offline":
+        return "offline"
+    marks = [t for t in (last_data_at, last_state_at if reported == "online" else None) if t]
+    if not marks:
+        return "stale" if reported == "online" else "offline"
+    fresh = max(marks) >= now - timedelta(seconds=stale_after_s)
+    return "online" if fresh else "stale"
+
+
+def status_select(
+    *, stale_after_s: float = DEFAULT_STALE_AFTER_SECONDS, now: datetime | None = None
+) -> Select[Any]:
+    """SQLAlchemy query of every device with its derived `status` (see `derive_status`).
+
+    Columns: id, name, status (online|offline|stale), reported_status, last_seen_at,
+    last_data_at, last_state_at, boot_id, agent_version, config_hash.
+    `now` defaults to the database's now().
+    """
+    ref = func.now() if now is None else literal(now, type_=devices.c.last_seen_at.type)
+    cutoff = ref - literal(timedelta(seconds=stale_after_s), type_=Interval())
+    online_mark = case((devices.c.status == "online", devices.c.last_state_at), else_=None)
+    freshest = func.greatest(devices.c.last_data_at, online_mark)
+    derived = case(
+        (devices.c.status == "offline", literal("offline")),
+        (freshest.is_(None), case((devices.c.status == "online", "stale"), else_="offline")),
+        (freshest >= cutoff, literal("online")),
+        else_=literal("stale"),
+    )
+    return select(
+        devices.c.id,
+        devices.c.name,
+        derived.label("status"),
+        devices.c.status.label("reported_status"),
+        devices.c.last_seen_at,
+        devices.c.last_data_at,
+        devices.c.last_state_at,
+        devices.c.boot_id,
+        devices.c.agent_version,
+        devices.c.config_hash,
+    ).order_by(devices.c.name)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStatusRow:
+    """One device as the fleet view shows it."""
+
+    id: int
+    name: str
+    status: DerivedStatus
+    reported_status: str
+    last_seen_at: datetime | None
+    last_data_at: datetime | None
+    last_state_at: datetime | None
+    boot_id: str | None
+    agent_version: str | None
+    config_hash: str | None
+
+
+def device_statuses(
+    conn: psycopg.Connection[Any],
+    *,
+    stale_after_s: float = DEFAULT_STALE_AFTER_SECONDS,
+    now: datetime | None = None,
+    names: Sequence[str] | None = None,
+) -> list[DeviceStatusRow]:
+    """Every device (or those in `names`) with its derived status, via psycopg."""
+    stmt = status_select(stale_after_s=stale_after_s, now=now)
+    if names is not None:
+        stmt = stmt.where(devices.c.name.in_(list(names)))
+    compiled = stmt.compile(dialect=postgresql.psycopg.dialect())  # type: ignore[attr-defined]
+    rows = conn.execute(str(compiled), compiled.params).fetchall()  # type: ignore[call-overload]
+    return [DeviceStatusRow(*row) for row in rows]
