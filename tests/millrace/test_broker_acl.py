@@ -1,0 +1,567 @@
+"""The broker's security, proven against the real mosquitto with the generated config.
+
+Negative checks never sleep: after a forbidden publish the same client publishes a marker
+on a topic it may use; the broker handles one connection's packets in order, so once the
+marker has arrived anything the forbidden publish would have delivered has arrived too.
+
+The first tests are pure unit tests of the templates and the client builder.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import paho.mqtt.client as paho
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from paho.mqtt.reasoncodes import ReasonCode
+
+from millrace import broker as broker_config
+from millrace import pki
+from millrace.errors import ConfigError, PKIError
+from millrace.mqtt import tls_client
+from tests.fixtures.fix_broker import BIND_ADDRESS, MosquittoServer, PKIFixture
+
+WAIT_SECONDS = 10.0
+NOT_AUTHORIZED = 0x87
+Connect = Callable[..., paho.Client]
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+class Inbox:
+    """Collects a client's messages; `wait_for` is the barrier the negative tests use."""
+
+    def __init__(self, client: paho.Client) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self._cond = threading.Condition()
+        client.on_message = self._on_message
+
+    def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        with self._cond:
+            self.messages.append((msg.topic, bytes(msg.payload)))
+            self._cond.notify_all()
+
+    def wait_for(self, payload: bytes) -> None:
+        with self._cond:
+            ok = self._cond.wait_for(
+                lambda: any(p == payload for _, p in self.messages), WAIT_SECONDS
+            )
+        assert ok, f"{payload!r} never arrived; got {self.messages}"
+
+    @property
+    def payloads(self) -> set[bytes]:
+        with self._cond:
+            return {p for _, p in self.messages}
+
+    @property
+    def topics(self) -> set[str]:
+        with self._cond:
+            return {t for t, _ in self.messages}
+
+
+class Acks:
+    """PUBACK and SUBACK reason codes of one client, by message id."""
+
+    def __init__(self, client: paho.Client) -> None:
+        self._client = client
+        self._codes: dict[int, list[ReasonCode]] = {}
+        self._cond = threading.Condition()
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+
+    def _store(self, mid: int, codes: list[ReasonCode]) -> None:
+        with self._cond:
+            self._codes[mid] = codes
+            self._cond.notify_all()
+
+    def _on_publish(self, _c: Any, _u: Any, mid: int, code: ReasonCode, _p: Any) -> None:
+        self._store(mid, [code])
+
+    def _on_subscribe(self, _c: Any, _u: Any, mid: int, codes: list[ReasonCode], _p: Any) -> None:
+        self._store(mid, list(codes))
+
+    def _wait(self, mid: int) -> list[ReasonCode]:
+        with self._cond:
+            assert self._cond.wait_for(lambda: mid in self._codes, WAIT_SECONDS), mid
+            return self._codes.pop(mid)
+
+    def publish(self, topic: str, payload: bytes) -> ReasonCode:
+        """Publish with QoS 1 and return the broker's PUBACK reason code."""
+        info = self._client.publish(topic, payload, qos=1)
+        return self._wait(info.mid)[0]
+
+    def subscribe(self, topic_filter: str) -> ReasonCode:
+        result, mid = self._client.subscribe(topic_filter, qos=1)
+        assert result == paho.MQTT_ERR_SUCCESS
+        assert mid is not None
+        return self._wait(mid)[0]
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def _connect_packet(client_id: str) -> bytes:
+    """A minimal MQTT 3.1.1 CONNECT (clean session, keepalive 60 s)."""
+    cid = client_id.encode()
+    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(cid).to_bytes(2, "big") + cid
+    return b"\x10" + bytes([len(body)]) + body
+
+
+def attempt(
+    server: MosquittoServer,
+    context: ssl.SSLContext | None,
+    *,
+    server_hostname: str | None = None,
+) -> str:
+    """'accepted' if the broker answers CONNECT with CONNACK 0, else what went wrong."""
+    try:
+        with socket.create_connection((BIND_ADDRESS, server.port), timeout=WAIT_SECONDS) as raw:
+            sock: socket.socket = raw
+            if context is not None:
+                sock = context.wrap_socket(raw, server_hostname=server_hostname or server.host)
+            sock.sendall(_connect_packet(_unique("probe")))
+            answer = sock.recv(4)
+    except (ssl.SSLError, OSError) as exc:
+        return f"refused: {type(exc).__name__}: {exc}"
+    if answer[:2] == b"\x20\x02" and answer[3:4] == b"\x00":
+        return "accepted"
+    return f"refused: answer {answer!r}"
+
+
+def client_context(
+    ca: Path, cert_id: str | None = None, pki_dir: Path | None = None
+) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(ca))
+    if cert_id is not None:
+        assert pki_dir is not None
+        paths = pki.pki_paths(pki_dir)
+        context.load_cert_chain(paths.cert_for(cert_id), paths.key_for(cert_id))
+    return context
+
+
+def write_expired_crl(pki_dir: Path) -> None:
+    """Replace crl.pem with a correctly signed CRL whose nextUpdate has passed."""
+    paths = pki.pki_paths(pki_dir)
+    ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    now = dt.datetime.now(dt.UTC)
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.subject)
+        .last_update(now - dt.timedelta(days=40))
+        .next_update(now - dt.timedelta(days=10))
+        .sign(key, hashes.SHA256())
+    )
+    paths.crl.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "millrace.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+# -- templates and client builder (unit) -----------------------------------------------------
+
+
+def _conf(tmp_path: Path, **options: Any) -> str:
+    return broker_config.render_mosquitto_conf(
+        pki_dir=tmp_path / "pki",
+        acl_file=tmp_path / "acl",
+        persistence_dir=tmp_path / "data",
+        **options,
+    )
+
+
+def _directives(text: str) -> list[list[str]]:
+    return [line.split() for line in text.splitlines() if line.strip() and line[0] != "#"]
+
+
+def test_conf_has_one_tls_listener_and_no_anonymous_access(tmp_path: Path) -> None:
+    conf = _directives(_conf(tmp_path, port=18883, user="mosquitto"))
+    assert [d for d in conf if d[0] == "listener"] == [["listener", "18883"]]
+    settings = {d[0]: d[1:] for d in conf if d[0] != "log_type"}
+    assert settings["per_listener_settings"] == ["false"]
+    assert settings["allow_anonymous"] == ["false"]
+    assert settings["require_certificate"] == ["true"]
+    assert settings["use_identity_as_username"] == ["true"]
+    assert settings["tls_version"] == ["tlsv1.2"]
+    assert settings["crlfile"] == [str((tmp_path / "pki" / "crl.pem").resolve())]
+    assert settings["acl_file"] == [str((tmp_path / "acl").resolve())]
+    assert settings["persistence"] == ["true"]
+    assert settings["persistence_location"][0].endswith("/")
+    assert int(settings["max_inflight_messages"][0]) >= 1000
+    assert settings["user"] == ["mosquitto"]
+    assert "use_username_as_clientid" not in settings
+    for insecure in ("password_file", "psk_hint", "allow_zero_length_clientid"):
+        assert insecure not in settings
+
+
+def test_conf_options_bind_log_file_and_clientid(tmp_path: Path) -> None:
+    conf = _directives(
+        _conf(
+            tmp_path,
+            bind_address="10.0.0.1",
+            log_file=tmp_path / "m.log",
+            clientid_from_certificate=True,
+        )
+    )
+    assert ["listener", "8883", "10.0.0.1"] in conf
+    assert ["log_dest", "file", str((tmp_path / "m.log").resolve())] in conf
+    assert ["use_username_as_clientid", "true"] in conf
+    assert not any(d[0] == "user" for d in conf)
+
+
+def test_conf_refuses_values_mosquitto_would_misread(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="whitespace"):
+        broker_config.render_mosquitto_conf(
+            pki_dir=tmp_path / "my pki", acl_file=tmp_path / "acl", persistence_dir=tmp_path
+        )
+    with pytest.raises(ConfigError, match="bind"):
+        _conf(tmp_path, bind_address="1.2.3.4\nallow_anonymous true")
+    with pytest.raises(ConfigError, match="port"):
+        _conf(tmp_path, port=70000)
+
+
+def test_acl_scopes_devices_by_username_and_lists_services(tmp_path: Path) -> None:
+    acl = broker_config.render_acl(service_ids=["svc-a", "svc-b"])
+    lines = _directives(acl)
+    patterns = [d for d in lines if d[0] == "pattern"]
+    assert patterns and all("/%u/" in d[2] for d in patterns)
+    assert not any("#" in d[2] or d[2].startswith("millrace/v1/d/+") for d in patterns)
+    first_user = next(i for i, d in enumerate(lines) if d[0] == "user")
+    assert all(d[0] == "pattern" for d in lines[:first_user]), "no topic line outside a user"
+    assert [d[1] for d in lines if d[0] == "user"] == ["svc-a", "svc-b"]
+    assert ["topic", "write", "millrace/v1/d/+/cmd/+"] in lines
+    assert ["topic", "read", "millrace/v1/d/+/data"] in lines
+    assert [d for d in lines if d[0] == "topic" and d[1] == "readwrite"] == []
+    with pytest.raises(PKIError, match="invalid id"):
+        broker_config.render_acl(service_ids=["svc a\ntopic readwrite #"])
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        {"service_ids": []},
+        {"service_ids": ["svc-1", "svc-2"]},
+    ],
+)
+def test_acl_template_renders_the_same_under_jinja(context: dict[str, Any]) -> None:
+    """Ansible renders these files with Jinja2 (trim_blocks on); both must agree."""
+    env = jinja2.Environment(
+        trim_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined
+    )
+    text = broker_config.template_text(broker_config.ACL_TEMPLATE)
+    assert env.from_string(text).render(**context) == broker_config.render_template(text, context)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"user": "", "bind_address": "0.0.0.0", "clientid_from_certificate": True}],
+)
+def test_conf_template_renders_the_same_under_jinja(overrides: dict[str, Any]) -> None:
+    env = jinja2.Environment(
+        trim_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined
+    )
+    text = broker_config.template_text(broker_config.CONF_TEMPLATE)
+    names = set(re.findall(r"\{\{\s*(\w+)\s*\}\}|\{%\s*if\s+(\w+)", text))
+    context: dict[str, Any] = {n: f"v-{n}" for pair in names for n in pair if n}
+    context.update({"user": "mosquitto", "bind_address": "", "clientid_from_certificate": False})
+    context.update(overrides)
+    assert env.from_string(text).render(**context) == broker_config.render_template(text, context)
+
+
+def test_broker_config_cli_writes_both_files(test_pki: PKIFixture, tmp_path: Path) -> None:
+    out = tmp_path / "broker"
+    result = run_cli(
+        "broker", "config", "--pki", str(test_pki.dir), "--out", str(out), "--port", "18999"
+    )
+    assert result.stdout.split() == [str(out / "mosquitto.conf"), str(out / "acl")]
+    assert "listener 18999\n" in (out / "mosquitto.conf").read_text()
+    assert "user svc-test\n" in (out / "acl").read_text()
+
+
+def test_tls_client_verifies_the_broker_and_speaks_mqtt5(test_pki: PKIFixture) -> None:
+    cert, key = test_pki.files("dev-a")
+    client = tls_client("dev-a", ca=test_pki.ca, cert=cert, key=key, clean_start=False)
+    context = client._ssl_context
+    assert context is not None
+    assert context.check_hostname is True
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
+    assert client._tls_insecure is False
+    assert client.protocol == paho.MQTTv5
+    assert client.millrace_defaults.clean_start is False  # type: ignore[attr-defined]
+    assert client.millrace_defaults.session_expiry_seconds > 0  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="file not found"):
+        tls_client("dev-a", ca=test_pki.ca, cert=cert.with_name("nope.crt"), key=key)
+
+
+def test_base_modules_do_not_import_paho() -> None:
+    code = (
+        "import sys, millrace.mqtt, millrace.pki, millrace.broker, millrace.pki_cli, "
+        "millrace.broker_cli; sys.exit('paho' in ' '.join(sys.modules))"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# -- against the real broker ---------------------------------------------------------------
+
+
+@pytest.mark.security
+def test_device_publishes_own_topics_and_services_receive_plain_and_shared(
+    broker: MosquittoServer, mqtt_connect: Connect
+) -> None:
+    plain = mqtt_connect(_unique("svc-plain"), "svc-test")
+    shared = mqtt_connect(_unique("svc-shared"), "svc-test")
+    plain_inbox, shared_inbox = Inbox(plain), Inbox(shared)
+    granted = Acks(plain).subscribe("millrace/v1/d/+/data")
+    assert not granted.is_failure
+    assert not Acks(plain).subscribe("millrace/v1/d/dev-a/#").is_failure
+    group = _unique("ingest")
+    assert not Acks(shared).subscribe(f"$share/{group}/millrace/v1/d/+/data").is_failure
+
+    device = Acks(mqtt_connect(_unique("dev-a"), "dev-a"))
+    payload = _unique("window").encode()
+    assert not device.publish("millrace/v1/d/dev-a/data", payload).is_failure
+    plain_inbox.wait_for(payload)
+    shared_inbox.wait_for(payload)
+
+    for suffix in ("state", "health", "cmd/restart/reply"):
+        marker = _unique(suffix).encode()
+        assert not device.publish(f"millrace/v1/d/dev-a/{suffix}", marker).is_failure
+        plain_inbox.wait_for(marker)
+    assert "millrace/v1/d/dev-a/cmd/restart/reply" in plain_inbox.topics
+
+
+@pytest.mark.security
+def test_device_cannot_publish_outside_its_own_topics(
+    broker: MosquittoServer, mqtt_connect: Connect
+) -> None:
+    watcher = mqtt_connect(_unique("svc-watch"), "svc-test")
+    watcher_inbox, watcher_acks = Inbox(watcher), Acks(watcher)
+    for topic_filter in ("millrace/v1/d/+/data", "millrace/v1/d/+/state", "millrace/v1/d/+/health"):
+        assert not watcher_acks.subscribe(topic_filter).is_failure
+    assert not watcher_acks.subscribe("millrace/v1/d/+/cmd/+/reply").is_failure
+    victim = mqtt_connect(_unique("dev-b"), "dev-b")
+    victim_inbox = Inbox(victim)
+    assert not Acks(victim).subscribe("millrace/v1/d/dev-b/cmd/+").is_failure
+
+    attacker = Acks(mqtt_connect(_unique("dev-a"), "dev-a"))
+    forged = _unique("forged").encode()
+    for topic in (
+        "millrace/v1/d/dev-b/data",
+        "millrace/v1/d/dev-b/state",
+        "millrace/v1/d/dev-b/health",
+        "millrace/v1/d/dev-b/cmd/open/reply",
+        "millrace/v1/d/dev-b/cmd/open",
+        "millrace/v1/d/dev-a/cmd/open",
+        "millrace/v1/alerts/dev-a",
+        "millrace/v1/d/dev-a/data/extra",
+        "millrace/v1/d/dev-a",
+        "millrace/v2/d/dev-a/data",
+    ):
+        assert attacker.publish(topic, forged).value == NOT_AUTHORIZED, topic
+
+    marker = _unique("marker").encode()
+    assert not attacker.publish("millrace/v1/d/dev-a/data", marker).is_failure
+    watcher_inbox.wait_for(marker)
+    command_marker = _unique("cmd").encode()
+    assert not watcher_acks.publish("millrace/v1/d/dev-b/cmd/ping", command_marker).is_failure
+    victim_inbox.wait_for(command_marker)
+    assert forged not in watcher_inbox.payloads
+    assert forged not in victim_inbox.payloads
+
+
+@pytest.mark.security
+def test_device_cannot_read_plant_data_or_other_devices_commands(
+    broker: MosquittoServer, mqtt_connect: Connect
+) -> None:
+    """mosquitto 2.0.11's acl_file grants every SUBSCRIBE; the ACL bites at delivery."""
+    snoop_client = mqtt_connect(_unique("dev-a"), "dev-a")
+    snoop, snoop_acks = Inbox(snoop_client), Acks(snoop_client)
+    for topic_filter in (
+        "#",
+        "millrace/v1/#",
+        "millrace/v1/d/+/data",
+        "millrace/v1/d/dev-b/cmd/+",
+        "millrace/v1/alerts/#",
+        f"$share/{_unique('grp')}/millrace/v1/d/+/data",
+    ):
+        snoop_acks.subscribe(topic_filter)  # granted or not: nothing may arrive
+
+    service_client = mqtt_connect(_unique("svc"), "svc-test")
+    service, service_acks = Inbox(service_client), Acks(service_client)
+    assert not service_acks.subscribe("millrace/v1/d/dev-b/data").is_failure
+    other = Acks(mqtt_connect(_unique("dev-b"), "dev-b"))
+    secret_data = _unique("dev-b-data").encode()
+    assert not other.publish("millrace/v1/d/dev-b/data", secret_data).is_failure
+    service.wait_for(secret_data)  # it was published; the snooper must not see it
+    secret_cmd = _unique("dev-b-cmd").encode()
+    assert not service_acks.publish("millrace/v1/d/dev-b/cmd/open", secret_cmd).is_failure
+    assert not service_acks.publish("millrace/v1/alerts/dev-b", secret_cmd).is_failure
+
+    marker = _unique("own-cmd").encode()
+    assert not service_acks.publish("millrace/v1/d/dev-a/cmd/ping", marker).is_failure
+    snoop.wait_for(marker)
+    assert all(t.startswith("millrace/v1/d/dev-a/cmd/") for t in snoop.topics), snoop.topics
+    assert not {secret_data, secret_cmd} & snoop.payloads
+
+
+@pytest.mark.security
+def test_service_cannot_forge_device_data_but_may_command_and_alert(
+    broker: MosquittoServer, mqtt_connect: Connect
+) -> None:
+    service = Acks(mqtt_connect(_unique("svc"), "svc-test"))
+    payload = _unique("svc").encode()
+    assert service.publish("millrace/v1/d/dev-a/data", payload).value == NOT_AUTHORIZED
+    assert service.publish("millrace/v1/d/dev-a/health", payload).value == NOT_AUTHORIZED
+    assert not service.publish("millrace/v1/d/dev-a/cmd/ping", payload).is_failure
+    assert not service.publish("millrace/v1/alerts/dev-a", payload).is_failure
+
+
+@pytest.mark.security
+def test_valid_certificate_is_accepted_by_the_raw_probe(broker: MosquittoServer) -> None:
+    """The baseline that makes the refusals below mean something."""
+    assert attempt(broker, client_context(broker.ca, "dev-a", broker.pki.dir)) == "accepted"
+
+
+@pytest.mark.security
+def test_plain_tcp_to_the_tls_port_is_refused(broker: MosquittoServer) -> None:
+    outcome = attempt(broker, None)
+    assert outcome.startswith("refused"), outcome
+    assert "\\x20\\x02" not in outcome
+
+
+@pytest.mark.security
+def test_tls_without_client_certificate_is_refused(broker: MosquittoServer) -> None:
+    outcome = attempt(broker, client_context(broker.ca))
+    assert outcome.startswith("refused"), outcome
+
+
+@pytest.mark.security
+def test_certificate_from_another_ca_is_refused(broker: MosquittoServer, tmp_path: Path) -> None:
+    rogue = PKIFixture(tmp_path / "rogue")
+    rogue.issue("dev-a")  # same CN as a real device
+    context = ssl.create_default_context(cafile=str(broker.ca))  # trusts the real broker
+    context.load_cert_chain(*rogue.files("dev-a"))
+    outcome = attempt(broker, context)
+    assert outcome.startswith("refused"), outcome
+
+
+@pytest.mark.security
+def test_clients_check_the_broker_name_and_ca(broker: MosquittoServer, tmp_path: Path) -> None:
+    good = client_context(broker.ca, "dev-a", broker.pki.dir)
+    outcome = attempt(broker, good, server_hostname="not-the-broker.example")
+    assert "SSLCertVerificationError" in outcome, outcome
+    rogue = PKIFixture(tmp_path / "rogue")
+    outcome = attempt(broker, client_context(rogue.ca, "dev-a", broker.pki.dir))
+    assert "SSLCertVerificationError" in outcome, outcome
+
+
+@pytest.mark.security
+def test_revoked_certificate_is_refused_after_reload(
+    broker_factory: Callable[..., MosquittoServer], mqtt_connect: Connect
+) -> None:
+    server = broker_factory()
+    ident = _unique("dev-rev")
+    server.pki.issue(ident)
+    revoked_ctx = client_context(server.ca, ident, server.pki.dir)
+    assert attempt(server, revoked_ctx) == "accepted"
+    long_lived = Acks(mqtt_connect(_unique(ident), ident, server=server))
+
+    result = run_cli("pki", "revoke", "--pki", str(server.pki.dir), ident)
+    assert "revoked" in result.stdout
+    # mosquitto reads crl.pem when it builds the listener's TLS context, not per connection.
+    assert attempt(server, revoked_ctx) == "accepted"
+
+    server.reload()
+    assert attempt(server, revoked_ctx).startswith("refused")
+    assert attempt(server, client_context(server.ca, "dev-b", server.pki.dir)) == "accepted"
+    # A reload does not re-check open connections ...
+    assert not long_lived.publish(f"millrace/v1/d/{ident}/health", b"still here").is_failure
+
+    server.restart()  # ... a restart cuts them, and the revoked device cannot come back.
+    assert attempt(server, revoked_ctx).startswith("refused")
+    deadline = time.monotonic() + WAIT_SECONDS
+    while long_lived._client.is_connected() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not long_lived._client.is_connected()
+    assert attempt(server, client_context(server.ca, "dev-a", server.pki.dir)) == "accepted"
+
+
+@pytest.mark.security
+def test_expired_crl_locks_everyone_out_until_renewed(
+    broker_factory: Callable[..., MosquittoServer], tmp_path: Path
+) -> None:
+    own = PKIFixture(tmp_path / "pki")
+    own.issue("dev-a")
+    server = broker_factory(pki=own)
+    context = client_context(own.ca, "dev-a", own.dir)
+    assert attempt(server, context) == "accepted"
+
+    write_expired_crl(own.dir)
+    assert pki.crl_days_left(own.dir) < 0
+    server.reload()
+    outcome = attempt(server, context)
+    assert outcome.startswith("refused"), outcome
+
+    run_cli("pki", "renew-crl", "--pki", str(own.dir))
+    server.reload()
+    assert attempt(server, context) == "accepted"
+
+
+@pytest.mark.security
+def test_service_identity_changes_need_broker_config_and_reload(
+    broker_factory: Callable[..., MosquittoServer], mqtt_connect: Connect
+) -> None:
+    server = broker_factory()
+    ident = _unique("svc-new")
+    server.pki.issue(ident, role="service")
+    listener = mqtt_connect(_unique(ident), ident, server=server)
+    inbox, acks = Inbox(listener), Acks(listener)
+    acks.subscribe("millrace/v1/d/+/data")
+    device = Acks(mqtt_connect(_unique("dev-a"), "dev-a", server=server))
+    before = _unique("before").encode()
+    assert not device.publish("millrace/v1/d/dev-a/data", before).is_failure
+    # Not yet in the ACL: only the %u patterns apply to it, like to any device.
+    barrier = _unique("barrier").encode()
+    assert not acks.publish(f"millrace/v1/d/{ident}/cmd/x/reply", barrier).is_failure
+    assert acks.publish("millrace/v1/d/dev-a/cmd/x", barrier).value == NOT_AUTHORIZED
+
+    server.reconfigure()  # `millrace broker config` + SIGHUP
+    assert f"user {ident}\n" in (server.workdir / "acl").read_text()
+    after = _unique("after").encode()
+    assert not device.publish("millrace/v1/d/dev-a/data", after).is_failure
+    inbox.wait_for(after)
+    assert before not in inbox.payloads
+    assert not acks.publish("millrace/v1/d/dev-a/cmd/x", barrier).is_failure
+
+    run_cli("pki", "revoke", "--pki", str(server.pki.dir), ident)
+    server.reconfigure()  # its user block is gone; the open connection loses service rights
+    assert f"user {ident}\n" not in (server.workdir / "acl").read_text()
+    assert acks.publish("millrace/v1/d/dev-a/cmd/x", barrier).value == NOT_AUTHORIZED
