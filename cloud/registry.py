@@ -23,7 +23,7 @@ from typing import Any, Final, Literal
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
-from sqlalchemy import Interval, Select, case, func, literal, select
+from sqlalchemy import ARRAY, Interval, Select, Text, any_, case, func, literal, select
 from sqlalchemy.dialects import postgresql
 
 from cloud.schema.core import devices
@@ -255,7 +255,7 @@ def device_statuses(
     """Every device (or those in `names`) with its derived status, via psycopg."""
     stmt = status_select(stale_after_s=stale_after_s, now=now)
     if names is not None:
-        stmt = stmt.where(devices.c.name.in_(list(names)))
+        stmt = stmt.where(devices.c.name == any_(literal(list(names), type_=ARRAY(Text))))
     compiled = stmt.compile(dialect=postgresql.psycopg.dialect())  # type: ignore[attr-defined]
     rows = conn.execute(str(compiled), compiled.params).fetchall()  # type: ignore[call-overload]
     return [DeviceStatusRow(*row) for row in rows]
