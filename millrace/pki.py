@@ -482,6 +482,8 @@ def _sign_client(
     force: bool,
 ) -> x509.Certificate:
     """Sign a client certificate for `ident` and record it; caller holds the lock."""
+    if days < 1:
+        raise PKIError(f"--days must be at least 1, got {days}")
     ca_cert, ca_key = _require_ca(paths)
     index = _load_index(paths)
     _check_can_issue(index, ident, force=force)
@@ -533,6 +535,8 @@ def issue(
     """
     ident = validate_id(device_id)
     role = _check_role(role)
+    if days < 1:
+        raise PKIError(f"--days must be at least 1, got {days}")
     paths = pki_path_checked(pki_dir)
     key = ec.generate_private_key(ec.SECP256R1())
     with _locked(paths):

@@ -170,6 +170,8 @@ def test_valid_ids_are_accepted(good: str) -> None:
 def test_unknown_role_is_rejected(ca_dir: Path) -> None:
     with pytest.raises(PKIError, match="device, service"):
         pki.issue(ca_dir, "dev-role", role="admin")  # type: ignore[arg-type]
+    with pytest.raises(PKIError, match="at least 1"):
+        pki.issue(ca_dir, "dev-days", days=0)
 
 
 def test_reissue_needs_force_and_keeps_the_old_key_until_then(tmp_path: Path) -> None:
