@@ -1,0 +1,274 @@
+"""`millrace cmd DEVICE NAME [key=value ...]`: send a command, print the device's reply.
+
+The reply topic is subscribed before the command is published, so a fast
+device cannot answer into the void. The command carries a fresh id (the agent
+applies an id once) and an MQTT v5 message expiry equal to the timeout: a
+device that is offline now will not act on a stale command hours later.
+
+Exit codes: 0 the device replied ok, 1 the device replied with an error,
+3 no reply within the timeout; configuration and connection problems raise
+MillraceError (the CLI prints one line and exits 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import queue
+import sys
+import time
+import tomllib
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+from millrace import topics
+from millrace.errors import ConfigError, MillraceError, WireError
+from millrace.wire import Command, CommandReply
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_SECONDS: Final = 10.0
+DEFAULT_BROKER_PORT: Final = 8883
+# Connecting and subscribing get their own budget so a slow TLS handshake does not eat
+# the device's reply time.
+CONNECT_TIMEOUT_SECONDS: Final = 10.0
+EXIT_OK: Final = 0
+EXIT_DEVICE_ERROR: Final = 1
+EXIT_TIMEOUT: Final = 3
+
+
+class CommandError(MillraceError):
+    """`millrace cmd` cannot send the command (broker unreachable, refused, bad arguments)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerTarget:
+    """Where and as whom `millrace cmd` connects (a service certificate)."""
+
+    host: str
+    port: int
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options `run_cmd` reads (cloud/cli.py adds DEVICE NAME ARGS itself)."""
+    parser.add_argument("--config", type=Path, help="ingest TOML file; its [broker] table is used")
+    parser.add_argument("--broker-host", help="broker host name (overrides --config)")
+    parser.add_argument("--port", type=int, help=f"broker port (default {DEFAULT_BROKER_PORT})")
+    parser.add_argument("--ca", type=Path, help="project CA certificate")
+    parser.add_argument("--cert", type=Path, help="service certificate")
+    parser.add_argument("--key", type=Path, help="service certificate's key")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_SECONDS,
+        help=f"seconds to wait for the reply (default {DEFAULT_TIMEOUT_SECONDS:g})",
+    )
+
+
+def parse_command_args(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` pairs into a dict; values are JSON where they parse (`n=3`, `on=true`)."""
+    result: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError("ARGS", f"{pair!r} is not key=value")
+        if key in result:
+            raise ConfigError("ARGS", f"{key!r} given twice")
+        try:
+            value = json.loads(raw, parse_constant=_reject_constant)
+        except ValueError:
+            value = raw
+        result[key] = value
+    return result
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+def _broker_from_file(path: Path) -> dict[str, Any]:
+    """The [broker] table of an ingest config, with paths resolved against the file."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError("config", f"not valid TOML: {exc}", source=str(path)) from exc
+    table = data.get("broker")
+    if not isinstance(table, dict):
+        raise ConfigError("broker", "a [broker] table is required", source=str(path))
+    base = Path(path).resolve().parent
+    found: dict[str, Any] = {}
+    for key in ("host", "ca", "cert", "key"):
+        if key in table:
+            if not isinstance(table[key], str) or not table[key]:
+                raise ConfigError(f"broker.{key}", "expected a non-empty string", source=str(path))
+            found[key] = table[key] if key == "host" else base / table[key]
+    if "port" in table:
+        if type(table["port"]) is not int:
+            raise ConfigError("broker.port", "expected an integer", source=str(path))
+        found["port"] = table["port"]
+    return found
+
+
+def broker_target(args: argparse.Namespace) -> BrokerTarget:
+    """Broker settings from --config, overridden by explicit flags."""
+    config = getattr(args, "config", None)
+    settings = _broker_from_file(Path(config)) if config else {}
+    for key, attr in (
+        ("host", "broker_host"),
+        ("port", "port"),
+        ("ca", "ca"),
+        ("cert", "cert"),
+        ("key", "key"),
+    ):
+        value = getattr(args, attr, None)
+        if value is not None:
+            settings[key] = value
+    settings.setdefault("port", DEFAULT_BROKER_PORT)
+    for key, flag in (
+        ("host", "--broker-host"),
+        ("ca", "--ca"),
+        ("cert", "--cert"),
+        ("key", "--key"),
+    ):
+        if key not in settings:
+            raise ConfigError(flag, "is required (or --config with a [broker] table)")
+    if not 1 <= int(settings["port"]) <= 65535:
+        raise ConfigError("--port", f"{settings['port']} is not a TCP port")
+    return BrokerTarget(
+        host=str(settings["host"]),
+        port=int(settings["port"]),
+        ca=Path(settings["ca"]),
+        cert=Path(settings["cert"]),
+        key=Path(settings["key"]),
+    )
+
+
+def run_cmd(
+    args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """Send args.name with args.args to args.device; print the reply JSON; see module doc."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    device: str = args.device
+    name: str = args.name
+    timeout = getattr(args, "timeout", None)
+    timeout_s = DEFAULT_TIMEOUT_SECONDS if timeout is None else float(timeout)
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise ConfigError("--timeout", "must be a number of seconds > 0")
+    command_topic = topics.cmd_topic(device, name)  # validates both (WireError)
+    reply_topic = topics.reply_topic(device, name)
+    command = Command(
+        id=uuid.uuid4().hex,
+        name=name,
+        args=parse_command_args(list(getattr(args, "args", None) or [])),
+        ts_ms=int(time.time() * 1000),
+    )
+    target = broker_target(args)
+    reply = _exchange(target, command, command_topic, reply_topic, timeout_s)
+    if reply is None:
+        print(
+            f"millrace: no reply from {device} to {name!r} (id {command.id}) within "
+            f"{timeout_s:g} s: is the device online?",
+            file=err,
+        )
+        return EXIT_TIMEOUT
+    print(reply.to_json().decode(), file=out)
+    return EXIT_OK if reply.ok else EXIT_DEVICE_ERROR
+
+
+def _exchange(
+    target: BrokerTarget, command: Command, command_topic: str, reply_topic: str, timeout_s: float
+) -> CommandReply | None:
+    """Connect, subscribe to the reply, publish, wait; None on timeout."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from millrace.mqtt import tls_client
+
+    events: queue.Queue[tuple[str, Any]] = queue.Queue()
+    client = tls_client(
+        f"cmd-{uuid.uuid4().hex[:12]}", ca=target.ca, cert=target.cert, key=target.key
+    )
+    # paho callbacks only hand work to the queue; the decisions happen below.
+    client.on_connect = lambda _c, _u, _f, reason, _p: events.put(("connect", reason))
+    client.on_subscribe = lambda _c, _u, _mid, reasons, _p: events.put(("subscribe", reasons))
+    client.on_message = lambda _c, _u, msg: events.put(("message", msg.payload))
+    client.on_publish = lambda _c, _u, _mid, reason, _p: events.put(("publish", reason))
+    client.on_disconnect = lambda _c, _u, _f, reason, _p: events.put(("disconnect", reason))
+    try:
+        client.connect(target.host, target.port)
+    except OSError as exc:
+        raise CommandError(
+            f"cannot reach the broker at {target.host}:{target.port}: {exc}"
+        ) from exc
+    client.loop_start()
+    try:
+        reason = _wait_for(events, "connect", CONNECT_TIMEOUT_SECONDS)
+        if reason is None or reason.is_failure:
+            raise CommandError(
+                f"broker {target.host}:{target.port} refused the connection: {reason}"
+            )
+        client.subscribe(reply_topic, qos=1)
+        granted = _wait_for(events, "subscribe", CONNECT_TIMEOUT_SECONDS)
+        if granted is None or any(code.is_failure for code in granted):
+            raise CommandError(f"cannot subscribe to {reply_topic}: {granted} (check the ACL)")
+        props = Properties(PacketTypes.PUBLISH)
+        props.MessageExpiryInterval = max(1, math.ceil(timeout_s))
+        props.ContentType = "application/json"
+        deadline = time.monotonic() + timeout_s
+        client.publish(command_topic, command.to_json(), qos=1, properties=props)
+        # Mosquitto grants any subscription and filters on delivery, but refuses a
+        # publish the ACL forbids in the PUBACK: the one clear signal of a wrong identity.
+        acked = _wait_for(events, "publish", CONNECT_TIMEOUT_SECONDS)
+        if acked is not None and acked.is_failure:
+            raise CommandError(
+                f"the broker refused the command on {command_topic}: {acked}"
+                " (send commands with a service certificate)"
+            )
+        logger.debug("command %s sent to %s", command.id, command_topic)
+        while (left := deadline - time.monotonic()) > 0:
+            payload = _wait_for(events, "message", left)
+            if payload is None:
+                break
+            try:
+                reply = CommandReply.from_json(payload)
+            except WireError as exc:
+                logger.warning("ignoring a malformed reply on %s: %s", reply_topic, exc.reason)
+                continue
+            if reply.id == command.id:
+                return reply
+            logger.debug("ignoring a reply to another command (id %s)", reply.id)
+        return None
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _wait_for(events: queue.Queue[tuple[str, Any]], kind: str, timeout_s: float) -> Any:
+    """The value of the next `kind` event within `timeout_s`; None on timeout.
+
+    A disconnect while waiting for the connection is its refusal; later ones
+    (paho reconnects by itself) are only logged.
+    """
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            got, value = events.get(timeout=left)
+        except queue.Empty:
+            return None
+        if got == kind:
+            return value
+        if got == "disconnect":
+            if kind == "connect":
+                return value
+            logger.warning("disconnected from the broker (%s); paho reconnects", value)
+    return None

@@ -1,0 +1,167 @@
+"""`millrace cmd` against the real TLS broker, with a tiny responder acting as the device."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+
+from cloud.commands import (
+    EXIT_DEVICE_ERROR,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    CommandError,
+    add_arguments,
+    parse_command_args,
+    run_cmd,
+)
+from millrace import topics
+from millrace.errors import ConfigError, MillraceError
+from millrace.wire import Command, CommandReply
+
+SERVICE = "svc-test"
+WAIT_SECONDS = 10.0
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The same shape cloud/cli.py builds: DEVICE NAME ARGS plus add_arguments()."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("device")
+    parser.add_argument("name")
+    parser.add_argument("args", nargs="*")
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def tls_flags(broker: Any) -> list[str]:
+    cert, key = broker.pki.files(SERVICE)
+    return [
+        "--broker-host",
+        broker.host,
+        "--port",
+        str(broker.port),
+        "--ca",
+        str(broker.ca),
+        "--cert",
+        str(cert),
+        "--key",
+        str(key),
+    ]
+
+
+def run(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = run_cmd(parse(argv), out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def start_responder(
+    mqtt_connect: Callable[..., paho.Client], device: str, seen: list[Command]
+) -> paho.Client:
+    """A device that replies ok (echoing its args), or an error for the command `fail`."""
+    client = mqtt_connect(f"{device}-responder", device)
+    subscribed = threading.Event()
+
+    def on_message(c: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        command = Command.from_json(msg.payload)
+        seen.append(command)
+        if command.name == "fail":
+            reply = CommandReply(id=command.id, ok=False, error="valve is locked out")
+        else:
+            reply = CommandReply(id=command.id, ok=True, result={"echo": command.args})
+        c.publish(topics.reply_topic(device, command.name), reply.to_json(), qos=1)
+
+    client.on_message = on_message
+    client.on_subscribe = lambda *_: subscribed.set()
+    client.subscribe(topics.cmd_filter(device), qos=1)
+    assert subscribed.wait(WAIT_SECONDS)
+    return client
+
+
+def test_args_are_json_where_they_parse() -> None:
+    assert parse_command_args(["n=3", "on=true", "name=pump 2", "x=[1,2]", "s=", "f=NaN"]) == {
+        "n": 3,
+        "on": True,
+        "name": "pump 2",
+        "x": [1, 2],
+        "s": "",
+        "f": "NaN",
+    }
+    with pytest.raises(ConfigError, match="not key=value"):
+        parse_command_args(["oops"])
+    with pytest.raises(ConfigError, match="twice"):
+        parse_command_args(["a=1", "a=2"])
+
+
+def test_missing_broker_settings_and_bad_names_are_user_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--broker-host"):
+        run(["dev-a", "ping"])
+    with pytest.raises(MillraceError, match="invalid device id"):
+        run(["Not A Device", "ping", "--broker-host", "x"])
+    with pytest.raises(MillraceError, match="invalid command name"):
+        run(["dev-a", "no/slash", "--broker-host", "x"])
+    with pytest.raises(ConfigError, match="--timeout"):
+        run(["dev-a", "ping", "--timeout", "0"])
+
+
+@pytest.mark.integration
+def test_reply_ok_and_device_error(broker: Any, mqtt_connect: Callable[..., paho.Client]) -> None:
+    seen: list[Command] = []
+    start_responder(mqtt_connect, "dev-a", seen)
+
+    code, out, err = run(["dev-a", "set", "setpoint=42.5", "mode=auto", *tls_flags(broker)])
+    assert (code, err) == (EXIT_OK, "")
+    reply = CommandReply.from_json(out.strip().encode())
+    assert reply.ok
+    assert reply.result == {"echo": {"setpoint": 42.5, "mode": "auto"}}
+    assert [c.name for c in seen] == ["set"]
+    assert reply.id == seen[0].id and len(seen[0].id) == 32
+
+    code, out, _ = run(["dev-a", "fail", *tls_flags(broker)])
+    assert code == EXIT_DEVICE_ERROR
+    assert json.loads(out)["error"] == "valve is locked out"
+    assert seen[1].id != seen[0].id  # a fresh id per invocation
+
+
+@pytest.mark.integration
+def test_no_reply_is_a_clear_timeout(broker: Any) -> None:
+    # dev-b has nobody listening for its commands.
+    code, out, err = run(["dev-b", "ping", "--timeout", "1", *tls_flags(broker)])
+    assert code == EXIT_TIMEOUT
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert "no reply from dev-b to 'ping'" in err and "within 1 s" in err
+
+
+@pytest.mark.integration
+def test_broker_settings_from_the_ingest_config(
+    broker: Any, mqtt_connect: Callable[..., paho.Client], tmp_path: Path
+) -> None:
+    start_responder(mqtt_connect, "dev-a", [])
+    cert, key = broker.pki.files(SERVICE)
+    config = tmp_path / "ingest.toml"
+    config.write_text(
+        f'[database]\ndsn = "postgresql://unused"\n\n[broker]\nhost = "{broker.host}"\n'
+        f'port = {broker.port}\nca = "{broker.ca}"\ncert = "{cert}"\nkey = "{key}"\n'
+        'client_id = "ingest-1"\n'
+    )
+    code, out, _ = run(["dev-a", "ping", "--config", str(config)])
+    assert code == EXIT_OK
+    assert json.loads(out)["ok"] is True
+
+
+@pytest.mark.integration
+def test_device_certificate_cannot_send_commands(broker: Any) -> None:
+    # A device certificate may not command another device: the broker refuses the publish.
+    cert, key = broker.pki.files("dev-b")
+    argv = ["dev-a", "ping", "--broker-host", broker.host, "--port", str(broker.port)]
+    argv += ["--ca", str(broker.ca), "--cert", str(cert), "--key", str(key), "--timeout", "1"]
+    with pytest.raises(CommandError, match=r"refused the command.*service certificate"):
+        run(argv)
