@@ -1,0 +1,1 @@
+"""Alembic migrations of the millrace schema; run through `millrace db upgrade`."""

@@ -1,0 +1,1 @@
+"""Alembic revisions, oldest first (a package so they ship in the wheel)."""

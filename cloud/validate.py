@@ -1,0 +1,103 @@
+"""Checks a decoded batch must pass before it is stored; pure, no I/O.
+
+`millrace.wire` already guarantees the batch is well formed (finite numbers,
+min <= first/last <= max, aligned windows). Here come the checks that need
+context — the topic it arrived on, the worker's clock and configuration —
+and those that protect the database: magnitudes that would overflow a
+rollup, and text PostgreSQL cannot store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from millrace.wire import Batch, Window
+
+# Plant signals are far below this; the cap keeps sums of squares of an hour of
+# windows (<= 3600 x 1e9 readings) finite in float64.
+MAX_ABS_VALUE: Final = 1e15
+# Relative slack for float rounding in the sum-of-squares bounds.
+SUMSQ_TOLERANCE: Final = 1e-9
+
+ValidationCode = Literal[
+    "identity_mismatch",
+    "too_old",
+    "in_future",
+    "period_not_allowed",
+    "out_of_range",
+    "inconsistent",
+    "bad_text",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Invalid:
+    """Why a well-formed batch is still refused; `code` groups reasons for metrics."""
+
+    code: ValidationCode
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The worker's acceptance window and allowed periods."""
+
+    max_age_s: int
+    max_skew_s: int
+    allowed_periods_s: frozenset[int]
+
+
+def _window_problem(w: Window, now_ms: int, limits: Limits) -> Invalid | None:
+    where = f"window {w.metric!r} at {w.start_ms}"
+    if w.period_s not in limits.allowed_periods_s:
+        allowed = sorted(limits.allowed_periods_s)
+        return Invalid("period_not_allowed", f"{where}: period {w.period_s} s not in {allowed}")
+    if w.start_ms < now_ms - limits.max_age_s * 1000:
+        return Invalid("too_old", f"{where}: older than {limits.max_age_s} s")
+    if w.end_ms > now_ms + limits.max_skew_s * 1000:
+        return Invalid("in_future", f"{where}: ends more than {limits.max_skew_s} s from now")
+    for name in ("sum", "min", "max", "first", "last"):
+        value = getattr(w, name)
+        bound = MAX_ABS_VALUE * (w.count if name == "sum" else 1)
+        if abs(value) > bound:
+            return Invalid("out_of_range", f"{where}: |{name}| {value} > {MAX_ABS_VALUE:g}")
+    # Cauchy-Schwarz below (variance >= 0) and count * max(x^2) above.
+    largest = max(w.min * w.min, w.max * w.max)
+    low = w.sum * w.sum / w.count
+    slack = SUMSQ_TOLERANCE * max(1.0, low)
+    if w.sumsq < low - slack or w.sumsq > w.count * largest * (1 + SUMSQ_TOLERANCE) + slack:
+        return Invalid("inconsistent", f"{where}: sumsq {w.sumsq} impossible for its sum/min/max")
+    return None
+
+
+def validate_batch(
+    batch: Batch, *, topic_device: str, now_ms: int, limits: Limits
+) -> Invalid | None:
+    """None when `batch` may be stored; otherwise the first problem found."""
+    if batch.device != topic_device:
+        return Invalid(
+            "identity_mismatch",
+            f"payload device {batch.device!r} published on the topic of {topic_device!r}",
+        )
+    if batch.sent_at_ms > now_ms + limits.max_skew_s * 1000:
+        return Invalid("in_future", f"sent_at {batch.sent_at_ms} is in the future")
+    for window in batch.windows:
+        problem = _window_problem(window, now_ms, limits)
+        if problem is not None:
+            return problem
+    oldest_ms = now_ms - limits.max_age_s * 1000
+    newest_ms = now_ms + limits.max_skew_s * 1000
+    for event in batch.events:
+        where = f"event {event.metric!r} at {event.ts_ms}"
+        if event.ts_ms < oldest_ms:
+            return Invalid("too_old", f"{where}: older than {limits.max_age_s} s")
+        if event.ts_ms > newest_ms:
+            return Invalid("in_future", f"{where}: more than {limits.max_skew_s} s from now")
+        value = event.value
+        if isinstance(value, str):
+            if "\x00" in value or not value.isprintable():
+                return Invalid("bad_text", f"{where}: text holds control characters")
+        elif not isinstance(value, bool) and abs(value) > MAX_ABS_VALUE:
+            return Invalid("out_of_range", f"{where}: |value| > {MAX_ABS_VALUE:g}")
+    return None
