@@ -78,7 +78,8 @@ class AlertRule:
             return f"{self.metric} below {self.low:g}"
         if self.condition == "outside":
             return f"{self.metric} outside [{self.low:g}, {self.high:g}]"
-        return f"no {self.metric} data for {self.no_data_s} s"
+        what = "data" if self.metric == ANY_METRIC else f"{self.metric} data"
+        return f"no {what} for {self.no_data_s} s"
 
 
 def _finite(value: float | None) -> bool:

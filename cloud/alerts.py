@@ -212,10 +212,15 @@ class AlertEngine:
             for loaded in self._matching(w.device, w.metric):
                 metric = ANY_METRIC if loaded.rule.metric == ANY_METRIC else w.metric
                 values = WindowValues(w.ts, w.count, w.sum, w.min, w.max, w.last)
-                groups[(loaded.id, w.device, metric)].append(values)
-                if loaded.rule.condition == "no_data":
-                    pair = (w.device, metric)
-                    fresh[pair] = max(fresh.get(pair, w.ts), w.ts)
+                group = groups[(loaded.id, w.device, metric)]
+                if loaded.rule.condition != "no_data":
+                    group.append(values)
+                    continue
+                # Only the newest window matters to a no-data rule: it clears it or not.
+                if not group or group[0].ts < w.ts:
+                    group[:] = [values]
+                pair = (w.device, metric)
+                fresh[pair] = max(fresh.get(pair, w.ts), w.ts)
         if not groups:
             return []
         device_ids = _device_ids(conn, {device for _, device, _ in groups})

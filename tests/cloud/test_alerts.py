@@ -11,6 +11,7 @@ import psycopg
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from psycopg import sql
 
 from cloud.alert_rules import (
     AlertRule,
@@ -497,3 +498,36 @@ def test_rules_sync_from_file_and_engine_reload(conn: psycopg.Connection, tmp_pa
     assert [r.rule.name for r in engine.rules] == ["cold"]
     with pytest.raises(AlertError, match="exists"):
         add_rule(conn, AlertRule("cold", "temp", "below", low=0))
+
+
+@pytest.mark.integration
+@pytest.mark.security
+def test_least_privilege_roles_suffice(conn: psycopg.Connection) -> None:
+    """The worker's role runs registry and engine; the dashboard's role only acknowledges."""
+    from cloud.dbupgrade import DASHBOARD_ROLE, INGEST_ROLE
+    from cloud.registry import apply_heartbeat, apply_state
+    from millrace.wire import DeviceState, Heartbeat
+
+    add_rule(conn, AlertRule("hot", "temp", "above", high=80))
+    add_rule(conn, AlertRule("silent", "*", "no_data", no_data_s=60))
+    conn.commit()
+
+    conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(INGEST_ROLE)))
+    apply_state(conn, DeviceState("press-1", "online", 1, boot_id="a" * 32), received_at=T0)
+    heartbeat = Heartbeat("press-1", "a" * 32, 1, 0, 0, 0.0, 0, 0)
+    apply_heartbeat(conn, heartbeat, received_at=T0)
+    engine = AlertEngine.load(conn)
+    (raised,) = engine.evaluate(conn, [sw("press-1", "temp", 0, 90)])
+    (silent,) = engine.check_no_data(conn, datetime.now(UTC) + timedelta(seconds=61))
+    assert silent.rule == "silent"
+    conn.commit()
+
+    conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(DASHBOARD_ROLE)))
+    acknowledge(conn, raised.alert_id, user="alice", comment="seen")
+    conn.commit()
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute("UPDATE alerts SET state = 'cleared' WHERE id = %s", (raised.alert_id,))
+    conn.rollback()
+    conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(INGEST_ROLE)))
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        sync_rules(conn, [AlertRule("cold", "temp", "below", low=0)])
