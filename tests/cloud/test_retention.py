@@ -194,8 +194,7 @@ def test_scheduler_runs_on_its_thread_and_one_worker_at_a_time(db: str) -> None:
         seed_conn.close()
 
 
-@pytest.mark.integration
-def test_scheduler_survives_an_unreachable_database(pg_server: object) -> None:
+def test_scheduler_survives_an_unreachable_database() -> None:
     def refuse() -> psycopg.Connection:
         return psycopg.connect("postgresql://postgres@127.0.0.1:1/none", connect_timeout=2)
 
