@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from psycopg import sql
 
+from cloud import dbupgrade
 from cloud.alert_rules import (
     AlertRule,
     WindowValues,
@@ -22,10 +23,10 @@ from cloud.alert_rules import (
     step,
 )
 from cloud.alerts import AlertEngine, AlertError, acknowledge, add_rule, sync_rules
-from cloud.registry import ensure_device
+from cloud.registry import apply_heartbeat, apply_state, ensure_device
 from cloud.writer import StoredWindow
 from millrace.errors import ConfigError
-from millrace.wire import AlertMessage
+from millrace.wire import AlertMessage, DeviceState, Heartbeat
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
@@ -269,34 +270,9 @@ def test_rules_file_errors_name_the_key(tmp_path: Path, body: str, key: str) -> 
 # --- the engine against a real database -------------------------------------------------
 
 
-def _create_schema(dsn: str) -> None:
-    """The schema via `db upgrade` once it exists, else straight from the metadata."""
-    try:
-        from cloud import dbupgrade
-    except ImportError:
-        from sqlalchemy import create_engine
-
-        from cloud.schema import metadata
-
-        engine = create_engine(dsn.replace("postgresql://", "postgresql+psycopg://", 1))
-        with engine.begin() as conn:
-            metadata.create_all(conn)
-            for table in metadata.sorted_tables:
-                spec = table.info.get("hypertable")
-                if spec is not None:
-                    conn.exec_driver_sql(
-                        "SELECT create_hypertable(%(t)s, %(c)s,"
-                        " chunk_time_interval => %(i)s::interval)",
-                        {"t": table.name, "c": spec.time_column, "i": spec.chunk_interval},
-                    )
-        engine.dispose()
-    else:
-        dbupgrade.upgrade(dsn)
-
-
 @pytest.fixture
 def conn(fresh_db: str) -> Iterator[psycopg.Connection]:
-    _create_schema(fresh_db)
+    dbupgrade.upgrade(fresh_db)  # the real schema: hypertables and roles
     with psycopg.connect(fresh_db) as connection:
         yield connection
 
@@ -504,15 +480,11 @@ def test_rules_sync_from_file_and_engine_reload(conn: psycopg.Connection, tmp_pa
 @pytest.mark.security
 def test_least_privilege_roles_suffice(conn: psycopg.Connection) -> None:
     """The worker's role runs registry and engine; the dashboard's role only acknowledges."""
-    from cloud.dbupgrade import DASHBOARD_ROLE, INGEST_ROLE
-    from cloud.registry import apply_heartbeat, apply_state
-    from millrace.wire import DeviceState, Heartbeat
-
     add_rule(conn, AlertRule("hot", "temp", "above", high=80))
     add_rule(conn, AlertRule("silent", "*", "no_data", no_data_s=60))
     conn.commit()
 
-    conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(INGEST_ROLE)))
+    conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(dbupgrade.INGEST_ROLE)))
     apply_state(conn, DeviceState("press-1", "online", 1, boot_id="a" * 32), received_at=T0)
     heartbeat = Heartbeat("press-1", "a" * 32, 1, 0, 0, 0.0, 0, 0)
     apply_heartbeat(conn, heartbeat, received_at=T0)
@@ -522,12 +494,12 @@ def test_least_privilege_roles_suffice(conn: psycopg.Connection) -> None:
     assert silent.rule == "silent"
     conn.commit()
 
-    conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(DASHBOARD_ROLE)))
+    conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(dbupgrade.DASHBOARD_ROLE)))
     acknowledge(conn, raised.alert_id, user="alice", comment="seen")
     conn.commit()
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         conn.execute("UPDATE alerts SET state = 'cleared' WHERE id = %s", (raised.alert_id,))
     conn.rollback()
-    conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(INGEST_ROLE)))
+    conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(dbupgrade.INGEST_ROLE)))
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         sync_rules(conn, [AlertRule("cold", "temp", "below", low=0)])

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
+from cloud import dbupgrade
 from cloud.registry import (
     apply_heartbeat,
     apply_state,
@@ -23,34 +24,9 @@ BOOT_1 = "1" * 32
 BOOT_2 = "2" * 32
 
 
-def _create_schema(dsn: str) -> None:
-    """The schema via `db upgrade` once it exists, else straight from the metadata."""
-    try:
-        from cloud import dbupgrade
-    except ImportError:
-        from sqlalchemy import create_engine
-
-        from cloud.schema import metadata
-
-        engine = create_engine(dsn.replace("postgresql://", "postgresql+psycopg://", 1))
-        with engine.begin() as conn:
-            metadata.create_all(conn)
-            for table in metadata.sorted_tables:
-                spec = table.info.get("hypertable")
-                if spec is not None:
-                    conn.exec_driver_sql(
-                        "SELECT create_hypertable(%(t)s, %(c)s,"
-                        " chunk_time_interval => %(i)s::interval)",
-                        {"t": table.name, "c": spec.time_column, "i": spec.chunk_interval},
-                    )
-        engine.dispose()
-    else:
-        dbupgrade.upgrade(dsn)
-
-
 @pytest.fixture
 def conn(fresh_db: str) -> Iterator[psycopg.Connection]:
-    _create_schema(fresh_db)
+    dbupgrade.upgrade(fresh_db)  # the real schema: hypertables and roles
     with psycopg.connect(fresh_db) as connection:
         yield connection
 
