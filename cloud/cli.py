@@ -83,4 +83,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     cmd.add_argument("device", metavar="DEVICE")
     cmd.add_argument("name", metavar="NAME")
     cmd.add_argument("args", metavar="ARGS", nargs="*", help="key=value arguments")
+    from cloud.commands import add_arguments  # light: argparse and the wire contract only
+
+    add_arguments(cmd)
     cmd.set_defaults(func=_cmd)

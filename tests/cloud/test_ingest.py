@@ -1,0 +1,164 @@
+"""Ingest against the real TLS broker and TimescaleDB: exact storage, duplicates, two workers."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from millrace.wire import Batch, Event
+from tests.cloud.ingest_support import (
+    IngestDb,
+    Publisher,
+    assert_stored_exactly,
+    ingest_db,
+    make_batches,
+    make_config,
+    publishers,
+    query,
+    running_worker,
+    scalar,
+    wait_for,
+    wait_ledger,
+)
+
+__all__ = ["ingest_db", "publishers"]  # fixtures used by name below
+
+pytestmark = pytest.mark.integration
+
+
+def _group() -> str:
+    return f"g{uuid.uuid4().hex[:8]}"
+
+
+def test_rows_and_rollups_equal_the_published_aggregates(
+    broker_factory: Callable[..., Any],
+    ingest_db: IngestDb,
+    publishers: Callable[..., Publisher],
+    tmp_path: Path,
+) -> None:
+    server = broker_factory()
+    config = make_config(
+        tmp_path, server=server, dsn=ingest_db.ingest_dsn, client_id="w1", group=_group()
+    )
+    # ~30 h of 60 s windows for 3 metrics per device: many hours and a UTC midnight.
+    a = make_batches("ing-a", batches=60, windows_per_batch=90, seed=1)
+    b = make_batches("ing-b", batches=60, windows_per_batch=90, seed=2)
+    events = Batch(
+        device="ing-a",
+        boot_id=a[0].boot_id,
+        seq=len(a),
+        sent_at_ms=a[-1].sent_at_ms,
+        events=(
+            Event("mode", a[-1].windows[0].start_ms, "auto"),
+            Event("run", a[-1].windows[0].start_ms, True),
+        ),
+    )
+    with running_worker(config) as runner:
+        pa, pb = publishers(server, "ing-a"), publishers(server, "ing-b")
+        pa.publish(a[:30])
+        pb.publish(b, encoding="json")
+        pa.publish([*a[30:], events])
+        wait_ledger(ingest_db.owner_dsn, len(a) + len(b) + 1)
+        assert runner.counter("millrace_ingest_rows_total", table="readings") == 60 * 90 * 2
+    assert_stored_exactly(ingest_db.owner_dsn, [*a, *b, events])
+    assert query(
+        ingest_db.owner_dsn,
+        "SELECT kind, value, text FROM events ORDER BY kind",
+    ) == [("bool", 1.0, None), ("text", None, "auto")]
+    assert scalar(ingest_db.owner_dsn, "SELECT count(*) FROM sequence_gaps") == 0
+    assert scalar(ingest_db.owner_dsn, "SELECT count(*) FROM dead_letters") == 0
+    last = query(
+        ingest_db.owner_dsn, "SELECT name, last_data_at IS NOT NULL FROM devices ORDER BY name"
+    )
+    assert last == [("ing-a", True), ("ing-b", True)]
+
+
+def test_the_same_batches_published_twice_are_stored_once(
+    broker_factory: Callable[..., Any],
+    ingest_db: IngestDb,
+    publishers: Callable[..., Publisher],
+    tmp_path: Path,
+) -> None:
+    server = broker_factory()
+    config = make_config(
+        tmp_path, server=server, dsn=ingest_db.ingest_dsn, client_id="w1", group=_group()
+    )
+    batches = make_batches("dup-a", batches=40, windows_per_batch=30, seed=3)
+    with running_worker(config) as runner:
+        pub = publishers(server, "dup-a")
+        pub.publish(batches)
+        wait_ledger(ingest_db.owner_dsn, len(batches))
+        # Again, in another order and interleaved with itself (several copies per commit).
+        pub.publish([*reversed(batches), *batches[::2]])
+        wait_for(
+            lambda: runner.counter("millrace_ingest_duplicates_total") == len(batches) * 1.5,
+            what="the duplicates to be seen and skipped",
+        )
+    assert_stored_exactly(ingest_db.owner_dsn, batches)
+    assert scalar(ingest_db.owner_dsn, "SELECT count(*) FROM sequence_gaps") == 0
+    assert scalar(ingest_db.owner_dsn, "SELECT sum(batches) FROM ingest_streams") == len(batches)
+
+
+def test_sequence_gaps_are_recorded_and_closed_by_late_batches(
+    broker_factory: Callable[..., Any],
+    ingest_db: IngestDb,
+    publishers: Callable[..., Publisher],
+    tmp_path: Path,
+) -> None:
+    server = broker_factory()
+    config = make_config(
+        tmp_path, server=server, dsn=ingest_db.ingest_dsn, client_id="w1", group=_group()
+    )
+    batches = make_batches("gap-a", batches=12, windows_per_batch=6, seed=4)
+    gaps_sql = "SELECT seq_from, seq_to FROM sequence_gaps ORDER BY seq_from"
+    with running_worker(config):
+        pub = publishers(server, "gap-a")
+        pub.publish([batches[i] for i in (0, 1, 2, 5, 6, 10, 11)])
+        wait_ledger(ingest_db.owner_dsn, 7)
+        assert query(ingest_db.owner_dsn, gaps_sql) == [(3, 4), (7, 9)]
+        pub.publish([batches[8], batches[3]])
+        wait_ledger(ingest_db.owner_dsn, 9)
+        assert query(ingest_db.owner_dsn, gaps_sql) == [(4, 4), (7, 7), (9, 9)]
+        pub.publish([batches[i] for i in (4, 7, 9)])
+        wait_ledger(ingest_db.owner_dsn, 12)
+        assert query(ingest_db.owner_dsn, gaps_sql) == []
+    assert_stored_exactly(ingest_db.owner_dsn, batches)
+    assert query(ingest_db.owner_dsn, "SELECT first_seq, max_seq, batches FROM ingest_streams") == [
+        (0, 11, 12)
+    ]
+
+
+def test_two_workers_split_the_load_and_store_everything_once(
+    broker_factory: Callable[..., Any],
+    ingest_db: IngestDb,
+    publishers: Callable[..., Publisher],
+    tmp_path: Path,
+) -> None:
+    server = broker_factory()
+    group = _group()
+    configs = [
+        make_config(
+            tmp_path, server=server, dsn=ingest_db.ingest_dsn, client_id=f"w{i}", group=group
+        )
+        for i in (1, 2)
+    ]
+    devices = [f"two-{i}" for i in range(4)]
+    batches = {
+        d: make_batches(d, batches=50, windows_per_batch=20, seed=i) for i, d in enumerate(devices)
+    }
+    everything = [b for d in devices for b in batches[d]]
+    with running_worker(configs[0]) as w1, running_worker(configs[1]) as w2:
+        for device in devices:
+            publishers(server, device).publish(batches[device])
+        wait_ledger(ingest_db.owner_dsn, len(everything))
+        shares = [
+            w.counter("millrace_ingest_messages_total", kind="data", outcome="stored")
+            for w in (w1, w2)
+        ]
+    assert sum(shares) == len(everything)
+    assert all(share > 0 for share in shares), f"the load was not split: {shares}"
+    assert_stored_exactly(ingest_db.owner_dsn, everything)
