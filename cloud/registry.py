@@ -164,9 +164,11 @@ def apply_heartbeat(conn: psycopg.Connection[Any], hb: Heartbeat, *, received_at
     }
     conn.execute(_INSERT_HISTORY, params)
     conn.execute(_UPSERT_LATEST, params)
+    # Only when it advances: an UPDATE that matches no row takes no row lock.
     conn.execute(
-        "UPDATE devices SET last_seen_at = GREATEST(last_seen_at, %s) WHERE id = %s",
-        (received_at, params["device_id"]),
+        "UPDATE devices SET last_seen_at = %s"
+        " WHERE id = %s AND (last_seen_at IS NULL OR last_seen_at < %s)",
+        (received_at, params["device_id"], received_at),
     )
 
 
