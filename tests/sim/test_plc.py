@@ -24,6 +24,7 @@ from fieldsim.feed import Feed
 from fieldsim.groundtruth import GroundTruth
 from fieldsim.models import value_at
 from fieldsim.plc import PlcDevice
+from fieldsim.replay import Replay
 from fieldsim.specs import load_plc_map
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
@@ -407,3 +408,41 @@ def test_refused_stops_listening_then_comes_back(port: int) -> None:
             return results
 
     assert asyncio.run(scenario()) == ["answered", "refused", "answered"]
+
+
+def test_replay_is_served_instead_of_the_model(port: int, tmp_path: Path) -> None:
+    recording = tmp_path / "rec.csv"
+    recording.write_text(
+        "timestamp,signal,value\n0,oven_temp,123.4\n60,oven_temp,234.5\n0,air_pressure,4.25\n"
+    )
+    replay = Replay.from_csv(recording, speed=60.0)  # one recorded minute per second
+
+    async def scenario() -> tuple[float, list[dict[str, float]]]:
+        plc = PlcDevice(
+            device_id=DEVICE,
+            gateway="gw0042",
+            host="127.0.0.1",
+            port=port,
+            plc_map=PLC_MAP,
+            feed=Feed(seed=SEED, replay=replay),
+            faults=DeviceFaults(),
+        )
+        started = time.time()
+        replay.bind(started)
+        await plc.start()
+        client = await connected_client(port)
+        try:
+            first = decode_all(await read_tables(client))
+            await asyncio.sleep(max(0.0, started + 1.2 - time.time()))
+            t, tables = await read_within_one_step(client)
+            return t, [first, decode_all(tables)]
+        finally:
+            client.close()
+            await plc.stop()
+
+    t, (first, second) = asyncio.run(scenario())
+    assert first["oven_temp"] == pytest.approx(123.4)
+    assert second["oven_temp"] == pytest.approx(234.5)
+    assert first["air_pressure"] == second["air_pressure"] == 4.25
+    model = value_at(SEED, DEVICE, SPECS["coolant_temp"], t)
+    assert abs(second["coolant_temp"] - model) <= 0.05 + 1e-9  # not in the recording: the model
