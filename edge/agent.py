@@ -1,0 +1,320 @@
+"""The running agent: wires sampler, pipeline, outbox, publisher and commands together.
+
+The main thread owns time: it closes windows on their boundaries, writes
+batches to the outbox (one transaction per flush), runs commands, sends the
+heartbeat and pets the systemd watchdog. Poller threads only feed the
+pipeline; the publisher thread only talks to the broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+import uuid
+from dataclasses import replace
+from typing import Any
+
+from edge.batching import SeqCounter, build_batches
+from edge.commands import CommandProcessor
+from edge.config import AgentConfig
+from edge.health import (
+    CertClock,
+    ClockState,
+    HealthInputs,
+    ResourceMeter,
+    agent_version,
+    birth_message,
+    heartbeat_message,
+)
+from edge.outbox import Outbox
+from edge.pipeline import Pipeline
+from edge.publisher import Publisher
+from edge.sampler import Sampler
+from edge.state import AgentState, StateStore
+from edge.systemd import Notifier
+from millrace.errors import ConfigError
+from millrace.topics import health_topic, reply_topic, state_topic
+
+log = logging.getLogger(__name__)
+
+# Longest sleep of the main loop; events and commands are handled at least this often.
+MAIN_LOOP_MAX_WAIT_SECONDS = 0.5
+# Change events wait at most this long for the next flush (one SD write per flush).
+EVENT_FLUSH_DELAY_SECONDS = 1.0
+OUTBOX_EXPIRE_INTERVAL_SECONDS = 60.0
+# How long SIGTERM waits for the outbox to reach the broker before disconnecting.
+FINAL_PUBLISH_SECONDS = 5.0
+# The first heartbeat follows start-up quickly so a new device shows its health at once.
+FIRST_HEARTBEAT_SECONDS = 2.0
+
+_STOP = ("", b"")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def check_files(config: AgentConfig) -> None:
+    """Fail early, naming the key, when a file the agent needs is missing."""
+    for key in ("ca", "cert", "key"):
+        path = getattr(config.broker, key)
+        if not path.is_file():
+            raise ConfigError(f"broker.{key}", f"file not found: {path}", source=_src(config))
+        if not os.access(path, os.R_OK):
+            raise ConfigError(f"broker.{key}", f"not readable: {path}", source=_src(config))
+
+
+def _src(config: AgentConfig) -> str | None:
+    return str(config.source) if config.source else None
+
+
+def apply_saved_settings(config: AgentConfig, state: AgentState) -> AgentConfig:
+    """The config with settings from earlier `set` commands, where still valid."""
+    period = state.period_s
+    if period is not None and period <= config.windows.grace_s:
+        log.warning("ignoring saved period_s=%s: not longer than grace_s", period)
+        period = None
+    polls = {m: s for m, s in state.poll_s.items() if (sig := config.signal(m)) and sig.polled}
+    return config.with_settings(period_s=period, poll_s=polls)
+
+
+class Agent:
+    """One edge agent process."""
+
+    def __init__(self, config: AgentConfig, *, notifier: Notifier | None = None) -> None:
+        self.store = StateStore(config.state_dir)
+        state = self.store.load()
+        self.config = apply_saved_settings(config, state)
+        self.boot_id = uuid.uuid4().hex
+        self.started = time.monotonic()
+        self.notifier = notifier or Notifier()
+        self.outbox = Outbox(
+            config.outbox.path, max_bytes=config.outbox.max_bytes, max_age_s=config.outbox.max_age_s
+        )
+        self.pipeline = Pipeline(
+            self.config.signals,
+            periods_s=self.config.windows.periods_s,
+            grace_ms=int(self.config.windows.grace_s * 1000),
+        )
+        self.seqs = SeqCounter()
+        self._inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self.processor = CommandProcessor(
+            config=self.config, store=self.store, state=state, control=self
+        )
+        self.publisher = Publisher(
+            config=self.config,
+            outbox=self.outbox,
+            boot_id=self.boot_id,
+            birth=self._birth_payload,
+            on_command=self._on_command,
+        )
+        self.sampler = Sampler(self.config, self.pipeline)
+        self.meter = ResourceMeter()
+        self.cert_clock = CertClock(config.broker.cert)
+        self.clock = ClockState()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._inbox.put(_STOP)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        log.info("received %s; closing windows and stopping", signal.Signals(signum).name)
+        self.request_stop()
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT (or request_stop); return the exit code."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        pending = self.outbox.stats()
+        log.info(
+            "agent %s starting: boot_id=%s, %d signal(s), %d batch(es) waiting in the outbox",
+            self.config.device_id,
+            self.boot_id,
+            len(self.config.signals),
+            pending.batches,
+        )
+        self.sampler.start()
+        self.publisher.start()
+        self.notifier.ready(f"sampling {len(self.config.signals)} signal(s)")
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _loop(self) -> None:
+        mono = time.monotonic()
+        next_heartbeat = mono + min(FIRST_HEARTBEAT_SECONDS, self.config.heartbeat_s)
+        next_expire = mono + OUTBOX_EXPIRE_INTERVAL_SECONDS
+        watchdog_s = self.notifier.watchdog_interval_s
+        next_watchdog = mono if watchdog_s else float("inf")
+        event_deadline: float | None = None
+        while not self._stop.is_set():
+            mono = time.monotonic()
+            wall_ms = now_ms()
+            if wall_ms >= self._next_flush_ms(wall_ms) or (
+                event_deadline is not None and mono >= event_deadline
+            ):
+                self.flush_to_outbox()
+                event_deadline = None
+            if event_deadline is None and self.pipeline.pending_events:
+                event_deadline = mono + EVENT_FLUSH_DELAY_SECONDS
+            if mono >= next_heartbeat:
+                self.send_heartbeat()
+                next_heartbeat = mono + self.config.heartbeat_s
+            if mono >= next_expire:
+                self.outbox.expire()
+                next_expire = mono + OUTBOX_EXPIRE_INTERVAL_SECONDS
+            if watchdog_s and mono >= next_watchdog:
+                self.notifier.watchdog()
+                next_watchdog = mono + watchdog_s
+            wait_s = min(
+                MAIN_LOOP_MAX_WAIT_SECONDS,
+                max(0.0, (self._next_flush_ms(now_ms()) - now_ms()) / 1000),
+                next_heartbeat - mono,
+                next_watchdog - mono,
+            )
+            self._wait_for_commands(max(0.001, wait_s))
+
+    def _next_flush_ms(self, wall_ms: int) -> int:
+        period_ms = self.config.windows.period_s * 1000
+        grace_ms = int(self.config.windows.grace_s * 1000)
+        # The next main-period boundary (plus grace) flushes even when no window is open,
+        # so rejected counts of failing event signals still leave the device.
+        base = wall_ms - grace_ms
+        tick = base - base % period_ms + period_ms + grace_ms
+        close = self.pipeline.next_close_ms()
+        return tick if close is None else min(tick, close)
+
+    def _wait_for_commands(self, timeout_s: float) -> None:
+        try:
+            item = self._inbox.get(timeout=timeout_s)
+        except queue.Empty:
+            return
+        while item is not _STOP:
+            self._handle_command(*item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _shutdown(self) -> None:
+        self.notifier.stopping()
+        self.sampler.stop()
+        written = self.flush_to_outbox(close_all=True)
+        log.info("closed open windows into %d batch(es); final publish", written)
+        self.publisher.shutdown(timeout_s=FINAL_PUBLISH_SECONDS)
+        left = self.outbox.stats()
+        self.outbox.close()
+        self.notifier.close()
+        log.info("stopped; %d batch(es) remain in the outbox for the next start", left.batches)
+
+    # ---------------------------------------------------------------- work
+
+    def flush_to_outbox(self, *, close_all: bool = False) -> int:
+        """Encode what is due (all open windows if `close_all`) into the outbox; return batches."""
+        wall_ms = now_ms()
+        drained = self.pipeline.drain(wall_ms, close_all=close_all)
+        if not drained:
+            return 0
+        batches = build_batches(
+            device=self.config.device_id,
+            boot_id=self.boot_id,
+            seqs=self.seqs,
+            sent_at_ms=wall_ms,
+            windows=drained.windows,
+            events=drained.events,
+            rejected=drained.rejected,
+            dropped=self.outbox.dropped_total,
+            clock_synced=self.clock.synced(),
+            encoding=self.config.broker.encoding,
+        )
+        self.outbox.append(self.boot_id, batches, encoding=self.config.broker.encoding)
+        self.publisher.wake()
+        return len(batches)
+
+    def health_inputs(self) -> HealthInputs:
+        stats = self.outbox.stats()
+        errors = self.pipeline.error_counts()
+        errors.update(self.sampler.source_errors())
+        return HealthInputs(
+            outbox_batches=stats.batches,
+            outbox_bytes=stats.bytes,
+            outbox_oldest_age_s=stats.oldest_age_s,
+            dropped_batches=stats.dropped_total,
+            rejected_readings=self.pipeline.rejected_total,
+            driver_errors=errors,
+        )
+
+    def send_heartbeat(self) -> bool:
+        message = heartbeat_message(
+            device=self.config.device_id,
+            boot_id=self.boot_id,
+            now_ms=now_ms(),
+            inputs=self.health_inputs(),
+            meter=self.meter,
+            cert=self.cert_clock,
+            clock=self.clock,
+            disk_path=self.config.outbox.path.parent,
+        )
+        return self.publisher.publish_message(
+            health_topic(self.config.device_id), message.to_json()
+        )
+
+    def _birth_payload(self) -> bytes:
+        return birth_message(
+            device=self.config.device_id,
+            boot_id=self.boot_id,
+            config_hash=self.config.config_hash,
+            now_ms=now_ms(),
+        ).to_json()
+
+    # ---------------------------------------------------------------- commands
+
+    def _on_command(self, name: str, payload: bytes) -> None:
+        """Called on paho's thread: hand over to the main loop."""
+        self._inbox.put((name, payload))
+
+    def _handle_command(self, name: str, payload: bytes) -> None:
+        reply = self.processor.handle(name, payload)
+        self.publisher.publish_message(reply_topic(self.config.device_id, name), reply.to_json())
+
+    def set_period(self, period_s: int) -> None:
+        windows = replace(self.config.windows, period_s=period_s)
+        self.config = replace(self.config, windows=windows)
+        self.pipeline.set_periods(windows.periods_s)
+        log.info("window period set to %d s", period_s)
+
+    def set_poll(self, metric: str, poll_s: float) -> None:
+        self.config = self.config.with_settings(poll_s={metric: poll_s})
+        self.sampler.reconfigure(self.config)
+        log.info("poll interval of %s set to %g s", metric, poll_s)
+
+    def flush(self) -> dict[str, Any]:
+        written = self.flush_to_outbox()
+        self.publisher.flush()
+        return {"batches_written": written}
+
+    def rebirth(self) -> None:
+        self.publisher.publish_message(
+            state_topic(self.config.device_id), self._birth_payload(), retain=True
+        )
+
+    def status(self) -> dict[str, Any]:
+        stats = self.outbox.stats()
+        return {
+            "device": self.config.device_id,
+            "boot_id": self.boot_id,
+            "agent_version": agent_version(),
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "outbox_batches": stats.batches,
+            "dropped_batches": stats.dropped_total,
+        }

@@ -1,0 +1,147 @@
+"""Signals pushed by field nodes (ESPHome, Tasmota) to a local MQTT broker.
+
+Every message on a signal's topic is one reading, timestamped on arrival.
+paho's network thread runs the callback, which only parses and hands the
+value to the pipeline; nothing here waits on the plant broker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import ssl
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from edge.config import LocalMqtt, MqttSpec, SignalConfig
+from edge.drivers.base import ReadFailure, ReadResult, Sink, text_or_number
+
+log = logging.getLogger(__name__)
+
+_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+MAX_PAYLOAD_BYTES = 64 * 1024
+RECONNECT_MIN_SECONDS = 1
+RECONNECT_MAX_SECONDS = 30
+KEEPALIVE_SECONDS = 30
+
+
+def compile_field(path: str) -> tuple[str | int, ...]:
+    """'a.b[0].c' -> ('a', 'b', 0, 'c')."""
+    return tuple(name if name else int(index) for name, index in _TOKEN.findall(path))
+
+
+def extract(payload: bytes, path: tuple[str | int, ...], signal: SignalConfig) -> ReadResult:
+    """The value at `path` in a JSON payload (or the whole payload when path is empty)."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        return ReadFailure(f"payload larger than {MAX_PAYLOAD_BYTES} bytes")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return ReadFailure("payload is not UTF-8")
+    if not path:
+        return text_or_number(signal, text)
+    try:
+        node: Any = json.loads(text)
+    except ValueError:
+        return ReadFailure("payload is not JSON")
+    for step in path:
+        try:
+            node = node[step]
+        except (KeyError, IndexError, TypeError):
+            return ReadFailure(f"no field {signal.spec.field!r} in payload")  # type: ignore[union-attr]
+    if isinstance(node, bool):
+        return node
+    if isinstance(node, (int, float)):
+        return float(node) if signal.kind == "numeric" else node
+    if isinstance(node, str):
+        return text_or_number(signal, node)
+    return ReadFailure(f"field {signal.spec.field!r} is not a value")  # type: ignore[union-attr]
+
+
+class LocalMqttSource:
+    """One connection to a local broker, feeding every signal that names it."""
+
+    def __init__(
+        self,
+        source: LocalMqtt,
+        items: Sequence[tuple[int, SignalConfig]],
+        *,
+        device_id: str,
+        sink: Sink,
+    ) -> None:
+        self.source = source
+        self.sink = sink
+        self.errors = 0
+        self._routes: dict[str, list[tuple[int, SignalConfig, tuple[str | int, ...]]]] = {}
+        for index, signal in items:
+            assert isinstance(signal.spec, MqttSpec)
+            route = (index, signal, compile_field(signal.spec.field))
+            self._routes.setdefault(signal.spec.topic, []).append(route)
+        self._client = self._make_client(source.client_id or f"{device_id}-{source.name}")
+        self._connected = False
+
+    def _make_client(self, client_id: str) -> Any:
+        import paho.mqtt.client as paho
+
+        client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTProtocolVersion.MQTTv311,
+        )
+        src = self.source
+        if src.username:
+            password = None
+            if src.password_file is not None:
+                password = src.password_file.read_text().splitlines()[0]
+            client.username_pw_set(src.username, password)
+        if src.ca is not None:
+            context = ssl.create_default_context(cafile=str(src.ca))
+            if src.cert is not None and src.key is not None:
+                context.load_cert_chain(str(src.cert), str(src.key))
+            context.check_hostname = True
+            client.tls_set_context(context)
+        client.reconnect_delay_set(RECONNECT_MIN_SECONDS, RECONNECT_MAX_SECONDS)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_message = self._on_message
+        return client
+
+    def start(self) -> None:
+        self._client.connect_async(self.source.host, self.source.port, KEEPALIVE_SECONDS)
+        self._client.loop_start()
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            self.errors += 1
+            log.warning("local broker %s refused us: %s", self.source.name, reason)
+            return
+        self._connected = True
+        log.info("connected to local broker %s", self.source.name)
+        client.subscribe([(topic, 0) for topic in self._routes])
+
+    def _on_disconnect(
+        self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        if self._connected:
+            self.errors += 1
+            log.warning("lost local broker %s: %s", self.source.name, reason)
+        self._connected = False
+
+    def _on_connect_fail(self, client: Any, userdata: Any) -> None:
+        self.errors += 1
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        ts_ms = time.time_ns() // 1_000_000
+        for index, signal, path in self._routes.get(message.topic, ()):
+            result = extract(message.payload, path, signal)
+            if isinstance(result, ReadFailure):
+                self.sink.failure(index, ts_ms, result.reason)
+            else:
+                self.sink.reading(index, ts_ms, result)

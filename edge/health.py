@@ -1,0 +1,159 @@
+"""Status and health: birth and last will on the state topic, the heartbeat's numbers."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from millrace import __version__
+from millrace.errors import PKIError
+from millrace.wire import DeviceState, Heartbeat
+
+log = logging.getLogger(__name__)
+
+# Certificates expire in years; re-reading the file hourly is plenty.
+CERT_CHECK_INTERVAL_SECONDS = 3600.0
+CLOCK_CHECK_INTERVAL_SECONDS = 60.0
+_TIME_ERROR = 5  # adjtimex(2): the kernel clock is not synchronised
+_TIMEX_BYTES = 512  # larger than struct timex on every Linux ABI
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+
+
+def agent_version() -> str:
+    return __version__
+
+
+def birth_message(*, device: str, boot_id: str, config_hash: str, now_ms: int) -> DeviceState:
+    """Retained on the state topic while the agent is connected."""
+    return DeviceState(device, "online", now_ms, boot_id, agent_version(), config_hash)
+
+
+def will_message(*, device: str, boot_id: str, config_hash: str, now_ms: int) -> DeviceState:
+    """What the broker publishes (retained) when the agent vanishes, and what it sends on exit."""
+    return DeviceState(device, "offline", now_ms, boot_id, agent_version(), config_hash)
+
+
+class ResourceMeter:
+    """CPU share since the previous sample, and current RSS, of this process."""
+
+    def __init__(self) -> None:
+        self._cpu = self._cpu_seconds()
+        self._wall = time.monotonic()
+
+    @staticmethod
+    def _cpu_seconds() -> float:
+        t = os.times()
+        return t.user + t.system
+
+    def cpu_percent(self) -> float:
+        cpu, wall = self._cpu_seconds(), time.monotonic()
+        elapsed = wall - self._wall
+        share = (cpu - self._cpu) / elapsed * 100 if elapsed > 0 else 0.0
+        self._cpu, self._wall = cpu, wall
+        return round(share, 3)
+
+    @staticmethod
+    def rss_bytes() -> int:
+        try:
+            with open("/proc/self/statm", "rb") as f:
+                return int(f.read().split()[1]) * _PAGE_BYTES
+        except (OSError, ValueError, IndexError):
+            return 0
+
+
+def disk_free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
+
+
+class CertClock:
+    """Days until the client certificate expires, re-read hourly."""
+
+    def __init__(self, cert: Path) -> None:
+        self.cert = cert
+        self._days = 0.0
+        self._read_at = -CERT_CHECK_INTERVAL_SECONDS
+
+    def days_left(self) -> float:
+        now = time.monotonic()
+        if now - self._read_at >= CERT_CHECK_INTERVAL_SECONDS:
+            from millrace.pki import cert_days_left
+
+            try:
+                self._days = round(cert_days_left(self.cert), 3)
+            except PKIError as exc:
+                log.warning("cannot read client certificate: %s", exc)
+            self._read_at = now
+        return self._days
+
+
+class ClockState:
+    """Whether the kernel clock is NTP-synchronised (adjtimex), re-checked every minute."""
+
+    def __init__(self) -> None:
+        self._synced = True
+        self._checked_at = -CLOCK_CHECK_INTERVAL_SECONDS
+        self._adjtimex: Any = None
+        try:
+            self._adjtimex = ctypes.CDLL(None, use_errno=True).adjtimex
+        except (OSError, AttributeError):
+            log.debug("adjtimex unavailable; assuming the clock is synchronised")
+
+    def synced(self) -> bool:
+        now = time.monotonic()
+        if self._adjtimex is not None and now - self._checked_at >= CLOCK_CHECK_INTERVAL_SECONDS:
+            buf = ctypes.create_string_buffer(_TIMEX_BYTES)  # modes = 0: read only
+            state = self._adjtimex(buf)
+            self._synced = state >= 0 and state != _TIME_ERROR
+            self._checked_at = now
+        return self._synced
+
+
+@dataclass(frozen=True, slots=True)
+class HealthInputs:
+    """Everything a heartbeat reports that the agent counts itself."""
+
+    outbox_batches: int
+    outbox_bytes: int
+    outbox_oldest_age_s: float
+    dropped_batches: int
+    rejected_readings: int
+    driver_errors: dict[str, int]
+
+
+def heartbeat_message(
+    *,
+    device: str,
+    boot_id: str,
+    now_ms: int,
+    inputs: HealthInputs,
+    meter: ResourceMeter,
+    cert: CertClock,
+    clock: ClockState,
+    disk_path: Path,
+) -> Heartbeat:
+    return Heartbeat(
+        device=device,
+        boot_id=boot_id,
+        ts_ms=now_ms,
+        outbox_batches=inputs.outbox_batches,
+        outbox_bytes=inputs.outbox_bytes,
+        outbox_oldest_age_s=round(inputs.outbox_oldest_age_s, 3),
+        dropped_batches=inputs.dropped_batches,
+        rejected_readings=inputs.rejected_readings,
+        driver_errors=inputs.driver_errors,
+        cpu_percent=meter.cpu_percent(),
+        rss_bytes=meter.rss_bytes(),
+        disk_free_bytes=disk_free_bytes(disk_path),
+        cert_days_left=cert.days_left(),
+        clock_synced=clock.synced(),
+        agent_version=agent_version(),
+    )

@@ -1,0 +1,256 @@
+"""The durable outbox: batches wait in SQLite (WAL) until the broker acknowledges them.
+
+One transaction per flush, one per group of acknowledgements; nothing per
+reading (SD cards wear out). Ids only grow (AUTOINCREMENT), so the publisher
+can walk the queue with a cursor and resend in order after a restart. Caps
+in bytes and age drop the oldest batches first and count every drop in the
+same transaction, so the count survives a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge.batching import Encoded
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    boot_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    encoding TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    UNIQUE (boot_id, seq)
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+_INSERT = (
+    "INSERT INTO batches (boot_id, seq, created_ms, encoding, size, payload)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+# Busy waits only happen when another process (e.g. `edge check`) reads the file.
+BUSY_TIMEOUT_SECONDS = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """A stored batch as the publisher needs it."""
+
+    id: int
+    boot_id: str
+    seq: int
+    encoding: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    batches: int
+    bytes: int
+    oldest_age_s: float
+    dropped_total: int
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Outbox:
+    """SQLite-backed FIFO of encoded batches, capped by bytes and age."""
+
+    def __init__(self, path: Path | str, *, max_bytes: int, max_age_s: float) -> None:
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.max_age_ms = int(max_age_s * 1000)
+        self._lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = self._open()
+        self._count, self._bytes = self._db.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM batches"
+        ).fetchone()
+        self._dropped = self._meta("dropped")
+        # Batches that could not even be written (disk full): counted, never persisted.
+        self._lost_unwritten = 0
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            return self._connect()
+        except sqlite3.DatabaseError as exc:
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            log.error("outbox %s is unreadable (%s); moved aside to %s", self.path, exc, aside)
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(f"{self.path}{suffix}")
+                if src.exists():
+                    src.rename(Path(f"{aside}{suffix}"))
+            return self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(
+            self.path,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=BUSY_TIMEOUT_SECONDS,
+        )
+        try:
+            db.execute("PRAGMA journal_mode=WAL").fetchone()
+            # FULL: a committed flush survives power loss, not just a process crash.
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+            db.execute("SELECT count(*) FROM batches").fetchone()
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
+
+    def _meta(self, key: str) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return int(row[0]) if row else 0
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    @property
+    def dropped_total(self) -> int:
+        """Batches dropped by the caps (or lost to a failed write) since the outbox was created."""
+        return self._dropped + self._lost_unwritten
+
+    def append(
+        self, boot_id: str, items: Sequence[Encoded], *, encoding: str, now_ms: int | None = None
+    ) -> list[int]:
+        """Store encoded batches in one transaction, applying the caps; return their ids."""
+        if not items:
+            return []
+        now = _now_ms() if now_ms is None else now_ms
+        size_new = sum(len(item.payload) for item in items)
+        with self._lock:
+            try:
+                with self._transaction() as db:
+                    count, size, dropped = self._apply_caps(db, now, incoming=size_new)
+                    ids = []
+                    for item in items:
+                        cur = db.execute(
+                            _INSERT,
+                            (boot_id, item.seq, now, encoding, len(item.payload), item.payload),
+                        )
+                        ids.append(int(cur.lastrowid or 0))
+                    if dropped:
+                        self._set_meta(db, "dropped", self._dropped + dropped)
+            except sqlite3.Error as exc:
+                self._lost_unwritten += len(items)
+                log.error("outbox write failed, %d batch(es) lost: %s", len(items), exc)
+                return []
+            self._count += len(items) - count
+            self._bytes += size_new - size
+            self._dropped += dropped
+            if dropped:
+                log.warning("outbox full: dropped %d oldest batch(es)", dropped)
+        return ids
+
+    def _set_meta(self, db: sqlite3.Connection, key: str, value: int) -> None:
+        db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    def _apply_caps(
+        self, db: sqlite3.Connection, now_ms: int, *, incoming: int
+    ) -> tuple[int, int, int]:
+        """Delete expired and, oldest first, over-budget batches; return (rows, bytes, dropped)."""
+        rows = size = 0
+        for (row_size,) in db.execute(
+            "DELETE FROM batches WHERE created_ms < ? RETURNING size", (now_ms - self.max_age_ms,)
+        ).fetchall():
+            rows += 1
+            size += row_size
+        excess = self._bytes - size + incoming - self.max_bytes
+        if excess > 0:
+            victims: list[int] = []
+            for row_id, row_size in db.execute("SELECT id, size FROM batches ORDER BY id"):
+                if excess <= 0:
+                    break
+                victims.append(row_id)
+                excess -= row_size
+                size += row_size
+                rows += 1
+            db.executemany("DELETE FROM batches WHERE id = ?", ((v,) for v in victims))
+        return rows, size, rows
+
+    def expire(self, now_ms: int | None = None) -> int:
+        """Apply the age cap now (between flushes); return how many batches were dropped."""
+        now = _now_ms() if now_ms is None else now_ms
+        with self._lock:
+            with self._transaction() as db:
+                rows, size, dropped = self._apply_caps(db, now, incoming=-(2**62))
+                if dropped:
+                    self._set_meta(db, "dropped", self._dropped + dropped)
+            self._count -= rows
+            self._bytes -= size
+            self._dropped += dropped
+        return dropped
+
+    def ack(self, ids: Iterable[int]) -> int:
+        """Delete acknowledged batches (one transaction); unknown ids are ignored."""
+        ids = list(ids)
+        if not ids:
+            return 0
+        removed = size = 0
+        with self._lock:
+            with self._transaction() as db:
+                for row_id in ids:
+                    row = db.execute(
+                        "DELETE FROM batches WHERE id = ? RETURNING size", (row_id,)
+                    ).fetchone()
+                    if row:
+                        removed += 1
+                        size += row[0]
+            self._count -= removed
+            self._bytes -= size
+        return removed
+
+    def rows_after(self, after_id: int, *, limit: int, upto_id: int | None = None) -> list[Row]:
+        """Stored batches with after_id < id (<= upto_id), oldest first."""
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT id, boot_id, seq, encoding, payload FROM batches"
+                " WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
+                (after_id, 2**62 if upto_id is None else upto_id, limit),
+            )
+            return [Row(*row) for row in cur.fetchall()]
+
+    def max_id(self) -> int:
+        """The newest id ever assigned (0 if none)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'batches'"
+            ).fetchone()
+            return int(row[0]) if row else 0
+
+    def stats(self, now_ms: int | None = None) -> OutboxStats:
+        now = _now_ms() if now_ms is None else now_ms
+        with self._lock:
+            row = self._db.execute("SELECT created_ms FROM batches ORDER BY id LIMIT 1").fetchone()
+            oldest = max(0.0, (now - row[0]) / 1000) if row else 0.0
+            return OutboxStats(self._count, self._bytes, oldest, self.dropped_total)
+
+    def close(self) -> None:
+        with self._lock, contextlib.suppress(sqlite3.Error):
+            self._db.close()

@@ -1,0 +1,359 @@
+"""The publisher: drains the outbox to the plant broker over mutual TLS, QoS 1.
+
+It runs on its own thread, so sampling never waits on the network. paho's
+callbacks only enqueue (acks, commands); this thread deletes acknowledged
+batches from the outbox. After a (re)connect, batches already stored are
+backlog and drain at a bounded rate, oldest first; batches written while
+connected are live and go out at once, so a long backlog never delays fresh
+data. Each connection is a fresh paho client; reconnects use jittered
+exponential backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from edge.config import AgentConfig
+from edge.health import will_message
+from edge.outbox import Outbox, Row
+from edge.pacing import Backoff, TokenBucket
+from millrace.errors import MillraceError, WireError
+from millrace.mqtt import tls_client
+from millrace.topics import cmd_filter, data_topic, parse_topic, state_topic
+from millrace.wire import CONTENT_TYPE_JSON, content_type_for
+
+log = logging.getLogger(__name__)
+
+CONNACK_TIMEOUT_SECONDS = 10.0
+# Upper bound on one wait of the publish loop; acks and new batches wake it earlier.
+IDLE_WAIT_SECONDS = 0.5
+OFFLINE_PUBLISH_TIMEOUT_SECONDS = 2.0
+
+CommandCallback = Callable[[str, bytes], None]
+
+
+@dataclass(slots=True)
+class PublisherStats:
+    connects: int = 0
+    published: int = 0
+    acked: int = 0
+    refused: int = 0
+
+
+class Publisher:
+    """Owns the broker connection; publishes batches, birth, health and replies."""
+
+    def __init__(
+        self,
+        *,
+        config: AgentConfig,
+        outbox: Outbox,
+        boot_id: str,
+        birth: Callable[[], bytes],
+        on_command: CommandCallback,
+    ) -> None:
+        self.config = config
+        self.outbox = outbox
+        self.boot_id = boot_id
+        self.birth = birth
+        self.on_command = on_command
+        self.stats = PublisherStats()
+        broker = config.broker
+        self._backoff = Backoff(min_s=broker.reconnect_min_s, max_s=broker.reconnect_max_s)
+        self._data_topic = data_topic(config.device_id)
+        self._state_topic = state_topic(config.device_id)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._final_deadline: float | None = None
+        self._goodbye_said = False
+        self._unthrottled = False
+        self._acks: queue.SimpleQueue[tuple[int, bool, str]] = queue.SimpleQueue()
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+        self._connected = threading.Event()
+        self._connack = threading.Event()
+        self._connack_error = ""
+        self._last_error = ""
+        self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
+        self._props: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- public API
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wake(self) -> None:
+        """New batches are in the outbox."""
+        self._wake.set()
+
+    def flush(self) -> None:
+        """Drain the current backlog without the rate limit (the `flush` command)."""
+        self._unthrottled = True
+        self._wake.set()
+
+    def publish_message(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
+        """Publish a JSON message (health, reply, birth) with QoS 1 if connected."""
+        with self._client_lock:
+            client = self._client
+            if client is None or not self.connected:
+                return False
+            info = client.publish(
+                topic, payload, qos=1, retain=retain, properties=self._properties("json")
+            )
+        return bool(info.rc == 0)
+
+    def shutdown(self, *, timeout_s: float) -> None:
+        """Try to publish what is in the outbox for up to `timeout_s`, then disconnect cleanly."""
+        self._final_deadline = time.monotonic() + timeout_s
+        self._unthrottled = True
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout_s + CONNACK_TIMEOUT_SECONDS + OFFLINE_PUBLISH_TIMEOUT_SECONDS)
+
+    # ---------------------------------------------------------------- connection
+
+    def _properties(self, encoding: str) -> Any:
+        props = self._props.get(encoding)
+        if props is None:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = Properties(PacketTypes.PUBLISH)
+            props.ContentType = (
+                CONTENT_TYPE_JSON if encoding == "json" else content_type_for("msgpack")
+            )
+            self._props[encoding] = props
+        return props
+
+    def _run(self) -> None:
+        final_attempts = 0
+        while not self._goodbye_said:
+            client = self._connect()
+            if client is not None:
+                self._backoff.reset()
+                try:
+                    self._serve(client)
+                finally:
+                    self._teardown(client)
+            if self._stop.is_set():
+                # Shutting down: one immediate extra attempt to hand over the outbox, no more.
+                deadline = self._final_deadline or 0.0
+                if self._goodbye_said or final_attempts or time.monotonic() >= deadline:
+                    break
+                final_attempts += 1
+                continue
+            delay = self._backoff.next_delay()
+            log.debug("reconnecting in %.1f s", delay)
+            self._stop.wait(delay)
+
+    def _connect(self) -> Any:
+        broker = self.config.broker
+        try:
+            client = tls_client(
+                self.config.device_id,
+                ca=broker.ca,
+                cert=broker.cert,
+                key=broker.key,
+                clean_start=True,
+                max_inflight_messages=broker.max_inflight,
+            )
+        except MillraceError as exc:
+            self._note_error(f"TLS set-up failed: {exc}")
+            return None
+        will = will_message(
+            device=self.config.device_id,
+            boot_id=self.boot_id,
+            config_hash=self.config.config_hash,
+            now_ms=time.time_ns() // 1_000_000,
+        )
+        client.will_set(self._state_topic, will.to_json(), qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        self._connack.clear()
+        self._connack_error = "no CONNACK from the broker"
+        try:
+            client.connect(broker.host, broker.port, broker.keepalive_s)
+        except ssl.SSLCertVerificationError as exc:
+            self._note_error(f"broker certificate rejected: {exc.verify_message}")
+            return None
+        except (OSError, ssl.SSLError) as exc:
+            self._note_error(f"cannot reach broker {broker.host}:{broker.port}: {exc}")
+            return None
+        client.loop_start()
+        self._connack.wait(CONNACK_TIMEOUT_SECONDS)
+        if self._connack_error:
+            self._note_error(self._connack_error)
+            client.loop_stop()
+            client.disconnect()
+            return None
+        with self._client_lock:
+            self._client = client
+            self._connected.set()
+        self.stats.connects += 1
+        self._last_error = ""
+        log.info("connected to broker %s:%s", broker.host, broker.port)
+        return client
+
+    def _note_error(self, message: str) -> None:
+        if message != self._last_error:
+            log.warning("%s", message)
+            self._last_error = message
+        else:
+            log.debug("%s", message)
+
+    def _teardown(self, client: Any) -> None:
+        with self._client_lock:
+            self._client = None
+            self._connected.clear()
+        client.loop_stop()
+        try:
+            client.disconnect()
+        except Exception:  # the socket may already be gone
+            log.debug("disconnect after loss failed", exc_info=True)
+
+    # ---------------------------------------------------------------- paho callbacks (enqueue only)
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            self._connack_error = f"broker refused the connection: {reason}"
+        else:
+            self._connack_error = ""
+        self._connack.set()
+
+    def _on_disconnect(
+        self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        self._connected.clear()
+        self._connack.set()
+        self._wake.set()
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        failed = bool(getattr(reason, "is_failure", False))
+        self._acks.put((mid, failed, str(reason)))
+        self._wake.set()
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        try:
+            topic = parse_topic(message.topic)
+        except WireError:
+            log.warning("ignoring message on unexpected topic %s", message.topic)
+            return
+        if topic.kind == "cmd" and topic.device_id == self.config.device_id and topic.command:
+            self.on_command(topic.command, bytes(message.payload))
+
+    # ---------------------------------------------------------------- the publish loop
+
+    def _serve(self, client: Any) -> None:
+        birth = client.publish(
+            self._state_topic, self.birth(), qos=1, retain=True, properties=self._properties("json")
+        )
+        if birth.rc != 0:
+            return
+        client.subscribe(cmd_filter(self.config.device_id), qos=1)
+        broker = self.config.broker
+        boundary = self.outbox.max_id()  # stored before this connection: backlog
+        backlog_cursor, live_cursor = 0, boundary
+        backlog_done = False
+        inflight: dict[int, int] = {}
+        bucket = TokenBucket(
+            rate=broker.backlog_batches_per_s,
+            burst=broker.backlog_batches_per_s,
+            now=time.monotonic(),
+        )
+        while self.connected:
+            self._wake.clear()
+            self._take_acks(inflight)
+            room = broker.max_inflight - len(inflight)
+            if room > 0:
+                for row in self.outbox.rows_after(live_cursor, limit=room):
+                    if not self._send(client, row, inflight):
+                        return
+                    live_cursor = row.id
+            wait = IDLE_WAIT_SECONDS
+            while not backlog_done and len(inflight) < broker.max_inflight:
+                now = time.monotonic()
+                if not self._unthrottled and not bucket.take(now):
+                    wait = min(wait, max(0.001, bucket.wait_s(now)))
+                    break
+                rows = self.outbox.rows_after(backlog_cursor, limit=1, upto_id=boundary)
+                if not rows:
+                    backlog_done = True
+                    self._unthrottled = self._final_deadline is not None
+                    log.info("backlog drained")
+                    break
+                if not self._send(client, rows[0], inflight):
+                    return
+                backlog_cursor = rows[0].id
+            if self._final_deadline is not None:
+                idle = backlog_done and not inflight
+                caught_up = not self.outbox.rows_after(live_cursor, limit=1)
+                if (idle and caught_up) or time.monotonic() >= self._final_deadline:
+                    self._say_goodbye(client)
+                    return
+            self._wake.wait(wait)
+        log.warning("lost the broker connection; %d batch(es) unacknowledged", len(inflight))
+
+    def _send(self, client: Any, row: Row, inflight: dict[int, int]) -> bool:
+        info = client.publish(
+            self._data_topic, row.payload, qos=1, properties=self._properties(row.encoding)
+        )
+        if info.rc != 0:
+            log.warning("publish failed (rc=%s); reconnecting", info.rc)
+            return False
+        inflight[info.mid] = row.id
+        self.stats.published += 1
+        return True
+
+    def _take_acks(self, inflight: dict[int, int]) -> None:
+        done: list[int] = []
+        while True:
+            try:
+                mid, failed, reason = self._acks.get_nowait()
+            except queue.Empty:
+                break
+            row_id = inflight.pop(mid, None)
+            if row_id is None:
+                continue  # a birth, health or reply message
+            if failed:
+                # Kept in the outbox: resent after the next reconnect, dropped by the age cap.
+                self.stats.refused += 1
+                log.error("broker refused batch %d: %s", row_id, reason)
+                continue
+            done.append(row_id)
+        if done:
+            self.outbox.ack(done)
+            self.stats.acked += len(done)
+
+    def _say_goodbye(self, client: Any) -> None:
+        offline = will_message(
+            device=self.config.device_id,
+            boot_id=self.boot_id,
+            config_hash=self.config.config_hash,
+            now_ms=time.time_ns() // 1_000_000,
+        )
+        info = client.publish(
+            self._state_topic,
+            offline.to_json(),
+            qos=1,
+            retain=True,
+            properties=self._properties("json"),
+        )
+        if info.rc == 0:
+            info.wait_for_publish(OFFLINE_PUBLISH_TIMEOUT_SECONDS)
+        self._connected.clear()
+        self._goodbye_said = True
+        client.disconnect()
+        log.info("disconnected cleanly")
