@@ -1,0 +1,648 @@
+"""Device bundles for flashing gateways, and agent releases for Ansible rollouts.
+
+A *release* is the agent software every gateway of one rollout installs: the
+millrace wheel, requirements pinned to exactly what this environment runs for
+the `edge` extra (never psycopg, SQLAlchemy or Streamlit), optionally the
+dependency wheels for offline installs, and `release.json` naming it. Its id
+changes whenever any of those bytes change, so a gateway can keep the previous
+release next to the new one and switch back.
+
+A *bundle* is one release plus everything one device needs (agent config, CA
+chain, device certificate and key) plus a hardened systemd unit and an install
+script. `MANIFEST.sha256` lists the sha256 of every other file; `install.sh`
+refuses to install anything unless every file matches it and nothing else is
+present. The key is 0600 inside the tarball and the tarball itself is 0600.
+
+Templates (millrace/templates/bundle/) use the Jinja subset of
+`millrace.broker.render_template`, so Ansible's edge_agent role renders the very
+same files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from millrace import pki
+from millrace.broker import DEFAULT_PORT, render_template
+from millrace.errors import ConfigError, MillraceError, PKIError
+
+log = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = 1
+DIST_NAME = "millrace"
+EDGE_EXTRA = "edge"
+MANIFEST_NAME = "MANIFEST.sha256"
+RELEASE_JSON = "release.json"
+REQUIREMENTS_NAME = "requirements.txt"
+# Hex digits of the content hash in a release id: plenty to tell releases apart.
+RELEASE_HASH_CHARS = 12
+# Systemd kills and restarts an agent that has not pinged the watchdog for this long.
+WATCHDOG_SECONDS = 60
+UNIT_NAME = "millrace-edge.service"
+FIRSTBOOT_UNIT_NAME = "millrace-firstboot.service"
+# The layout on a gateway; install.sh and the Ansible edge_agent role use the same one.
+INSTALL_DIR = "/opt/millrace"
+CONFIG_DIR = "/etc/millrace"
+STATE_DIR = "/var/lib/millrace"
+AGENT_USER = "millrace"
+
+_KEY_MODE = 0o600
+_FILE_MODE = 0o644
+_EXEC_MODE = 0o755
+_TEMPLATE_PACKAGE = ("templates", "bundle")
+# What a source checkout needs to build the wheel; copied so the build never writes into it.
+_SOURCE_ITEMS = ("pyproject.toml", "README.md", "LICENSE", "millrace", "edge", "cloud")
+_SOURCE_ITEMS_MORE = ("dashboards", "firmware-sim")
+_SOURCE_IGNORE = shutil.ignore_patterns(
+    "__pycache__", "*.pyc", "*.egg-info", "build", "dist", ".*cache", "node_modules"
+)
+_PIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9.+!_-]+$")
+
+
+# -- templates ----------------------------------------------------------------------
+
+
+def template_path(name: str) -> Path:
+    """Filesystem path of the packaged bundle template `name` (Ansible reads it from here)."""
+    return Path(str(resources.files(DIST_NAME).joinpath(*_TEMPLATE_PACKAGE, name)))
+
+
+def template_text(name: str) -> str:
+    """Text of the packaged bundle template `name`."""
+    return resources.files(DIST_NAME).joinpath(*_TEMPLATE_PACKAGE, name).read_text()
+
+
+def render(text: str, context: Mapping[str, Any], *, what: str) -> str:
+    """Render a bundle template; a placeholder without a value is a ConfigError naming it."""
+    try:
+        return render_template(text, context)
+    except KeyError as exc:
+        known = ", ".join(sorted(context))
+        raise ConfigError(what, f"unknown placeholder {exc}; available: {known}") from exc
+    except ValueError as exc:
+        raise ConfigError(what, str(exc)) from exc
+
+
+def agent_config_context(
+    device_id: str,
+    *,
+    broker_host: str,
+    broker_port: int = DEFAULT_PORT,
+    config_dir: str = CONFIG_DIR,
+    state_dir: str = STATE_DIR,
+) -> dict[str, Any]:
+    """The placeholders an agent config template may use (docs/rollout.md lists them)."""
+    return {
+        "device_id": device_id,
+        "broker_host": broker_host,
+        "broker_port": broker_port,
+        "config_dir": config_dir,
+        "ca_file": f"{config_dir}/pki/ca.crt",
+        "cert_file": f"{config_dir}/pki/device.crt",
+        "key_file": f"{config_dir}/pki/device.key",
+        "state_dir": state_dir,
+    }
+
+
+def unit_context(
+    device_id: str,
+    *,
+    install_dir: str = INSTALL_DIR,
+    config_dir: str = CONFIG_DIR,
+    state_dir: str = STATE_DIR,
+    user: str = AGENT_USER,
+    watchdog_seconds: int = WATCHDOG_SECONDS,
+) -> dict[str, Any]:
+    """The placeholders of the systemd unit templates."""
+    return {
+        "device_id": device_id,
+        "install_dir": install_dir,
+        "config_file": f"{config_dir}/agent.toml",
+        "config_dir": config_dir,
+        "state_dir": state_dir,
+        "user": user,
+        "group": user,
+        "watchdog_seconds": watchdog_seconds,
+    }
+
+
+def render_agent_config(template: str, context: Mapping[str, Any], *, source: str) -> str:
+    """Render an agent config template and check that the result is TOML for this device."""
+    text = render(template, context, what=source)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, f"renders to invalid TOML: {exc}") from exc
+    if data.get("device_id") != context["device_id"]:
+        raise ConfigError(
+            f"{source}: device_id",
+            f"renders to {data.get('device_id')!r}, expected {context['device_id']!r}; "
+            'use device_id = "{{ device_id }}"',
+        )
+    return text
+
+
+# -- releases -------------------------------------------------------------------------
+
+
+def _marker_env_holds(requirement: Any, extras: Iterable[str]) -> bool:
+    if requirement.marker is None:
+        return True
+    return any(requirement.marker.evaluate({"extra": extra}) for extra in (*extras, ""))
+
+
+def edge_requirements() -> list[str]:
+    """`name==version` for the closure of millrace's base + edge dependencies, as installed here.
+
+    Markers are evaluated for this interpreter; gateways run the same Python minor version.
+    """
+    try:
+        from packaging.requirements import Requirement
+        from packaging.utils import canonicalize_name
+    except ImportError as exc:  # pragma: no cover - packaging ships with pip/setuptools envs
+        raise MillraceError(
+            "provisioning needs the 'packaging' library: pip install packaging"
+        ) from exc
+    root = metadata.distribution(DIST_NAME)
+    pins: dict[str, str] = {}
+    queue: list[tuple[Requirement, tuple[str, ...]]] = [
+        (Requirement(r), (EDGE_EXTRA,)) for r in root.requires or []
+    ]
+    while queue:
+        requirement, extras = queue.pop()
+        if not _marker_env_holds(requirement, extras):
+            continue
+        name = canonicalize_name(requirement.name)
+        if name == DIST_NAME:
+            continue
+        try:
+            dist = metadata.distribution(requirement.name)
+        except metadata.PackageNotFoundError as exc:
+            raise MillraceError(
+                f"{requirement.name} is not installed here; pins come from this environment: "
+                f"pip install '{DIST_NAME}[{EDGE_EXTRA}]'"
+            ) from exc
+        if not requirement.specifier.contains(dist.version, prereleases=True):
+            raise MillraceError(f"installed {name} {dist.version} does not satisfy {requirement}")
+        first_visit = name not in pins
+        pins[name] = f"{name}=={dist.version}"
+        if first_visit or requirement.extras:
+            queue.extend((Requirement(r), tuple(requirement.extras)) for r in dist.requires or [])
+    return sorted(pins.values())
+
+
+def source_dir() -> Path:
+    """The source checkout this millrace runs from; a wheel can be built only from there."""
+    candidate = Path(__file__).resolve().parents[1]
+    if not (candidate / "pyproject.toml").is_file():
+        raise MillraceError(
+            "millrace is not running from a source checkout; pass --wheel FILE "
+            "(build it with 'pip wheel --no-deps <checkout>')"
+        )
+    return candidate
+
+
+def build_agent_wheel(out_dir: Path, *, source: Path | None = None) -> Path:
+    """Build the millrace wheel with `pip wheel --no-deps` from a copy of the checkout."""
+    src = source or source_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="millrace-wheel-") as tmp:
+        copy = Path(tmp) / "src"
+        copy.mkdir()
+        for item in (*_SOURCE_ITEMS, *_SOURCE_ITEMS_MORE):
+            path = src / item
+            if path.is_dir():
+                shutil.copytree(path, copy / item, ignore=_SOURCE_IGNORE)
+            elif path.is_file():
+                shutil.copy2(path, copy / item)
+        built = Path(tmp) / "wheels"
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-input", "-q"]
+        result = subprocess.run(
+            [*cmd, "--disable-pip-version-check", "-w", str(built), str(copy)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise MillraceError(f"building the agent wheel failed: {result.stderr.strip()[-800:]}")
+        wheels = sorted(built.glob(f"{DIST_NAME}-*.whl"))
+        if len(wheels) != 1:
+            raise MillraceError(f"expected one {DIST_NAME} wheel from pip, got {wheels}")
+        target = out_dir / wheels[0].name
+        shutil.copy2(wheels[0], target)
+    log.info("built %s", target.name)
+    return target
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _wheel_version(wheel: Path) -> str:
+    parts = wheel.name.split("-")
+    if len(parts) < 5 or parts[0] != DIST_NAME or not wheel.name.endswith(".whl"):
+        raise ConfigError("--wheel", f"{wheel.name} is not a {DIST_NAME} wheel")
+    return parts[1]
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """The agent software one rollout installs, as written into a directory."""
+
+    dir: Path
+    version: str
+    release_id: str
+    wheel: Path
+    requirements: Path
+    wheels: tuple[Path, ...]
+
+
+def prepare_release(
+    out_dir: Path | str,
+    *,
+    wheel: Path | str | None = None,
+    wheelhouse: Path | str | None = None,
+    requirements: Iterable[str] | None = None,
+) -> Release:
+    """Write the agent wheel, pinned requirements, optional dependency wheels and release.json.
+
+    `wheelhouse` holds wheels for the gateways' platform (e.g. from `pip download
+    --platform ...`); with them the install needs no package index.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(f"{DIST_NAME}-*.whl"):
+        stale.unlink()
+    if wheel is None:
+        agent_wheel = build_agent_wheel(out)
+    else:
+        source = Path(wheel)
+        if not source.is_file():
+            raise ConfigError("--wheel", f"file not found: {source}")
+        _wheel_version(source)
+        agent_wheel = out / source.name
+        shutil.copyfile(source, agent_wheel)
+    pins = sorted(requirements) if requirements is not None else edge_requirements()
+    for pin in pins:
+        if not _PIN.fullmatch(pin):
+            raise ConfigError("requirements", f"{pin!r} is not an exact name==version pin")
+    req_path = out / REQUIREMENTS_NAME
+    req_path.write_text(
+        "# The edge extra's closure, pinned to what the provisioning environment runs.\n"
+        + "".join(f"{pin}\n" for pin in pins)
+    )
+    wheels_dir = out / "wheels"
+    if wheels_dir.exists():
+        shutil.rmtree(wheels_dir)
+    dep_wheels: list[Path] = []
+    if wheelhouse is not None:
+        house = Path(wheelhouse)
+        if not house.is_dir():
+            raise ConfigError("--wheelhouse", f"not a directory: {house}")
+        wheels_dir.mkdir()
+        for found in sorted(house.glob("*.whl")):
+            if found.name.split("-")[0].lower() != DIST_NAME:
+                dep_wheels.append(wheels_dir / found.name)
+                shutil.copyfile(found, dep_wheels[-1])
+    digest = hashlib.sha256()
+    for path in (agent_wheel, req_path, *dep_wheels):
+        digest.update(f"{path.name}\0{_sha256(path)}\n".encode())
+    version = _wheel_version(agent_wheel)
+    release_id = f"{version}-{digest.hexdigest()[:RELEASE_HASH_CHARS]}"
+    info = {
+        "version": version,
+        "release_id": release_id,
+        "wheel": agent_wheel.name,
+        "requirements": REQUIREMENTS_NAME,
+        "wheels": [p.name for p in dep_wheels],
+    }
+    (out / RELEASE_JSON).write_text(json.dumps(info, indent=2) + "\n")
+    log.info("release %s in %s", release_id, out)
+    return Release(out, version, release_id, agent_wheel, req_path, tuple(dep_wheels))
+
+
+# -- certificates -----------------------------------------------------------------------
+
+
+def _current_record(pki_dir: Path, device_id: str) -> pki.IssuedRecord | None:
+    records = [r for r in pki.issued_records(pki_dir) if r.ident == device_id]
+    return records[-1] if records else None
+
+
+def _csr_common_name(csr_pem: bytes) -> str:
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise PKIError(f"--csr is not a PEM certificate signing request: {exc}") from exc
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if len(names) == 1 else ""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceCredentials:
+    """Where the device's certificate (and key, unless it came from a CSR) are."""
+
+    cert: Path
+    key: Path | None
+    newly_issued: bool
+
+
+def device_credentials(
+    pki_dir: Path | str,
+    device_id: str,
+    *,
+    csr_pem: bytes | None = None,
+    force: bool = False,
+) -> DeviceCredentials:
+    """Reuse the device's valid certificate and key, or issue them (or sign its CSR).
+
+    Reuse makes provisioning repeatable: a second bundle for the same device has
+    the same identity. A CSR always yields a new certificate (the device made a new key).
+    """
+    ident = pki.validate_id(device_id)
+    paths = pki.pki_path_checked(pki_dir)
+    current = _current_record(paths.dir, ident)
+    valid = (
+        current is not None
+        and not current.revoked
+        and pki.cert_days_left(paths.cert_for(ident)) > 0
+    )
+    if csr_pem is not None:
+        common_name = _csr_common_name(csr_pem)
+        if common_name != ident:
+            raise PKIError(f"the CSR's CN is {common_name!r}, not the device id {ident!r}")
+        cert = pki.sign_csr(paths.dir, csr_pem, role="device", force=force or valid)
+        return DeviceCredentials(cert, None, newly_issued=True)
+    if valid and not force:
+        assert current is not None
+        if current.role != "device":
+            raise PKIError(f"{ident!r} holds a {current.role} certificate, not a device one")
+        key = paths.key_for(ident)
+        if not key.is_file():
+            raise PKIError(
+                f"{ident!r} was certified from a CSR, so its key is on the device only: "
+                "provision with --csr FILE, or --force to issue a new key"
+            )
+        return DeviceCredentials(paths.cert_for(ident), key, newly_issued=False)
+    issued = pki.issue(paths.dir, ident, role="device", force=current is not None)
+    return DeviceCredentials(issued.cert, issued.key, newly_issued=True)
+
+
+def default_broker_host(pki_dir: Path | str) -> str:
+    """The first name the broker certificate was issued for that is not a loopback name."""
+    cert = x509.load_pem_x509_certificate(pki.pki_paths(pki_dir).broker_cert.read_bytes())
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return "localhost"
+    loopback = {"localhost", "127.0.0.1", "::1"}
+    names = [str(n.value) for n in sans if isinstance(n, x509.DNSName | x509.IPAddress)]
+    return next((n for n in names if n not in loopback), "localhost")
+
+
+# -- bundles --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Bundle:
+    """A written device bundle."""
+
+    path: Path
+    sha256: str
+    device_id: str
+    release_id: str
+    has_key: bool
+
+
+def _manifest(files: Mapping[str, bytes]) -> bytes:
+    lines = [
+        f"{hashlib.sha256(data).hexdigest()}  {name}\n" for name, data in sorted(files.items())
+    ]
+    return "".join(lines).encode()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes, mode: int, mtime: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = mode
+    info.mtime = mtime
+    info.uname = info.gname = "root"
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _add_dir(tar: tarfile.TarFile, name: str, mtime: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    info.mode = _EXEC_MODE
+    info.mtime = mtime
+    info.uname = info.gname = "root"
+    tar.addfile(info)
+
+
+def _write_tarball(
+    out: Path, top: str, files: Mapping[str, bytes], modes: Mapping[str, int]
+) -> None:
+    mtime = int(dt.datetime.now(dt.UTC).timestamp())
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, _KEY_MODE)
+    try:
+        os.fchmod(fd, _KEY_MODE)  # the tarball holds a private key
+        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
+            _add_dir(tar, top, mtime)
+            dirs = sorted({str(Path(n).parent) for n in files} - {"."})
+            for directory in dirs:
+                _add_dir(tar, f"{top}/{directory}", mtime)
+            for name in sorted(files):
+                _add(tar, f"{top}/{name}", files[name], modes.get(name, _FILE_MODE), mtime)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def build_bundle(
+    device_id: str,
+    *,
+    pki_dir: Path | str,
+    out: Path | str,
+    config_template: Path | str | None = None,
+    csr_pem: bytes | None = None,
+    broker_host: str | None = None,
+    broker_port: int = DEFAULT_PORT,
+    wheel: Path | str | None = None,
+    wheelhouse: Path | str | None = None,
+    force: bool = False,
+    validate_config: Callable[[str], None] | None = None,
+) -> Bundle:
+    """Write the device bundle tarball `out` for `device_id` (see the module docstring).
+
+    `validate_config` gets the rendered agent config text (the CLI passes the edge
+    agent's own loader when it is installed) and raises ConfigError when it is wrong.
+    """
+    ident = pki.validate_id(device_id)
+    pki_path = pki.pki_path_checked(pki_dir).dir
+    out_path = Path(out)
+    if not out_path.name.endswith((".tar.gz", ".tgz")):
+        raise ConfigError("--out", f"{out_path.name}: the bundle is a .tar.gz file")
+    host = broker_host or default_broker_host(pki_path)
+    if config_template is None:
+        template, source = template_text("agent.toml.tmpl"), "agent.toml.tmpl"
+    else:
+        template_file = Path(config_template)
+        try:
+            template, source = template_file.read_text(), str(template_file)
+        except OSError as exc:
+            raise ConfigError("--config", f"cannot read {template_file}: {exc}") from exc
+    config = render_agent_config(
+        template,
+        agent_config_context(ident, broker_host=host, broker_port=broker_port),
+        source=source,
+    )
+    if validate_config is not None:
+        validate_config(config)
+    # Everything that can fail on the operator's input is checked before a certificate is made.
+    credentials = device_credentials(pki_path, ident, csr_pem=csr_pem, force=force)
+    with tempfile.TemporaryDirectory(prefix="millrace-release-") as tmp:
+        release = prepare_release(Path(tmp), wheel=wheel, wheelhouse=wheelhouse)
+        files: dict[str, bytes] = {
+            f"agent/{release.wheel.name}": release.wheel.read_bytes(),
+            f"agent/{REQUIREMENTS_NAME}": release.requirements.read_bytes(),
+            f"agent/{RELEASE_JSON}": (release.dir / RELEASE_JSON).read_bytes(),
+        }
+        for dep in release.wheels:
+            files[f"wheels/{dep.name}"] = dep.read_bytes()
+    files["config/agent.toml"] = config.encode()
+    files["pki/ca.crt"] = pki.pki_paths(pki_path).ca_cert.read_bytes()
+    files["pki/device.crt"] = credentials.cert.read_bytes()
+    if credentials.key is not None:
+        files["pki/device.key"] = credentials.key.read_bytes()
+    unit = unit_context(ident)
+    files[f"systemd/{UNIT_NAME}"] = render(
+        template_text(f"{UNIT_NAME}.tmpl"), unit, what=UNIT_NAME
+    ).encode()
+    files[f"systemd/{FIRSTBOOT_UNIT_NAME}"] = template_text(FIRSTBOOT_UNIT_NAME).encode()
+    files["install.sh"] = template_text("install.sh").encode()
+    files["firstboot.sh"] = template_text("firstboot.sh").encode()
+    files["bundle.json"] = (
+        json.dumps(
+            {
+                "format": BUNDLE_FORMAT,
+                "device_id": ident,
+                "release_id": release.release_id,
+                "version": release.version,
+                "broker": f"{host}:{broker_port}",
+                "has_key": credentials.key is not None,
+                "created_at": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
+            },
+            indent=2,
+        )
+        + "\n"
+    ).encode()
+    files[MANIFEST_NAME] = _manifest(files)
+    modes = {"install.sh": _EXEC_MODE, "firstboot.sh": _EXEC_MODE, "pki/device.key": _KEY_MODE}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    _write_tarball(out_path, f"millrace-{ident}", files, modes)
+    log.info("wrote bundle %s for %s (release %s)", out_path, ident, release.release_id)
+    return Bundle(
+        out_path, _sha256(out_path), ident, release.release_id, credentials.key is not None
+    )
+
+
+# -- SD cards ---------------------------------------------------------------------------------
+
+# The kernel command line hook Raspberry Pi OS runs once (as its own imager does).
+_CMDLINE_HOOK = (
+    "systemd.run={script} systemd.run_success_action=reboot systemd.unit=kernel-command-line.target"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SdResult:
+    """What `write_sd` wrote and how the first boot will find it."""
+
+    kind: str  # "rootfs" or "boot"
+    files: tuple[Path, ...]
+
+
+def write_sd(
+    bundle: Path | str, target: Path | str, *, boot_mount: str = "/boot/firmware"
+) -> SdResult:
+    """Put `bundle` on a mounted SD card with a first-boot service that installs it.
+
+    `target` is either the card's root filesystem (it has etc/systemd/system: the
+    unit is installed and enabled directly) or its FAT boot partition (it has
+    cmdline.txt: a one-shot kernel command line hook moves the bundle off the
+    world-readable FAT partition, enables the unit and reboots). `boot_mount` is
+    where the gateway mounts the boot partition.
+    """
+    source = Path(bundle)
+    root = Path(target)
+    if not root.is_dir():
+        raise ConfigError("--sd", f"not a mounted directory: {root}")
+    script = template_text("firstboot.sh").encode()
+    unit = template_text(FIRSTBOOT_UNIT_NAME).encode()
+    written: list[Path] = []
+    systemd_dir = root / "etc" / "systemd" / "system"
+    if systemd_dir.is_dir():
+        stage = root / "var" / "lib" / "millrace-firstboot"
+        stage.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for name, data, mode in (
+            ("bundle.tar.gz", source.read_bytes(), _KEY_MODE),
+            ("firstboot.sh", script, _EXEC_MODE),
+        ):
+            pki.write_atomic(stage / name, data, mode=mode)
+            written.append(stage / name)
+        pki.write_atomic(systemd_dir / FIRSTBOOT_UNIT_NAME, unit, mode=_FILE_MODE)
+        wants = systemd_dir / "multi-user.target.wants"
+        wants.mkdir(exist_ok=True)
+        link = wants / FIRSTBOOT_UNIT_NAME
+        if not link.is_symlink():
+            link.symlink_to(f"/etc/systemd/system/{FIRSTBOOT_UNIT_NAME}")
+        written += [systemd_dir / FIRSTBOOT_UNIT_NAME, link]
+        return SdResult("rootfs", tuple(written))
+    cmdline = root / "cmdline.txt"
+    if not cmdline.is_file():
+        raise ConfigError(
+            "--sd", f"{root} has neither etc/systemd/system (a root fs) nor cmdline.txt (a boot fs)"
+        )
+    folder = root / "millrace"
+    folder.mkdir(exist_ok=True)
+    for name, data, mode in (
+        ("bundle.tar.gz", source.read_bytes(), _KEY_MODE),
+        ("firstboot.sh", script, _EXEC_MODE),
+        (FIRSTBOOT_UNIT_NAME, unit, _FILE_MODE),
+    ):
+        pki.write_atomic(folder / name, data, mode=mode)
+        written.append(folder / name)
+    hook = _CMDLINE_HOOK.format(script=f"{boot_mount}/millrace/firstboot.sh")
+    line = cmdline.read_text().strip()
+    if "millrace/firstboot.sh" not in line:
+        cmdline.write_text(f"{line} {hook}\n")
+    written.append(cmdline)
+    return SdResult("boot", tuple(written))

@@ -1,0 +1,271 @@
+#!/bin/sh
+# Install this millrace edge bundle on a gateway (written by `millrace provision`).
+#
+#   sudo ./install.sh                        install under /, as user millrace, start the service
+#   ./install.sh --root DIR                  a relocated trial install under DIR (no user, no systemd)
+#
+# Safe to run twice: the manifest is verified first, an installed release is reused,
+# unchanged files are left alone and the service restarts only when something changed.
+# Layout (the same as Ansible's edge_agent role):
+#   /opt/millrace/releases/<release>/venv   one virtual environment per release
+#   /opt/millrace/current, previous         symlinks; a failed start switches back
+#   /etc/millrace/agent.toml, pki/           config, CA, device certificate and key (0600)
+#   /var/lib/millrace                        the agent's state: outbox, command log
+#
+# Exit status: 0 installed (or already installed), 1 failed, 2 usage,
+# 3 refused: the bundle does not match its manifest, 4 the new release failed its
+# check or did not start, and the previous release was restored.
+set -eu
+umask 022
+
+AGENT_USER=millrace
+UNIT=millrace-edge.service
+
+say() { printf 'install.sh: %s\n' "$*"; }
+die() { printf 'install.sh: error: %s\n' "$*" >&2; exit 1; }
+refuse() { printf 'install.sh: refusing to install: %s\n' "$*" >&2; exit 3; }
+usage() {
+    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+    cat <<'EOF'
+Options:
+  --root DIR      install everything under DIR, with paths in the config and unit rewritten
+                  to point there; implies --no-user and --no-service
+  --no-user       do not create the millrace user; files stay owned by the caller
+  --no-service    do not call systemctl (containers, image builds, tests)
+  --skip-check    do not run `millrace edge check` before switching to the new release
+  --python PATH   the Python 3.11+ to build the virtual environment with (python3)
+Environment: MILLRACE_PIP_ARGS extra pip options, e.g. --index-url of a local mirror.
+EOF
+}
+
+root=/
+manage_user=1
+manage_service=1
+run_check=1
+python=${MILLRACE_PYTHON:-python3}
+while [ $# -gt 0 ]; do
+    case $1 in
+        --root) [ $# -ge 2 ] || { usage >&2; exit 2; }; root=$2; shift 2 ;;
+        --root=*) root=${1#--root=}; shift ;;
+        --no-user) manage_user=0; shift ;;
+        --no-service) manage_service=0; shift ;;
+        --skip-check) run_check=0; shift ;;
+        --python) [ $# -ge 2 ] || { usage >&2; exit 2; }; python=$2; shift 2 ;;
+        -h | --help) usage; exit 0 ;;
+        *) printf 'install.sh: unknown option %s\n' "$1" >&2; usage >&2; exit 2 ;;
+    esac
+done
+
+here=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd -P)
+cd "$here"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT INT TERM
+
+# -- 1. integrity, before anything is touched -------------------------------------------
+command -v sha256sum >/dev/null 2>&1 || die "sha256sum (coreutils) is required"
+[ -f MANIFEST.sha256 ] || refuse "MANIFEST.sha256 is missing"
+odd=$(find . ! -type f ! -type d -print | head -n 1)
+[ -z "$odd" ] || refuse "$odd is not a regular file"
+if grep -qv '^[0-9a-f]\{64\}  [A-Za-z0-9._+/-]\{1,\}$' MANIFEST.sha256 \
+    || grep -q '\.\./\|  /' MANIFEST.sha256; then
+    refuse "MANIFEST.sha256 has malformed lines"
+fi
+sed 's/^[0-9a-f]\{64\}  //' MANIFEST.sha256 | LC_ALL=C sort >"$work/listed"
+find . -type f ! -path ./MANIFEST.sha256 -print | sed 's#^\./##' | LC_ALL=C sort >"$work/present"
+if ! cmp -s "$work/listed" "$work/present"; then
+    extra=$(LC_ALL=C comm -13 "$work/listed" "$work/present" | tr '\n' ' ')
+    missing=$(LC_ALL=C comm -23 "$work/listed" "$work/present" | tr '\n' ' ')
+    refuse "files differ from the manifest (not listed: ${extra:-none}; missing: ${missing:-none})"
+fi
+if ! sha256sum --check --strict --quiet MANIFEST.sha256 >"$work/sums" 2>&1; then
+    refuse "checksum mismatch: $(head -n 3 "$work/sums" | tr '\n' ' ')"
+fi
+say "manifest verified ($(grep -c '' MANIFEST.sha256) files)"
+
+# -- 2. what is being installed, and where ----------------------------------------------------
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+    || die "$python is not Python 3.11 or newer (or not installed)"
+json_field() {
+    "$python" -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"
+}
+release_id=$(json_field agent/release.json release_id)
+wheel=$(json_field agent/release.json wheel)
+device_id=$(json_field bundle.json device_id)
+case $release_id in '' | *[!A-Za-z0-9._+-]*) refuse "bad release id '$release_id'" ;; esac
+case $wheel in millrace-*.whl) ;; *) refuse "bad wheel name '$wheel'" ;; esac
+
+case $root in
+    /) prefix='' ;;
+    /*[!/]*) prefix=${root%/} ;;
+    *) die "--root must be an absolute directory, got '$root'" ;;
+esac
+case $prefix in *[!A-Za-z0-9._/-]*) die "--root may only contain A-Z a-z 0-9 . _ - /" ;; esac
+if [ -n "$prefix" ]; then
+    manage_user=0
+    manage_service=0
+fi
+if [ "$manage_user" = 1 ] || [ "$manage_service" = 1 ]; then
+    [ "$(id -u)" = 0 ] || die "run as root, or try it out with --root DIR"
+fi
+opt=$prefix/opt/millrace
+etc=$prefix/etc/millrace
+state=$prefix/var/lib/millrace
+units=$prefix/etc/systemd/system
+changed=0
+: >"$work/replaced"
+
+# A relocated install rewrites the standard paths so the agent runs from under --root.
+relocate() {
+    if [ -n "$prefix" ]; then
+        sed -e "s|/opt/millrace|$prefix/opt/millrace|g" \
+            -e "s|/etc/millrace|$prefix/etc/millrace|g" \
+            -e "s|/var/lib/millrace|$prefix/var/lib/millrace|g" "$1" >"$2"
+    else
+        cp "$1" "$2"
+    fi
+}
+
+# install_file SRC DEST MODE OWNER: replace DEST only when content, mode or owner differ;
+# the old file is kept as DEST.previous for a rollback.
+install_file() {
+    want_owner=$4
+    [ "$manage_user" = 1 ] || want_owner=$(id -un):$(id -gn)
+    if [ -f "$2" ] && cmp -s "$1" "$2" \
+        && [ "$(stat -c '%a %U:%G' "$2")" = "$(printf '%o' "0$3") $want_owner" ]; then
+        return 0
+    fi
+    if [ -f "$2" ]; then
+        cp -p "$2" "$2.previous"
+        printf '%s\n' "$2" >>"$work/replaced"
+    fi
+    (umask 077 && cp "$1" "$2.tmp.$$")
+    chmod "$3" "$2.tmp.$$"
+    [ "$manage_user" = 0 ] || chown "$4" "$2.tmp.$$"
+    mv -f "$2.tmp.$$" "$2"
+    changed=1
+    say "installed $2"
+}
+
+if [ ! -f pki/device.key ] && [ ! -f "$etc/pki/device.key" ]; then
+    die "this bundle carries no key (its certificate was signed from the device's CSR); \
+the key must already be at $etc/pki/device.key"
+fi
+
+# -- 3. the service user and directories ----------------------------------------------------
+if [ "$manage_user" = 1 ] && ! id -u "$AGENT_USER" >/dev/null 2>&1; then
+    useradd --system --user-group --home-dir /var/lib/millrace --no-create-home \
+        --shell /usr/sbin/nologin --comment "millrace edge agent" "$AGENT_USER"
+    changed=1
+    say "created user $AGENT_USER"
+fi
+mkdir -p "$opt/releases" "$etc" "$units"
+mkdir -p "$etc/pki" "$state"
+if [ "$manage_user" = 1 ]; then
+    chown "root:$AGENT_USER" "$etc/pki"
+    chown "$AGENT_USER:$AGENT_USER" "$state"
+fi
+chmod 0750 "$etc/pki"
+chmod 0700 "$state"
+
+# -- 4. the release: one virtual environment per release id -----------------------------------
+rel=$opt/releases/$release_id
+if [ ! -f "$rel/.complete" ]; then
+    say "installing release $release_id"
+    rm -rf "$rel"
+    mkdir -p "$rel"
+    "$python" -m venv "$rel/venv" \
+        || die "'$python -m venv' failed (Debian: apt-get install python3-venv)"
+    set -- --no-deps --disable-pip-version-check --no-input --quiet \
+        -r agent/requirements.txt "agent/$wheel"
+    if [ -d wheels ]; then
+        set -- --no-index --find-links "$here/wheels" "$@"
+    fi
+    # shellcheck disable=SC2086 # MILLRACE_PIP_ARGS is a list of options
+    "$rel/venv/bin/python" -m pip install ${MILLRACE_PIP_ARGS:-} "$@" \
+        || die "pip could not install the release (no network? bundle wheels with --wheelhouse)"
+    "$rel/venv/bin/python" -m pip check --disable-pip-version-check >/dev/null \
+        || die "the release's dependencies are inconsistent: $("$rel/venv/bin/python" -m pip check)"
+    cp agent/release.json "$rel/release.json"
+    : >"$rel/.complete"
+    changed=1
+fi
+
+# -- 5. config, certificates, unit ---------------------------------------------------------------
+relocate config/agent.toml "$work/agent.toml"
+install_file "$work/agent.toml" "$etc/agent.toml" 0640 "root:$AGENT_USER"
+install_file pki/ca.crt "$etc/pki/ca.crt" 0644 root:root
+install_file pki/device.crt "$etc/pki/device.crt" 0644 root:root
+if [ -f pki/device.key ]; then
+    install_file pki/device.key "$etc/pki/device.key" 0600 "$AGENT_USER:$AGENT_USER"
+fi
+"$rel/venv/bin/python" - "$etc/pki/device.crt" "$etc/pki/device.key" <<'EOF' \
+    || die "$etc/pki/device.key does not belong to the certificate in this bundle"
+import sys
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization as s
+
+cert = x509.load_pem_x509_certificate(open(sys.argv[1], "rb").read())
+key = s.load_pem_private_key(open(sys.argv[2], "rb").read(), password=None)
+raw = (s.Encoding.DER, s.PublicFormat.SubjectPublicKeyInfo)
+sys.exit(cert.public_key().public_bytes(*raw) != key.public_key().public_bytes(*raw))
+EOF
+relocate "systemd/$UNIT" "$work/$UNIT"
+install_file "$work/$UNIT" "$units/$UNIT" 0644 root:root
+
+# -- 6. switch to the release, check it, start it ---------------------------------------------
+current=$(readlink "$opt/current" 2>/dev/null || true)
+switched=0
+if [ "$current" != "releases/$release_id" ]; then
+    if [ -n "$current" ]; then
+        ln -sfn "$current" "$opt/previous.tmp" && mv -Tf "$opt/previous.tmp" "$opt/previous"
+    fi
+    ln -sfn "releases/$release_id" "$opt/current.tmp" && mv -Tf "$opt/current.tmp" "$opt/current"
+    switched=1
+    changed=1
+    say "current release is now $release_id (was ${current:-none})"
+fi
+
+rollback() {
+    printf 'install.sh: %s\n' "$1" >&2
+    while read -r file; do
+        [ -z "$file" ] || mv -f "$file.previous" "$file"
+    done <"$work/replaced"
+    previous=$(readlink "$opt/previous" 2>/dev/null || true)
+    if [ "$switched" = 1 ] && [ -n "$previous" ]; then
+        ln -sfn "$previous" "$opt/current.tmp" && mv -Tf "$opt/current.tmp" "$opt/current"
+        printf 'install.sh: rolled back to %s\n' "$previous" >&2
+    fi
+    if [ "$manage_service" = 1 ]; then
+        systemctl daemon-reload
+        systemctl restart "$UNIT" || true
+    fi
+    exit 4
+}
+
+if [ "$run_check" = 1 ] && [ "$changed" = 1 ]; then
+    "$opt/current/venv/bin/millrace" edge check --config "$etc/agent.toml" >"$work/check" 2>&1 \
+        || rollback "millrace edge check failed: $(tail -n 5 "$work/check")"
+fi
+
+if [ "$manage_service" = 1 ]; then
+    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+        systemctl daemon-reload
+        systemctl enable --quiet "$UNIT"
+        # Type=notify: restart returns once the agent reported READY=1, or fails.
+        if [ "$changed" = 1 ]; then
+            systemctl restart "$UNIT" || rollback "$UNIT did not start"
+        else
+            systemctl start "$UNIT" || rollback "$UNIT did not start"
+        fi
+        systemctl is-active --quiet "$UNIT" || rollback "$UNIT is not active"
+    else
+        say "systemd is not running here: enable and start $UNIT yourself"
+    fi
+fi
+
+if [ "$changed" = 1 ]; then
+    say "device $device_id: release $release_id installed"
+else
+    say "device $device_id: release $release_id already installed, nothing changed"
+fi
+echo "changed=$changed"
