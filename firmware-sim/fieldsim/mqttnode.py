@@ -75,6 +75,7 @@ class MqttNode:
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self.connected = asyncio.Event()
+        self._warned = False
 
     def start(self, stop: asyncio.Event) -> None:
         """Start connecting; the node runs until `stop` is set."""
@@ -160,7 +161,10 @@ class MqttNode:
             try:
                 await self._session(stop, outage)
             except aiomqtt.MqttError as exc:
-                logger.debug("%s: broker connection: %s", self.device_id, exc)
+                # Say it once per node at warning level; a fleet retries hundreds of nodes.
+                log = logger.debug if self._warned else logger.warning
+                log("%s: broker %s:%s: %s; retrying", self.device_id, self.host, self.port, exc)
+                self._warned = True
                 self.connected.clear()
                 await _wait_until(stop, time.time() + MQTT_RECONNECT_SECONDS)
 
