@@ -119,6 +119,7 @@ class Consumer:
             return
         with self._lock:
             self._generation += 1
+        self._connected.clear()
         try:
             client.disconnect()
         except Exception:  # a broken socket is fine: we are leaving anyway

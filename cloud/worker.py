@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 LOOP_WAKE_SECONDS: Final = 0.5
 DB_BACKOFF_MIN_SECONDS: Final = 0.5
-DB_BACKOFF_MAX_SECONDS: Final = 15.0
+DB_BACKOFF_MAX_SECONDS: Final = 10.0
 DB_CONNECT_TIMEOUT_SECONDS: Final = 5
 # Long enough for any sane batch, short enough that a wedged lock surfaces.
 STATEMENT_TIMEOUT_MS: Final = 60_000
@@ -310,7 +310,10 @@ class Worker:
                 dropped += 1
             except queue.Empty:
                 break
-        log.info("released %s unacknowledged messages for redelivery", dropped)
+        log.info(
+            "released the batch in progress and %s queued messages: the broker redelivers them",
+            dropped,
+        )
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -608,8 +611,9 @@ def _short(exc: BaseException) -> str:
     """One line about a database error, without connection parameters."""
     if isinstance(exc, psycopg.Error):
         primary = exc.diag.message_primary if exc.diag else None
-        text = primary or str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return f"{type(exc).__name__} {exc.sqlstate or ''}: {text}".strip()
+        text = primary or (str(exc).splitlines() or [type(exc).__name__])[0]
+        code = f" {exc.sqlstate}" if exc.sqlstate else ""
+        return f"{type(exc).__name__}{code}: {text}"
     return f"{type(exc).__name__}: {exc}"
 
 
