@@ -93,6 +93,11 @@ class Publisher:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def last_error(self) -> str:
+        """Why the last connection attempt failed ("" once connected)."""
+        return self._last_error
+
     def wake(self) -> None:
         """New batches are in the outbox."""
         self._wake.set()

@@ -1,0 +1,165 @@
+"""`millrace edge check|run` as a user runs them: clear one-line errors, exit codes, values."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.edge.agent_helpers import MILLRACE
+from tests.edge.test_drivers import w1_text
+
+BASE = """
+device_id = "dev-cli"
+[broker]
+host = "localhost"
+port = {port}
+ca = "ca.crt"
+cert = "dev.crt"
+key = "dev.key"
+[windows]
+period_s = 1
+grace_s = 0.2
+[outbox]
+path = "outbox.sqlite"
+[heartbeat]
+interval_s = 1
+[state]
+dir = "state"
+"""
+
+
+def run(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(MILLRACE), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def write(tmp_path: Path, signals: str, *, port: int = 1) -> Path:
+    for name in ("ca.crt", "dev.crt", "dev.key"):
+        (tmp_path / name).write_text("placeholder\n")
+    path = tmp_path / "edge.toml"
+    path.write_text(BASE.format(port=port) + signals)
+    return path
+
+
+@pytest.mark.parametrize("action", ["run", "check"])
+def test_malformed_config_gives_one_line_naming_the_key_and_exit_2(
+    tmp_path: Path, action: str
+) -> None:
+    config = write(
+        tmp_path,
+        """
+[[signals]]
+metric = "a"
+driver = "sim"
+[[signals]]
+metric = "b"
+driver = "sim"
+scale = "ten"
+""",
+    )
+    done = run("edge", action, "--config", str(config))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "signals[1].scale: expected a number" in lines[0]
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_missing_certificate_is_a_config_error(tmp_path: Path) -> None:
+    config = write(tmp_path, '[[signals]]\nmetric = "a"\ndriver = "sim"\n')
+    (tmp_path / "dev.key").unlink()
+    done = run("edge", "run", "--config", str(config))
+    assert done.returncode == 2
+    assert "broker.key: file not found" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_check_reads_every_signal_once_and_prints_value_and_unit(tmp_path: Path) -> None:
+    (tmp_path / "w1_slave").write_text(w1_text(21.5))
+    (tmp_path / "bad_w1").write_text(w1_text(21.5, corrupt=True))
+    config = write(
+        tmp_path,
+        """
+[[signals]]
+metric = "room.temp"
+driver = "file"
+path = "w1_slave"
+format = "w1_slave"
+unit = "degC"
+
+[[signals]]
+metric = "cpu.temp"
+driver = "command"
+command = ["echo", "48312"]
+scale = 0.001
+unit = "degC"
+
+[[signals]]
+metric = "demo.level"
+driver = "sim"
+wave = "constant"
+center = 3.5
+unit = "m"
+
+[[signals]]
+metric = "bad.temp"
+driver = "file"
+path = "bad_w1"
+format = "w1_slave"
+""",
+    )
+    done = run("edge", "check", "--config", str(config))
+    assert done.returncode == 1, done.stdout + done.stderr
+    out = done.stdout
+    assert "room.temp" in out and "21.5 degC  ok" in out
+    assert "48.312 degC  ok" in out
+    assert "3.5 m  ok" in out
+    assert "bad.temp" in out and "FAILED: w1_slave: CRC mismatch" in out
+    assert "1 of 4 signal(s) could not be read" in out
+    (tmp_path / "bad_w1").write_text(w1_text(20.0))
+    assert run("edge", "check", "--config", str(config)).returncode == 0
+
+
+def test_systemd_readiness_watchdog_and_stopping(tmp_path: Path) -> None:
+    config = write(tmp_path, '[[signals]]\nmetric = "a"\ndriver = "sim"\n')
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(15)
+    # No broker listens on port 1: the agent must still become ready and keep sampling.
+    proc = subprocess.Popen(
+        [str(MILLRACE), "edge", "run", "--config", str(config)],
+        env={**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        messages = [sock.recv(4096).decode() for _ in range(3)]
+        assert messages[0].startswith("READY=1")
+        assert messages[1:] == ["WATCHDOG=1", "WATCHDOG=1"]
+        proc.terminate()
+        deadline = time.monotonic() + 20
+        while "STOPPING=1" not in messages and time.monotonic() < deadline:
+            messages.append(sock.recv(4096).decode())
+        assert "STOPPING=1" in messages
+        assert proc.wait(20) == 0
+        assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        sock.close()
