@@ -171,7 +171,7 @@ def _table(root: _Section, name: str) -> _Section:
     value = root.data.get(name, {})
     if not isinstance(value, dict):
         raise root.error(name, "expected a table")
-    return _Section(value, f"{name}.", root.source)
+    return _Section(value, f"{root.prefix}{name}.", root.source)
 
 
 def _read_dsn(section: _Section, base: Path) -> str:

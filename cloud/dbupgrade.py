@@ -64,6 +64,16 @@ class UpgradeReport:
     revision_after: str | None
     hypertables_created: tuple[str, ...]
     roles_created: tuple[str, ...]
+    privileges_changed: tuple[str, ...] = ()
+
+
+def include_object(
+    obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
+) -> bool:
+    """Alembic filter: skip indexes TimescaleDB made itself (`<table>_<column>_idx`)."""
+    return not (
+        type_ == "index" and reflected and compare_to is None and (name or "").endswith("_idx")
+    )
 
 
 def alembic_config(connection: Any = None) -> Any:
@@ -78,6 +88,7 @@ def alembic_config(connection: Any = None) -> Any:
 
 
 def _engine(dsn: str) -> Any:
+    """A SQLAlchemy engine over psycopg for Alembic (one connection, no pool)."""
     from sqlalchemy import create_engine
     from sqlalchemy.pool import NullPool
 
@@ -150,46 +161,112 @@ def _ensure_roles(cur: psycopg.Cursor[Any]) -> list[str]:
     return created
 
 
-def _privileges(names: tuple[str, ...]) -> sql.Composable:
-    return sql.SQL(", ").join(sql.SQL(p) for p in names)
+Grants = dict[tuple[str, str], frozenset[str]]  # (object, role) -> privileges
+ColumnGrants = dict[tuple[str, str, str], frozenset[str]]  # (table, column, role) -> privileges
 
 
-def _grant(cur: psycopg.Cursor[Any], tables: list[str]) -> None:
-    """Reset and re-grant both roles' privileges on every table (one transaction)."""
-    ingest, dashboard = sql.Identifier(INGEST_ROLE), sql.Identifier(DASHBOARD_ROLE)
-    cur.execute(
-        sql.SQL("GRANT USAGE ON SCHEMA {} TO {}, {}").format(
-            sql.Identifier(_schema(cur)), ingest, dashboard
-        )
-    )
+def _desired(tables: list[str], sequences: dict[str, str]) -> tuple[Grants, ColumnGrants]:
+    """What each managed role should hold, per table, sequence and column."""
+    grants: Grants = {}
     for name in tables:
-        table = sql.Identifier(name)
-        cur.execute(sql.SQL("REVOKE ALL ON {} FROM {}, {}").format(table, ingest, dashboard))
-        cur.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(table, dashboard))
-        if name in INGEST_PRIVILEGES:
-            cur.execute(
-                sql.SQL("GRANT {} ON {} TO {}").format(
-                    _privileges(INGEST_PRIVILEGES[name]), table, ingest
-                )
+        grants[(name, INGEST_ROLE)] = frozenset(INGEST_PRIVILEGES.get(name, ()))
+        reads = {"SELECT"} | ({"INSERT"} if name in DASHBOARD_INSERTS else set())
+        grants[(name, DASHBOARD_ROLE)] = frozenset(reads)
+    # Identity columns draw from sequences: whoever inserts needs USAGE on them.
+    for sequence, owner in sequences.items():
+        ingest = "INSERT" in INGEST_PRIVILEGES.get(owner, ())
+        grants[(sequence, INGEST_ROLE)] = frozenset({"USAGE"} if ingest else ())
+        dashboard = owner in DASHBOARD_INSERTS
+        grants[(sequence, DASHBOARD_ROLE)] = frozenset({"USAGE"} if dashboard else ())
+    columns: ColumnGrants = {
+        (table, column, DASHBOARD_ROLE): frozenset({"UPDATE"})
+        for table, names in DASHBOARD_COLUMN_UPDATES.items()
+        if table in tables
+        for column in names
+    }
+    return grants, columns
+
+
+_CURRENT_GRANTS: Final = """
+SELECT c.relname, a.grantee::regrole::text, a.privilege_type
+FROM pg_class c, aclexplode(c.relacl) a
+WHERE c.relnamespace = current_schema()::regnamespace
+  AND a.grantee IN (SELECT oid FROM pg_roles WHERE rolname = ANY(%s))
+"""
+_CURRENT_COLUMN_GRANTS: Final = """
+SELECT c.relname, att.attname, a.grantee::regrole::text, a.privilege_type
+FROM pg_attribute att JOIN pg_class c ON c.oid = att.attrelid, aclexplode(att.attacl) a
+WHERE c.relnamespace = current_schema()::regnamespace
+  AND a.grantee IN (SELECT oid FROM pg_roles WHERE rolname = ANY(%s))
+"""
+_SEQUENCES: Final = """
+SELECT c.relname, d.refobjid::regclass::text FROM pg_class c
+JOIN pg_depend d ON d.objid = c.oid AND d.deptype IN ('a', 'i')
+WHERE c.relkind = 'S' AND c.relnamespace = current_schema()::regnamespace
+"""
+
+
+def _grant(conn: psycopg.Connection[Any], tables: list[str]) -> list[str]:
+    """Make both roles' privileges exactly the desired ones; returns the objects changed.
+
+    Only objects whose privileges differ are touched: re-running the upgrade next to
+    busy workers changes no catalog row (TimescaleDB updates chunk ACLs as it creates
+    chunks, and two writers of one catalog row fail with "tuple concurrently updated").
+    """
+    roles = list(MANAGED_ROLES)
+    schema = sql.Identifier(_schema(conn.cursor()))
+    for role in roles:
+        row = conn.execute(
+            "SELECT has_schema_privilege(%s, current_schema(), 'USAGE')", [role]
+        ).fetchone()
+        if not (row and row[0]):
+            conn.execute(
+                sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(schema, sql.Identifier(role))
             )
-        if name in DASHBOARD_COLUMN_UPDATES:
-            columns = sql.SQL(", ").join(map(sql.Identifier, DASHBOARD_COLUMN_UPDATES[name]))
-            cur.execute(sql.SQL("GRANT UPDATE ({}) ON {} TO {}").format(columns, table, dashboard))
-        if name in DASHBOARD_INSERTS:
-            cur.execute(sql.SQL("GRANT INSERT ON {} TO {}").format(table, dashboard))
-    # Identity columns draw from sequences: ingest inserts into several such tables.
-    cur.execute(
-        "SELECT c.relname, d.refobjid::regclass::text FROM pg_class c"
-        " JOIN pg_depend d ON d.objid = c.oid AND d.deptype IN ('a', 'i')"
-        " WHERE c.relkind = 'S' AND c.relnamespace = current_schema()::regnamespace"
-    )
-    for sequence, owner in cur.fetchall():
-        seq = sql.Identifier(sequence)
-        cur.execute(sql.SQL("REVOKE ALL ON SEQUENCE {} FROM {}, {}").format(seq, ingest, dashboard))
-        if "INSERT" in INGEST_PRIVILEGES.get(owner, ()):
-            cur.execute(sql.SQL("GRANT USAGE ON SEQUENCE {} TO {}").format(seq, ingest))
-        if owner in DASHBOARD_INSERTS:
-            cur.execute(sql.SQL("GRANT USAGE ON SEQUENCE {} TO {}").format(seq, dashboard))
+    sequences = dict(conn.execute(_SEQUENCES).fetchall())
+    want, want_columns = _desired(tables, sequences)
+    have: dict[tuple[str, str], set[str]] = {}
+    for obj, role, privilege in conn.execute(_CURRENT_GRANTS, [roles]).fetchall():
+        have.setdefault((obj, role), set()).add(privilege)
+    have_columns: dict[tuple[str, str, str], set[str]] = {}
+    for table, column, role, privilege in conn.execute(_CURRENT_COLUMN_GRANTS, [roles]):
+        have_columns.setdefault((table, column, role), set()).add(privilege)
+    stale = {
+        obj for (obj, role), privs in want.items() if set(privs) != have.get((obj, role), set())
+    }
+    stale |= {obj for obj, _ in have if obj not in {o for o, _ in want}}
+    stale |= {
+        table
+        for key in want_columns.keys() | have_columns.keys()
+        for table in (key[0],)
+        if set(want_columns.get(key, ())) != have_columns.get(key, set())
+    }
+    role_list = sql.SQL(", ").join(map(sql.Identifier, roles))
+    for obj in sorted(stale):
+        kind = sql.SQL("SEQUENCE " if obj in sequences else "TABLE ")
+        target = sql.Composed([kind, sql.Identifier(obj)])
+        conn.execute(sql.SQL("REVOKE ALL ON {} FROM {}").format(target, role_list))
+        for role in roles:
+            privileges = want.get((obj, role), frozenset())
+            if privileges:
+                conn.execute(
+                    sql.SQL("GRANT {} ON {} TO {}").format(
+                        sql.SQL(", ").join(sql.SQL(p) for p in sorted(privileges)),
+                        target,
+                        sql.Identifier(role),
+                    )
+                )
+        for (table, column, role), privileges in sorted(want_columns.items()):
+            if table == obj:
+                conn.execute(
+                    sql.SQL("GRANT {} ({}) ON {} TO {}").format(
+                        sql.SQL(", ").join(sql.SQL(p) for p in sorted(privileges)),
+                        sql.Identifier(column),
+                        target,
+                        sql.Identifier(role),
+                    )
+                )
+    return sorted(stale)
 
 
 def _schema(cur: psycopg.Cursor[Any]) -> str:
@@ -210,40 +287,58 @@ def _tables(cur: psycopg.Cursor[Any]) -> list[str]:
     return sorted((set(metadata.tables) & present) - _SKIP_TABLES)
 
 
-def upgrade(dsn: str) -> UpgradeReport:
-    """Bring the database at `dsn` to the newest schema; see the module docstring."""
+def _migrate(dsn: str) -> tuple[str | None, str | None]:
+    """Alembic to head on a connection of its own; (revision before, after)."""
     from alembic import command
 
-    # Alembic narrates every step at INFO; our own summary line is enough.
-    logging.getLogger("alembic").setLevel(logging.WARNING)
     engine = _engine(dsn)
     try:
         with engine.connect() as conn:
-            raw: psycopg.Connection[Any] = conn.connection.driver_connection  # type: ignore[assignment]
-            with raw.cursor() as cur:
-                _ensure_timescaledb(cur)
+            before = _current_revision(conn)
             conn.commit()
-            conn.exec_driver_sql(f"SELECT pg_advisory_lock({ADVISORY_LOCK_KEY})")
+            command.upgrade(alembic_config(conn), "head")
             conn.commit()
-            try:
-                before = _current_revision(conn)
-                conn.commit()
-                command.upgrade(alembic_config(conn), "head")
-                conn.commit()
-                after = _current_revision(conn)
-                conn.commit()
-                with raw.cursor() as cur:
-                    hypertables = _create_hypertables(cur)
-                    roles = _ensure_roles(cur)
-                    _grant(cur, _tables(cur))
-                conn.commit()
-            finally:
-                conn.rollback()
-                conn.exec_driver_sql(f"SELECT pg_advisory_unlock({ADVISORY_LOCK_KEY})")
-                conn.commit()
-    except psycopg.OperationalError as exc:
-        raise IngestError(f"cannot reach the database: {exc}") from exc
+            after = _current_revision(conn)
+            conn.commit()
     finally:
         engine.dispose()
+    return before, after
+
+
+def upgrade(dsn: str) -> UpgradeReport:
+    """Bring the database at `dsn` to the newest schema; see the module docstring."""
+    from sqlalchemy.exc import DBAPIError
+
+    # Alembic narrates every step at INFO; our own summary line is enough.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            with conn.cursor() as cur:
+                _ensure_timescaledb(cur)
+            # Held by this session for the whole upgrade; a second upgrader queues here.
+            conn.execute("SELECT pg_advisory_lock(%s)", [ADVISORY_LOCK_KEY])
+            try:
+                before, after = _migrate(dsn)
+                with conn.transaction(), conn.cursor() as cur:
+                    hypertables = _create_hypertables(cur)
+                with conn.cursor() as cur:
+                    roles = _ensure_roles(cur)
+                with conn.transaction(), conn.cursor() as cur:
+                    changed = _grant(conn, _tables(cur))
+            finally:
+                if not conn.broken:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", [ADVISORY_LOCK_KEY])
+    except psycopg.OperationalError as exc:
+        raise IngestError(f"cannot reach the database: {_first_line(exc)}") from exc
+    except DBAPIError as exc:
+        if isinstance(exc.orig, psycopg.OperationalError):
+            raise IngestError(f"cannot reach the database: {_first_line(exc.orig)}") from exc
+        raise
+    if changed:
+        log.info("privileges set on %s", ", ".join(changed))
     log.info("schema at %s (was %s)", after, before)
-    return UpgradeReport(before, after, tuple(hypertables), tuple(roles))
+    return UpgradeReport(before, after, tuple(hypertables), tuple(roles), tuple(changed))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -8,20 +8,10 @@ the metadata and are ignored when comparing.
 
 from __future__ import annotations
 
-from typing import Any
-
 from alembic import context
 
+from cloud.dbupgrade import include_object
 from cloud.schema import metadata
-
-
-def include_object(
-    obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
-) -> bool:
-    """Skip indexes that TimescaleDB made and the metadata does not declare."""
-    return not (
-        type_ == "index" and reflected and compare_to is None and (name or "").endswith("_idx")
-    )
 
 
 def run_migrations() -> None:
