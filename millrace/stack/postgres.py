@@ -83,7 +83,16 @@ def free_port() -> int:
 class PostgresCluster:
     """One cluster in `base_dir` (data/, run/, postgresql.log); `dsn` is the superuser's URL."""
 
-    __slots__ = ("_base", "_bindir", "_os_user", "_port", "_settings", "_started")
+    __slots__ = (
+        "_base",
+        "_bindir",
+        "_os_user",
+        "_passfile",
+        "_password_file",
+        "_port",
+        "_settings",
+        "_started",
+    )
 
     def __init__(
         self,
@@ -92,8 +101,13 @@ class PostgresCluster:
         port: int = 0,
         bindir: Path | None = None,
         settings: Mapping[str, str] | None = None,
+        password_file: Path | None = None,
+        passfile: Path | None = None,
     ) -> None:
+        self._passfile = passfile  # a libpq pgpass file named in DSNs
         self._base = base_dir
+        # With a password file the superuser needs it over TCP (scram); without, trust (tests).
+        self._password_file = password_file
         self._bindir = bindir or find_bindir()
         self._settings = {**BASE_SETTINGS, **(settings or {})}
         self._os_user = OS_USER_WHEN_ROOT if os.geteuid() == 0 else None
@@ -136,9 +150,12 @@ class PostgresCluster:
     def running(self) -> bool:
         return self._started
 
-    def dsn_for(self, dbname: str) -> str:
-        """libpq URL for `dbname` as the superuser."""
-        return f"postgresql://{self.user}@{self.host}:{self.port}/{quote(dbname, safe='')}"
+    def dsn_for(self, dbname: str, *, user: str = SUPERUSER, passfile: Path | None = None) -> str:
+        """libpq URL for `dbname`; a passfile keeps the password itself out of the URL."""
+        passfile = passfile or self._passfile
+        where = f"{self.host}:{self.port}/{quote(dbname, safe='')}"
+        url = f"postgresql://{quote(user, safe='')}@{where}"
+        return f"{url}?passfile={quote(str(passfile), safe='/')}" if passfile else url
 
     def __repr__(self) -> str:
         return f"PostgresCluster(port={self._port}, datadir={self.datadir}, up={self._started})"
@@ -155,18 +172,30 @@ class PostgresCluster:
             entry = pwd.getpwnam(self._os_user)
             for path in (self._base, self.socket_dir):
                 os.chown(path, entry.pw_uid, entry.pw_gid)
-        done = self._run(
-            str(self._bindir / "initdb"),
-            "-D",
-            str(self.datadir),
-            "-U",
-            SUPERUSER,
-            "--auth=trust",
-            "--encoding=UTF8",
-            "--locale=C.UTF-8",
-            "--no-sync",
-            "--no-instructions",
-        )
+        auth = ["--auth=trust"]
+        if self._password_file is not None:
+            pwfile = self._base / ".initdb-pw"
+            shutil.copyfile(self._password_file, pwfile)
+            if self._os_user:
+                entry = pwd.getpwnam(self._os_user)
+                os.chown(pwfile, entry.pw_uid, entry.pw_gid)
+            auth = ["--auth-local=peer", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
+        try:
+            done = self._run(
+                str(self._bindir / "initdb"),
+                "-D",
+                str(self.datadir),
+                "-U",
+                SUPERUSER,
+                *auth,
+                "--encoding=UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+                "--no-instructions",
+            )
+        finally:
+            if self._password_file is not None:
+                (self._base / ".initdb-pw").unlink(missing_ok=True)
         if done.returncode != 0:
             raise MillraceError(f"initdb failed in {self.datadir}:\n{done.stdout}{done.stderr}")
         settings = {**self._settings, "unix_socket_directories": str(self.socket_dir)}
@@ -182,9 +211,15 @@ class PostgresCluster:
         for _ in range(START_ATTEMPTS if self._port == 0 else 1):
             port = self._port or free_port()
             done = self._pg_ctl(
-                "start", "-w", "-t", str(PG_CTL_TIMEOUT_SECONDS),
-                "-l", str(self.logfile), "-o", f"-p {port}",
-            )  # fmt: skip
+                "start",
+                "-w",
+                "-t",
+                str(PG_CTL_TIMEOUT_SECONDS),
+                "-l",
+                str(self.logfile),
+                "-o",
+                f"-p {port}",
+            )
             if done.returncode == 0:
                 self._port = port
                 self._started = True

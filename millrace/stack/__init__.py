@@ -1,0 +1,1 @@
+"""The local plant that `millrace up` runs under .millrace/."""

@@ -1,0 +1,500 @@
+"""`millrace up | down | status`: the whole plant on this machine, under one directory.
+
+Order matters: identities first (the broker's ACL lists the service
+identities), then the broker and the database, the schema, the cloud
+services, the simulated field devices, one edge agent per simulated gateway,
+and the dashboard. Every process runs in its own process group and is listed
+in plant.json, so `down` can stop a detached plant completely.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from millrace import pki
+from millrace.errors import MillraceError
+from millrace.stack import procs
+from millrace.stack.edgeconfig import BrokerEndpoint, edge_config_toml, gateways_from_manifest
+from millrace.stack.layout import PlantLayout
+from millrace.stack.postgres import PostgresCluster
+
+log = logging.getLogger(__name__)
+
+DATABASE = "millrace"
+INGEST_LOGIN = "ingest"
+DASHBOARD_LOGIN = "dashboard"
+INGEST_SERVICE_ID = "ingest"
+OPERATOR_SERVICE_ID = "operator"
+ADMIN_USER = "admin"
+GATEWAY_PREFIX = "gw"
+START_TIMEOUT_SECONDS = 60.0
+WATCH_INTERVAL_SECONDS = 1.0
+DEFAULT_ALERT_RULES = """\
+# Installed by `millrace up`; edit and re-run `millrace up` to change them.
+[[rule]]
+name = "oven-hot"
+metric = "plc.oven_temp"
+devices = "*"
+above = 240.0
+hysteresis = 5.0
+severity = "warning"
+
+[[rule]]
+name = "vibration-high"
+metric = "plc.vibration_rms"
+devices = "*"
+above = 9.0
+hysteresis = 1.0
+severity = "critical"
+
+[[rule]]
+name = "gateway-silent"
+metric = "*"
+devices = "*"
+no_data_minutes = 2
+severity = "critical"
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class PlantOptions:
+    """What `millrace up` was asked for; ports default to ones the system services don't use."""
+
+    root: Path
+    devices: int = 10
+    broker_port: int = 18883
+    postgres_port: int = 15432
+    dashboard_port: int = 8501
+    gateway_mqtt_port: int = 11883
+    modbus_base_port: int = 15020
+    ingest_http_port: int = 19464
+    period_s: int = 10
+    seed: int = 0
+
+
+def _millrace() -> list[str]:
+    """How to run this very millrace in a child process."""
+    return [sys.executable, "-m", "millrace.cli"]
+
+
+def _write_secret(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    pki.write_atomic(path, text.encode(), mode=0o600)
+
+
+def _secret(path: Path) -> str:
+    """Read a generated secret, creating it on first use."""
+    if not path.exists():
+        _write_secret(path, secrets.token_urlsafe(18) + "\n")
+    return path.read_text().strip()
+
+
+def _gateway_ids(count: int) -> list[str]:
+    return [f"{GATEWAY_PREFIX}{i:04d}" for i in range(1, count + 1)]
+
+
+def _check_ports(options: PlantOptions) -> None:
+    wanted = {
+        "--broker-port": options.broker_port,
+        "--postgres-port": options.postgres_port,
+        "--dashboard-port": options.dashboard_port,
+        "--gateway-mqtt-port": options.gateway_mqtt_port,
+        "--ingest-http-port": options.ingest_http_port,
+    }
+    wanted |= {
+        f"--modbus-base-port (+{i})": options.modbus_base_port + i for i in range(options.devices)
+    }
+    for flag, port in wanted.items():
+        if not procs.port_is_free(port):
+            raise MillraceError(f"port {port} is in use; choose another with {flag}")
+
+
+class Plant:
+    """Starts the plant's parts in order and records them in plant.json."""
+
+    def __init__(self, options: PlantOptions) -> None:
+        self.options = options
+        self.layout = PlantLayout(options.root)
+        self.services: list[procs.Service] = []
+        self.cluster = PostgresCluster(
+            self.layout.postgres,
+            port=options.postgres_port,
+            password_file=self.layout.pg_superuser_password,
+            passfile=self.layout.pgpass,
+        )
+
+    # -- identities --------------------------------------------------------------------------
+
+    def _identities(self) -> None:
+        paths = pki.pki_paths(self.layout.pki)
+        if not paths.ca_cert.exists():
+            pki.init_pki(self.layout.pki)
+        have = {record.ident for record in pki.issued_records(self.layout.pki)}
+        for ident, role in [(INGEST_SERVICE_ID, "service"), (OPERATOR_SERVICE_ID, "service")]:
+            if ident not in have:
+                pki.issue(self.layout.pki, ident, role=role)  # type: ignore[arg-type]
+        for gateway in _gateway_ids(self.options.devices):
+            if gateway not in have:
+                pki.issue(self.layout.pki, gateway, role="device")
+
+    # -- broker ------------------------------------------------------------------------------
+
+    def _start_broker(self) -> None:
+        from millrace.broker import write_broker_config
+
+        files = write_broker_config(
+            self.layout.pki,
+            self.layout.broker,
+            port=self.options.broker_port,
+            bind_address="127.0.0.1",
+            user=getpass.getuser(),
+        )
+        service = self._spawn("broker", ["mosquitto", "-c", str(files.conf)])
+        procs.wait_for_port(
+            "127.0.0.1",
+            self.options.broker_port,
+            timeout_seconds=START_TIMEOUT_SECONDS,
+            service=service,
+        )
+
+    def _start_gateway_mqtt(self) -> None:
+        """The gateway-side broker the MQTT sensor nodes publish to (loopback only)."""
+        conf = self.layout.local_mqtt / "mosquitto.conf"
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        conf.write_text(
+            "# Gateway-local broker for field sensor nodes; bound to loopback only.\n"
+            f"listener {self.options.gateway_mqtt_port} 127.0.0.1\n"
+            "allow_anonymous true\npersistence false\n"
+            f"user {getpass.getuser()}\nlog_dest stdout\n"
+        )
+        service = self._spawn("gateway-mqtt", ["mosquitto", "-c", str(conf)])
+        procs.wait_for_port(
+            "127.0.0.1",
+            self.options.gateway_mqtt_port,
+            timeout_seconds=START_TIMEOUT_SECONDS,
+            service=service,
+        )
+
+    # -- database ----------------------------------------------------------------------------
+
+    def _start_database(self) -> None:
+        superuser_password = _secret(self.layout.pg_superuser_password)
+        ingest_password = _secret(self.layout.secrets / "pg-ingest-password")
+        dashboard_password = _secret(self.layout.secrets / "pg-dashboard-password")
+        port = self.options.postgres_port
+        lines = [
+            f"127.0.0.1:{port}:*:postgres:{superuser_password}",
+            f"127.0.0.1:{port}:*:{INGEST_LOGIN}:{ingest_password}",
+            f"127.0.0.1:{port}:*:{DASHBOARD_LOGIN}:{dashboard_password}",
+        ]
+        _write_secret(self.layout.pgpass, "\n".join(lines) + "\n")
+        if not self.cluster.initialized():
+            self.cluster.init()
+        self.cluster.start()
+        self.cluster.create_database(DATABASE)
+        from cloud.dbupgrade import DASHBOARD_ROLE, INGEST_ROLE, upgrade
+
+        upgrade(self.superuser_dsn)
+        self._login_role(INGEST_LOGIN, ingest_password, INGEST_ROLE)
+        self._login_role(DASHBOARD_LOGIN, dashboard_password, DASHBOARD_ROLE)
+        self._install_alert_rules()
+
+    def _login_role(self, name: str, password: str, group: str) -> None:
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(self.superuser_dsn, autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
+            verb = "ALTER" if exists else "CREATE"
+            conn.execute(
+                sql.SQL(verb + " ROLE {} LOGIN PASSWORD {}").format(
+                    sql.Identifier(name), sql.Literal(password)
+                )
+            )
+            conn.execute(
+                sql.SQL("GRANT {} TO {}").format(sql.Identifier(group), sql.Identifier(name))
+            )
+
+    def _install_alert_rules(self) -> None:
+        import psycopg
+
+        from cloud.alerts import sync_rules_file
+
+        if not self.layout.alert_rules.exists():
+            self.layout.alert_rules.write_text(DEFAULT_ALERT_RULES)
+        with psycopg.connect(self.superuser_dsn) as conn:
+            sync_rules_file(conn, self.layout.alert_rules)
+
+    @property
+    def superuser_dsn(self) -> str:
+        return self.cluster.dsn_for(DATABASE)
+
+    def dsn_for(self, login: str) -> str:
+        return self.cluster.dsn_for(DATABASE, user=login)
+
+    # -- cloud services ----------------------------------------------------------------------
+
+    def _start_ingest(self) -> None:
+        paths = pki.pki_paths(self.layout.pki)
+        dsn_file = self.layout.secrets / "ingest.dsn"
+        _write_secret(dsn_file, self.dsn_for(INGEST_LOGIN) + "\n")
+        retention_dsn = self.layout.secrets / "retention.dsn"
+        _write_secret(retention_dsn, self.superuser_dsn + "\n")
+        # A share group nobody can guess: a device that joined a known group would be handed
+        # (and drop) its share of other devices' data (docs/security.md).
+        group = "ingest-" + _secret(self.layout.secrets / "share-group").lower()[:12]
+        group = "".join(c if c.isalnum() or c in "-_" else "x" for c in group)
+        self.layout.ingest_config.write_text(
+            "# Generated by millrace up.\n"
+            f'[database]\ndsn_file = "{dsn_file}"\n\n'
+            f'[broker]\nhost = "localhost"\nport = {self.options.broker_port}\n'
+            f'ca = "{paths.ca_cert}"\ncert = "{paths.cert_for(INGEST_SERVICE_ID)}"\n'
+            f'key = "{paths.key_for(INGEST_SERVICE_ID)}"\nclient_id = "ingest-1"\n'
+            f'share_group = "{group}"\n\n'
+            f'[http]\nhost = "127.0.0.1"\nport = {self.options.ingest_http_port}\n\n'
+            f'[retention]\ndsn_file = "{retention_dsn}"\n'
+        )
+        service = self._spawn(
+            "ingest", [*_millrace(), "ingest", "--config", str(self.layout.ingest_config)]
+        )
+        procs.wait_for_port(
+            "127.0.0.1",
+            self.options.ingest_http_port,
+            timeout_seconds=START_TIMEOUT_SECONDS,
+            service=service,
+        )
+
+    def _start_dashboard(self) -> str:
+        dsn_file = self.layout.secrets / "dashboard.dsn"
+        _write_secret(dsn_file, self.dsn_for(DASHBOARD_LOGIN) + "\n")
+        password = _secret(self.layout.admin_password)
+        import subprocess
+
+        done = subprocess.run(
+            [
+                *_millrace(),
+                "dash",
+                "add-user",
+                ADMIN_USER,
+                "--role",
+                "admin",
+                "--users-file",
+                str(self.layout.dashboard_users),
+                "--password-file",
+                str(self.layout.admin_password),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise MillraceError(f"could not create the dashboard login: {done.stderr.strip()}")
+        self.layout.dashboard_config.write_text(
+            "# Generated by millrace up.\n"
+            '[dashboard]\ntitle = "millrace demo plant"\ntimezone = "UTC"\n\n'
+            f'[database]\ndsn_file = "{dsn_file}"\n\n'
+            f'[auth]\nusers_file = "{self.layout.dashboard_users}"\n'
+        )
+        service = self._spawn(
+            "dashboard",
+            [
+                *_millrace(),
+                "dash",
+                "--config",
+                str(self.layout.dashboard_config),
+                "--port",
+                str(self.options.dashboard_port),
+                "--address",
+                "127.0.0.1",
+            ],
+        )
+        procs.wait_for_port(
+            "127.0.0.1",
+            self.options.dashboard_port,
+            timeout_seconds=START_TIMEOUT_SECONDS,
+            service=service,
+        )
+        return password
+
+    # -- field and edge ----------------------------------------------------------------------
+
+    def _start_simulator(self) -> dict[str, Any]:
+        manifest_path = self.layout.manifest
+        manifest_path.unlink(missing_ok=True)
+        service = self._spawn(
+            "simulator",
+            [
+                *_millrace(),
+                "sim",
+                "--devices",
+                str(self.options.devices),
+                "--seed",
+                str(self.options.seed),
+                "--base-port",
+                str(self.options.modbus_base_port),
+                "--mqtt-host",
+                "127.0.0.1",
+                "--mqtt-port",
+                str(self.options.gateway_mqtt_port),
+                "--gateway-prefix",
+                GATEWAY_PREFIX,
+                "--w1-dir",
+                str(self.layout.sim / "w1"),
+                "--manifest",
+                str(manifest_path),
+            ],
+        )
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            if not procs.is_running(service.pid):
+                raise MillraceError(f"the simulator exited; see {service.log_path}")
+            if manifest_path.exists():
+                manifest = json.loads(manifest_path.read_text())
+                if manifest.get("status") == "running":
+                    return dict(manifest)
+            time.sleep(procs.POLL_INTERVAL_SECONDS)
+        raise MillraceError(f"the simulator did not come up; see {service.log_path}")
+
+    def _start_edge_agents(self, manifest: dict[str, Any]) -> None:
+        paths = pki.pki_paths(self.layout.pki)
+        for gateway, devices in sorted(gateways_from_manifest(manifest).items()):
+            gateway_dir = self.layout.gateway_dir(gateway)
+            gateway_dir.mkdir(parents=True, exist_ok=True)
+            config = gateway_dir / "config.toml"
+            config.write_text(
+                edge_config_toml(
+                    gateway_id=gateway,
+                    devices=devices,
+                    broker=BrokerEndpoint(
+                        host="localhost",
+                        port=self.options.broker_port,
+                        ca=paths.ca_cert,
+                        cert=paths.cert_for(gateway),
+                        key=paths.key_for(gateway),
+                    ),
+                    state_dir=gateway_dir,
+                    period_s=self.options.period_s,
+                )
+            )
+            self._spawn(f"edge-{gateway}", [*_millrace(), "edge", "run", "--config", str(config)])
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def _spawn(self, name: str, argv: list[str]) -> procs.Service:
+        service = procs.start(name, argv, log_dir=self.layout.logs)
+        self.services.append(service)
+        self._save("starting")
+        return service
+
+    def summary(self, status: str) -> dict[str, Any]:
+        """What `status --json` prints and plant.json holds."""
+        return {
+            "status": status,
+            "root": str(self.layout.root.resolve()),
+            "supervisor_pid": os.getpid(),
+            "dsn": self.cluster.dsn_for(DATABASE, user=DASHBOARD_LOGIN),
+            "superuser_dsn": self.superuser_dsn,
+            "broker": f"mqtts://localhost:{self.options.broker_port}",
+            "dashboard": f"http://127.0.0.1:{self.options.dashboard_port}",
+            "dashboard_health": f"http://127.0.0.1:{self.options.dashboard_port}/_stcore/health",
+            "ingest_metrics": f"http://127.0.0.1:{self.options.ingest_http_port}/metrics",
+            "login": {"user": ADMIN_USER, "password_file": str(self.layout.admin_password)},
+            "logs": str(self.layout.logs),
+            "devices": self.options.devices,
+            "postgres": {"datadir": str(self.cluster.datadir), "port": self.cluster.port},
+            "services": [
+                {"name": s.name, "pid": s.pid, "log": str(s.log_path)} for s in self.services
+            ],
+        }
+
+    def _save(self, status: str) -> None:
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.layout.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.summary(status), indent=1) + "\n")
+        os.replace(tmp, self.layout.state_file)
+
+    def start(self, *, on_step: Callable[[str], None]) -> str:
+        """Bring every part up; returns the dashboard admin password."""
+        _check_ports(self.options)
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        steps: list[tuple[str, Callable[[], object]]] = [
+            ("certificates", self._identities),
+            ("broker (TLS, ACL)", self._start_broker),
+            ("PostgreSQL + TimescaleDB, schema", self._start_database),
+            ("ingest worker", self._start_ingest),
+            ("gateway-local MQTT broker", self._start_gateway_mqtt),
+        ]
+        for label, step in steps:
+            on_step(label)
+            step()
+        on_step(f"simulated field devices ({self.options.devices} gateways)")
+        manifest = self._start_simulator()
+        on_step("edge agents")
+        self._start_edge_agents(manifest)
+        on_step("dashboard")
+        password = self._start_dashboard()
+        self._save("running")
+        return password
+
+    def stop(self) -> None:
+        """Stop every process in reverse start order, then the database."""
+        for service in reversed(self.services):
+            procs.stop(service.pid)
+        self.cluster.stop()
+        self.services.clear()
+        self._save("stopped")
+
+
+def read_state(root: Path) -> dict[str, Any] | None:
+    """plant.json of the plant under `root`, or None when it never ran."""
+    path = PlantLayout(root).state_file
+    if not path.exists():
+        return None
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def running_services(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The recorded services whose processes still run."""
+    return [s for s in state.get("services", []) if procs.is_running(int(s["pid"]))]
+
+
+def down(root: Path) -> list[str]:
+    """Stop a plant from its plant.json; returns the names of what was stopped."""
+    state = read_state(root)
+    if state is None:
+        return []
+    stopped = []
+    supervisor = int(state.get("supervisor_pid", 0))
+    if supervisor and supervisor != os.getpid() and procs.is_running(supervisor):
+        _stop_supervisor(supervisor)
+    for service in reversed(state.get("services", [])):
+        if procs.is_running(int(service["pid"])):
+            procs.stop(int(service["pid"]))
+            stopped.append(service["name"])
+    cluster = PostgresCluster(PlantLayout(root).postgres, port=int(state["postgres"]["port"]))
+    if (cluster.datadir / "postmaster.pid").exists():
+        cluster.stop()
+        stopped.append("postgres")
+    state["status"] = "stopped"
+    PlantLayout(root).state_file.write_text(json.dumps(state, indent=1) + "\n")
+    return stopped
+
+
+def _stop_supervisor(pid: int) -> None:
+    """Ask a foreground `millrace up` to stop its plant, and wait for it."""
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + procs.STOP_GRACE_SECONDS * 4
+    while time.monotonic() < deadline and procs.is_running(pid):
+        time.sleep(procs.POLL_INTERVAL_SECONDS)
