@@ -18,6 +18,8 @@ from millrace.errors import ConfigError
 
 # The simulator changes values once a second; polling at that rate serves every value once.
 POLL_SECONDS = 1.0
+# Late readings are accepted this long after a window ends (at most half a period).
+GRACE_SECONDS = 2.0
 _EDGE_TYPES = frozenset({"int16", "uint16", "int32", "uint32", "float32"})
 
 
@@ -121,7 +123,7 @@ def edge_config_toml(
             "key": broker.key,
         },
     )
-    lines += _table("windows", {"period_s": period_s, "grace_s": 2.0})
+    lines += _table("windows", {"period_s": period_s, "grace_s": min(GRACE_SECONDS, period_s / 2)})
     lines += _table("outbox", {"path": state_dir / "outbox.sqlite"})
     lines += _table("heartbeat", {"interval_s": heartbeat_s})
     lines += _table("state", {"dir": state_dir / "state"})

@@ -39,7 +39,8 @@ OPERATOR_SERVICE_ID = "operator"
 ADMIN_USER = "admin"
 GATEWAY_PREFIX = "gw"
 START_TIMEOUT_SECONDS = 60.0
-WATCH_INTERVAL_SECONDS = 1.0
+# How long every service must survive after start before the plant counts as up.
+SETTLE_SECONDS = 3.0
 DEFAULT_ALERT_RULES = """\
 # Installed by `millrace up`; edit and re-run `millrace up` to change them.
 [[rule]]
@@ -444,8 +445,20 @@ class Plant:
         self._start_edge_agents(manifest)
         on_step("dashboard")
         password = self._start_dashboard()
+        self._check_alive()
         self._save("running")
         return password
+
+    def _check_alive(self) -> None:
+        """Fail start-up when a service died right away (a bad config, a busy port ...)."""
+        time.sleep(SETTLE_SECONDS)
+        for service in self.services:
+            if not procs.is_running(service.pid):
+                tail = service.log_path.read_text(errors="replace").strip().splitlines()[-1:]
+                raise MillraceError(
+                    f"{service.name} stopped during start-up: {' '.join(tail) or 'no output'}"
+                    f" (log: {service.log_path})"
+                )
 
     def stop(self) -> None:
         """Stop every process in reverse start order, then the database."""

@@ -168,6 +168,11 @@ class PostgresCluster:
         """Run initdb and append millrace's settings; the directory must not hold a cluster."""
         self._base.mkdir(parents=True, exist_ok=True)
         self.socket_dir.mkdir(exist_ok=True)
+        if self._os_user and self._run("test", "-x", str(self._base.parent)).returncode != 0:
+            raise MillraceError(
+                f"the {self._os_user} user cannot reach {self._base.parent} (PostgreSQL runs as "
+                "that user when millrace runs as root); use a directory every user can traverse"
+            )
         if self._os_user:
             entry = pwd.getpwnam(self._os_user)
             for path in (self._base, self.socket_dir):
