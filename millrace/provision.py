@@ -59,6 +59,8 @@ REQUIREMENTS_NAME = "requirements.txt"
 RELEASE_HASH_CHARS = 12
 # Systemd kills and restarts an agent that has not pinged the watchdog for this long.
 WATCHDOG_SECONDS = 60
+# Cloud-side extras whose pins `--release-dir` writes for the ingest and dashboard roles.
+CLOUD_TARGETS = ("cloud", "dashboard")
 UNIT_NAME = "millrace-edge.service"
 FIRSTBOOT_UNIT_NAME = "millrace-firstboot.service"
 # The layout on a gateway; install.sh and the Ansible edge_agent role use the same one.
@@ -173,9 +175,14 @@ def _marker_env_holds(requirement: Any, extras: Iterable[str]) -> bool:
 
 
 def edge_requirements() -> list[str]:
-    """`name==version` for the closure of millrace's base + edge dependencies, as installed here.
+    """`name==version` for the closure of millrace's base + edge dependencies, as installed here."""
+    return pinned_requirements(EDGE_EXTRA)
 
-    Markers are evaluated for this interpreter; gateways run the same Python minor version.
+
+def pinned_requirements(extra: str) -> list[str]:
+    """`name==version` for the closure of millrace's base + `extra` dependencies, as installed.
+
+    Markers are evaluated for this interpreter; targets run the same Python minor version.
     """
     try:
         from packaging.requirements import Requirement
@@ -187,7 +194,7 @@ def edge_requirements() -> list[str]:
     root = metadata.distribution(DIST_NAME)
     pins: dict[str, str] = {}
     queue: list[tuple[Requirement, tuple[str, ...]]] = [
-        (Requirement(r), (EDGE_EXTRA,)) for r in root.requires or []
+        (Requirement(r), (extra,)) for r in root.requires or []
     ]
     while queue:
         requirement, extras = queue.pop()
@@ -201,7 +208,7 @@ def edge_requirements() -> list[str]:
         except metadata.PackageNotFoundError as exc:
             raise MillraceError(
                 f"{requirement.name} is not installed here; pins come from this environment: "
-                f"pip install '{DIST_NAME}[{EDGE_EXTRA}]'"
+                f"pip install '{DIST_NAME}[{extra}]'"
             ) from exc
         if not requirement.specifier.contains(dist.version, prereleases=True):
             raise MillraceError(f"installed {name} {dist.version} does not satisfy {requirement}")
@@ -288,11 +295,14 @@ def prepare_release(
     wheel: Path | str | None = None,
     wheelhouse: Path | str | None = None,
     requirements: Iterable[str] | None = None,
+    targets: Iterable[str] = CLOUD_TARGETS,
 ) -> Release:
     """Write the agent wheel, pinned requirements, optional dependency wheels and release.json.
 
     `wheelhouse` holds wheels for the gateways' platform (e.g. from `pip download
-    --platform ...`); with them the install needs no package index.
+    --platform ...`); with them the install needs no package index. Each of `targets`
+    (extras installed here, e.g. cloud) gets its own pinned requirements-<extra>.txt
+    and release id in release.json for the Ansible roles of the cloud side.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -334,16 +344,43 @@ def prepare_release(
         digest.update(f"{path.name}\0{_sha256(path)}\n".encode())
     version = _wheel_version(agent_wheel)
     release_id = f"{version}-{digest.hexdigest()[:RELEASE_HASH_CHARS]}"
-    info = {
+    info: dict[str, Any] = {
         "version": version,
         "release_id": release_id,
         "wheel": agent_wheel.name,
         "requirements": REQUIREMENTS_NAME,
         "wheels": [p.name for p in dep_wheels],
+        "targets": _write_targets(out, agent_wheel, version, targets),
     }
     (out / RELEASE_JSON).write_text(json.dumps(info, indent=2) + "\n")
     log.info("release %s in %s", release_id, out)
     return Release(out, version, release_id, agent_wheel, req_path, tuple(dep_wheels))
+
+
+def _write_targets(
+    out: Path, wheel: Path, version: str, targets: Iterable[str]
+) -> dict[str, dict[str, str]]:
+    """requirements-<extra>.txt and a release id per cloud-side target installed here."""
+    written: dict[str, dict[str, str]] = {}
+    for stale in out.glob("requirements-*.txt"):
+        stale.unlink()
+    for extra in targets:
+        try:
+            pins = pinned_requirements(extra)
+        except MillraceError as exc:
+            log.warning("no %s requirements in this release: %s", extra, exc)
+            continue
+        path = out / f"requirements-{extra}.txt"
+        path.write_text(
+            f"# The {extra} extra's closure, pinned to what the provisioning environment runs.\n"
+            + "".join(f"{pin}\n" for pin in pins)
+        )
+        digest = hashlib.sha256(f"{_sha256(wheel)}\0{_sha256(path)}".encode()).hexdigest()
+        written[extra] = {
+            "release_id": f"{version}-{digest[:RELEASE_HASH_CHARS]}",
+            "requirements": path.name,
+        }
+    return written
 
 
 # -- certificates -----------------------------------------------------------------------
@@ -529,7 +566,7 @@ def build_bundle(
     # Everything that can fail on the operator's input is checked before a certificate is made.
     credentials = device_credentials(pki_path, ident, csr_pem=csr_pem, force=force)
     with tempfile.TemporaryDirectory(prefix="millrace-release-") as tmp:
-        release = prepare_release(Path(tmp), wheel=wheel, wheelhouse=wheelhouse)
+        release = prepare_release(Path(tmp), wheel=wheel, wheelhouse=wheelhouse, targets=())
         files: dict[str, bytes] = {
             f"agent/{release.wheel.name}": release.wheel.read_bytes(),
             f"agent/{REQUIREMENTS_NAME}": release.requirements.read_bytes(),

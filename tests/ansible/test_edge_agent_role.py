@@ -165,7 +165,7 @@ def test_agent_installed_by_the_role_publishes_to_the_broker(
 
 def test_failed_health_check_restores_the_previous_release_and_config(
     converged: Converged,
-    agent_wheel: Path,
+    agent_wheel: Path,  # noqa: F811
     wheelhouse: Path,  # noqa: F811
 ) -> None:
     """A new release with a config the agent rejects: the gateway fails and rolls back."""

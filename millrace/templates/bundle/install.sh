@@ -242,9 +242,17 @@ rollback() {
     exit 4
 }
 
+# `edge check` exits 1 when a signal cannot be read right now (a PLC switched off): that
+# is reported, not fatal; anything else (2: the config is invalid) rolls back.
 if [ "$run_check" = 1 ] && [ "$changed" = 1 ]; then
+    check_status=0
     "$opt/current/venv/bin/millrace" edge check --config "$etc/agent.toml" >"$work/check" 2>&1 \
-        || rollback "millrace edge check failed: $(tail -n 5 "$work/check")"
+        || check_status=$?
+    case $check_status in
+        0) say "millrace edge check passed" ;;
+        1) say "warning: some signals cannot be read now: $(tail -n 5 "$work/check")" ;;
+        *) rollback "millrace edge check failed: $(tail -n 5 "$work/check")" ;;
+    esac
 fi
 
 if [ "$manage_service" = 1 ]; then

@@ -1,0 +1,206 @@
+"""A real device bundle, installed with its own install.sh into a temporary root, runs.
+
+The bundle carries the agent wheel built from this checkout and offline dependency
+wheels, so the install needs no network; `--root` relocates it and turns user and
+service management off. The agent started from the installed release with the installed
+config must get its data to the test broker.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+
+from millrace import provision
+from tests.ansible.rollout_support import (
+    TEST_AGENT_TEMPLATE,
+    BatchInbox,
+    agent_wheel,  # noqa: F401 - fixture
+    running_agent,
+    wheelhouse,  # noqa: F401 - fixture
+)
+from tests.fixtures.fix_broker import MosquittoServer, PKIFixture
+
+pytestmark = [pytest.mark.ansible, pytest.mark.integration]
+
+DEVICE = "gw-bundle"
+INSTALL_TIMEOUT_SECONDS = 180
+
+
+@dataclass
+class Installed:
+    work: Path
+    bundle: Path
+    unpacked: Path
+    root: Path
+    first: subprocess.CompletedProcess[str]
+    second: subprocess.CompletedProcess[str]
+
+
+def _install(
+    bundle_dir: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["sh", str(bundle_dir / "install.sh"), *args],
+        capture_output=True,
+        text=True,
+        timeout=INSTALL_TIMEOUT_SECONDS,
+        env=env,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def installed(
+    tmp_path_factory: pytest.TempPathFactory,
+    test_pki: PKIFixture,
+    broker: MosquittoServer,
+    agent_wheel: Path,  # noqa: F811
+    wheelhouse: Path,  # noqa: F811
+) -> Installed:
+    """`millrace provision` for DEVICE, unpacked and installed twice into a temp root."""
+    work = tmp_path_factory.mktemp("bundle")
+    template = work / "agent.toml.tmpl"
+    template.write_text(TEST_AGENT_TEMPLATE)
+    bundle = work / f"{DEVICE}.tar.gz"
+    made = subprocess.run(
+        [
+            sys.executable, "-m", "millrace.cli", "provision", DEVICE,
+            "--pki", str(test_pki.dir), "--out", str(bundle), "--config", str(template),
+            "--broker", f"{broker.host}:{broker.port}",
+            "--wheel", str(agent_wheel), "--wheelhouse", str(wheelhouse),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=INSTALL_TIMEOUT_SECONDS,
+        check=False,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    with tarfile.open(bundle) as tar:
+        tar.extractall(work / "unpacked", filter="tar")
+    unpacked = work / "unpacked" / f"millrace-{DEVICE}"
+    root = work / "root"
+    first = _install(unpacked, "--root", str(root))
+    second = _install(unpacked, "--root", str(root))
+    return Installed(work, bundle, unpacked, root, first, second)
+
+
+def test_install_script_installs_then_changes_nothing(installed: Installed) -> None:
+    assert installed.first.returncode == 0, installed.first.stdout + installed.first.stderr
+    assert installed.first.stdout.strip().endswith("changed=1")
+    assert installed.second.returncode == 0, installed.second.stderr
+    assert installed.second.stdout.strip().endswith("changed=0")
+    assert "already installed, nothing changed" in installed.second.stdout
+
+
+@pytest.mark.security
+def test_installed_key_and_config_are_private(installed: Installed) -> None:
+    etc = installed.root / "etc" / "millrace"
+    assert stat.S_IMODE((etc / "pki" / "device.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((etc / "pki").stat().st_mode) == 0o750
+    assert stat.S_IMODE((etc / "agent.toml").stat().st_mode) == 0o640
+    assert stat.S_IMODE((installed.root / "var/lib/millrace").stat().st_mode) == 0o700
+    output = installed.first.stdout + installed.first.stderr
+    assert "PRIVATE KEY" not in output
+
+
+def test_installed_agent_publishes_to_the_broker(
+    installed: Installed, mqtt_connect: Callable[..., paho.Client]
+) -> None:
+    config = installed.root / "etc" / "millrace" / "agent.toml"
+    assert str(installed.root / "etc/millrace/pki/device.key") in config.read_text()
+    inbox = BatchInbox(mqtt_connect("bundle-watcher", "svc-test"), DEVICE)
+    millrace_bin = installed.root / "opt/millrace/current/venv/bin/millrace"
+    log_file = installed.work / "agent.log"
+    with running_agent(millrace_bin, config, log_file) as proc:
+        batch = inbox.next_batch(proc, log_file)
+    assert batch.device == DEVICE
+    assert [w.metric for w in batch.windows] == ["test.sine"]
+
+
+def test_first_boot_service_installs_the_staged_bundle_and_disables_itself(
+    installed: Installed,
+) -> None:
+    """What millrace-firstboot.service runs, pointed at the already installed root."""
+    card_root = installed.work / "card"
+    (card_root / "etc" / "systemd" / "system").mkdir(parents=True)
+    provision.write_sd(installed.bundle, card_root)
+    stage = card_root / "var" / "lib" / "millrace-firstboot"
+    wants = card_root / "etc/systemd/system/multi-user.target.wants" / provision.FIRSTBOOT_UNIT_NAME
+    assert wants.is_symlink()
+
+    result = subprocess.run(
+        ["sh", str(stage / "firstboot.sh"), "install", "--root", str(installed.root)],
+        env={**os.environ, "MILLRACE_ROOT": str(card_root)},
+        capture_output=True,
+        text=True,
+        timeout=INSTALL_TIMEOUT_SECONDS,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "manifest verified" in result.stdout
+    assert "changed=0" in result.stdout  # the same release and files as the install above
+    assert not stage.exists()
+    assert not wants.is_symlink()
+
+
+def test_rerun_after_a_local_change_repairs_it(installed: Installed) -> None:
+    key = installed.root / "etc" / "millrace" / "pki" / "device.key"
+    key.chmod(0o644)
+    config = installed.root / "etc" / "millrace" / "agent.toml"
+    original = config.read_text()
+    config.write_text(original + "# edited by hand\n")
+    result = _install(installed.unpacked, "--root", str(installed.root))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("changed=1")
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert config.read_text() == original
+    assert (config.parent / "agent.toml.previous").read_text().endswith("# edited by hand\n")
+
+
+def test_a_bundle_whose_config_the_agent_rejects_is_rolled_back(
+    installed: Installed,
+    test_pki: PKIFixture,
+    broker: MosquittoServer,
+    agent_wheel: Path,  # noqa: F811
+    wheelhouse: Path,  # noqa: F811
+) -> None:
+    """Same release, new config with period_s = 0: `edge check` fails, the old config returns."""
+    config = installed.root / "etc" / "millrace" / "agent.toml"
+    good = config.read_text()
+    bad_bundle = provision.build_bundle(
+        DEVICE,
+        pki_dir=test_pki.dir,
+        out=installed.work / "bad.tar.gz",
+        config_template=_write(
+            installed.work / "bad.toml.tmpl",
+            TEST_AGENT_TEMPLATE.replace("period_s = 1", "period_s = 0"),
+        ),
+        broker_host=broker.host,
+        broker_port=broker.port,
+        wheel=agent_wheel,
+        wheelhouse=wheelhouse,
+    )
+    with tarfile.open(bad_bundle.path) as tar:
+        tar.extractall(installed.work / "bad", filter="tar")
+
+    result = _install(installed.work / "bad" / f"millrace-{DEVICE}", "--root", str(installed.root))
+
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "millrace edge check failed" in result.stderr
+    assert "windows.period_s" in result.stderr
+    assert config.read_text() == good
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path

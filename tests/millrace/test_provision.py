@@ -1,0 +1,443 @@
+"""`millrace provision`: bundle contents, certificates, the manifest check, SD cards.
+
+These tests use a stand-in wheel file: the install script refuses a bad bundle before it
+touches pip. Installing a real bundle and running its agent is tests/ansible/test_bundle.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from millrace import pki, provision
+from millrace.errors import ConfigError, PKIError
+
+DEVICE = "press-07"
+FAKE_WHEEL_NAME = "millrace-0.1.0-py3-none-any.whl"
+CLOUD_ONLY = ("psycopg", "sqlalchemy", "streamlit", "alembic", "pandas")
+
+
+@pytest.fixture(scope="module")
+def plant_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pki_dir = tmp_path_factory.mktemp("plant") / "pki"
+    pki.init_pki(pki_dir, hosts=["mqtt.plant.example", "10.20.0.5"])
+    return pki_dir
+
+
+@pytest.fixture(scope="module")
+def fake_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    wheel = tmp_path_factory.mktemp("wheel") / FAKE_WHEEL_NAME
+    wheel.write_bytes(b"not really a wheel: install.sh must refuse before pip sees it")
+    return wheel
+
+
+def _bundle(plant_pki: Path, fake_wheel: Path, out: Path, device: str = DEVICE, **kw: object):
+    return provision.build_bundle(device, pki_dir=plant_pki, out=out, wheel=fake_wheel, **kw)  # type: ignore[arg-type]
+
+
+def _members(path: Path) -> dict[str, tarfile.TarInfo]:
+    with tarfile.open(path) as tar:
+        return {m.name.split("/", 1)[1]: m for m in tar.getmembers() if "/" in m.name}
+
+
+def _extract(path: Path, into: Path) -> Path:
+    into.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path) as tar:
+        tar.extractall(into, filter="tar")
+    (top,) = into.iterdir()
+    return top
+
+
+def _install(bundle_dir: Path, root: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["sh", str(bundle_dir / "install.sh"), "--root", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "millrace.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+# -- the bundle -----------------------------------------------------------------------------------
+
+
+def test_bundle_holds_everything_a_gateway_needs_with_private_modes(
+    plant_pki: Path, fake_wheel: Path, tmp_path: Path
+) -> None:
+    bundle = _bundle(plant_pki, fake_wheel, tmp_path / "b.tar.gz")
+    members = _members(bundle.path)
+    assert set(members) >= {
+        "install.sh",
+        "firstboot.sh",
+        "MANIFEST.sha256",
+        "bundle.json",
+        f"agent/{FAKE_WHEEL_NAME}",
+        "agent/requirements.txt",
+        "agent/release.json",
+        "config/agent.toml",
+        "pki/ca.crt",
+        "pki/device.crt",
+        "pki/device.key",
+        "systemd/millrace-edge.service",
+        "systemd/millrace-firstboot.service",
+    }
+    assert stat.S_IMODE(members["pki/device.key"].mode) == 0o600
+    assert stat.S_IMODE(members["install.sh"].mode) == 0o755
+    assert stat.S_IMODE(bundle.path.stat().st_mode) == 0o600
+    assert bundle.has_key
+    assert bundle.sha256 == hashlib.sha256(bundle.path.read_bytes()).hexdigest()
+
+
+def test_manifest_lists_the_sha256_of_every_other_file(
+    plant_pki: Path, fake_wheel: Path, tmp_path: Path
+) -> None:
+    top = _extract(_bundle(plant_pki, fake_wheel, tmp_path / "b.tar.gz").path, tmp_path / "x")
+    listed = {}
+    for line in (top / provision.MANIFEST_NAME).read_text().splitlines():
+        digest, name = line.split("  ", 1)
+        listed[name] = digest
+    files = {str(p.relative_to(top)) for p in top.rglob("*") if p.is_file()} - {
+        provision.MANIFEST_NAME
+    }
+    assert set(listed) == files
+    for name, digest in listed.items():
+        assert hashlib.sha256((top / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_requirements_pin_only_the_edge_closure(
+    plant_pki: Path, fake_wheel: Path, tmp_path: Path
+) -> None:
+    top = _extract(_bundle(plant_pki, fake_wheel, tmp_path / "b.tar.gz").path, tmp_path / "x")
+    pins = [
+        line
+        for line in (top / "agent/requirements.txt").read_text().splitlines()
+        if not line.startswith("#")
+    ]
+    names = {pin.split("==")[0] for pin in pins}
+    assert {"paho-mqtt", "pymodbus", "cryptography", "msgpack"} <= names
+    assert not any(name.startswith(CLOUD_ONLY) for name in names), names
+    assert all("==" in pin for pin in pins)
+
+
+def test_config_is_rendered_for_the_device_and_the_broker_on_its_certificate(
+    plant_pki: Path, fake_wheel: Path, tmp_path: Path
+) -> None:
+    from edge.config import parse_config
+
+    bundle = _bundle(plant_pki, fake_wheel, tmp_path / "b.tar.gz")
+    top = _extract(bundle.path, tmp_path / "x")
+    config = parse_config(
+        (top / "config/agent.toml").read_text(), base=Path("/etc/millrace"), source="bundle"
+    )
+    assert config.device_id == DEVICE
+    assert config.broker.host == "mqtt.plant.example"  # first non-loopback SAN
+    assert config.broker.key == Path("/etc/millrace/pki/device.key")
+    assert config.outbox.path.is_relative_to("/var/lib/millrace")
+    cert = x509.load_pem_x509_certificate((top / "pki/device.crt").read_bytes())
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == DEVICE
+    info = json.loads((top / "bundle.json").read_text())
+    assert info["device_id"] == DEVICE
+    assert info["release_id"] == bundle.release_id
+    unit = (top / "systemd/millrace-edge.service").read_text()
+    for directive in (
+        "Type=notify",
+        "WatchdogSec=",
+        "User=millrace",
+        "StateDirectory=millrace",
+        "Restart=on-failure",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "After=network-online.target time-sync.target",
+        "ExecStart=/opt/millrace/current/venv/bin/millrace edge run"
+        " --config /etc/millrace/agent.toml",
+    ):
+        assert directive in unit, directive
+
+
+def test_provisioning_twice_reuses_the_certificate_unless_forced(
+    plant_pki: Path, fake_wheel: Path, tmp_path: Path
+) -> None:
+    def serial() -> int:
+        path = pki.pki_paths(plant_pki).cert_for("again-1")
+        return x509.load_pem_x509_certificate(path.read_bytes()).serial_number
+
+    first = _bundle(plant_pki, fake_wheel, tmp_path / "1.tar.gz", device="again-1")
+    issued = serial()
+    _bundle(plant_pki, fake_wheel, tmp_path / "2.tar.gz", device="again-1")
+    assert serial() == issued
+    _bundle(plant_pki, fake_wheel, tmp_path / "3.tar.gz", device="again-1", force=True)
+    assert serial() != issued
+    assert first.release_id.startswith("0.1.0-")
+
+
+def test_csr_bundle_carries_no_key_and_the_certificate_matches_the_device_key(
+    plant_pki: Path, fake_wheel: Path, tmp_path: Path
+) -> None:
+    device_key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "csr-gw")]))
+        .sign(device_key, hashes.SHA256())
+    )
+    csr_pem = csr.public_bytes(serialization.Encoding.PEM)
+    bundle = _bundle(plant_pki, fake_wheel, tmp_path / "c.tar.gz", device="csr-gw", csr_pem=csr_pem)
+    assert not bundle.has_key
+    members = _members(bundle.path)
+    assert "pki/device.key" not in members
+    top = _extract(bundle.path, tmp_path / "x")
+    cert = x509.load_pem_x509_certificate((top / "pki/device.crt").read_bytes())
+    raw = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert cert.public_key().public_bytes(*raw) == device_key.public_key().public_bytes(*raw)
+    assert not pki.pki_paths(plant_pki).key_for("csr-gw").exists()
+
+    # Without the device's own key in place the install script stops before installing.
+    result = _install(top, tmp_path / "root")
+    assert result.returncode == 1
+    assert "carries no key" in result.stderr
+    assert not (tmp_path / "root" / "opt").exists()
+
+    with pytest.raises(PKIError, match="CN is 'csr-gw'"):
+        _bundle(plant_pki, fake_wheel, tmp_path / "d.tar.gz", device="other", csr_pem=csr_pem)
+
+
+def test_config_template_mistakes_name_the_placeholder_and_issue_nothing(
+    plant_pki: Path, fake_wheel: Path, tmp_path: Path
+) -> None:
+    template = tmp_path / "t.toml"
+    template.write_text('device_id = "{{ device_id }}"\n[broker]\nhost = "{{ brokr_host }}"\n')
+    with pytest.raises(ConfigError, match="brokr_host"):
+        _bundle(
+            plant_pki, fake_wheel, tmp_path / "b.tar.gz", device="tmpl-1", config_template=template
+        )
+    template.write_text('device_id = "someone-else"\n')
+    with pytest.raises(ConfigError, match="device_id"):
+        _bundle(
+            plant_pki, fake_wheel, tmp_path / "b.tar.gz", device="tmpl-1", config_template=template
+        )
+    assert not pki.pki_paths(plant_pki).cert_for("tmpl-1").exists()
+
+
+# -- the install script's integrity check ---------------------------------------------------------
+
+
+def _tamper_modify(top: Path) -> None:
+    path = top / "config" / "agent.toml"
+    path.write_text(path.read_text().replace("mqtt.plant.example", "evil.example"))
+
+
+def _tamper_add(top: Path) -> None:
+    (top / "agent" / "paho_mqtt-9.9.9-py3-none-any.whl").write_bytes(b"trojan")
+
+
+def _tamper_remove(top: Path) -> None:
+    (top / "pki" / "ca.crt").unlink()
+
+
+def _tamper_symlink(top: Path) -> None:
+    (top / "pki" / "ca.crt").unlink()
+    (top / "pki" / "ca.crt").symlink_to("/etc/hostname")
+
+
+def _tamper_script(top: Path) -> None:
+    unit = top / "systemd" / "millrace-edge.service"
+    unit.write_text(unit.read_text().replace("NoNewPrivileges=yes", "NoNewPrivileges=no"))
+
+
+@pytest.mark.security
+@pytest.mark.ansible
+@pytest.mark.parametrize(
+    "tamper",
+    [_tamper_modify, _tamper_add, _tamper_remove, _tamper_symlink, _tamper_script],
+    ids=["modified", "added", "removed", "symlinked", "unit-weakened"],
+)
+def test_install_refuses_a_tampered_bundle_and_touches_nothing(
+    plant_pki: Path, fake_wheel: Path, tmp_path: Path, tamper: object
+) -> None:
+    top = _extract(_bundle(plant_pki, fake_wheel, tmp_path / "b.tar.gz").path, tmp_path / "x")
+    tamper(top)  # type: ignore[operator]
+    root = tmp_path / "root"
+    result = _install(top, root)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "refusing to install" in result.stderr
+    assert not root.exists()
+
+
+@pytest.mark.security
+def test_untampered_bundle_passes_the_manifest_check(
+    plant_pki: Path, fake_wheel: Path, tmp_path: Path
+) -> None:
+    """The baseline for the refusals: the same bundle gets past the check (then pip fails)."""
+    top = _extract(_bundle(plant_pki, fake_wheel, tmp_path / "b.tar.gz").path, tmp_path / "x")
+    result = _install(top, tmp_path / "root")
+    assert "manifest verified" in result.stdout
+    assert result.returncode == 1  # the stand-in wheel is not installable
+    assert "pip could not install" in result.stderr
+
+
+# -- SD cards -------------------------------------------------------------------------------------
+
+
+def test_sd_boot_partition_stages_once_and_moves_the_key_off_fat(
+    plant_pki: Path, fake_wheel: Path, tmp_path: Path
+) -> None:
+    bundle = _bundle(plant_pki, fake_wheel, tmp_path / "b.tar.gz")
+    boot = tmp_path / "bootfs"
+    boot.mkdir()
+    (boot / "cmdline.txt").write_text("console=tty1 root=PARTUUID=1234-02 rootwait\n")
+    assert provision.write_sd(bundle.path, boot).kind == "boot"
+    provision.write_sd(bundle.path, boot)  # twice: still one hook
+    cmdline = (boot / "cmdline.txt").read_text()
+    assert cmdline.count("systemd.run=/boot/firmware/millrace/firstboot.sh") == 1
+    assert cmdline.startswith("console=tty1 root=PARTUUID=1234-02 rootwait ")
+    assert (boot / "millrace" / "bundle.tar.gz").read_bytes() == bundle.path.read_bytes()
+
+    rootfs = tmp_path / "rootfs"
+    result = subprocess.run(
+        ["sh", str(boot / "millrace" / "firstboot.sh")],
+        env={**os.environ, "MILLRACE_ROOT": str(rootfs)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    stage = rootfs / "var" / "lib" / "millrace-firstboot"
+    assert stat.S_IMODE(stage.stat().st_mode) == 0o700
+    assert (stage / "bundle.tar.gz").read_bytes() == bundle.path.read_bytes()
+    units = rootfs / "etc" / "systemd" / "system"
+    link = units / "multi-user.target.wants" / provision.FIRSTBOOT_UNIT_NAME
+    assert os.readlink(link) == f"/etc/systemd/system/{provision.FIRSTBOOT_UNIT_NAME}"
+    assert (units / provision.FIRSTBOOT_UNIT_NAME).is_file()
+    assert not (boot / "millrace").exists()
+    assert (boot / "cmdline.txt").read_text() == "console=tty1 root=PARTUUID=1234-02 rootwait\n"
+
+
+def test_sd_root_filesystem_gets_the_enabled_first_boot_unit(
+    plant_pki: Path, fake_wheel: Path, tmp_path: Path
+) -> None:
+    bundle = _bundle(plant_pki, fake_wheel, tmp_path / "b.tar.gz")
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "etc" / "systemd" / "system").mkdir(parents=True)
+    result = provision.write_sd(bundle.path, rootfs)
+    assert result.kind == "rootfs"
+    staged = rootfs / "var" / "lib" / "millrace-firstboot" / "bundle.tar.gz"
+    assert stat.S_IMODE(staged.stat().st_mode) == 0o600
+    unit = (rootfs / "etc/systemd/system" / provision.FIRSTBOOT_UNIT_NAME).read_text()
+    assert "ExecStart=/var/lib/millrace-firstboot/firstboot.sh install" in unit
+    assert "After=network-online.target time-sync.target" in unit
+    wants = rootfs / "etc/systemd/system/multi-user.target.wants" / provision.FIRSTBOOT_UNIT_NAME
+    assert wants.is_symlink()
+
+
+def test_sd_refuses_a_directory_that_is_no_card(
+    plant_pki: Path, fake_wheel: Path, tmp_path: Path
+) -> None:
+    bundle = _bundle(plant_pki, fake_wheel, tmp_path / "b.tar.gz")
+    with pytest.raises(ConfigError, match=r"cmdline\.txt"):
+        provision.write_sd(bundle.path, tmp_path)
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+def test_cli_writes_a_bundle_and_prints_no_secret(
+    plant_pki: Path, fake_wheel: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "cli.tar.gz"
+    result = _cli(
+        "provision",
+        "cli-gw",
+        "--pki",
+        str(plant_pki),
+        "--out",
+        str(out),
+        "--wheel",
+        str(fake_wheel),
+        "--broker",
+        "10.20.0.5:18883",
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"bundle {out}" in result.stdout
+    assert "key included (0600)" in result.stdout
+    assert "PRIVATE KEY" not in result.stdout + result.stderr
+    top = _extract(out, tmp_path / "x")
+    assert 'host = "10.20.0.5"' in (top / "config/agent.toml").read_text()
+    assert "port = 18883" in (top / "config/agent.toml").read_text()
+
+
+def test_cli_rejects_mistakes_in_one_line_before_issuing(
+    plant_pki: Path, fake_wheel: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        provision.template_text("agent.toml.tmpl").replace(
+            "period_s = 10", "period_s = 10\nperiod = 5"
+        )
+    )
+    for args, needle in (
+        (["--pki", str(plant_pki), "--out", str(tmp_path / "x.tar.gz")], "ID"),
+        (["BAD ID", "--pki", str(plant_pki), "--out", str(tmp_path / "x.tar.gz")], "invalid id"),
+        (["cli-bad", "--pki", str(plant_pki), "--out", str(tmp_path / "x.zip")], ".tar.gz"),
+        (
+            [
+                "cli-bad",
+                "--pki",
+                str(plant_pki),
+                "--out",
+                str(tmp_path / "x.tar.gz"),
+                "--wheel",
+                str(fake_wheel),
+                "--config",
+                str(bad),
+            ],
+            "windows.period",
+        ),
+    ):
+        result = _cli("provision", *args)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert needle in result.stderr, (needle, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not pki.pki_paths(plant_pki).cert_for("cli-bad").exists()
+
+
+def test_cli_release_dir_writes_what_the_ansible_roles_read(
+    fake_wheel: Path, tmp_path: Path
+) -> None:
+    release_dir = tmp_path / "release"
+    result = _cli("provision", "--release-dir", str(release_dir), "--wheel", str(fake_wheel))
+    assert result.returncode == 0, result.stderr
+    info = json.loads((release_dir / provision.RELEASE_JSON).read_text())
+    assert info["wheel"] == FAKE_WHEEL_NAME
+    assert (release_dir / FAKE_WHEEL_NAME).read_bytes() == fake_wheel.read_bytes()
+    assert info["release_id"] in result.stdout
+    assert set(info["targets"]) == {"cloud", "dashboard"}
+    cloud_pins = (release_dir / info["targets"]["cloud"]["requirements"]).read_text()
+    assert "psycopg==" in cloud_pins
+    assert "streamlit" not in cloud_pins
+    again = _cli("provision", "--release-dir", str(release_dir), "--wheel", str(fake_wheel))
+    assert json.loads((release_dir / provision.RELEASE_JSON).read_text()) == info
+    assert again.returncode == 0
