@@ -8,6 +8,7 @@ pipeline; the publisher thread only talks to the broker.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import queue
@@ -16,6 +17,7 @@ import threading
 import time
 import uuid
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from edge.batching import SeqCounter, build_batches
@@ -36,7 +38,7 @@ from edge.publisher import Publisher
 from edge.sampler import Sampler
 from edge.state import AgentState, StateStore
 from edge.systemd import Notifier
-from millrace.errors import ConfigError
+from millrace.errors import ConfigError, MillraceError
 from millrace.topics import health_topic, reply_topic, state_topic
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ FINAL_PUBLISH_SECONDS = 5.0
 FIRST_HEARTBEAT_SECONDS = 2.0
 
 _STOP = ("", b"")
+LOCK_FILE = "agent.lock"
 
 
 def now_ms() -> int:
@@ -82,10 +85,25 @@ def apply_saved_settings(config: AgentConfig, state: AgentState) -> AgentConfig:
     return config.with_settings(period_s=period, poll_s=polls)
 
 
+def _take_lock(state_dir: Path) -> int:
+    """Hold an exclusive lock so two agents never share (and double-send) one outbox."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise MillraceError(
+            f"another edge agent is running with state directory {state_dir}"
+        ) from None
+    return fd
+
+
 class Agent:
     """One edge agent process."""
 
     def __init__(self, config: AgentConfig, *, notifier: Notifier | None = None) -> None:
+        self._lock_fd = _take_lock(config.state_dir)
         self.store = StateStore(config.state_dir)
         state = self.store.load()
         self.config = apply_saved_settings(config, state)
@@ -215,13 +233,23 @@ class Agent:
         left = self.outbox.stats()
         self.outbox.close()
         self.notifier.close()
+        self.release()
         log.info("stopped; %d batch(es) remain in the outbox for the next start", left.batches)
+
+    def release(self) -> None:
+        """Let another agent use this state directory (after stop)."""
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     # ---------------------------------------------------------------- work
 
-    def flush_to_outbox(self, *, close_all: bool = False) -> int:
-        """Encode what is due (all open windows if `close_all`) into the outbox; return batches."""
-        wall_ms = now_ms()
+    def flush_to_outbox(self, *, close_all: bool = False, wall_ms: int | None = None) -> int:
+        """Encode what is due (all open windows if `close_all`) into the outbox; return batches.
+
+        `wall_ms` replaces the clock (the benchmark replays synthetic time).
+        """
+        wall_ms = now_ms() if wall_ms is None else wall_ms
         drained = self.pipeline.drain(wall_ms, close_all=close_all)
         if not drained:
             return 0

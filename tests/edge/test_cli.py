@@ -163,3 +163,24 @@ def test_systemd_readiness_watchdog_and_stopping(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
         sock.close()
+
+
+def test_a_second_agent_on_the_same_state_directory_is_refused(tmp_path: Path) -> None:
+    config = write(tmp_path, '[[signals]]\nmetric = "a"\ndriver = "sim"\n')
+    first = subprocess.Popen(
+        [str(MILLRACE), "edge", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not (tmp_path / "outbox.sqlite").exists():
+            assert time.monotonic() < deadline, "first agent did not start"
+            time.sleep(0.05)
+        second = run("edge", "run", "--config", str(config))
+        assert second.returncode == 2
+        assert "another edge agent is running" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.terminate()
+        assert first.wait(20) == 0
