@@ -9,6 +9,7 @@ pipeline; the publisher thread only talks to the broker.
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import queue
@@ -176,21 +177,18 @@ class Agent:
         next_watchdog = mono if watchdog_s else float("inf")
         event_deadline: float | None = None
         while not self._stop.is_set():
-            mono = time.monotonic()
-            wall_ms = now_ms()
-            if wall_ms >= self._next_flush_ms(wall_ms) or (
-                event_deadline is not None and mono >= event_deadline
-            ):
-                self.flush_to_outbox()
+            try:
+                event_deadline = self._tick(event_deadline)
+            except Exception:  # a failing disk or a bug must not stop sampling
+                log.exception("agent main loop error")
                 event_deadline = None
-            if event_deadline is None and self.pipeline.pending_events:
-                event_deadline = mono + EVENT_FLUSH_DELAY_SECONDS
+            mono = time.monotonic()
             if mono >= next_heartbeat:
-                self.send_heartbeat()
                 next_heartbeat = mono + self.config.heartbeat_s
+                self._guarded(self.send_heartbeat)
             if mono >= next_expire:
-                self.outbox.expire()
                 next_expire = mono + OUTBOX_EXPIRE_INTERVAL_SECONDS
+                self._guarded(self.outbox.expire)
             if watchdog_s and mono >= next_watchdog:
                 self.notifier.watchdog()
                 next_watchdog = mono + watchdog_s
@@ -201,6 +199,26 @@ class Agent:
                 next_watchdog - mono,
             )
             self._wait_for_commands(max(0.001, wait_s))
+
+    @staticmethod
+    def _guarded(job: Any) -> None:
+        try:
+            job()
+        except Exception:
+            log.exception("agent job %r failed", job)
+
+    def _tick(self, event_deadline: float | None) -> float | None:
+        """Flush what is due; return the deadline for pending events."""
+        mono = time.monotonic()
+        wall_ms = now_ms()
+        if wall_ms >= self._next_flush_ms(wall_ms) or (
+            event_deadline is not None and mono >= event_deadline
+        ):
+            event_deadline = None
+            self.flush_to_outbox()
+        if event_deadline is None and self.pipeline.pending_events:
+            event_deadline = mono + EVENT_FLUSH_DELAY_SECONDS
+        return event_deadline
 
     def _next_flush_ms(self, wall_ms: int) -> int:
         period_ms = self.config.windows.period_s * 1000
@@ -218,7 +236,7 @@ class Agent:
         except queue.Empty:
             return
         while item is not _STOP:
-            self._handle_command(*item)
+            self._guarded(functools.partial(self._handle_command, *item))
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:

@@ -149,6 +149,8 @@ class Publisher:
                 self._backoff.reset()
                 try:
                     self._serve(client)
+                except Exception:  # e.g. the outbox's disk failing: never kill the thread
+                    log.exception("publisher error; reconnecting")
                 finally:
                     self._teardown(client)
             if self._stop.is_set():

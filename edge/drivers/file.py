@@ -8,6 +8,9 @@ from edge.drivers.base import ReadFailure, ReadResult, text_or_number
 # The kernel's w1_therm file is two short lines; anything longer is not one.
 MAX_FILE_BYTES = 4096
 W1_SCRATCHPAD_BYTES = 9
+# The DS18B20's power-on register value (85.0 C): read before any conversion finished, it is
+# the classic bogus reading (brown-out, bus glitch) and far likelier than a real 85.000 C.
+W1_POWER_ON_RESET = b"\x50\x05"
 
 
 def dallas_crc8(data: bytes) -> int:
@@ -48,6 +51,8 @@ def parse_w1_slave(text: str) -> float | ReadFailure:
         return ReadFailure("w1_slave: all-zero scratchpad (sensor disconnected?)")
     if dallas_crc8(scratchpad[:8]) != scratchpad[8]:
         return ReadFailure("w1_slave: CRC mismatch")
+    if scratchpad[:2] == W1_POWER_ON_RESET:
+        return ReadFailure("w1_slave: power-on reset value 85 C (no conversion done)")
     marker = value_line.rfind("t=")
     if marker < 0:
         return ReadFailure("w1_slave: no t= value")

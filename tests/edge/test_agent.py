@@ -11,8 +11,17 @@ from typing import Any
 
 import pytest
 
+from edge.batching import SeqCounter, build_batches
+from edge.outbox import Outbox
 from millrace.topics import cmd_topic
-from millrace.wire import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, Command
+from millrace.wire import (
+    CONTENT_TYPE_JSON,
+    CONTENT_TYPE_MSGPACK,
+    Batch,
+    Command,
+    Window,
+    decode_batch,
+)
 from tests.edge.agent_helpers import (
     SIM_SIGNALS,
     AgentProcess,
@@ -196,3 +205,61 @@ def test_sigterm_closes_open_windows_into_the_outbox_and_publishes_them(
     assert "closed open windows" in log and "Traceback" not in log
     with sqlite3.connect(tmp_path / "outbox.sqlite") as db:
         assert db.execute("SELECT count(*) FROM batches").fetchone()[0] == 0
+
+
+def test_backlog_drains_oldest_first_at_a_bounded_rate_without_starving_live_data(
+    broker: Any, test_pki: Any, mqtt_connect: Any, tmp_path: Path
+) -> None:
+    device = device_for(test_pki, "drain")
+    collector = Collector(device)
+    collector.attach(mqtt_connect, broker, f"svc-{device}")
+    config = write_config(
+        tmp_path / "edge.toml",
+        server=broker,
+        device=device,
+        signals=SIM_SIGNALS,
+        broker_extra="backlog_batches_per_s = 5.0",
+    )
+    # A previous run left 30 batches behind.
+    old_boot, backlog = "f" * 32, 30
+    box = Outbox(tmp_path / "outbox.sqlite", max_bytes=10**7, max_age_s=3600)
+    seqs = SeqCounter()
+    start = (int(time.time()) - 3600) * 1000
+    for i in range(backlog):
+        window = Window("sim.temp", start + i * 1000, 1, 1, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+        items = build_batches(
+            device=device,
+            boot_id=old_boot,
+            seqs=seqs,
+            sent_at_ms=start,
+            windows=[window],
+            events=[],
+            rejected=0,
+            dropped=0,
+            clock_synced=True,
+        )
+        box.append(old_boot, items, encoding="msgpack")
+    box.close()
+    with agent_thread(config) as agent:
+        collector.wait(
+            lambda c: {b.seq for b in c.batches() if b.boot_id == old_boot} == set(range(backlog)),
+            30,
+            "the backlog",
+        )
+        boot_id = agent.boot_id
+    order: list[tuple[str, int]] = []
+    arrived: dict[int, float] = {}
+    for message in collector.of("/data"):
+        batch = decode_batch(message.payload, content_type=message.content_type)
+        assert isinstance(batch, Batch)
+        if (batch.boot_id, batch.seq) not in order:
+            order.append((batch.boot_id, batch.seq))
+            if batch.boot_id == old_boot:
+                arrived[batch.seq] = message.at
+    old = [seq for boot, seq in order if boot == old_boot]
+    assert old == list(range(backlog)), "backlog not drained oldest first"
+    # Live batches went out while the backlog was still draining.
+    first_live = next(i for i, (boot, _) in enumerate(order) if boot == boot_id)
+    assert first_live < order.index((old_boot, backlog - 1))
+    # 5 batches/s with a burst of 5: 30 batches cannot drain in under 5 s.
+    assert arrived[backlog - 1] - arrived[0] >= (backlog - 5) / 5.0 - 0.5

@@ -62,6 +62,7 @@ def test_w1_slave_good_reading() -> None:
     [
         (w1_text(21.0, verdict="NO"), "kernel says NO"),
         (w1_text(21.0, corrupt=True), "CRC mismatch"),
+        (w1_text(85.0), "power-on reset"),
         ("00 00 00 00 00 00 00 00 00 : crc=00 YES\n00 00 00 00 00 00 00 00 00 t=0\n", "all-zero"),
         (GOOD_W1.replace(" t=23125", ""), "no t="),
         (GOOD_W1.splitlines()[0], "expected 2 lines"),

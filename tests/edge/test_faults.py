@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from millrace.wire import Batch
+from millrace.wire import Batch, decode_batch
 from tests.edge.agent_helpers import (
     SIM_SIGNALS,
     AgentProcess,
@@ -132,8 +132,6 @@ def test_kill_9_then_restart_resends_every_stored_batch_with_its_original_key(
     received = {(m.boot_id, m.seq): m for m in collector.batches()}
     raw = {}
     for message in collector.of("/data"):
-        from millrace.wire import decode_batch
-
         batch = decode_batch(message.payload, content_type=message.content_type)
         assert isinstance(batch, Batch)
         raw[(batch.boot_id, batch.seq)] = message.payload
