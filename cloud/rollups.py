@@ -120,9 +120,9 @@ INSERT INTO {table} AS r (
     device_id, metric_id, period_s, bucket, windows, count, sum, min, max, sumsq,
     first, first_ts, last, last_ts, rejected)
 SELECT * FROM unnest(
-    %s::int4[], %s::int4[], %s::int4[], %s::timestamptz[], %s::int4[], %s::int8[],
-    %s::float8[], %s::float8[], %s::float8[], %s::float8[],
-    %s::float8[], %s::timestamptz[], %s::float8[], %s::timestamptz[], %s::int8[])
+    %b::int4[], %b::int4[], %b::int4[], %b::timestamptz[], %b::int4[], %b::int8[],
+    %b::float8[], %b::float8[], %b::float8[], %b::float8[],
+    %b::float8[], %b::timestamptz[], %b::float8[], %b::timestamptz[], %b::int8[])
 ON CONFLICT (device_id, metric_id, period_s, bucket) DO UPDATE SET
     windows = r.windows + excluded.windows,
     count = r.count + excluded.count,

@@ -28,11 +28,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import psycopg
 
 from cloud import registry
+from cloud.alert_rules import ANY_METRIC
 from cloud.alerts import AlertEngine
 from cloud.batcher import Batcher
 from cloud.config import IngestConfig
@@ -90,6 +91,15 @@ class _Pending:
         if isinstance(item, Incoming):
             return len(item.batch.windows) + len(item.batch.events)
         return 1
+
+
+@dataclass(frozen=True, slots=True)
+class _Task:
+    """Work for the committer thread."""
+
+    kind: Literal["batch", "no_data"]
+    epoch: int
+    pending: list[_Pending]
 
 
 @dataclass(slots=True)
@@ -202,6 +212,13 @@ class Worker:
         self._next_no_data = time.monotonic() + config.no_data_check_s
         self._http: HealthServer | None = None
         self._retention: RetentionScheduler | None = None
+        # Closed batches go to the committer thread; one may wait while one is written,
+        # so decoding the next batch overlaps the database's work on the previous one.
+        self._handoff: queue.Queue[_Task | None] = queue.Queue(maxsize=1)
+        self._committer: threading.Thread | None = None
+        self._epoch = 0
+        self._db_failed = threading.Event()
+        self._db_failure = ""
         self.ready = threading.Event()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -228,6 +245,10 @@ class Worker:
         try:
             if not self._open_db():
                 return 0
+            self._committer = threading.Thread(
+                target=self._commit_loop, name="millrace-ingest-commit", daemon=True
+            )
+            self._committer.start()
             self._start_consumer()
             self._start_retention()
             self.ready.set()
@@ -239,6 +260,7 @@ class Worker:
             self._drain_on_stop()
             return 0
         finally:
+            self._stop_committer()
             if self._retention is not None:
                 self._retention.stop()
             if self._consumer is not None:
@@ -303,6 +325,8 @@ class Worker:
             self._consumer.stop()
             self._consumer = None
         self.metrics.broker_up.set(0)
+        # Batches already handed over belong to the old epoch: the committer skips them.
+        self._epoch += 1
         dropped = len(self._batcher.take())
         while True:
             try:
@@ -310,19 +334,23 @@ class Worker:
                 dropped += 1
             except queue.Empty:
                 break
+        self._handoff.join()  # the committer is idle from here on
         log.info(
-            "released the batch in progress and %s queued messages: the broker redelivers them",
+            "released the batches in progress and %s queued messages: the broker redelivers them",
             dropped,
         )
         if self._conn is not None:
             self._conn.close()
             self._conn = None
         if self._open_db():
+            self._db_failed.clear()
             self._start_consumer()
 
     # -- the loop ---------------------------------------------------------------------------
 
     def _turn(self) -> None:
+        if self._db_failed.is_set():
+            raise DatabaseDown(self._db_failure)
         now = time.monotonic()
         self._last_turn = now
         consumer = self._consumer
@@ -343,10 +371,51 @@ class Worker:
             except queue.Empty:
                 msg = None
         if self._batcher.is_due(time.monotonic()):
-            self._flush(self._batcher.take())
+            self._hand_over(_Task("batch", self._epoch, self._batcher.take()))
         if time.monotonic() >= self._next_no_data:
             self._next_no_data = time.monotonic() + self.config.no_data_check_s
-            self._check_no_data()
+            self._hand_over(_Task("no_data", self._epoch, []))
+
+    def _hand_over(self, task: _Task) -> None:
+        """Queue work for the committer; blocks while it is behind (backpressure)."""
+        while not self._db_failed.is_set():
+            try:
+                self._handoff.put(task, timeout=LOOP_WAKE_SECONDS)
+                return
+            except queue.Full:
+                self._last_turn = time.monotonic()  # waiting on the database is not a stall
+
+    def _commit_loop(self) -> None:
+        """The committer thread: the only user of the database connection while running."""
+        while True:
+            task = self._handoff.get()
+            try:
+                if task is None:
+                    return
+                if task.epoch != self._epoch or self._db_failed.is_set():
+                    continue  # from before a recovery: its messages are redelivered
+                if task.kind == "batch":
+                    self._flush(task.pending)
+                else:
+                    self._check_no_data()
+            except DatabaseDown as exc:
+                self._fail(str(exc))
+            except Exception as exc:  # a bug: recover like an outage, nothing is acked
+                log.exception("committer failed")
+                self._fail(repr(exc))
+            finally:
+                self._handoff.task_done()
+
+    def _fail(self, why: str) -> None:
+        self._db_failure = why
+        self._db_failed.set()
+
+    def _stop_committer(self) -> None:
+        committer, self._committer = self._committer, None
+        if committer is None or not committer.is_alive():
+            return
+        self._handoff.put(None)
+        committer.join()
 
     def _add(self, msg: Inbound, now_ms: int) -> None:
         if msg.dup:
@@ -364,13 +433,13 @@ class Worker:
             except queue.Empty:
                 break
         pending = self._batcher.take()
-        if not pending or self._conn is None:
-            return
-        try:
-            self._flush(pending)
+        if pending and self._conn is not None:
+            self._hand_over(_Task("batch", self._epoch, pending))
+        self._stop_committer()
+        if self._db_failed.is_set():
+            log.warning("stopping without the last batch (redelivered later): %s", self._db_failure)
+        elif pending:
             log.info("stopping: committed and acked the last %s messages", len(pending))
-        except DatabaseDown as exc:
-            log.warning("stopping without the last batch (redelivered later): %s", exc)
 
     # -- one batch --------------------------------------------------------------------------
 
@@ -502,7 +571,7 @@ class Worker:
         out = _Stored()
         with conn.transaction():
             if incoming:
-                out.result = self._writer.write(conn, incoming)
+                out.result = self._writer.write(conn, incoming, report=self._alert_metrics())
             if dead:
                 with conn.cursor() as cur:
                     write_dead_letters(cur, dead)
@@ -514,6 +583,14 @@ class Worker:
             if out.result is not None and out.result.windows and self._engine is not None:
                 out.alerts = self._evaluate_alerts(conn, out.result)
         return out
+
+    def _alert_metrics(self) -> Callable[[str], bool]:
+        """Which metrics the alert rules look at (so only their windows are materialised)."""
+        engine = self._engine
+        watched = {loaded.rule.metric for loaded in engine.rules} if engine else set()
+        if ANY_METRIC in watched:
+            return lambda _metric: True
+        return watched.__contains__
 
     def _evaluate_alerts(
         self, conn: psycopg.Connection[Any], result: WriteResult

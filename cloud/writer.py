@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -153,7 +153,7 @@ class IdCache:
                 ident = psycopg.sql.Identifier(table)
                 cur.execute(
                     psycopg.sql.SQL(
-                        "INSERT INTO {} (name) SELECT unnest(%s::text[]) ORDER BY 1"
+                        "INSERT INTO {} (name) SELECT unnest(%b::text[]) ORDER BY 1"
                         " ON CONFLICT (name) DO NOTHING"
                     ).format(ident),
                     [names],
@@ -171,8 +171,8 @@ INSERT INTO ingest_ledger (
     device_id, boot_id, seq, sent_at, received_at, windows, events, dropped, rejected,
     clock_synced)
 SELECT * FROM unnest(
-    %s::int4[], %s::uuid[], %s::int8[], %s::timestamptz[], %s::timestamptz[], %s::int4[],
-    %s::int4[], %s::int8[], %s::int8[], %s::bool[])
+    %b::int4[], %b::uuid[], %b::int8[], %b::timestamptz[], %b::timestamptz[], %b::int4[],
+    %b::int4[], %b::int8[], %b::int8[], %b::bool[])
 ON CONFLICT DO NOTHING
 RETURNING device_id, boot_id, seq
 """
@@ -180,7 +180,7 @@ RETURNING device_id, boot_id, seq
 _STREAMS_INSERT: Final = """
 INSERT INTO ingest_streams (device_id, boot_id, first_seq, max_seq, batches, first_at, last_at)
 SELECT d, b, f, m, n, t, t FROM unnest(
-    %s::int4[], %s::uuid[], %s::int8[], %s::int8[], %s::int8[], %s::timestamptz[])
+    %b::int4[], %b::uuid[], %b::int8[], %b::int8[], %b::int8[], %b::timestamptz[])
     AS u(d, b, f, m, n, t)
 ON CONFLICT DO NOTHING
 RETURNING device_id, boot_id
@@ -189,7 +189,7 @@ RETURNING device_id, boot_id
 _STREAMS_LOCK: Final = """
 SELECT s.device_id, s.boot_id, s.max_seq
 FROM ingest_streams s
-JOIN unnest(%s::int4[], %s::uuid[]) AS u(d, b) ON s.device_id = u.d AND s.boot_id = u.b
+JOIN unnest(%b::int4[], %b::uuid[]) AS u(d, b) ON s.device_id = u.d AND s.boot_id = u.b
 ORDER BY s.device_id, s.boot_id
 FOR UPDATE OF s
 """
@@ -198,7 +198,7 @@ _STREAMS_UPDATE: Final = """
 UPDATE ingest_streams s SET
     first_seq = least(s.first_seq, u.f), max_seq = u.m, batches = s.batches + u.n,
     last_at = greatest(s.last_at, u.t)
-FROM unnest(%s::int4[], %s::uuid[], %s::int8[], %s::int8[], %s::int8[], %s::timestamptz[])
+FROM unnest(%b::int4[], %b::uuid[], %b::int8[], %b::int8[], %b::int8[], %b::timestamptz[])
     AS u(d, b, f, m, n, t)
 WHERE s.device_id = u.d AND s.boot_id = u.b
 """
@@ -206,18 +206,18 @@ WHERE s.device_id = u.d AND s.boot_id = u.b
 _GAPS_SELECT: Final = """
 SELECT g.device_id, g.boot_id, g.seq_from, g.seq_to
 FROM sequence_gaps g
-JOIN unnest(%s::int4[], %s::uuid[]) AS u(d, b) ON g.device_id = u.d AND g.boot_id = u.b
+JOIN unnest(%b::int4[], %b::uuid[]) AS u(d, b) ON g.device_id = u.d AND g.boot_id = u.b
 """
 
 _GAPS_DELETE: Final = """
 DELETE FROM sequence_gaps g
-USING unnest(%s::int4[], %s::uuid[]) AS u(d, b)
+USING unnest(%b::int4[], %b::uuid[]) AS u(d, b)
 WHERE g.device_id = u.d AND g.boot_id = u.b
 """
 
 _GAPS_INSERT: Final = """
 INSERT INTO sequence_gaps (device_id, boot_id, seq_from, seq_to, detected_at)
-SELECT * FROM unnest(%s::int4[], %s::uuid[], %s::int8[], %s::int8[], %s::timestamptz[])
+SELECT * FROM unnest(%b::int4[], %b::uuid[], %b::int8[], %b::int8[], %b::timestamptz[])
 ON CONFLICT (device_id, boot_id, seq_from) DO UPDATE SET seq_to = excluded.seq_to
 """
 
@@ -225,7 +225,7 @@ _DEVICES_SEEN: Final = """
 UPDATE devices d SET
     last_data_at = greatest(d.last_data_at, u.t),
     last_seen_at = greatest(d.last_seen_at, u.t)
-FROM (SELECT * FROM unnest(%s::int4[], %s::timestamptz[]) AS u(id, t) ORDER BY id) AS u
+FROM (SELECT * FROM unnest(%b::int4[], %b::timestamptz[]) AS u(id, t) ORDER BY id) AS u
 WHERE d.id = u.id
 """
 
@@ -292,8 +292,18 @@ class BatchWriter:
             metrics.update(e.metric for e in batch.events)
         self.ids.ensure(conn, devices, metrics)
 
-    def write(self, conn: psycopg.Connection[Any], incoming: Sequence[Incoming]) -> WriteResult:
-        """Store `incoming` inside the caller's open transaction; duplicates are skipped."""
+    def write(
+        self,
+        conn: psycopg.Connection[Any],
+        incoming: Sequence[Incoming],
+        *,
+        report: Callable[[str], bool] | None = None,
+    ) -> WriteResult:
+        """Store `incoming` inside the caller's open transaction; duplicates are skipped.
+
+        `report(metric)` says which stored windows to return as StoredWindow (for alert
+        rules); None returns all. Building one object per window costs as much as its COPY.
+        """
         unique: dict[Key, Incoming] = {}
         for item in incoming:
             b = item.batch
@@ -303,7 +313,7 @@ class BatchWriter:
             fresh = [unique[k] for k in sorted(claimed)]
             if not fresh:
                 return WriteResult(0, len(incoming), 0, 0, 0, 0, (), frozenset())
-            readings, events, windows, stored = self._copy(cur, fresh)
+            readings, events, windows, stored = self._copy(cur, fresh, report)
             rollup_rows = rollups.write_rollups(cur, windows)
             opened = self._streams(cur, fresh)
             self._devices_seen(cur, fresh)
@@ -341,7 +351,10 @@ class BatchWriter:
         return {(names[d], boot.hex, seq) for d, boot, seq in cur.fetchall()}
 
     def _copy(
-        self, cur: psycopg.Cursor[Any], fresh: list[Incoming]
+        self,
+        cur: psycopg.Cursor[Any],
+        fresh: list[Incoming],
+        report: Callable[[str], bool] | None,
     ) -> tuple[int, int, list[tuple[int, int, Window]], list[StoredWindow]]:
         device_ids = self.ids.devices
         metric_ids = self.ids.metrics
@@ -363,12 +376,13 @@ class BatchWriter:
                      w.first, w.last, w.sumsq, w.rejected)
                 )  # fmt: skip
                 windows.append((device_id, metric_id, w))
-                stored.append(
-                    StoredWindow(
-                        batch.device, w.metric, ts, w.period_s, w.count, w.sum, w.min, w.max,
-                        w.first, w.last,
-                    )
-                )  # fmt: skip
+                if report is None or report(w.metric):
+                    stored.append(
+                        StoredWindow(
+                            batch.device, w.metric, ts, w.period_s, w.count, w.sum, w.min,
+                            w.max, w.first, w.last,
+                        )
+                    )  # fmt: skip
             for e in batch.events:
                 event_rows.append(
                     _event_row(to_datetime(e.ts_ms), device_id, metric_ids[e.metric], e.value)

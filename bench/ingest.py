@@ -1,0 +1,532 @@
+#!/usr/bin/env python3
+"""Benchmark: ingest worker rows/s against its floor (binary COPY) and a naive bridge, one run.
+
+All three phases store the same windows (one data set, generated once) into
+the same schema, each on a fresh database of one PostgreSQL server with
+production durability (fsync on, synchronous_commit on):
+
+1. floor  - binary COPY from Python of the rows, in the worker's batch size,
+            one transaction per batch (no broker, no decoding, no ledger, no rollups);
+2. ingest - the real worker (`millrace ingest`, its own process) draining the same
+            batches from its persistent session on the TLS broker: decode, validate,
+            dedupe, COPY, rollups, commit, ack;
+3. naive  - what typical MQTT-to-Postgres bridges do: for every message, one INSERT
+            and one commit per window (auto-ack), run on a prefix of the same messages
+            for a fixed time.
+
+Ends with one line: ingest_rows_per_s=... floor_rows_per_s=... naive_rows_per_s=...
+ratio_vs_floor=... ratio_vs_naive=...
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import queue
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import psycopg  # noqa: E402
+
+from cloud import dbupgrade  # noqa: E402
+from cloud.writer import READING_COLUMNS, READING_TYPES, copy_rows, to_datetime  # noqa: E402
+from millrace import topics  # noqa: E402
+from millrace.mqtt import tls_client  # noqa: E402
+from millrace.wire import (  # noqa: E402
+    CONTENT_TYPE_MSGPACK,
+    Batch,
+    Rejection,
+    Window,
+    decode_batch,
+    encode_batch,
+)
+from tests.fixtures.fix_broker import MosquittoServer, PKIFixture, free_port  # noqa: E402
+from tests.fixtures.fix_postgres import PostgresServer  # noqa: E402
+
+TARGET_RATIO_VS_FLOOR = 0.5
+TARGET_RATIO_VS_NAIVE = 50.0
+SERVICE_ID = "svc-bench"
+# Production durability: the bridge's per-row commit pays an fsync, as it would in a plant.
+PG_SETTINGS = {"fsync": "on", "full_page_writes": "on", "synchronous_commit": "on"}
+BATCH_MAX_ROWS = 20_000
+WAIT_SECONDS = 600.0
+
+
+def make_data(
+    *, devices: int, metrics: int, windows_per_message: int, messages: int, seed: int
+) -> list[Batch]:
+    """`messages` batches, round-robin over devices; 1 s windows ending a minute ago."""
+    rng = random.Random(seed)
+    per_device = math.ceil(messages / devices)
+    slots = math.ceil(per_device * windows_per_message / metrics)
+    now_ms = int(time.time() * 1000)
+    end_ms = now_ms - now_ms % 1000 - 60_000
+    start_ms = end_ms - slots * 1000
+    names = [f"sig{m:03d}" for m in range(metrics)]
+    out: list[Batch] = []
+    for d in range(devices):
+        device = f"bench-{d:03d}"
+        boot = uuid.UUID(int=rng.getrandbits(128)).hex
+        windows: list[Window] = []
+        for slot in range(slots):
+            for name in names:
+                base = rng.uniform(0, 100)
+                count = 10
+                lo, hi = base - 1.0, base + 1.0
+                total = base * count
+                windows.append(
+                    Window(
+                        name,
+                        start_ms + slot * 1000,
+                        1,
+                        count,
+                        total,
+                        lo,
+                        hi,
+                        base,
+                        base,
+                        base * base * count + 2.0,
+                        0,
+                    )
+                )
+        for seq in range(per_device):
+            chunk = windows[seq * windows_per_message : (seq + 1) * windows_per_message]
+            if chunk:
+                out.append(Batch(device, boot, seq, now_ms, windows=tuple(chunk)))
+    out.sort(key=lambda b: (b.seq, b.device))
+    return out[:messages]
+
+
+def fresh_database(server: PostgresServer, name: str) -> str:
+    dsn = server.create_database(name)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+    dbupgrade.upgrade(dsn)
+    return dsn
+
+
+def count_readings(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM readings").fetchone()
+        return int(row[0]) if row else 0
+
+
+# -- phase 1: the floor ---------------------------------------------------------------------
+
+
+def run_floor(dsn: str, batches: list[Batch]) -> tuple[int, float]:
+    """Binary COPY of every window as a readings row, BATCH_MAX_ROWS per transaction."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO devices (name) SELECT DISTINCT unnest(%s::text[])",
+            [sorted({b.device for b in batches})],
+        )
+        conn.execute(
+            "INSERT INTO metrics (name) SELECT DISTINCT unnest(%s::text[])",
+            [
+                sorted(
+                    {w.metric for w in batches[0].windows}
+                    | {w.metric for b in batches for w in b.windows}
+                )
+            ],
+        )
+        devices = dict(conn.execute("SELECT name, id FROM devices").fetchall())
+        metrics = dict(conn.execute("SELECT name, id FROM metrics").fetchall())
+        started = time.perf_counter()
+        rows: list[tuple[Any, ...]] = []
+        total = 0
+        times: dict[int, datetime] = {}
+
+        def flush() -> None:
+            with conn.transaction(), conn.cursor() as cur:
+                copy_rows(cur, "readings", READING_COLUMNS, READING_TYPES, rows)
+            rows.clear()
+
+        for batch in batches:
+            device_id = devices[batch.device]
+            for w in batch.windows:
+                ts = times.get(w.start_ms)
+                if ts is None:
+                    ts = times[w.start_ms] = to_datetime(w.start_ms)
+                rows.append(
+                    (
+                        ts,
+                        device_id,
+                        metrics[w.metric],
+                        w.period_s,
+                        w.count,
+                        w.sum,
+                        w.min,
+                        w.max,
+                        w.first,
+                        w.last,
+                        w.sumsq,
+                        w.rejected,
+                    )
+                )
+            if len(rows) >= BATCH_MAX_ROWS:
+                total += len(rows)
+                flush()
+        total += len(rows)
+        if rows:
+            flush()
+        elapsed = time.perf_counter() - started
+    return total, elapsed
+
+
+# -- phase 2: the worker, end to end --------------------------------------------------------
+
+
+def write_worker_config(path: Path, broker: MosquittoServer, dsn: str, http_port: int) -> None:
+    cert, key = broker.pki.files(SERVICE_ID)
+    path.write_text(
+        f"""
+[database]
+dsn = "{dsn}"
+[broker]
+host = "{broker.host}"
+port = {broker.port}
+ca = "{broker.ca}"
+cert = "{cert}"
+key = "{key}"
+client_id = "bench-ingest"
+share_group = "bench"
+[batch]
+max_rows = {BATCH_MAX_ROWS}
+max_delay_ms = 200
+[http]
+port = {http_port}
+[retention]
+enabled = false
+""",
+        encoding="utf-8",
+    )
+
+
+def start_worker(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "millrace.cli", "ingest", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO,
+        )
+
+
+def wait_log(log: Path, pattern: str, after: int) -> re.Match[str]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")[after:]
+        match = re.search(pattern, text)
+        if match:
+            return match
+        time.sleep(0.02)
+    raise RuntimeError(f"worker never logged {pattern!r}:\n{log.read_text()[-3000:]}")
+
+
+def metric_value(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def publish_all(
+    broker: MosquittoServer, payloads: list[tuple[str, bytes]], device_ids: set[str]
+) -> None:
+    """Publish with each device's own certificate (the ACL allows nothing else)."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    props = Properties(PacketTypes.PUBLISH)
+    props.ContentType = CONTENT_TYPE_MSGPACK
+    clients = {}
+    for device in sorted(device_ids):
+        cert, key = broker.pki.issue(device)
+        client = tls_client(
+            f"pub-{device}", ca=broker.ca, cert=cert, key=key, max_inflight_messages=200
+        )
+        connected = threading.Event()
+        client.on_connect = lambda *_a, ev=connected: ev.set()
+        client.connect(broker.host, broker.port)
+        client.loop_start()
+        if not connected.wait(20):
+            raise RuntimeError(f"publisher {device} could not connect")
+        clients[device] = client
+    infos = []
+    for topic, payload in payloads:
+        device = topics.parse_topic(topic).device_id
+        infos.append(clients[device].publish(topic, payload, qos=1, properties=props))
+    for info in infos:
+        info.wait_for_publish(60)
+    for client in clients.values():
+        client.disconnect()
+        client.loop_stop()
+
+
+def run_worker_phase(
+    broker: MosquittoServer, dsn: str, batches: list[Batch], workdir: Path
+) -> tuple[int, float, dict[str, float]]:
+    """Pre-queue every batch in the worker's session, then time the worker draining it."""
+    config, log = workdir / "ingest.toml", workdir / "ingest.log"
+    http_port = free_port()
+    write_worker_config(config, broker, dsn, http_port)
+    # First start: creates the persistent session and its shared subscription.
+    proc = start_worker(config, log)
+    wait_log(log, r"connected to", 0)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+    payloads = [(topics.data_topic(b.device), encode_batch(b)) for b in batches]
+    publish_all(broker, payloads, {b.device for b in batches})
+    expected = sum(len(b.windows) for b in batches)
+    offset = len(log.read_text(errors="replace"))
+    cpu_before = os.times()
+    proc = start_worker(config, log)
+    try:
+        match = wait_log(
+            log, r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO cloud\.consumer: connected", offset
+        )
+        connected_at = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        deadline = time.monotonic() + WAIT_SECONDS
+        while count_readings(dsn) < expected:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"worker did not finish:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        last_commit = metric_value(http_port, "millrace_ingest_last_commit_timestamp_seconds")
+        stats = {
+            "batches": metric_value(http_port, "millrace_ingest_batches_total"),
+            "commit_s_sum": metric_value(http_port, "millrace_ingest_commit_seconds_sum"),
+            "duplicates": metric_value(http_port, "millrace_ingest_duplicates_total"),
+        }
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    del cpu_before
+    return expected, last_commit - connected_at, stats
+
+
+# -- phase 3: a naive bridge ----------------------------------------------------------------
+
+
+_NAIVE_INSERT = (
+    "INSERT INTO readings (ts, device_id, metric_id, period_s, count, sum, min, max, first,"
+    " last, sumsq, rejected) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+
+
+def run_naive(
+    broker: MosquittoServer, dsn: str, batches: list[Batch], *, seconds: float, per_row: bool
+) -> tuple[int, float]:
+    """Auto-ack subscriber; per message: INSERT each window, commit per row (or per message)."""
+    with psycopg.connect(dsn, autocommit=True) as setup:
+        setup.execute(
+            "INSERT INTO devices (name) SELECT unnest(%s::text[])",
+            [sorted({b.device for b in batches})],
+        )
+        setup.execute(
+            "INSERT INTO metrics (name) SELECT unnest(%s::text[])",
+            [sorted({w.metric for b in batches for w in b.windows})],
+        )
+        devices = dict(setup.execute("SELECT name, id FROM devices").fetchall())
+        metrics = dict(setup.execute("SELECT name, id FROM metrics").fetchall())
+    inbox: queue.Queue[bytes] = queue.Queue()
+    cert, key = broker.pki.files(SERVICE_ID)
+    sub = tls_client(f"naive-{uuid.uuid4().hex[:6]}", ca=broker.ca, cert=cert, key=key)
+    subscribed = threading.Event()
+    sub.on_connect = lambda c, *_a: c.subscribe(topics.all_devices_filter("data"), qos=1)
+    sub.on_subscribe = lambda *_a: subscribed.set()
+    sub.on_message = lambda _c, _u, msg: inbox.put(bytes(msg.payload))
+    sub.connect(broker.host, broker.port)
+    sub.loop_start()
+    if not subscribed.wait(20):
+        raise RuntimeError("naive subscriber could not subscribe")
+    # Enough messages for the time box even at 20k rows/s; the bridge sees them live.
+    needed = min(len(batches), max(20, int(seconds * 20_000 / max(1, len(batches[0].windows)))))
+    publisher = threading.Thread(
+        target=publish_all,
+        args=(
+            broker,
+            [(topics.data_topic(b.device), encode_batch(b)) for b in batches[:needed]],
+            {b.device for b in batches[:needed]},
+        ),
+        daemon=True,
+    )
+    publisher.start()
+    rows = 0
+    with psycopg.connect(dsn) as conn:
+        first = inbox.get(timeout=60)
+        started = time.perf_counter()
+        payload: bytes | None = first
+        while payload is not None and time.perf_counter() - started < seconds:
+            batch = decode_batch(payload, content_type=CONTENT_TYPE_MSGPACK)
+            assert not isinstance(batch, Rejection)
+            device_id = devices[batch.device]
+            for w in batch.windows:
+                conn.execute(
+                    _NAIVE_INSERT,
+                    (
+                        to_datetime(w.start_ms),
+                        device_id,
+                        metrics[w.metric],
+                        w.period_s,
+                        w.count,
+                        w.sum,
+                        w.min,
+                        w.max,
+                        w.first,
+                        w.last,
+                        w.sumsq,
+                        w.rejected,
+                    ),
+                )
+                rows += 1
+                if per_row:
+                    conn.commit()
+                if time.perf_counter() - started >= seconds:
+                    break
+            conn.commit()
+            try:
+                payload = inbox.get(timeout=5)
+            except queue.Empty:
+                payload = None
+        elapsed = time.perf_counter() - started
+    sub.disconnect()
+    sub.loop_stop()
+    publisher.join(60)
+    return rows, elapsed
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=20)
+    parser.add_argument("--metrics", type=int, default=50)
+    parser.add_argument("--windows-per-message", type=int, default=250)
+    parser.add_argument("--messages", type=int, default=1600)
+    parser.add_argument("--naive-seconds", type=float, default=10.0)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--json", action="store_true", help="also print the results as JSON")
+    args = parser.parse_args()
+
+    for tool in ("mosquitto",):
+        if not (shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")):
+            print(
+                f"bench/ingest.py: {tool} is not installed (run scripts/bootstrap)", file=sys.stderr
+            )
+            return 2
+    batches = make_data(
+        devices=args.devices,
+        metrics=args.metrics,
+        windows_per_message=args.windows_per_message,
+        messages=args.messages,
+        seed=args.seed,
+    )
+    rows_total = sum(len(b.windows) for b in batches)
+    workdir = Path(tempfile.mkdtemp(prefix="millrace-bench-ingest-"))
+    pg = PostgresServer(settings=PG_SETTINGS)
+    broker: MosquittoServer | None = None
+    try:
+        pg.start()
+        pki = PKIFixture(workdir / "pki")
+        pki.issue(SERVICE_ID, role="service")
+        broker_dir = workdir / "broker"
+        broker_dir.mkdir()
+        broker = MosquittoServer(pki, broker_dir)
+        broker.start()
+
+        floor_rows, floor_s = run_floor(fresh_database(pg, "bench_floor"), batches)
+        ingest_dsn = fresh_database(pg, "bench_ingest")
+        ingest_rows, ingest_s, stats = run_worker_phase(broker, ingest_dsn, batches, workdir)
+        stored = count_readings(ingest_dsn)
+        if stored != rows_total:
+            raise RuntimeError(f"worker stored {stored} rows, expected {rows_total}")
+        naive_rows, naive_s = run_naive(
+            broker,
+            fresh_database(pg, "bench_naive"),
+            batches,
+            seconds=args.naive_seconds,
+            per_row=True,
+        )
+        batch_rows, batch_s = run_naive(
+            broker,
+            fresh_database(pg, "bench_naive_msg"),
+            batches,
+            seconds=args.naive_seconds,
+            per_row=False,
+        )
+    finally:
+        if broker is not None:
+            broker.stop()
+        pg.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    floor = floor_rows / floor_s
+    ingest = ingest_rows / ingest_s
+    naive = naive_rows / naive_s
+    per_message = batch_rows / batch_s
+    print(
+        f"data: {len(batches)} messages x {args.windows_per_message} windows = {rows_total} rows,"
+        f" {args.devices} devices x {args.metrics} metrics, 1 s windows"
+    )
+    settings = ", ".join(f"{k}={v}" for k, v in PG_SETTINGS.items())
+    print(f"database: PostgreSQL with TimescaleDB, {settings}")
+    print()
+    print(f"| {'phase':<52} | {'rows':>9} | {'seconds':>8} | {'rows/s':>10} |")
+    print(f"|{'-' * 54}|{'-' * 11}|{'-' * 10}|{'-' * 12}|")
+    for name, rows, secs in (
+        ("floor: binary COPY from Python (20k rows per tx)", floor_rows, floor_s),
+        ("ingest worker: broker -> committed rows + rollups", ingest_rows, ingest_s),
+        ("naive bridge: INSERT + commit per row", naive_rows, naive_s),
+        ("(context) bridge: INSERT per row, commit per message", batch_rows, batch_s),
+    ):
+        print(f"| {name:<52} | {rows:>9} | {secs:>8.2f} | {rows / secs:>10.0f} |")
+    print()
+    print(
+        f"worker: {stats['batches']:.0f} commits,"
+        f" {stats['commit_s_sum']:.2f} s inside write+commit,"
+        f" {stats['duplicates']:.0f} duplicates"
+    )
+    ratio_floor = ingest / floor
+    ratio_naive = ingest / naive
+    result = {
+        "ingest_rows_per_s": round(ingest),
+        "floor_rows_per_s": round(floor),
+        "naive_rows_per_s": round(naive),
+        "ratio_vs_floor": round(ratio_floor, 3),
+        "ratio_vs_naive": round(ratio_naive, 1),
+    }
+    if args.json:
+        print(json.dumps({**result, "per_message_commit_rows_per_s": round(per_message)}))
+    print(" ".join(f"{k}={v}" for k, v in result.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
