@@ -1,0 +1,259 @@
+"""The dashboard's configuration: one TOML file, one loader, one frozen result.
+
+Every problem raises `ConfigError` naming the key (`dashboard.timezone`).
+Relative paths resolve against the config file's directory. The database
+password never needs to be in this file: `database.dsn_file` (or the
+environment variable MILLRACE_DASH_DSN) supplies the DSN instead.
+
+    [dashboard]
+    title = "Millrace plant"
+    timezone = "Europe/Berlin"     # IANA name; every time on screen is shown in it
+    refresh_seconds = 15           # auto-refresh interval = query cache TTL
+
+    [database]
+    dsn_file = "dashboard.dsn"     # or dsn = "postgresql://millrace_dashboard@host/db"
+
+    [auth]
+    users_file = "users.toml"      # local accounts (millrace dash add-user)
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Final, Literal, TypeVar, get_args
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from millrace.errors import ConfigError
+
+Role = Literal["viewer", "operator", "admin"]
+ROLES: Final[tuple[Role, ...]] = get_args(Role)
+
+CONFIG_ENV: Final = "MILLRACE_DASH_CONFIG"
+DSN_ENV: Final = "MILLRACE_DASH_DSN"
+DEFAULT_TITLE: Final = "Millrace plant"
+DEFAULT_TIMEZONE: Final = "UTC"
+# Wall screens refresh on their own; 15 s keeps them current while ten screens cost the
+# database one query per refresh (the query cache TTL equals this interval).
+DEFAULT_REFRESH_SECONDS: Final = 15
+MIN_REFRESH_SECONDS: Final = 2
+MAX_REFRESH_SECONDS: Final = 3600
+# Same default as the ingest worker's status.stale_after_s: connected but silent this long.
+DEFAULT_STALE_AFTER_SECONDS: Final = 300
+# A batch that reaches the cloud this long after it was sent counts as late.
+DEFAULT_LATE_AFTER_SECONDS: Final = 60
+DEFAULT_PORT: Final = 8501
+DEFAULT_ADDRESS: Final = "127.0.0.1"
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """Where `millrace dash` listens; TLS when both files are given."""
+
+    port: int = DEFAULT_PORT
+    address: str = DEFAULT_ADDRESS
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """Local accounts, and optionally OIDC through Streamlit's own `[auth]` secrets."""
+
+    users_file: Path
+    oidc_secrets: Path | None = None  # a Streamlit secrets.toml holding an [auth] table
+    oidc_default_role: Role = "viewer"
+
+
+@dataclass(frozen=True, slots=True)
+class DashboardConfig:
+    """Everything the dashboard needs."""
+
+    dsn: str = field(repr=False)  # may hold a password: never in logs or reprs
+    auth: AuthSettings
+    title: str = DEFAULT_TITLE
+    timezone: str = DEFAULT_TIMEZONE
+    refresh_s: int = DEFAULT_REFRESH_SECONDS
+    stale_after_s: int = DEFAULT_STALE_AFTER_SECONDS
+    late_after_s: int = DEFAULT_LATE_AFTER_SECONDS
+    server: ServerSettings = ServerSettings()
+    source: Path | None = None
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+class _Section:
+    """Typed reads from one TOML table that remember which keys were used."""
+
+    def __init__(self, data: Mapping[str, Any], prefix: str, source: str) -> None:
+        self.data = data
+        self.prefix = prefix
+        self.source = source
+        self.used: set[str] = set()
+
+    def error(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.prefix}{name}", problem, source=self.source)
+
+    def _get(self, name: str, kind: type[_T], default: _T | None) -> _T:
+        self.used.add(name)
+        if name not in self.data:
+            if default is None:
+                raise self.error(name, "is required")
+            return default
+        value = self.data[name]
+        if kind is int and type(value) is not int:
+            raise self.error(name, f"expected an integer, got {value!r}")
+        if kind is str and not isinstance(value, str):
+            raise self.error(name, f"expected a string, got {value!r}")
+        return value  # type: ignore[no-any-return]
+
+    def text(self, name: str, default: str | None = None) -> str:
+        value = self._get(name, str, default)
+        if not value.strip():
+            raise self.error(name, "must not be empty")
+        return value
+
+    def integer(self, name: str, default: int | None, *, low: int, high: int) -> int:
+        value = self._get(name, int, default)
+        if not low <= value <= high:
+            raise self.error(name, f"must be in [{low}, {high}], got {value}")
+        return value
+
+    def path(self, name: str, base: Path, *, must_exist: bool = True) -> Path:
+        path = Path(self.text(name)).expanduser()
+        path = path if path.is_absolute() else base / path
+        if must_exist and not path.is_file():
+            raise self.error(name, f"file not found: {path}")
+        return path
+
+    def optional_path(self, name: str, base: Path) -> Path | None:
+        return self.path(name, base) if name in self.data else None
+
+    def table(self, name: str) -> _Section:
+        self.used.add(name)
+        value = self.data.get(name, {})
+        if not isinstance(value, dict):
+            raise self.error(name, "expected a table")
+        return _Section(value, f"{self.prefix}{name}.", self.source)
+
+    def check_unknown(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise self.error(unknown[0], "unknown key (misspelt?)")
+
+
+def _timezone(section: _Section) -> str:
+    name = section.text("timezone", DEFAULT_TIMEZONE)
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise section.error("timezone", f"unknown time zone {name!r} (e.g. Europe/Berlin)") from exc
+    return name
+
+
+def _dsn(section: _Section, base: Path) -> str:
+    section.used.update({"dsn", "dsn_file"})
+    has_dsn = "dsn" in section.data
+    has_file = "dsn_file" in section.data
+    if has_dsn and has_file:
+        raise section.error("dsn", "give dsn or dsn_file, not both")
+    from_env = os.environ.get(DSN_ENV, "").strip()
+    if has_file:
+        path = section.path("dsn_file", base)
+        try:
+            dsn = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise section.error("dsn_file", f"cannot read {path}: {exc}") from exc
+        if not dsn:
+            raise section.error("dsn_file", f"{path} is empty")
+    elif has_dsn:
+        dsn = section.text("dsn")
+    elif from_env:
+        dsn = from_env
+    else:
+        raise section.error(
+            "dsn", f"is required (or dsn_file, or the {DSN_ENV} environment variable)"
+        )
+    if not dsn.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+        key = "dsn_file" if has_file else "dsn"
+        raise section.error(key, "expected a postgresql:// URL")
+    return dsn
+
+
+def _role(section: _Section, name: str, default: Role) -> Role:
+    value = section.text(name, default)
+    if value not in ROLES:
+        raise section.error(name, f"{value!r} is not one of {', '.join(ROLES)}")
+    return value  # type: ignore[return-value]
+
+
+def _server(section: _Section, base: Path) -> ServerSettings:
+    cert = section.optional_path("tls_cert", base)
+    key = section.optional_path("tls_key", base)
+    if (cert is None) != (key is None):
+        raise section.error("tls_cert" if cert is None else "tls_key", "give tls_cert and tls_key")
+    return ServerSettings(
+        port=section.integer("port", DEFAULT_PORT, low=1, high=65535),
+        address=section.text("address", DEFAULT_ADDRESS),
+        tls_cert=cert,
+        tls_key=key,
+    )
+
+
+def parse_config(
+    data: Mapping[str, Any], *, base: Path, source: str = "<config>"
+) -> DashboardConfig:
+    """Build a DashboardConfig from parsed TOML; paths are relative to `base`."""
+    root = _Section(data, "", source)
+    dash = root.table("dashboard")
+    database = root.table("database")
+    auth = root.table("auth")
+    server = root.table("server")
+    config = DashboardConfig(
+        dsn=_dsn(database, base),
+        auth=AuthSettings(
+            users_file=auth.path("users_file", base, must_exist=False),
+            oidc_secrets=auth.optional_path("oidc_secrets", base),
+            oidc_default_role=_role(auth, "oidc_default_role", "viewer"),
+        ),
+        title=dash.text("title", DEFAULT_TITLE),
+        timezone=_timezone(dash),
+        refresh_s=dash.integer(
+            "refresh_seconds",
+            DEFAULT_REFRESH_SECONDS,
+            low=MIN_REFRESH_SECONDS,
+            high=MAX_REFRESH_SECONDS,
+        ),
+        stale_after_s=dash.integer(
+            "stale_after_seconds", DEFAULT_STALE_AFTER_SECONDS, low=1, high=30 * 86400
+        ),
+        late_after_s=dash.integer(
+            "late_after_seconds", DEFAULT_LATE_AFTER_SECONDS, low=1, high=30 * 86400
+        ),
+        server=_server(server, base),
+    )
+    for section in (root, dash, database, auth, server):
+        section.check_unknown()
+    return config
+
+
+def load_config(path: Path | str) -> DashboardConfig:
+    """Read and validate a dashboard TOML file."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc}") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError("config", f"not valid TOML: {exc}", source=str(path)) from exc
+    config = parse_config(data, base=path.resolve().parent, source=str(path))
+    return replace(config, source=path.resolve())
