@@ -1,0 +1,189 @@
+"""Altair charts with the dashboard's conventions: local wall-clock x axis named
+with its time zone, units in the y title, min-max band under the mean.
+
+Inputs are DataFrames whose time column already holds naive local times
+(ui.to_local), so the browser's own time zone never shifts what is drawn.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Final
+
+import altair as alt
+import pandas as pd
+
+CHART_HEIGHT_PX: Final = 280
+BAND_OPACITY: Final = 0.25
+STATUS_COLORS: Final = {"online": "#2e7d32", "stale": "#f9a825", "offline": "#c62828"}
+SEVERITY_COLORS: Final = {"critical": "#c62828", "warning": "#ef6c00", "info": "#1565c0"}
+MEAN_COLOR: Final = "#1565c0"
+EVENT_COLOR: Final = "#6a1b9a"
+
+
+Domain = tuple[datetime, datetime] | None
+
+
+def _local_datetime(value: datetime) -> alt.DateTime:
+    # Vega reads DateTime objects (like the naive ISO strings of the data) as wall time.
+    return alt.DateTime(
+        year=value.year,
+        month=value.month,
+        date=value.day,
+        hours=value.hour,
+        minutes=value.minute,
+        seconds=value.second,
+    )
+
+
+def _time_axis(tz_name: str, domain: Domain = None, column: str = "ts") -> alt.X:
+    """x = wall-clock time of the configured zone; `domain` (naive local) pins the range."""
+    scale = (
+        alt.Scale(domain=[_local_datetime(domain[0]), _local_datetime(domain[1])])
+        if domain
+        else alt.Undefined
+    )
+    return alt.X(
+        f"{column}:T", title=f"Time ({tz_name})", axis=alt.Axis(labelOverlap=True), scale=scale
+    )
+
+
+def _y_title(name: str, unit: str | None) -> str:
+    return f"{name} ({unit})" if unit else name
+
+
+def band_chart(
+    frame: pd.DataFrame,
+    *,
+    metric: str,
+    unit: str | None,
+    tz_name: str,
+    events: pd.DataFrame | None = None,
+    domain: Domain = None,
+    height: int = CHART_HEIGHT_PX,
+) -> alt.LayerChart:
+    """Mean line over a shaded min-max band; events as vertical markers."""
+    y_title = _y_title(metric, unit)
+    base = alt.Chart(frame).encode(x=_time_axis(tz_name, domain))
+    tooltip = [
+        alt.Tooltip("ts:T", title="Time", format="%Y-%m-%d %H:%M:%S"),
+        alt.Tooltip("mean:Q", title="Mean", format=",.4~f"),
+        alt.Tooltip("min:Q", title="Min", format=",.4~f"),
+        alt.Tooltip("max:Q", title="Max", format=",.4~f"),
+        alt.Tooltip("count:Q", title="Readings", format=","),
+    ]
+    band = base.mark_area(opacity=BAND_OPACITY, color=MEAN_COLOR).encode(
+        y=alt.Y("min:Q", title=y_title, scale=alt.Scale(zero=False)), y2="max:Q"
+    )
+    line = base.mark_line(color=MEAN_COLOR, strokeWidth=1.8).encode(
+        y=alt.Y("mean:Q", title=y_title), tooltip=tooltip
+    )
+    layers: list[alt.Chart] = [band, line]
+    if len(frame) <= 60:  # few points: show each one, so single points are visible
+        layers.append(
+            base.mark_point(color=MEAN_COLOR, filled=True, size=30).encode(
+                y="mean:Q", tooltip=tooltip
+            )
+        )
+    if events is not None and not events.empty:
+        layers.append(
+            alt.Chart(events)
+            .mark_rule(color=EVENT_COLOR, strokeDash=[4, 3], opacity=0.7)
+            .encode(
+                x="ts:T",
+                tooltip=[
+                    alt.Tooltip("ts:T", title="Time", format="%Y-%m-%d %H:%M:%S"),
+                    alt.Tooltip("metric:N", title="Event"),
+                    alt.Tooltip("shown:N", title="Value"),
+                ],
+            )
+        )
+    return alt.layer(*layers).properties(height=height)  # type: ignore[return-value]
+
+
+def lines(
+    frame: pd.DataFrame,
+    *,
+    y: str,
+    y_title: str,
+    tz_name: str,
+    color: str | None = None,
+    color_title: str | None = None,
+    domain: Domain = None,
+    height: int = CHART_HEIGHT_PX,
+) -> alt.Chart:
+    """One or more lines over time (`color` splits series)."""
+    encoding: dict[str, object] = {
+        "x": _time_axis(tz_name, domain),
+        "y": alt.Y(f"{y}:Q", title=y_title),
+        "tooltip": [
+            alt.Tooltip("ts:T", title="Time", format="%Y-%m-%d %H:%M:%S"),
+            *([alt.Tooltip(f"{color}:N", title=color_title or color)] if color else []),
+            alt.Tooltip(f"{y}:Q", title=y_title, format=",.3~f"),
+        ],
+    }
+    if color:
+        encoding["color"] = alt.Color(f"{color}:N", title=color_title or color)
+    chart = alt.Chart(frame).mark_line(point=len(frame) <= 60, interpolate="step-after")
+    return chart.encode(**encoding).properties(height=height)
+
+
+def stacked_bars(
+    frame: pd.DataFrame,
+    *,
+    y: str,
+    y_title: str,
+    tz_name: str,
+    color: str,
+    color_title: str,
+    domain: Domain = None,
+    height: int = CHART_HEIGHT_PX,
+) -> alt.Chart:
+    """Counts per time bucket, stacked by a category (e.g. dead letters by reason)."""
+    return (
+        alt.Chart(frame)
+        .mark_bar()
+        .encode(
+            x=_time_axis(tz_name, domain),
+            y=alt.Y(f"{y}:Q", title=y_title, stack="zero"),
+            color=alt.Color(f"{color}:N", title=color_title),
+            tooltip=[
+                alt.Tooltip("ts:T", title="Time", format="%Y-%m-%d %H:%M"),
+                alt.Tooltip(f"{color}:N", title=color_title),
+                alt.Tooltip(f"{y}:Q", title=y_title, format=","),
+            ],
+        )
+        .properties(height=height)
+    )
+
+
+def category_bars(
+    frame: pd.DataFrame,
+    *,
+    category: str,
+    value: str,
+    value_title: str,
+    colors: dict[str, str] | None = None,
+    height: int = 180,
+) -> alt.Chart:
+    """Horizontal bars, one per category (statuses, reason codes)."""
+    color = (
+        alt.Color(
+            f"{category}:N",
+            scale=alt.Scale(domain=list(colors), range=list(colors.values())),
+            legend=None,
+        )
+        if colors
+        else alt.Color(f"{category}:N", legend=None)
+    )
+    return (
+        alt.Chart(frame)
+        .mark_bar()
+        .encode(
+            y=alt.Y(f"{category}:N", title=None, sort="-x"),
+            x=alt.X(f"{value}:Q", title=value_title, axis=alt.Axis(format="d", tickMinStep=1)),
+            color=color,
+            tooltip=[f"{category}:N", alt.Tooltip(f"{value}:Q", format=",")],
+        )
+        .properties(height=height)
+    )

@@ -1,0 +1,212 @@
+"""Shared page furniture: the login guard, headings, time zone, ranges, empty states.
+
+Every page starts with `page()`, which stops the script unless someone is
+logged in, so no page can render data on its own even if reached directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Final
+from zoneinfo import ZoneInfo
+
+import pandas as pd
+import streamlit as st
+from sqlalchemy.exc import SQLAlchemyError
+
+from dashboards import auth, data
+from dashboards.auth import AuthUser
+from dashboards.config import DashboardConfig
+
+logger = logging.getLogger(__name__)
+
+# Relative ranges offered on time-based pages, by label.
+RANGES_S: Final = {
+    "15 min": 900,
+    "1 h": 3600,
+    "6 h": 6 * 3600,
+    "24 h": 86_400,
+    "7 d": 7 * 86_400,
+    "30 d": 30 * 86_400,
+    "1 y": 365 * 86_400,
+}
+TIME_FORMAT: Final = "%Y-%m-%d %H:%M:%S"
+MISSING: Final = "—"
+# Tighter than Streamlit's default padding: a wall screen should show data, not margins.
+PAGE_CSS: Final = """
+<style>
+  [data-testid="stMainBlockContainer"] { padding-top: 3.5rem; padding-bottom: 2rem; }
+  [data-testid="stMetricValue"] { font-size: 2.4rem; }
+</style>
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class PageContext:
+    """What every page needs: settings, the user, and the shared 'now'."""
+
+    config: DashboardConfig
+    user: AuthUser
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return self.config.tz
+
+    @property
+    def tz_name(self) -> str:
+        return self.config.timezone
+
+
+def page(title: str, purpose: str) -> PageContext:
+    """Heading of a page; stops the run unless a user is logged in."""
+    user = auth.current_user()
+    if user is None:
+        st.stop()
+    assert user is not None  # st.stop() does not return
+    config = data.settings()
+    st.html(PAGE_CSS)
+    st.title(title)
+    st.caption(purpose)
+    return PageContext(config=config, user=user)
+
+
+def freshness_line(ctx: PageContext, now: datetime) -> None:
+    """Which clock the page shows and how current it is (inside each refreshing fragment)."""
+    local = now.astimezone(ctx.tz)
+    st.caption(
+        f"Times in **{ctx.tz_name}** · data as of {local:%Y-%m-%d %H:%M:%S} · "
+        f"refreshes every {ctx.config.refresh_s} s"
+    )
+
+
+def to_local(values: pd.Series, tz: ZoneInfo) -> pd.Series:
+    """UTC timestamps as wall-clock times of `tz` (naive, so charts and tables show them as is)."""
+    return pd.to_datetime(values, utc=True).dt.tz_convert(tz).dt.tz_localize(None)
+
+
+def localize(frame: pd.DataFrame, tz: ZoneInfo, columns: Sequence[str]) -> pd.DataFrame:
+    """A copy of `frame` with `columns` shown in `tz`."""
+    out = frame.copy()
+    for column in columns:
+        if column in out:
+            out[column] = to_local(out[column], tz)
+    return out
+
+
+def table_times(frame: pd.DataFrame, tz: ZoneInfo, columns: Sequence[str]) -> pd.DataFrame:
+    """A copy of `frame` with `columns` as readable local times ("—" when missing) for tables."""
+    out = frame.copy()
+    for column in columns:
+        if column in out:
+            local = pd.to_datetime(out[column], utc=True).dt.tz_convert(tz)
+            out[column] = local.dt.strftime(TIME_FORMAT).fillna(MISSING)
+    return out
+
+
+def fill_text(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """Missing text shown as "—" rather than "None"."""
+    out = frame.copy()
+    for column in columns:
+        if column in out:
+            out[column] = out[column].astype(object).where(out[column].notna(), MISSING)
+    return out
+
+
+def complete_buckets(
+    frame: pd.DataFrame, *, start: datetime, now: datetime, bucket_s: int, counts: Sequence[str]
+) -> pd.DataFrame:
+    """The whole buckets of a count series between `start` and `now`, empty ones as 0.
+
+    Buckets cut by either edge are left out: a half-filled bucket would draw a
+    false drop, and a missing one would hide a real stall.
+    """
+    step = pd.Timedelta(seconds=bucket_s)
+    first = pd.Timestamp(start).ceil(step)
+    last = pd.Timestamp(now).floor(step)
+    index = pd.date_range(first, last, freq=step, inclusive="left", name="ts")
+    filled = frame.set_index("ts").reindex(index)
+    filled[list(counts)] = filled[list(counts)].fillna(0)
+    return filled.reset_index()
+
+
+def local_domain(ctx: PageContext, start: datetime, end: datetime) -> tuple[datetime, datetime]:
+    """A chart's x range as naive wall-clock times of the configured zone."""
+    return (
+        start.astimezone(ctx.tz).replace(tzinfo=None),
+        end.astimezone(ctx.tz).replace(tzinfo=None),
+    )
+
+
+def empty(message: str) -> None:
+    """An empty state that says what is missing and what to check."""
+    st.info(message, icon=":material/info:")
+
+
+@contextmanager
+def database_errors() -> Iterator[None]:
+    """Turn a database failure into one readable message instead of a traceback."""
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        logger.warning("dashboard query failed: %s", exc.__class__.__name__, exc_info=True)
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
+        st.error(
+            "The database did not answer, so this part of the page is not current. "
+            f"It is retried on the next refresh. ({reason})",
+            icon=":material/cloud_off:",
+        )
+
+
+def range_picker(key: str, *, labels: Sequence[str], default: str) -> tuple[str, int]:
+    """A row of relative time ranges; returns the label and its length in seconds."""
+    choice = st.segmented_control(
+        "Time range", list(labels), default=default, key=key, required=True
+    )
+    label = choice if isinstance(choice, str) and choice in RANGES_S else default
+    return label, RANGES_S[label]
+
+
+def window(ctx: PageContext, now: datetime, range_s: int) -> tuple[datetime, datetime]:
+    """The shared, refresh-aligned query range ending at the next refresh boundary.
+
+    Ending one interval after the rounded-down `now` keeps the arguments equal for
+    every screen in this interval and still includes what arrived since `now`.
+    """
+    end = now + timedelta(seconds=ctx.config.refresh_s)
+    return end - timedelta(seconds=range_s), end
+
+
+def bucket_for(range_s: int, *, points: int = 120, minimum_s: int = 60) -> int:
+    """A bucket width giving about `points` bars over a range, rounded to a readable size."""
+    nice = (10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21_600, 43_200, 86_400)
+    wanted = max(minimum_s, range_s / points)
+    return next((n for n in nice if n >= wanted), nice[-1])
+
+
+def age(seconds: float | None) -> str:
+    """How long ago, compactly: 12 s, 5 min, 3 h, 2 d."""
+    if seconds is None or pd.isna(seconds):
+        return "never"
+    seconds = max(0.0, float(seconds))
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86_400:.1f} d"
+
+
+def since(ts: datetime | pd.Timestamp | None, now: datetime) -> float | None:
+    """Seconds from `ts` to `now`, or None when `ts` is missing."""
+    if ts is None or pd.isna(ts):
+        return None
+    return (now - pd.Timestamp(ts).to_pydatetime()).total_seconds()
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)

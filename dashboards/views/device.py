@@ -1,0 +1,155 @@
+"""Device: one device's metrics over time, at a resolution chosen from the range."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from dashboards import charts, data, ui
+from dashboards.resolution import pick_resolution
+
+RANGE_LABELS = ("1 h", "6 h", "24 h", "7 d", "30 d", "1 y")
+DEFAULT_METRICS_SHOWN = 6
+
+ctx = ui.page(
+    "Device",
+    "Metrics over time: mean line over the min-max band of each point; events as dashed markers.",
+)
+
+
+def _controls() -> tuple[str, str, int, list[str]]:
+    """Device, range and metrics pickers; stops the page when there is nothing to pick."""
+    names = data.device_names()
+    if not names:
+        ui.empty(
+            "No devices are registered yet. A device appears after its first data batch "
+            "reaches an ingest worker."
+        )
+        st.stop()
+    wanted = st.query_params.get("device")
+    top = st.columns([2, 3])
+    device = top[0].selectbox(
+        "Device", names, index=names.index(wanted) if wanted in names else 0, key="device_name"
+    )
+    st.query_params["device"] = device
+    with top[1]:
+        range_label, range_s = ui.range_picker("device_range", labels=RANGE_LABELS, default="6 h")
+    metrics = data.device_metrics(device=device)
+    if metrics.empty:
+        ui.empty(
+            f"{device} has not delivered any numeric metric yet. Check its signals with "
+            "`millrace edge check` and its health on the Fleet page."
+        )
+        st.stop()
+    chosen = st.multiselect(
+        "Metrics",
+        list(metrics["metric"]),
+        default=list(metrics["metric"])[:DEFAULT_METRICS_SHOWN],
+        key=f"device_metrics_{device}",
+    )
+    return device, range_label, range_s, chosen
+
+
+controls = None
+with ui.database_errors():
+    controls = _controls()
+if controls is None:  # the database did not answer; the message is already shown
+    st.stop()
+
+
+def _events_for_chart(frame: pd.DataFrame) -> pd.DataFrame:
+    if frame.empty:
+        return frame
+    shown = ui.localize(frame, ctx.tz, ["ts"])
+    shown["shown"] = [
+        text if kind == "text" else ("on" if value else "off") if kind == "bool" else f"{value:g}"
+        for kind, value, text in zip(shown["kind"], shown["value"], shown["text"], strict=True)
+    ]
+    return shown
+
+
+def _csv(parts: list[pd.DataFrame]) -> bytes:
+    frame = pd.concat(parts, ignore_index=True)
+    frame["time"] = frame["ts"].dt.tz_convert(ctx.tz).map(lambda t: t.isoformat())
+    columns = ["time", "device", "metric", "unit", "resolution", "mean", "min", "max", "count"]
+    return frame[[*columns, "rejected"]].to_csv(index=False).encode("utf-8")
+
+
+@st.fragment(run_every=ctx.config.refresh_s)
+def device_charts(device: str, chosen: list[str], range_label: str, range_s: int) -> None:
+    now = data.refresh_now()
+    start, end = ui.window(ctx, now, range_s)
+    with ui.database_errors():
+        ui.freshness_line(ctx, now)
+        if not chosen:
+            ui.empty("Select at least one metric above.")
+            return
+        info = data.device_metrics(device=device).set_index("metric")
+        raw_events = data.device_events(device=device, start=start, end=end)
+        events = _events_for_chart(raw_events)
+        exported: list[pd.DataFrame] = []
+        for metric in chosen:
+            if metric not in info.index:
+                continue
+            row = info.loc[metric]
+            unit = row["unit"] if isinstance(row["unit"], str) else None
+            resolution = pick_resolution(range_s=range_s, period_s=int(row["period_s"]))
+            frame = data.series(
+                device=device, metric=metric, resolution=resolution, start=start, end=end
+            )
+            st.subheader(f"{metric} ({unit})" if unit else metric)
+            if frame.empty:
+                last = pd.Timestamp(row["last_ts"]).tz_convert(ctx.tz)
+                ui.empty(
+                    f"No {metric} data from {device} in the last {range_label}. The newest "
+                    f"stored window is from {last:%Y-%m-%d %H:%M} ({ctx.tz_name}); pick a "
+                    "longer range or check the device on the Fleet page."
+                )
+                continue
+            st.caption(
+                f"Resolution: **{resolution.label}** · {len(frame)} points · "
+                f"{int(frame['count'].sum()):,} readings"
+            )
+            st.altair_chart(
+                charts.band_chart(
+                    ui.localize(frame, ctx.tz, ["ts"]),
+                    metric=metric,
+                    unit=unit,
+                    tz_name=ctx.tz_name,
+                    events=events,
+                    domain=ui.local_domain(ctx, start, end),
+                ),
+                width="stretch",
+            )
+            exported.append(
+                frame.assign(device=device, metric=metric, unit=unit, resolution=resolution.label)
+            )
+        if exported:
+            st.download_button(
+                "Download CSV",
+                _csv(exported),
+                file_name=f"{device}_{range_label.replace(' ', '')}_{now:%Y%m%dT%H%M}.csv",
+                mime="text/csv",
+                icon=":material/download:",
+                on_click="ignore",
+                help=f"The points shown above; times in {ctx.tz_name} with their UTC offset.",
+            )
+        with st.expander(f"Events ({len(raw_events)})", expanded=False):
+            if raw_events.empty:
+                st.caption(f"No state or enum changes from {device} in the last {range_label}.")
+            else:
+                st.dataframe(
+                    events[["ts", "metric", "shown"]].assign(
+                        ts=events["ts"].dt.strftime(ui.TIME_FORMAT)
+                    ),
+                    hide_index=True,
+                    column_config={
+                        "ts": "Time",
+                        "metric": "Signal",
+                        "shown": "Value",
+                    },
+                )
+
+
+device, range_label, range_s, chosen = controls
+device_charts(device, chosen, range_label, range_s)

@@ -1,0 +1,145 @@
+"""Pipeline: how fast data flows from devices into the database, and what it drops."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from dashboards import charts, data, ui
+
+RANGE_LABELS = ("15 min", "1 h", "6 h", "24 h")
+
+ctx = ui.page(
+    "Pipeline",
+    "Ingest rate, delivery delay, commit latency and refused messages over time.",
+)
+range_label, range_s = ui.range_picker("pipeline_range", labels=RANGE_LABELS, default="1 h")
+
+
+def _percentiles(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
+    long = frame.melt(id_vars=["ts"], value_vars=list(columns), var_name="series", value_name="s")
+    long["series"] = long["series"].map(columns)
+    return long
+
+
+@st.fragment(run_every=ctx.config.refresh_s)
+def pipeline(range_label: str, range_s: int) -> None:
+    now = data.refresh_now()
+    start, end = ui.window(ctx, now, range_s)
+    bucket_s = ui.bucket_for(range_s)
+    with ui.database_errors():
+        ingest = data.ingest_timeline(start=start, end=end, bucket_s=bucket_s)
+        latency = data.commit_latency(start=start, end=end, bucket_s=bucket_s)
+        dead = data.dead_letter_timeline(start=start, end=end, bucket_s=bucket_s)
+        ui.freshness_line(ctx, now)
+        st.caption(
+            f"Each point covers {bucket_s} s of receive time; the interval in progress is "
+            "drawn once it is complete."
+        )
+
+        windows = int(ingest["windows"].sum()) if not ingest.empty else 0
+        tiles = st.columns(4)
+        tiles[0].metric(f"Windows stored, {range_label}", f"{windows:,}", border=True)
+        tiles[1].metric("Average rate", f"{windows / range_s:,.1f} windows/s", border=True)
+        worst_latency = latency["latency_p95_s"].max() if not latency.empty else None
+        tiles[2].metric(
+            "Commit latency p95 (worst point)",
+            "n/a" if worst_latency is None else f"{worst_latency:,.2f} s",
+            help="Window close on the device to its row being stored.",
+            border=True,
+        )
+        tiles[3].metric(
+            f"Dead letters, {range_label}",
+            f"{int(dead['count'].sum()) if not dead.empty else 0:,}",
+            border=True,
+        )
+
+        if ingest.empty:
+            ui.empty(
+                f"Nothing was committed in the last {range_label}: no device delivered data, or "
+                "no ingest worker is running (`millrace status`)."
+            )
+            return
+        filled = ui.complete_buckets(
+            ingest, start=start, now=now, bucket_s=bucket_s, counts=("batches", "windows", "events")
+        )
+        domain = ui.local_domain(ctx, start, end)
+        local = ui.localize(filled, ctx.tz, ["ts"])
+        local["windows_per_s"] = local["windows"] / bucket_s
+        local["batches_per_s"] = local["batches"] / bucket_s
+        left, right = st.columns(2)
+        with left:
+            st.subheader("Ingest rate")
+            st.altair_chart(
+                charts.lines(
+                    _percentiles(
+                        local, {"windows_per_s": "windows/s", "batches_per_s": "batches/s"}
+                    ),
+                    y="s",
+                    y_title="per second",
+                    tz_name=ctx.tz_name,
+                    color="series",
+                    color_title="Rate",
+                    domain=domain,
+                ),
+                width="stretch",
+            )
+        with right:
+            st.subheader("Delivery delay (sent → received)")
+            st.altair_chart(
+                charts.lines(
+                    _percentiles(local, {"delay_p50_s": "p50", "delay_p95_s": "p95"}),
+                    y="s",
+                    y_title="seconds",
+                    tz_name=ctx.tz_name,
+                    color="series",
+                    color_title="Percentile",
+                    domain=domain,
+                ),
+                width="stretch",
+            )
+            st.caption("Includes outbox backlog after outages and any device clock skew.")
+        left, right = st.columns(2)
+        with left:
+            st.subheader("Commit latency (window close → stored)")
+            if latency.empty:
+                ui.empty(f"No windows start in the last {range_label}.")
+            else:
+                st.altair_chart(
+                    charts.lines(
+                        _percentiles(
+                            ui.localize(latency, ctx.tz, ["ts"]),
+                            {"latency_p50_s": "p50", "latency_p95_s": "p95"},
+                        ),
+                        y="s",
+                        y_title="seconds",
+                        tz_name=ctx.tz_name,
+                        color="series",
+                        color_title="Percentile",
+                        domain=domain,
+                    ),
+                    width="stretch",
+                )
+                st.caption("By window start time; a backfill after an outage shows as a spike.")
+        with right:
+            st.subheader("Dead letters")
+            if dead.empty:
+                st.success(
+                    f"No message was refused in the last {range_label}.", icon=":material/check:"
+                )
+            else:
+                st.altair_chart(
+                    charts.stacked_bars(
+                        ui.localize(dead, ctx.tz, ["ts"]),
+                        y="count",
+                        y_title="messages",
+                        tz_name=ctx.tz_name,
+                        color="code",
+                        color_title="Reason",
+                        domain=domain,
+                    ),
+                    width="stretch",
+                )
+
+
+pipeline(range_label, range_s)

@@ -1,0 +1,198 @@
+"""Data quality: what did not arrive, arrived broken, late, or with a wrong clock."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from dashboards import charts, data, ui
+
+RANGE_LABELS = ("1 h", "24 h", "7 d", "30 d")
+# A device clock this far from ours shifts its windows visibly on the charts.
+SKEW_WARN_SECONDS = 2.0
+
+ctx = ui.page(
+    "Data quality",
+    "Refused messages, missing batches, rejected readings, late deliveries, clocks and backlogs.",
+)
+range_label, range_s = ui.range_picker("quality_range", labels=RANGE_LABELS, default="24 h")
+
+
+@st.fragment(run_every=ctx.config.refresh_s)
+def quality(range_label: str, range_s: int) -> None:
+    now = data.refresh_now()
+    start, end = ui.window(ctx, now, range_s)
+    with ui.database_errors():
+        dead = data.dead_letter_counts(start=start, end=end)
+        samples = data.dead_letter_samples(start=start, end=end)
+        gaps = data.open_sequence_gaps()
+        rejected = data.rejected_readings(start=start, end=end)
+        delivery = data.delivery_by_device(
+            start=start, end=end, late_after_s=ctx.config.late_after_s
+        )
+        fleet = data.fleet(stale_after_s=ctx.config.stale_after_s)
+        backlog = data.backlog_history(start=start, end=end, bucket_s=ui.bucket_for(range_s))
+        ui.freshness_line(ctx, now)
+
+        unsynced = int(fleet["clock_synced"].eq(False).sum()) if not fleet.empty else 0
+        tiles = st.columns(5)
+        tiles[0].metric(
+            f"Dead letters, {range_label}", f"{int(dead['count'].sum()):,}", border=True
+        )
+        tiles[1].metric(
+            "Missing batches (open gaps)", f"{int(gaps['missing'].sum()):,}", border=True
+        )
+        tiles[2].metric(
+            f"Rejected readings, {range_label}", f"{int(rejected['rejected'].sum()):,}", border=True
+        )
+        tiles[3].metric(
+            f"Late batches, {range_label}",
+            f"{int(delivery['late'].sum()):,}",
+            help=f"Received more than {ctx.config.late_after_s} s after the device sent them.",
+            border=True,
+        )
+        tiles[4].metric("Devices with unsynced clock", unsynced, border=True)
+
+        st.subheader("Dead letters by reason")
+        if dead.empty:
+            st.success(
+                f"No message was refused in the last {range_label}.", icon=":material/check:"
+            )
+        else:
+            left, right = st.columns([1, 2])
+            with left:
+                st.altair_chart(
+                    charts.category_bars(
+                        dead, category="code", value="count", value_title="messages"
+                    ),
+                    width="stretch",
+                )
+            with right:
+                st.dataframe(
+                    ui.table_times(dead, ctx.tz, ["last_at"]),
+                    hide_index=True,
+                    column_config={
+                        "code": "Reason",
+                        "count": st.column_config.NumberColumn("Messages"),
+                        "devices": st.column_config.NumberColumn("Devices"),
+                        "last_at": "Latest",
+                    },
+                )
+            st.caption("Newest samples per reason (payload preview, text or hex)")
+            st.dataframe(
+                ui.table_times(samples, ctx.tz, ["received_at"]),
+                hide_index=True,
+                column_config={
+                    "code": "Reason",
+                    "received_at": "Received",
+                    "device": "Device",
+                    "topic": "Topic",
+                    "reason": st.column_config.TextColumn("Detail", width="large"),
+                    "content_type": "Content type",
+                    "payload_bytes": st.column_config.NumberColumn("Bytes"),
+                    "payload_head": st.column_config.TextColumn("Payload", width="large"),
+                },
+            )
+
+        st.subheader("Sequence gaps")
+        if gaps.empty:
+            st.success(
+                "No open gaps: every batch sent since each device started has arrived.",
+                icon=":material/check:",
+            )
+        else:
+            st.caption(
+                "Batches a device numbered but the cloud never received. A gap closes by itself "
+                "if the batch arrives late; one that stays open is lost data."
+            )
+            st.dataframe(
+                ui.table_times(gaps, ctx.tz, ["detected_at"]),
+                hide_index=True,
+                column_config={
+                    "device": "Device",
+                    "boot_id": "Boot",
+                    "seq_from": st.column_config.NumberColumn("From seq", format="%d"),
+                    "seq_to": st.column_config.NumberColumn("To seq", format="%d"),
+                    "missing": st.column_config.NumberColumn("Missing batches"),
+                    "detected_at": "Detected",
+                },
+            )
+
+        st.subheader("Rejected readings")
+        if rejected.empty:
+            st.success(
+                f"No device rejected a reading in the last {range_label}.", icon=":material/check:"
+            )
+        else:
+            shown = rejected.assign(
+                share=rejected["rejected"] / (rejected["rejected"] + rejected["accepted"])
+            )
+            st.dataframe(
+                shown,
+                hide_index=True,
+                column_config={
+                    "device": "Device",
+                    "metric": "Metric",
+                    "rejected": st.column_config.NumberColumn("Rejected"),
+                    "accepted": st.column_config.NumberColumn("Accepted"),
+                    "share": st.column_config.NumberColumn("Rejected share", format="percent"),
+                },
+            )
+            st.caption("Out-of-range, NaN or otherwise invalid values counted by the agents.")
+
+        st.subheader("Late deliveries and clocks")
+        clocks = fleet[["device", "clock_synced", "clock_skew_s"]]
+        merged = clocks.merge(delivery, on="device", how="left")
+        if merged.empty:
+            ui.empty("No devices are registered yet.")
+        else:
+            st.dataframe(
+                ui.table_times(merged, ctx.tz, ["last_received_at"]).style.map(
+                    lambda v: (
+                        "color: #c62828; font-weight: 600"
+                        if isinstance(v, float) and not pd.isna(v) and abs(v) > SKEW_WARN_SECONDS
+                        else ""
+                    ),
+                    subset=["clock_skew_s"],
+                ),
+                hide_index=True,
+                column_config={
+                    "device": "Device",
+                    "clock_synced": st.column_config.CheckboxColumn("Clock synced"),
+                    "clock_skew_s": st.column_config.NumberColumn(
+                        "Clock skew (s)",
+                        format="%.2f",
+                        help="Device clock minus cloud clock at its latest heartbeat.",
+                    ),
+                    "batches": st.column_config.NumberColumn(f"Batches, {range_label}"),
+                    "late": st.column_config.NumberColumn(
+                        "Late", help=f"Received over {ctx.config.late_after_s} s after sending."
+                    ),
+                    "max_delay_s": st.column_config.NumberColumn("Worst delay (s)", format="%.1f"),
+                    "unsynced": st.column_config.NumberColumn("Sent unsynced"),
+                    "last_received_at": "Last batch",
+                },
+            )
+
+        st.subheader("Outbox backlog per device")
+        if backlog.empty:
+            ui.empty(
+                f"No heartbeats in the last {range_label}, so backlog is unknown. Agents report "
+                "their outbox in each heartbeat; check that they are running."
+            )
+        else:
+            st.altair_chart(
+                charts.lines(
+                    ui.localize(backlog, ctx.tz, ["ts"]),
+                    y="outbox_batches",
+                    y_title="outbox (batches)",
+                    tz_name=ctx.tz_name,
+                    color="device",
+                    color_title="Device",
+                    domain=ui.local_domain(ctx, start, end),
+                ),
+                width="stretch",
+            )
+
+
+quality(range_label, range_s)
