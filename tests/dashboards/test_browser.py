@@ -1,0 +1,148 @@
+"""The dashboard in a real browser: `millrace dash` against a filled database,
+Debian's headless Chromium driven by Playwright, login, every page, no error
+shown, and a screenshot of each page into docs/img/ (the README shows them).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.dashboards.conftest import PASSWORDS, Plant, write_config
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+IMG_DIR = Path(__file__).resolve().parents[2] / "docs" / "img"
+STARTUP_TIMEOUT_SECONDS = 60
+PAGE_TIMEOUT_MS = 30_000
+VIEWPORT = {"width": 1600, "height": 1000}
+# (navigation label, page heading, screenshot name, an element the page must show)
+PAGES = [
+    ("Overview", "Overview", "overview", '[data-testid="stMetric"]'),
+    ("Fleet", "Fleet", "fleet", '[data-testid="stDataFrame"]'),
+    ("Device", "Device", "device", '[data-testid="stVegaLiteChart"]'),
+    ("Alerts", "Alerts", "alerts", '[data-testid="stDataFrame"]'),
+    ("Data quality", "Data quality", "quality", '[data-testid="stVegaLiteChart"]'),
+    ("Pipeline", "Pipeline", "pipeline", '[data-testid="stVegaLiteChart"]'),
+]
+ERROR_SELECTORS = '[data-testid="stException"], [data-testid="stAlertContentError"]'
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"millrace dash exited early:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200 and response.read().strip() == b"ok":
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"dashboard not healthy at {url}:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def dashboard(plant: Plant, users_file: Path, tmp_path: Path) -> Iterator[str]:
+    """`millrace dash` serving the shared plant; yields its base URL."""
+    config = write_config(tmp_path, dsn=plant.dash_dsn, users=users_file, refresh_s=15)
+    port = _free_port()
+    log = tmp_path / "dash.log"
+    env = {k: v for k, v in os.environ.items() if k != "MILLRACE_DASH_CONFIG"}
+    millrace = Path(sys.executable).with_name("millrace")
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(millrace), "dash", "--config", str(config), "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=tmp_path,
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_healthy(f"{base}/_stcore/health", proc, log)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert b"Traceback" not in log.read_bytes(), log.read_text()[-3000:]
+
+
+def _settle(page) -> None:  # type: ignore[no-untyped-def]
+    """Wait until Streamlit has finished the run and charts have painted."""
+    page.wait_for_selector(
+        '[data-testid="stStatusWidget"]', state="hidden", timeout=PAGE_TIMEOUT_MS
+    )
+    page.wait_for_load_state("networkidle")
+    page.wait_for_timeout(1500)
+
+
+def test_every_page_renders_without_errors(dashboard: str) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=PAGE_TIMEOUT_MS)
+    IMG_DIR.mkdir(parents=True, exist_ok=True)
+    name, (_, password) = "otto", PASSWORDS["otto"]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport=VIEWPORT, timezone_id="America/New_York")
+            page = context.new_page()
+            page.set_default_timeout(PAGE_TIMEOUT_MS)
+            page.goto(f"{dashboard}/fleet")
+            # Without a session, any URL shows the login and nothing else.
+            expect(page.get_by_role("button", name="Sign in")).to_be_visible()
+            assert page.locator('[data-testid="stDataFrame"]').count() == 0
+            assert page.locator('[data-testid="stTopNavLink"]').count() == 0
+            _settle(page)
+            page.screenshot(path=str(IMG_DIR / "login.png"))
+            page.get_by_role("textbox", name="User name").fill(name)
+            page.get_by_role("textbox", name="Password").fill(password)
+            page.get_by_role("button", name="Sign in").click()
+            # The page asked for before signing in opens after it.
+            expect(page.get_by_role("heading", name="Fleet", exact=True)).to_be_visible()
+            for label, heading, shot, must_show in PAGES:
+                page.locator('[data-testid="stTopNavLink"]', has_text=label).first.click()
+                expect(page.get_by_role("heading", name=heading, exact=True)).to_be_visible()
+                page.wait_for_selector(must_show, state="visible")
+                _settle(page)
+                errors = page.locator(ERROR_SELECTORS)
+                assert errors.count() == 0, f"{label}: {errors.all_inner_texts()}"
+                # Times are shown in the configured zone, not the browser's.
+                expect(
+                    page.locator('[data-testid="stMain"]')
+                    .get_by_text("Times in Europe/Berlin")
+                    .first
+                ).to_be_visible()
+                page.screenshot(path=str(IMG_DIR / f"{shot}.png"))
+        finally:
+            browser.close()
