@@ -24,6 +24,7 @@ from millrace.wire import Window
 
 HOUR_SECONDS: Final = 3600
 DAY_SECONDS: Final = 86_400
+HOUR_MS: Final = HOUR_SECONDS * 1000
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 RollupKey = tuple[int, int, int, int]  # device_id, metric_id, period_s, bucket_ms
@@ -164,9 +165,20 @@ def upsert(cur: psycopg.Cursor[Any], table: str, rows: dict[RollupKey, Accumulat
     cur.execute(sql.SQL(_UPSERT).format(table=sql.Identifier(table)), columns)
 
 
-def write_rollups(cur: psycopg.Cursor[Any], windows: list[tuple[int, int, Window]]) -> int:
-    """Merge `windows` into every rollup table; returns the rollup rows touched."""
-    hourly = aggregate(windows, bucket_s=HOUR_SECONDS)
+def add_hourly(
+    rows: dict[RollupKey, Accumulator], device_id: int, metric_id: int, w: Window
+) -> None:
+    """Merge one window into hourly rows (the writer calls this inside its COPY loop)."""
+    key = (device_id, metric_id, w.period_s, w.start_ms - w.start_ms % HOUR_MS)
+    acc = rows.get(key)
+    if acc is None:
+        rows[key] = Accumulator.of(w)
+    else:
+        acc.add(w)
+
+
+def write_rollups(cur: psycopg.Cursor[Any], hourly: dict[RollupKey, Accumulator]) -> int:
+    """Merge hourly rows (see `aggregate`) into both rollup tables; returns rows touched."""
     daily = rebucket(hourly, bucket_s=DAY_SECONDS)
     upsert(cur, "rollup_hourly", hourly)
     upsert(cur, "rollup_daily", daily)

@@ -26,7 +26,7 @@ from typing import Any, Final
 import psycopg
 
 from cloud import gaps, rollups
-from millrace.wire import Batch, EventValue, Window
+from millrace.wire import Batch, EventValue
 
 log = logging.getLogger(__name__)
 
@@ -313,8 +313,8 @@ class BatchWriter:
             fresh = [unique[k] for k in sorted(claimed)]
             if not fresh:
                 return WriteResult(0, len(incoming), 0, 0, 0, 0, (), frozenset())
-            readings, events, windows, stored = self._copy(cur, fresh, report)
-            rollup_rows = rollups.write_rollups(cur, windows)
+            readings, events, hourly, stored = self._copy(cur, fresh, report)
+            rollup_rows = rollups.write_rollups(cur, hourly)
             opened = self._streams(cur, fresh)
             self._devices_seen(cur, fresh)
         return WriteResult(
@@ -355,13 +355,14 @@ class BatchWriter:
         cur: psycopg.Cursor[Any],
         fresh: list[Incoming],
         report: Callable[[str], bool] | None,
-    ) -> tuple[int, int, list[tuple[int, int, Window]], list[StoredWindow]]:
+    ) -> tuple[int, int, dict[rollups.RollupKey, rollups.Accumulator], list[StoredWindow]]:
         device_ids = self.ids.devices
         metric_ids = self.ids.metrics
         times: dict[int, datetime] = {}
         reading_rows: list[tuple[object, ...]] = []
         event_rows: list[tuple[object, ...]] = []
-        windows: list[tuple[int, int, Window]] = []
+        hourly: dict[rollups.RollupKey, rollups.Accumulator] = {}
+        add_hourly = rollups.add_hourly
         stored: list[StoredWindow] = []
         for item in fresh:
             batch = item.batch
@@ -375,7 +376,7 @@ class BatchWriter:
                     (ts, device_id, metric_id, w.period_s, w.count, w.sum, w.min, w.max,
                      w.first, w.last, w.sumsq, w.rejected)
                 )  # fmt: skip
-                windows.append((device_id, metric_id, w))
+                add_hourly(hourly, device_id, metric_id, w)
                 if report is None or report(w.metric):
                     stored.append(
                         StoredWindow(
@@ -391,7 +392,7 @@ class BatchWriter:
             copy_rows(cur, "readings", READING_COLUMNS, READING_TYPES, reading_rows)
         if event_rows:
             copy_rows(cur, "events", EVENT_COLUMNS, EVENT_TYPES, event_rows)
-        return len(reading_rows), len(event_rows), windows, stored
+        return len(reading_rows), len(event_rows), hourly, stored
 
     def _streams(self, cur: psycopg.Cursor[Any], fresh: list[Incoming]) -> int:
         """Advance each (device, boot_id) high-water mark and record gaps; returns gaps opened."""
