@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Final
+from zoneinfo import ZoneInfo
 
 import altair as alt
 import pandas as pd
@@ -187,3 +188,27 @@ def category_bars(
         )
         .properties(height=height)
     )
+
+
+CSV_COLUMNS: Final = (
+    "time",
+    "device",
+    "metric",
+    "unit",
+    "resolution",
+    "mean",
+    "min",
+    "max",
+    "count",
+    "rejected",
+)
+
+
+def series_csv(parts: list[pd.DataFrame], tz: ZoneInfo) -> bytes:
+    """The drawn points as CSV: ISO times in `tz` with their UTC offset, one row per point.
+
+    Each part is a queries.series() frame plus device, metric, unit and resolution columns.
+    """
+    frame = pd.concat(parts, ignore_index=True)
+    frame["time"] = [t.isoformat() for t in pd.to_datetime(frame["ts"], utc=True).dt.tz_convert(tz)]
+    return frame[list(CSV_COLUMNS)].to_csv(index=False).encode("utf-8")

@@ -68,13 +68,6 @@ def _events_for_chart(frame: pd.DataFrame) -> pd.DataFrame:
     return shown
 
 
-def _csv(parts: list[pd.DataFrame]) -> bytes:
-    frame = pd.concat(parts, ignore_index=True)
-    frame["time"] = frame["ts"].dt.tz_convert(ctx.tz).map(lambda t: t.isoformat())
-    columns = ["time", "device", "metric", "unit", "resolution", "mean", "min", "max", "count"]
-    return frame[[*columns, "rejected"]].to_csv(index=False).encode("utf-8")
-
-
 @st.fragment(run_every=ctx.config.refresh_s)
 def device_charts(device: str, chosen: list[str], range_label: str, range_s: int) -> None:
     now = data.refresh_now()
@@ -127,7 +120,7 @@ def device_charts(device: str, chosen: list[str], range_label: str, range_s: int
         if exported:
             st.download_button(
                 "Download CSV",
-                _csv(exported),
+                charts.series_csv(exported, ctx.tz),
                 file_name=f"{device}_{range_label.replace(' ', '')}_{now:%Y%m%dT%H%M}.csv",
                 mime="text/csv",
                 icon=":material/download:",

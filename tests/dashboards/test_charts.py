@@ -1,0 +1,48 @@
+"""Chart helpers that need no browser: the CSV export of the device page."""
+
+from __future__ import annotations
+
+import csv
+import io
+from zoneinfo import ZoneInfo
+
+import pandas as pd
+
+from dashboards.charts import CSV_COLUMNS, series_csv
+
+
+def _part(metric: str, unit: str | None, times: list[str]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "ts": pd.to_datetime(times, utc=True),
+            "mean": [1.5] * len(times),
+            "min": [1.0] * len(times),
+            "max": [2.0] * len(times),
+            "count": [10] * len(times),
+            "rejected": [0] * len(times),
+            "windows": [1] * len(times),
+        }
+    ).assign(device="press-01", metric=metric, unit=unit, resolution="10 s windows (raw)")
+
+
+def test_csv_has_local_times_with_offsets_and_every_point() -> None:
+    parts = [
+        _part("temperature", "°C", ["2026-01-15T11:00:00Z", "2026-01-15T11:00:10Z"]),
+        _part("pressure", None, ["2026-07-15T11:00:00Z"]),
+    ]
+    rows = list(csv.DictReader(io.StringIO(series_csv(parts, ZoneInfo("Europe/Berlin")).decode())))
+    assert tuple(rows[0]) == CSV_COLUMNS
+    assert [r["time"] for r in rows] == [
+        "2026-01-15T12:00:00+01:00",
+        "2026-01-15T12:00:10+01:00",
+        "2026-07-15T13:00:00+02:00",  # summer time: the offset says which
+    ]
+    assert [r["metric"] for r in rows] == ["temperature", "temperature", "pressure"]
+    assert rows[0]["unit"] == "°C"
+    assert rows[2]["unit"] == ""
+    assert (rows[0]["mean"], rows[0]["min"], rows[0]["max"], rows[0]["count"]) == (
+        "1.5",
+        "1.0",
+        "2.0",
+        "10",
+    )
