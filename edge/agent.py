@@ -278,7 +278,7 @@ class Agent:
             sent_at_ms=wall_ms,
             windows=drained.windows,
             events=drained.events,
-            rejected=drained.rejected,
+            rejected=self.pipeline.rejected_total,
             dropped=self.outbox.dropped_total,
             clock_synced=self.clock.synced(),
             encoding=self.config.broker.encoding,

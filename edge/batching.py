@@ -64,8 +64,9 @@ def build_batches(
 ) -> list[Encoded]:
     """Encode windows and events into as few batches as the payload limit allows.
 
-    `rejected` (readings no window carries) rides on the first batch; `dropped`
-    (the outbox's cumulative drop count) on every batch.
+    `rejected` (readings rejected since the agent started, i.e. per boot_id) and
+    `dropped` (the outbox's drops since it was created) are cumulative counters
+    and ride on every batch, so a lost batch never loses a count.
     """
     pending = _chunks(windows, events, MAX_ROWS_PER_BATCH)
     result: list[Encoded] = []
@@ -80,7 +81,7 @@ def build_batches(
             events=tuple(chunk_events),
             clock_synced=clock_synced,
             dropped=dropped,
-            rejected=rejected if not result else 0,
+            rejected=rejected,
         )
         payload = encode_batch(batch, encoding=encoding)
         rows = len(chunk_windows) + len(chunk_events)

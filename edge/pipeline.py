@@ -26,7 +26,10 @@ _NO_VALUE = object()
 
 @dataclass(frozen=True, slots=True)
 class Drained:
-    """Closed windows, pending events and rejected readings no window carries."""
+    """Closed windows, pending events and rejected readings no window carries.
+
+    A non-zero `rejected` alone is worth a batch: it moves the cumulative count.
+    """
 
     windows: tuple[Window, ...]
     events: tuple[Event, ...]
