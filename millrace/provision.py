@@ -563,8 +563,6 @@ def build_bundle(
     )
     if validate_config is not None:
         validate_config(config)
-    # Everything that can fail on the operator's input is checked before a certificate is made.
-    credentials = device_credentials(pki_path, ident, csr_pem=csr_pem, force=force)
     with tempfile.TemporaryDirectory(prefix="millrace-release-") as tmp:
         release = prepare_release(Path(tmp), wheel=wheel, wheelhouse=wheelhouse, targets=())
         files: dict[str, bytes] = {
@@ -574,6 +572,8 @@ def build_bundle(
         }
         for dep in release.wheels:
             files[f"wheels/{dep.name}"] = dep.read_bytes()
+    # Only now, with config and software in hand, is a certificate issued (or reused).
+    credentials = device_credentials(pki_path, ident, csr_pem=csr_pem, force=force)
     files["config/agent.toml"] = config.encode()
     files["pki/ca.crt"] = pki.pki_paths(pki_path).ca_cert.read_bytes()
     files["pki/device.crt"] = credentials.cert.read_bytes()
