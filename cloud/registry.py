@@ -15,7 +15,7 @@ will that names an older boot than the device's current online boot is ignored
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
@@ -58,11 +58,33 @@ def _ms_to_datetime(ts_ms: int) -> datetime | None:
         return None
 
 
+def _record_units(conn: psycopg.Connection[Any], units: Mapping[str, str]) -> None:
+    """Register the birth's metrics with their units (the dashboard labels charts with them)."""
+    known = conn.execute(
+        "SELECT name, unit FROM metrics WHERE name = ANY(%s)", (list(units),)
+    ).fetchall()
+    changed = dict(sorted(set(units.items()) - set(known)))
+    if not changed:
+        return  # the usual rebirth: touch (and lock) nothing
+    names, labels = zip(*changed.items(), strict=True)
+    conn.execute(
+        """
+        INSERT INTO metrics (name, unit)
+        SELECT * FROM unnest(%(names)s::text[], %(units)s::text[])
+        ON CONFLICT (name) DO UPDATE SET unit = excluded.unit
+         WHERE metrics.unit IS DISTINCT FROM excluded.unit
+        """,
+        {"names": list(names), "units": list(labels)},
+    )
+
+
 def apply_state(
     conn: psycopg.Connection[Any], state: DeviceState, *, received_at: datetime
 ) -> None:
     """Apply a birth (online) or last will (offline) from the device's state topic."""
     device_id = ensure_device(conn, state.device)
+    if state.units:
+        _record_units(conn, state.units)
     if state.status == "online":
         cur = conn.execute(
             """

@@ -321,6 +321,7 @@ class Agent:
             boot_id=self.boot_id,
             config_hash=self.config.config_hash,
             now_ms=now_ms(),
+            units={s.metric: s.unit for s in self.config.signals if s.unit},
         ).to_json()
 
     # ---------------------------------------------------------------- commands

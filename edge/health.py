@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,18 @@ def agent_version() -> str:
     return __version__
 
 
-def birth_message(*, device: str, boot_id: str, config_hash: str, now_ms: int) -> DeviceState:
-    """Retained on the state topic while the agent is connected."""
-    return DeviceState(device, "online", now_ms, boot_id, agent_version(), config_hash)
+def birth_message(
+    *,
+    device: str,
+    boot_id: str,
+    config_hash: str,
+    now_ms: int,
+    units: Mapping[str, str] | None = None,
+) -> DeviceState:
+    """Retained on the state topic while the agent is connected; carries the metrics' units."""
+    return DeviceState(
+        device, "online", now_ms, boot_id, agent_version(), config_hash, dict(units or {})
+    )
 
 
 def will_message(*, device: str, boot_id: str, config_hash: str, now_ms: int) -> DeviceState:

@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, TypeVar
 
 from millrace.errors import WireError
-from millrace.ids import DEVICE_ID_RULE, is_device_id
+from millrace.ids import DEVICE_ID_RULE, is_device_id, is_metric_name
 
 MAX_MESSAGE_BYTES = 64 * 1024
+MAX_UNIT_CHARS = 32
 DeviceStatus = Literal["online", "offline"]
 AlertState = Literal["active", "cleared"]
 Severity = Literal["info", "warning", "critical"]
@@ -71,9 +72,18 @@ class DeviceState:
     boot_id: str = ""
     agent_version: str = ""
     config_hash: str = ""
+    # metric -> unit of every signal the agent samples, so the cloud can label charts.
+    units: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _need_device("state", self.device)
+        _need("state", "units", self.units, dict)
+        for metric, unit in self.units.items():
+            if not is_metric_name(metric):
+                raise WireError(f"state.units: {metric!r} is not a metric name")
+            _need("state", f"units[{metric!r}]", unit, str)
+            if len(unit) > MAX_UNIT_CHARS:
+                raise WireError(f"state.units[{metric!r}]: longer than {MAX_UNIT_CHARS} chars")
         if self.status not in ("online", "offline"):
             raise WireError(f"state.status: {self.status!r} is not online or offline")
         _need("state", "ts_ms", self.ts_ms, int)

@@ -191,3 +191,24 @@ def test_derive_status_matches_the_sql(
         stale_after_s=60,
     )
     assert got == expected
+
+
+@pytest.mark.integration
+def test_birth_units_label_metrics_and_follow_changes(conn: psycopg.Connection) -> None:
+    conn.execute("INSERT INTO metrics (name) VALUES ('oven.temp')")  # seen in data first
+    state = DeviceState(
+        "press-1",
+        "online",
+        int(T0.timestamp() * 1000),
+        boot_id=BOOT_1,
+        units={"oven.temp": "degC", "line.speed": "m/min"},
+    )
+    apply_state(conn, state, received_at=T0)
+    units = dict(conn.execute("SELECT name, unit FROM metrics").fetchall())
+    assert units == {"oven.temp": "degC", "line.speed": "m/min"}
+    changed = DeviceState(
+        "press-1", "online", int(T0.timestamp() * 1000), boot_id=BOOT_2, units={"oven.temp": "K"}
+    )
+    apply_state(conn, changed, received_at=T0 + timedelta(seconds=5))
+    units = dict(conn.execute("SELECT name, unit FROM metrics").fetchall())
+    assert units == {"oven.temp": "K", "line.speed": "m/min"}

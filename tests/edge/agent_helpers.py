@@ -72,6 +72,7 @@ SIM_SIGNALS = """
 [[signals]]
 metric = "sim.temp"
 driver = "sim"
+unit = "degC"
 poll_s = 0.1
 center = 20.0
 amplitude = 5.0

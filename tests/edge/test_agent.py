@@ -88,6 +88,7 @@ def test_birth_is_retained_and_the_will_is_set(
         late.wait(lambda c: bool(c.of("/state")), 10, "the retained birth")
         first = late.of("/state")[0]
         assert first.retain and late.states()[0].status == "online"
+        assert late.states()[0].units == {"sim.temp": "degC"}  # the cloud labels charts with it
         proc.kill9()  # no clean goodbye: the broker publishes the will
         late.wait(lambda c: c.states()[-1].status == "offline", 60, "the last will after kill -9")
     finally:

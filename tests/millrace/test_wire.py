@@ -16,6 +16,7 @@ from millrace.wire import (
     CONTENT_TYPE_MSGPACK,
     MAX_PAYLOAD_BYTES,
     Batch,
+    DeviceState,
     Event,
     Rejection,
     Window,
@@ -207,3 +208,13 @@ def test_duplicate_window_key_is_invalid() -> None:
 def test_deep_nesting_is_rejected_not_raised() -> None:
     payload = b"[" * 100_000 + b"]" * 100_000
     assert isinstance(decode_batch(payload, content_type=CONTENT_TYPE_JSON), Rejection)
+
+
+def test_birth_carries_units_and_rejects_bad_ones() -> None:
+    state = DeviceState("dev-a", "online", 1_700_000_000_000, "ab" * 16, units={"t": "degC"})
+    assert DeviceState.from_json(state.to_json()) == state
+    assert DeviceState.from_json(b'{"device":"dev-a","status":"offline","ts_ms":1}').units == {}
+    with pytest.raises(WireError, match="metric name"):
+        DeviceState("dev-a", "online", 1, units={"a b": "x"})
+    with pytest.raises(WireError, match="longer than"):
+        DeviceState("dev-a", "online", 1, units={"t": "x" * 33})
