@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import queue
 import random
 import re
@@ -195,7 +194,9 @@ def run_floor(dsn: str, batches: list[Batch]) -> tuple[int, float]:
 # -- phase 2: the worker, end to end --------------------------------------------------------
 
 
-def write_worker_config(path: Path, broker: MosquittoServer, dsn: str, http_port: int) -> None:
+def write_worker_config(
+    path: Path, broker: MosquittoServer, dsn: str, http_port: int, *, client_id: str
+) -> None:
     cert, key = broker.pki.files(SERVICE_ID)
     path.write_text(
         f"""
@@ -207,7 +208,7 @@ port = {broker.port}
 ca = "{broker.ca}"
 cert = "{cert}"
 key = "{key}"
-client_id = "bench-ingest"
+client_id = "{client_id}"
 share_group = "bench"
 [batch]
 max_rows = {BATCH_MAX_ROWS}
@@ -286,47 +287,62 @@ def publish_all(
 
 
 def run_worker_phase(
-    broker: MosquittoServer, dsn: str, batches: list[Batch], workdir: Path
+    broker: MosquittoServer, dsn: str, batches: list[Batch], workdir: Path, *, workers: int = 1
 ) -> tuple[int, float, dict[str, float]]:
-    """Pre-queue every batch in the worker's session, then time the worker draining it."""
-    config, log = workdir / "ingest.toml", workdir / "ingest.log"
-    http_port = free_port()
-    write_worker_config(config, broker, dsn, http_port)
-    # First start: creates the persistent session and its shared subscription.
-    proc = start_worker(config, log)
-    wait_log(log, r"connected to", 0)
+    """Pre-queue every batch in the workers' sessions, then time them draining it.
+
+    The clock runs from the first worker's "connected" log line to the last commit
+    (millrace_ingest_last_commit_timestamp_seconds), so process start-up is not counted.
+    """
+    configs = [workdir / f"ingest-{i}.toml" for i in range(workers)]
+    logs = [workdir / f"ingest-{i}.log" for i in range(workers)]
+    ports = [free_port() for _ in range(workers)]
+    for i, config in enumerate(configs):
+        write_worker_config(config, broker, dsn, ports[i], client_id=f"bench-ingest-{i}")
+    # First start: creates the persistent sessions and their shared subscriptions.
+    procs = [start_worker(config, log) for config, log in zip(configs, logs, strict=True)]
+    for log in logs:
+        wait_log(log, r"connected to", 0)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(60)
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
     payloads = [(topics.data_topic(b.device), encode_batch(b)) for b in batches]
     publish_all(broker, payloads, {b.device for b in batches})
     expected = sum(len(b.windows) for b in batches)
-    offset = len(log.read_text(errors="replace"))
-    cpu_before = os.times()
-    proc = start_worker(config, log)
+    offsets = [len(log.read_text(errors="replace")) for log in logs]
+    procs = [start_worker(config, log) for config, log in zip(configs, logs, strict=True)]
+    stats = {"batches": 0.0, "commit_s_sum": 0.0, "duplicates": 0.0}
     try:
-        match = wait_log(
-            log, r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO cloud\.consumer: connected", offset
-        )
-        connected_at = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        connected = []
+        for log, offset in zip(logs, offsets, strict=True):
+            match = wait_log(
+                log,
+                r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO cloud\.consumer: connected",
+                offset,
+            )
+            stamp = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            connected.append(stamp)
         deadline = time.monotonic() + WAIT_SECONDS
         while count_readings(dsn) < expected:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"worker did not finish:\n{log.read_text()[-3000:]}")
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"workers did not finish:\n{logs[0].read_text()[-3000:]}")
             time.sleep(0.2)
-        last_commit = metric_value(http_port, "millrace_ingest_last_commit_timestamp_seconds")
-        stats = {
-            "batches": metric_value(http_port, "millrace_ingest_batches_total"),
-            "commit_s_sum": metric_value(http_port, "millrace_ingest_commit_seconds_sum"),
-            "duplicates": metric_value(http_port, "millrace_ingest_duplicates_total"),
-        }
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+        last_commit = max(
+            metric_value(port, "millrace_ingest_last_commit_timestamp_seconds") for port in ports
+        )
+        for port in ports:
+            stats["batches"] += metric_value(port, "millrace_ingest_batches_total")
+            stats["commit_s_sum"] += metric_value(port, "millrace_ingest_commit_seconds_sum")
+            stats["duplicates"] += metric_value(port, "millrace_ingest_duplicates_total")
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    del cpu_before
-    return expected, last_commit - connected_at, stats
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return expected, last_commit - min(connected), stats
 
 
 # -- phase 3: a naive bridge ----------------------------------------------------------------
@@ -430,6 +446,9 @@ def main() -> int:
     parser.add_argument("--windows-per-message", type=int, default=250)
     parser.add_argument("--messages", type=int, default=1600)
     parser.add_argument("--naive-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--workers", type=int, default=1, help="ingest worker processes in one share group"
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
     args = parser.parse_args()
@@ -462,7 +481,9 @@ def main() -> int:
 
         floor_rows, floor_s = run_floor(fresh_database(pg, "bench_floor"), batches)
         ingest_dsn = fresh_database(pg, "bench_ingest")
-        ingest_rows, ingest_s, stats = run_worker_phase(broker, ingest_dsn, batches, workdir)
+        ingest_rows, ingest_s, stats = run_worker_phase(
+            broker, ingest_dsn, batches, workdir, workers=args.workers
+        )
         stored = count_readings(ingest_dsn)
         if stored != rows_total:
             raise RuntimeError(f"worker stored {stored} rows, expected {rows_total}")
@@ -501,7 +522,11 @@ def main() -> int:
     print(f"|{'-' * 54}|{'-' * 11}|{'-' * 10}|{'-' * 12}|")
     for name, rows, secs in (
         ("floor: binary COPY from Python (20k rows per tx)", floor_rows, floor_s),
-        ("ingest worker: broker -> committed rows + rollups", ingest_rows, ingest_s),
+        (
+            f"ingest ({args.workers} worker): broker -> rows + rollups",
+            ingest_rows,
+            ingest_s,
+        ),
         ("naive bridge: INSERT + commit per row", naive_rows, naive_s),
         ("(context) bridge: INSERT per row, commit per message", batch_rows, batch_s),
     ):
