@@ -285,6 +285,11 @@ class Worker:
         settings = self.config.retention
         if not settings.enabled:
             return
+        if settings.dsn is None:
+            log.warning(
+                "retention.dsn_file is not set: retention logs in as the ingest role, which"
+                " cannot drop chunks or delete rows; give it the schema owner's DSN"
+            )
         dsn = settings.dsn or self.config.dsn
         self._retention = RetentionScheduler(
             lambda: psycopg.connect(dsn, connect_timeout=DB_CONNECT_TIMEOUT_SECONDS),
