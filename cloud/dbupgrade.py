@@ -33,7 +33,7 @@ MANAGED_ROLES: Final = (INGEST_ROLE, DASHBOARD_ROLE)
 # What the ingest worker may do per table; a table not listed gets nothing.
 INGEST_PRIVILEGES: Final[Mapping[str, tuple[str, ...]]] = {
     "devices": ("SELECT", "INSERT", "UPDATE"),
-    "metrics": ("SELECT", "INSERT"),
+    "metrics": ("SELECT", "INSERT", "UPDATE"),
     "readings": ("SELECT", "INSERT"),
     "events": ("SELECT", "INSERT"),
     "rollup_hourly": ("SELECT", "INSERT", "UPDATE"),
