@@ -340,5 +340,22 @@ def upgrade(dsn: str) -> UpgradeReport:
     return UpgradeReport(before, after, tuple(hypertables), tuple(roles), tuple(changed))
 
 
+def new_revision(dsn: str, message: str) -> None:
+    """Developer tool: write an Alembic revision for metadata changes (see docs/cloud.md).
+
+    `dsn` must be a scratch database already at head (`upgrade(dsn)` first); the new
+    file lands in cloud/migrations/versions/ for review.
+    """
+    from alembic import command
+
+    engine = _engine(dsn)
+    try:
+        with engine.connect() as conn:
+            command.revision(alembic_config(conn), message=message, autogenerate=True)
+            conn.commit()
+    finally:
+        engine.dispose()
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
