@@ -37,13 +37,33 @@ DEAD_LETTER_PAYLOAD_MAX_BYTES: Final = 64 * 1024
 DEAD_LETTER_TEXT_MAX_CHARS: Final = 2000
 
 READING_COLUMNS: Final = (
-    "ts", "device_id", "metric_id", "period_s", "count", "sum", "min", "max", "first", "last",
-    "sumsq", "rejected",
-)  # fmt: skip
+    "ts",
+    "device_id",
+    "metric_id",
+    "period_s",
+    "count",
+    "sum",
+    "min",
+    "max",
+    "first",
+    "last",
+    "sumsq",
+    "rejected",
+)
 READING_TYPES: Final = (
-    "timestamptz", "int4", "int4", "int4", "int8", "float8", "float8", "float8", "float8",
-    "float8", "float8", "int4",
-)  # fmt: skip
+    "timestamptz",
+    "int4",
+    "int4",
+    "int4",
+    "int8",
+    "float8",
+    "float8",
+    "float8",
+    "float8",
+    "float8",
+    "float8",
+    "int4",
+)
 EVENT_COLUMNS: Final = ("ts", "device_id", "metric_id", "kind", "value", "text")
 EVENT_TYPES: Final = ("timestamptz", "int4", "int4", "text", "float8", "text")
 
@@ -104,6 +124,77 @@ class WriteResult:
 def to_datetime(ms: int) -> datetime:
     """Exact conversion of epoch milliseconds (float division would round)."""
     return _EPOCH + timedelta(milliseconds=ms)
+
+
+def _merge_repeated_windows(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Merge rows of one transaction that share a window key (earlier row = earlier part)."""
+    merged: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+    for row in rows:
+        key = row[:4]
+        before = merged.get(key)
+        merged[key] = row if before is None else _merge_window_rows(before, row)
+    return list(merged.values())
+
+
+def _merge_window_rows(a: tuple[Any, ...], b: tuple[Any, ...]) -> tuple[Any, ...]:
+    ts, device_id, metric_id, period_s = a[:4]
+    return (
+        ts,
+        device_id,
+        metric_id,
+        period_s,
+        a[4] + b[4],
+        a[5] + b[5],
+        min(a[6], b[6]),
+        max(a[7], b[7]),
+        a[8],
+        b[9],
+        a[10] + b[10],
+        a[11] + b[11],
+    )
+
+
+def store_readings(cur: psycopg.Cursor[Any], rows: list[tuple[Any, ...]]) -> None:
+    """COPY window rows; a window already stored in part is merged into, not refused.
+
+    An agent stopped with SIGTERM closes its open windows early; after its restart the rest
+    of such a window arrives under a new boot_id with the same (device, metric, ts, period).
+    Both parts are real readings, so they merge exactly like a rollup: counts, sums and sums
+    of squares add, min and max combine, first stays and last is the later part's. The fast
+    path is a plain COPY; only a transaction that meets such a window pays for the merge.
+    """
+    if len({row[:4] for row in rows}) != len(rows):
+        rows = _merge_repeated_windows(rows)
+    try:
+        with cur.connection.transaction():  # a savepoint: a conflict undoes only the COPY
+            copy_rows(cur, "readings", READING_COLUMNS, READING_TYPES, rows)
+        return
+    except psycopg.errors.UniqueViolation:
+        log.info("merging %s window rows into windows stored in part before", len(rows))
+    cur.execute(_MERGE_STAGING_CREATE)
+    copy_rows(cur, "readings_merge", READING_COLUMNS, READING_TYPES, rows)
+    cur.execute(_MERGE_INTO_READINGS)
+
+
+_MERGE_STAGING_CREATE: Final = """
+CREATE TEMP TABLE IF NOT EXISTS readings_merge
+    (LIKE readings INCLUDING DEFAULTS) ON COMMIT DELETE ROWS
+"""
+_MERGE_INTO_READINGS: Final = """
+INSERT INTO readings AS r (ts, device_id, metric_id, period_s, count, sum, min, max, first,
+                           last, sumsq, rejected)
+SELECT ts, device_id, metric_id, period_s, count, sum, min, max, first, last, sumsq, rejected
+  FROM readings_merge
+ ORDER BY device_id, metric_id, ts, period_s
+ON CONFLICT (device_id, metric_id, ts, period_s) DO UPDATE
+   SET count = r.count + excluded.count,
+       sum = r.sum + excluded.sum,
+       min = LEAST(r.min, excluded.min),
+       max = GREATEST(r.max, excluded.max),
+       last = excluded.last,
+       sumsq = r.sumsq + excluded.sumsq,
+       rejected = r.rejected + excluded.rejected
+"""
 
 
 def copy_rows(
@@ -230,12 +321,25 @@ WHERE d.id = u.id
 """
 
 _DEAD_LETTER_COLUMNS: Final = (
-    "received_at", "topic", "device", "code", "reason", "content_type", "payload",
+    "received_at",
+    "topic",
+    "device",
+    "code",
+    "reason",
+    "content_type",
+    "payload",
     "payload_bytes",
-)  # fmt: skip
+)
 _DEAD_LETTER_TYPES: Final = (
-    "timestamptz", "text", "text", "text", "text", "text", "bytea", "int4",
-)  # fmt: skip
+    "timestamptz",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "bytea",
+    "int4",
+)
 
 
 def _clean_text(value: str | None, limit: int = DEAD_LETTER_TEXT_MAX_CHARS) -> str | None:
@@ -373,23 +477,43 @@ class BatchWriter:
                     ts = times[w.start_ms] = to_datetime(w.start_ms)
                 metric_id = metric_ids[w.metric]
                 reading_rows.append(
-                    (ts, device_id, metric_id, w.period_s, w.count, w.sum, w.min, w.max,
-                     w.first, w.last, w.sumsq, w.rejected)
-                )  # fmt: skip
+                    (
+                        ts,
+                        device_id,
+                        metric_id,
+                        w.period_s,
+                        w.count,
+                        w.sum,
+                        w.min,
+                        w.max,
+                        w.first,
+                        w.last,
+                        w.sumsq,
+                        w.rejected,
+                    )
+                )
                 add_hourly(hourly, device_id, metric_id, w)
                 if report is None or report(w.metric):
                     stored.append(
                         StoredWindow(
-                            batch.device, w.metric, ts, w.period_s, w.count, w.sum, w.min,
-                            w.max, w.first, w.last,
+                            batch.device,
+                            w.metric,
+                            ts,
+                            w.period_s,
+                            w.count,
+                            w.sum,
+                            w.min,
+                            w.max,
+                            w.first,
+                            w.last,
                         )
-                    )  # fmt: skip
+                    )
             for e in batch.events:
                 event_rows.append(
                     _event_row(to_datetime(e.ts_ms), device_id, metric_ids[e.metric], e.value)
                 )
         if reading_rows:
-            copy_rows(cur, "readings", READING_COLUMNS, READING_TYPES, reading_rows)
+            store_readings(cur, reading_rows)
         if event_rows:
             copy_rows(cur, "events", EVENT_COLUMNS, EVENT_TYPES, event_rows)
         return len(reading_rows), len(event_rows), hourly, stored
