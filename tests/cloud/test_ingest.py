@@ -211,6 +211,7 @@ def test_state_heartbeat_and_alerts_go_through_the_worker(
     broker_factory: Callable[..., Any],
     ingest_db: IngestDb,
     publishers: Callable[..., Publisher],
+    mqtt_connect: Callable[..., Any],
     tmp_path: Path,
 ) -> None:
     import psycopg
@@ -218,7 +219,7 @@ def test_state_heartbeat_and_alerts_go_through_the_worker(
     from cloud.alert_rules import AlertRule
     from cloud.alerts import add_rule
     from millrace import topics
-    from millrace.wire import DeviceState, Heartbeat, Window
+    from millrace.wire import AlertMessage, DeviceState, Heartbeat, Window
 
     with psycopg.connect(ingest_db.owner_dsn, autocommit=True) as conn:
         add_rule(conn, AlertRule(name="hot", metric="temp", condition="above", high=100.0))
@@ -228,9 +229,27 @@ def test_state_heartbeat_and_alerts_go_through_the_worker(
     )
     hot = make_batches("alert-a", batches=1, windows_per_batch=3, seed=41)[0]
     w = hot.windows[0]
-    spike = Window(w.metric, w.start_ms, w.period_s, 2, 150.0 + w.min, w.min, 150.0, w.min, 150.0,
-                   w.min * w.min + 22500.0)  # fmt: skip
+    spike = Window(
+        w.metric,
+        w.start_ms,
+        w.period_s,
+        2,
+        150.0 + w.min,
+        w.min,
+        150.0,
+        w.min,
+        150.0,
+        w.min * w.min + 22500.0,
+    )
     hot = Batch(hot.device, hot.boot_id, 0, hot.sent_at_ms, windows=(spike, *hot.windows[1:]))
+    alerts_seen: list[AlertMessage] = []
+    watcher = mqtt_connect(
+        "alert-watcher",
+        "svc-test",
+        server=server,
+        on_message=lambda _c, _u, msg: alerts_seen.append(AlertMessage.from_json(msg.payload)),
+    )
+    watcher.subscribe(topics.alert_topic("alert-a"), qos=1)
     with running_worker(config) as runner:
         pub = publishers(server, "alert-a")
         pub.publish_raw(
@@ -243,9 +262,14 @@ def test_state_heartbeat_and_alerts_go_through_the_worker(
         )
         pub.publish([hot])
         wait_ledger(ingest_db.owner_dsn, 1)
-        # Published on millrace/v1/alerts/alert-a after the commit (no identity in the
-        # project ACL may read that topic yet, so the test counts the publish).
+        # Published on millrace/v1/alerts/alert-a after the commit; a service receives it.
         wait_for(lambda: runner.counter("millrace_ingest_alerts_published_total") == 1)
+        wait_for(lambda: len(alerts_seen) == 1)
+    assert (alerts_seen[0].state, alerts_seen[0].value, alerts_seen[0].rule) == (
+        "active",
+        150.0,
+        "hot",
+    )
     rule, state, value = query(ingest_db.owner_dsn, "SELECT rule_name, state, value FROM alerts")[0]
     assert (rule, state, value) == ("hot", "active", 150.0)
     assert query(ingest_db.owner_dsn, "SELECT status, boot_id FROM devices") == [
