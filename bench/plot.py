@@ -229,7 +229,13 @@ def main() -> int:
     if not values:
         print(f"no result lines in {args.source}", file=sys.stderr)
         return 1
-    print(render(values, args.out, subtitle=f"figures recorded in {args.source.name}"))
+    print(
+        render(
+            values,
+            args.out,
+            subtitle=f"figures recorded in {args.source.name} (date and machine: its summary)",
+        )
+    )
     return 0
 
 
