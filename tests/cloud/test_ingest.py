@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from millrace.wire import Batch, Event
@@ -164,6 +165,19 @@ def test_two_workers_split_the_load_and_store_everything_once(
     assert_stored_exactly(ingest_db.owner_dsn, everything)
 
 
+REFUSE_POISON_EVENTS = """
+CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.metric_id = (SELECT id FROM metrics WHERE name = 'poison.event') THEN
+        RAISE EXCEPTION 'refused by the test trigger' USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER refuse_poison BEFORE INSERT ON events
+    FOR EACH ROW EXECUTE FUNCTION refuse_poison();
+"""
+
+
 def test_a_message_the_database_refuses_is_dead_lettered_alone(
     broker_factory: Callable[..., Any],
     ingest_db: IngestDb,
@@ -181,13 +195,16 @@ def test_a_message_the_database_refuses_is_dead_lettered_alone(
         max_delay_ms=1500,
     )
     good = make_batches("poison-a", batches=6, windows_per_batch=5, seed=31)
-    # seq 6 repeats a window of seq 0 under a new key: the readings key refuses it.
+    # The database itself refuses seq 6 (a trigger stands in for any data the database
+    # rejects after validation passed): that message alone must go to dead letters.
+    with psycopg.connect(ingest_db.owner_dsn, autocommit=True) as conn:
+        conn.execute(REFUSE_POISON_EVENTS)
     clash = Batch(
         device="poison-a",
         boot_id=good[0].boot_id,
         seq=6,
         sent_at_ms=good[0].sent_at_ms,
-        windows=(good[0].windows[0],),
+        events=(Event("poison.event", good[0].sent_at_ms, 1.0),),
     )
     with running_worker(config) as runner:
         pub = publishers(server, "poison-a")
@@ -203,7 +220,7 @@ def test_a_message_the_database_refuses_is_dead_lettered_alone(
     code, reason, topic = query(
         ingest_db.owner_dsn, "SELECT code, reason, topic FROM dead_letters"
     )[0]
-    assert code == "db_poison" and "UniqueViolation" in reason
+    assert code == "db_poison" and "refused by the test trigger" in reason
     assert topic == "millrace/v1/d/poison-a/data"
 
 
@@ -214,7 +231,6 @@ def test_state_heartbeat_and_alerts_go_through_the_worker(
     mqtt_connect: Callable[..., Any],
     tmp_path: Path,
 ) -> None:
-    import psycopg
 
     from cloud.alert_rules import AlertRule
     from cloud.alerts import add_rule
