@@ -24,6 +24,7 @@ from millrace.wire.batch import (
     Batch,
     Event,
     Window,
+    windows_from_rows,
 )
 
 CONTENT_TYPE_MSGPACK: Final = "application/msgpack"
@@ -101,10 +102,14 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _load(payload: bytes, content_type: str | None) -> Any:
-    is_json = content_type == CONTENT_TYPE_JSON or (
+def _looks_like_json(payload: bytes, content_type: str | None) -> bool:
+    return content_type == CONTENT_TYPE_JSON or (
         content_type is None and payload[:1] in (b"{", b" ", b"\n", b"\t", b"\r")
     )
+
+
+def _load(payload: bytes, content_type: str | None) -> Any:
+    is_json = _looks_like_json(payload, content_type)
     if content_type not in (None, CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK):
         raise WireError(f"unsupported content-type {content_type!r}")
     if is_json:
@@ -166,6 +171,49 @@ def _batch_from_plain(plain: Any) -> Batch:
     )
 
 
+def _fast_msgpack(payload: bytes) -> Batch | None:
+    """The common case in one pass: a well-formed MessagePack batch, or None.
+
+    Tuples instead of lists and `windows_from_rows` instead of `Window(*row)` make this
+    about four times cheaper than the strict path. It never explains a refusal: None (or
+    any exception) sends the payload to the strict path, which decodes it again and words
+    the first problem exactly as it always has. So a batch returned here is one the strict
+    path would return equal, and a rejection always comes from the strict path.
+    """
+    plain = msgpack.unpackb(
+        payload,
+        raw=False,
+        use_list=False,
+        strict_map_key=True,
+        max_array_len=max(MAX_WINDOWS_PER_BATCH, MAX_EVENTS_PER_BATCH),
+        max_map_len=len(_ENVELOPE_KEYS),
+    )
+    if type(plain) is not dict or not _REQUIRED_KEYS <= plain.keys() <= _ENVELOPE_KEYS:
+        return None
+    version = plain["v"]
+    rows = plain["w"]
+    event_rows = plain.get("e", ())
+    if not _is_supported_version(version) or type(rows) is not tuple:
+        return None
+    if type(event_rows) is not tuple or not all(type(row) is tuple for row in event_rows):
+        return None
+    windows = windows_from_rows(rows)
+    if windows is None:
+        return None
+    return Batch._with_checked_windows(
+        device=plain["d"],
+        boot_id=plain["b"],
+        seq=plain["s"],
+        sent_at_ms=plain["t"],
+        windows=windows,
+        events=tuple(_event(list(row), i) for i, row in enumerate(event_rows)),
+        clock_synced=plain.get("c", True),
+        dropped=plain.get("dr", 0),
+        rejected=plain.get("rj", 0),
+        version=version,
+    )
+
+
 def _is_supported_version(version: object) -> bool:
     return type(version) is int and version in SUPPORTED_VERSIONS
 
@@ -176,6 +224,13 @@ def decode_batch(payload: bytes, *, content_type: str | None = None) -> Batch | 
         return Rejection("oversize", f"payload of {len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
     if not payload:
         return Rejection("undecodable", "empty payload")
+    if content_type in (None, CONTENT_TYPE_MSGPACK) and not _looks_like_json(payload, content_type):
+        try:
+            fast = _fast_msgpack(payload)
+        except Exception:  # the strict path below decides, and says why
+            fast = None
+        if fast is not None:
+            return fast
     try:
         plain = _load(payload, content_type)
     except WireError as exc:
