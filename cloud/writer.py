@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -154,26 +154,39 @@ def _merge_window_rows(a: tuple[Any, ...], b: tuple[Any, ...]) -> tuple[Any, ...
     )
 
 
-def store_readings(cur: psycopg.Cursor[Any], rows: list[tuple[Any, ...]]) -> None:
+def store_readings(cur: psycopg.Cursor[Any], rows: Iterable[tuple[Any, ...]]) -> int:
     """COPY window rows; a window already stored in part is merged into, not refused.
 
     An agent stopped with SIGTERM closes its open windows early; after its restart the rest
     of such a window arrives under a new boot_id with the same (device, metric, ts, period).
     Both parts are real readings, so they merge exactly like a rollup: counts, sums and sums
     of squares add, min and max combine, first stays and last is the later part's. The fast
-    path is a plain COPY; only a transaction that meets such a window pays for the merge.
+    path streams `rows` into a plain COPY (a generator builds them while the server stores
+    the previous ones); only a transaction that meets such a window, stored before or twice
+    among `rows`, pays for the merge. Returns how many rows came in.
     """
-    if len({row[:4] for row in rows}) != len(rows):
-        rows = _merge_repeated_windows(rows)
+    source = iter(rows)
+    kept: list[tuple[Any, ...]] = []
+
+    def keep() -> Iterator[tuple[Any, ...]]:
+        for row in source:
+            kept.append(row)
+            yield row
+
     try:
         with cur.connection.transaction():  # a savepoint: a conflict undoes only the COPY
-            copy_rows(cur, "readings", READING_COLUMNS, READING_TYPES, rows)
-        return
+            copy_rows(cur, "readings", READING_COLUMNS, READING_TYPES, keep())
+        return len(kept)
     except psycopg.errors.UniqueViolation:
-        log.info("merging %s window rows into windows stored in part before", len(rows))
+        kept.extend(source)  # whatever the COPY had not taken yet
+        log.info("merging %s window rows into windows stored in part before", len(kept))
+    merged = kept
+    if len({row[:4] for row in kept}) != len(kept):
+        merged = _merge_repeated_windows(kept)
     cur.execute(_MERGE_STAGING_CREATE)
-    copy_rows(cur, "readings_merge", READING_COLUMNS, READING_TYPES, rows)
+    copy_rows(cur, "readings_merge", READING_COLUMNS, READING_TYPES, merged)
     cur.execute(_MERGE_INTO_READINGS)
+    return len(kept)
 
 
 _MERGE_STAGING_CREATE: Final = """
@@ -463,60 +476,45 @@ class BatchWriter:
         device_ids = self.ids.devices
         metric_ids = self.ids.metrics
         times: dict[int, datetime] = {}
-        reading_rows: list[tuple[object, ...]] = []
         event_rows: list[tuple[object, ...]] = []
         hourly: dict[rollups.RollupKey, rollups.Accumulator] = {}
         add_hourly = rollups.add_hourly
         stored: list[StoredWindow] = []
+
+        def readings() -> Iterator[tuple[object, ...]]:
+            """Rows for the COPY, built while it streams; rollups and alerts on the way."""
+            for item in fresh:
+                batch = item.batch
+                device_id = device_ids[batch.device]
+                for w in batch.windows:
+                    ts = times.get(w.start_ms)
+                    if ts is None:
+                        ts = times[w.start_ms] = to_datetime(w.start_ms)
+                    metric_id = metric_ids[w.metric]
+                    add_hourly(hourly, device_id, metric_id, w)
+                    if report is None or report(w.metric):
+                        stored.append(
+                            StoredWindow(
+                                batch.device, w.metric, ts, w.period_s, w.count, w.sum, w.min,
+                                w.max, w.first, w.last,
+                            )
+                        )  # fmt: skip
+                    yield (
+                        ts, device_id, metric_id, w.period_s, w.count, w.sum, w.min, w.max,
+                        w.first, w.last, w.sumsq, w.rejected,
+                    )  # fmt: skip
+
+        has_windows = any(item.batch.windows for item in fresh)
+        reading_count = store_readings(cur, readings()) if has_windows else 0
         for item in fresh:
-            batch = item.batch
-            device_id = device_ids[batch.device]
-            for w in batch.windows:
-                ts = times.get(w.start_ms)
-                if ts is None:
-                    ts = times[w.start_ms] = to_datetime(w.start_ms)
-                metric_id = metric_ids[w.metric]
-                reading_rows.append(
-                    (
-                        ts,
-                        device_id,
-                        metric_id,
-                        w.period_s,
-                        w.count,
-                        w.sum,
-                        w.min,
-                        w.max,
-                        w.first,
-                        w.last,
-                        w.sumsq,
-                        w.rejected,
-                    )
-                )
-                add_hourly(hourly, device_id, metric_id, w)
-                if report is None or report(w.metric):
-                    stored.append(
-                        StoredWindow(
-                            batch.device,
-                            w.metric,
-                            ts,
-                            w.period_s,
-                            w.count,
-                            w.sum,
-                            w.min,
-                            w.max,
-                            w.first,
-                            w.last,
-                        )
-                    )
-            for e in batch.events:
+            device_id = device_ids[item.batch.device]
+            for e in item.batch.events:
                 event_rows.append(
                     _event_row(to_datetime(e.ts_ms), device_id, metric_ids[e.metric], e.value)
                 )
-        if reading_rows:
-            store_readings(cur, reading_rows)
         if event_rows:
             copy_rows(cur, "events", EVENT_COLUMNS, EVENT_TYPES, event_rows)
-        return len(reading_rows), len(event_rows), hourly, stored
+        return reading_count, len(event_rows), hourly, stored
 
     def _streams(self, cur: psycopg.Cursor[Any], fresh: list[Incoming]) -> int:
         """Advance each (device, boot_id) high-water mark and record gaps; returns gaps opened."""
