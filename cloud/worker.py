@@ -19,6 +19,7 @@ Failures, by kind:
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import random
@@ -57,6 +58,8 @@ STATEMENT_TIMEOUT_MS: Final = 60_000
 TRANSIENT_RETRIES: Final = 5
 # SQLSTATE classes that blame the data of one message, not the database.
 POISON_SQLSTATE_CLASSES: Final = frozenset({"22", "23", "54"})
+# Allocations between young-generation collections (CPython's default is 700).
+GC_YOUNG_THRESHOLD_OBJECTS: Final = 10_000
 
 
 class DatabaseDown(Exception):
@@ -709,4 +712,10 @@ def run_worker(config: IngestConfig) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    # Every decoded window is a tracked object that lives until its batch commits; with the
+    # start-up heap frozen and fewer young collections the collector costs ~0.5 us less
+    # per window (bench/ingest.py). Only the worker process does this, not its importers.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD_OBJECTS, *gc.get_threshold()[1:])
     return worker.run()
