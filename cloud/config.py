@@ -13,9 +13,10 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 from cloud.retention import DEFAULT_AGES_DAYS, RetentionPolicy
+from millrace.configfile import Section
 from millrace.errors import ConfigError
 from millrace.ids import is_device_id
 
@@ -42,8 +43,6 @@ DEFAULT_STALE_AFTER_SECONDS: Final = 300
 DEFAULT_ALERT_REFRESH_SECONDS: Final = 30
 DEFAULT_NO_DATA_CHECK_SECONDS: Final = 15
 DEFAULT_RETENTION_INTERVAL_SECONDS: Final = 3600
-
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,68 +112,7 @@ class IngestConfig:
     source: Path | None = None
 
 
-class _Section:
-    """Typed reads from one TOML table that remember which keys were used."""
-
-    def __init__(self, data: Mapping[str, Any], prefix: str, source: str) -> None:
-        self.data = data
-        self.prefix = prefix
-        self.source = source
-        self.used: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}{name}"
-
-    def error(self, name: str, problem: str) -> ConfigError:
-        return ConfigError(self.key(name), problem, source=self.source)
-
-    def _get(self, name: str, kind: type[_T], default: _T | None) -> _T:
-        self.used.add(name)
-        if name not in self.data:
-            if default is None:
-                raise self.error(name, "is required")
-            return default
-        value = self.data[name]
-        if kind is int and (type(value) is not int):
-            raise self.error(name, f"expected an integer, got {value!r}")
-        if kind is str and not isinstance(value, str):
-            raise self.error(name, f"expected a string, got {value!r}")
-        return value  # type: ignore[no-any-return]
-
-    def text(self, name: str, default: str | None = None) -> str:
-        value = self._get(name, str, default)
-        if not value.strip():
-            raise self.error(name, "must not be empty")
-        return value
-
-    def integer(self, name: str, default: int | None, *, low: int, high: int) -> int:
-        value = self._get(name, int, default)
-        if not low <= value <= high:
-            raise self.error(name, f"must be in [{low}, {high}], got {value}")
-        return value
-
-    def path(self, name: str, base: Path, *, must_exist: bool = True) -> Path:
-        path = Path(self.text(name))
-        path = path if path.is_absolute() else base / path
-        if must_exist and not path.is_file():
-            raise self.error(name, f"file not found: {path}")
-        return path
-
-    def check_unknown(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise self.error(unknown[0], "unknown key (misspelt?)")
-
-
-def _table(root: _Section, name: str) -> _Section:
-    root.used.add(name)
-    value = root.data.get(name, {})
-    if not isinstance(value, dict):
-        raise root.error(name, "expected a table")
-    return _Section(value, f"{root.prefix}{name}.", root.source)
-
-
-def _read_dsn(section: _Section, base: Path) -> str:
+def _read_dsn(section: Section, base: Path) -> str:
     has_dsn = "dsn" in section.data
     has_file = "dsn_file" in section.data
     if has_dsn and has_file:
@@ -196,7 +134,7 @@ def _read_dsn(section: _Section, base: Path) -> str:
     raise section.error("dsn", f"is required (or dsn_file, or the {DSN_ENV} environment variable)")
 
 
-def _broker(section: _Section, base: Path) -> BrokerSettings:
+def _broker(section: Section, base: Path) -> BrokerSettings:
     client_id = section.text("client_id")
     if len(client_id) > 64 or any(c in client_id for c in "/+#") or not client_id.isprintable():
         raise section.error("client_id", "1-64 printable characters without / + #")
@@ -221,7 +159,7 @@ def _broker(section: _Section, base: Path) -> BrokerSettings:
     )
 
 
-def _periods(section: _Section) -> frozenset[int]:
+def _periods(section: Section) -> frozenset[int]:
     section.used.add("allowed_periods_s")
     raw = section.data.get("allowed_periods_s", list(DEFAULT_ALLOWED_PERIODS_S))
     if not isinstance(raw, list) or not raw:
@@ -236,7 +174,7 @@ def _periods(section: _Section) -> frozenset[int]:
     return frozenset(raw)
 
 
-def _retention(section: _Section, base: Path) -> RetentionSettings:
+def _retention(section: Section, base: Path) -> RetentionSettings:
     section.used.add("enabled")
     enabled = section.data.get("enabled", True)
     if type(enabled) is not bool:
@@ -248,7 +186,7 @@ def _retention(section: _Section, base: Path) -> RetentionSettings:
     if "dsn" in section.data or "dsn_file" in section.data:
         dsn = _read_dsn(section, base)
     section.used.update({"dsn", "dsn_file"})
-    days_section = _table(section, "days")
+    days_section = section.table("days")
     days = dict(DEFAULT_AGES_DAYS)
     for name, value in days_section.data.items():
         days_section.used.add(name)
@@ -265,18 +203,18 @@ def _retention(section: _Section, base: Path) -> RetentionSettings:
 
 def parse_config(data: Mapping[str, Any], *, base: Path, source: str = "<config>") -> IngestConfig:
     """Build an IngestConfig from parsed TOML; paths are relative to `base`."""
-    root = _Section(data, "", source)
-    database = _table(root, "database")
+    root = Section(data, "", source)
+    database = root.table("database")
     dsn = _read_dsn(database, base)
     database.used.update({"dsn", "dsn_file"})
-    broker = _table(root, "broker")
+    broker = root.table("broker")
     broker_settings = _broker(broker, base)
-    batch = _table(root, "batch")
+    batch = root.table("batch")
     batch_settings = BatchSettings(
         max_rows=batch.integer("max_rows", DEFAULT_BATCH_MAX_ROWS, low=1, high=1_000_000),
         max_delay_ms=batch.integer("max_delay_ms", DEFAULT_BATCH_MAX_DELAY_MS, low=1, high=60_000),
     )
-    validation = _table(root, "validation")
+    validation = root.table("validation")
     validation_settings = ValidationSettings(
         max_age_s=validation.integer(
             "max_age_s", DEFAULT_MAX_AGE_SECONDS, low=60, high=10 * 365 * 86400
@@ -284,21 +222,21 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: str = "<config>
         max_skew_s=validation.integer("max_skew_s", DEFAULT_MAX_SKEW_SECONDS, low=0, high=86400),
         allowed_periods_s=_periods(validation),
     )
-    http = _table(root, "http")
+    http = root.table("http")
     http_settings = HttpSettings(
         host=http.text("host", DEFAULT_HTTP_HOST),
         port=http.integer("port", DEFAULT_HTTP_PORT, low=0, high=65535),
     )
-    status = _table(root, "status")
+    status = root.table("status")
     stale_after_s = status.integer(
         "stale_after_s", DEFAULT_STALE_AFTER_SECONDS, low=1, high=30 * 86400
     )
-    alerts = _table(root, "alerts")
+    alerts = root.table("alerts")
     alert_refresh_s = alerts.integer("refresh_s", DEFAULT_ALERT_REFRESH_SECONDS, low=1, high=86400)
     no_data_check_s = alerts.integer(
         "no_data_check_s", DEFAULT_NO_DATA_CHECK_SECONDS, low=1, high=86400
     )
-    retention = _retention(_table(root, "retention"), base)
+    retention = _retention(root.table("retention"), base)
     for section in (root, database, broker, batch, validation, http, status, alerts):
         section.check_unknown()
     return IngestConfig(

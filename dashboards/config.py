@@ -24,9 +24,10 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final, Literal, TypeVar, get_args
+from typing import Any, Final, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from millrace.configfile import Section
 from millrace.errors import ConfigError
 
 Role = Literal["viewer", "operator", "admin"]
@@ -47,8 +48,6 @@ DEFAULT_STALE_AFTER_SECONDS: Final = 300
 DEFAULT_LATE_AFTER_SECONDS: Final = 60
 DEFAULT_PORT: Final = 8501
 DEFAULT_ADDRESS: Final = "127.0.0.1"
-
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,67 +88,7 @@ class DashboardConfig:
         return ZoneInfo(self.timezone)
 
 
-class _Section:
-    """Typed reads from one TOML table that remember which keys were used."""
-
-    def __init__(self, data: Mapping[str, Any], prefix: str, source: str) -> None:
-        self.data = data
-        self.prefix = prefix
-        self.source = source
-        self.used: set[str] = set()
-
-    def error(self, name: str, problem: str) -> ConfigError:
-        return ConfigError(f"{self.prefix}{name}", problem, source=self.source)
-
-    def _get(self, name: str, kind: type[_T], default: _T | None) -> _T:
-        self.used.add(name)
-        if name not in self.data:
-            if default is None:
-                raise self.error(name, "is required")
-            return default
-        value = self.data[name]
-        if kind is int and type(value) is not int:
-            raise self.error(name, f"expected an integer, got {value!r}")
-        if kind is str and not isinstance(value, str):
-            raise self.error(name, f"expected a string, got {value!r}")
-        return value  # type: ignore[no-any-return]
-
-    def text(self, name: str, default: str | None = None) -> str:
-        value = self._get(name, str, default)
-        if not value.strip():
-            raise self.error(name, "must not be empty")
-        return value
-
-    def integer(self, name: str, default: int | None, *, low: int, high: int) -> int:
-        value = self._get(name, int, default)
-        if not low <= value <= high:
-            raise self.error(name, f"must be in [{low}, {high}], got {value}")
-        return value
-
-    def path(self, name: str, base: Path, *, must_exist: bool = True) -> Path:
-        path = Path(self.text(name)).expanduser()
-        path = path if path.is_absolute() else base / path
-        if must_exist and not path.is_file():
-            raise self.error(name, f"file not found: {path}")
-        return path
-
-    def optional_path(self, name: str, base: Path) -> Path | None:
-        return self.path(name, base) if name in self.data else None
-
-    def table(self, name: str) -> _Section:
-        self.used.add(name)
-        value = self.data.get(name, {})
-        if not isinstance(value, dict):
-            raise self.error(name, "expected a table")
-        return _Section(value, f"{self.prefix}{name}.", self.source)
-
-    def check_unknown(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise self.error(unknown[0], "unknown key (misspelt?)")
-
-
-def _timezone(section: _Section) -> str:
+def _timezone(section: Section) -> str:
     name = section.text("timezone", DEFAULT_TIMEZONE)
     try:
         ZoneInfo(name)
@@ -158,7 +97,7 @@ def _timezone(section: _Section) -> str:
     return name
 
 
-def _dsn(section: _Section, base: Path) -> str:
+def _dsn(section: Section, base: Path) -> str:
     section.used.update({"dsn", "dsn_file"})
     has_dsn = "dsn" in section.data
     has_file = "dsn_file" in section.data
@@ -187,14 +126,14 @@ def _dsn(section: _Section, base: Path) -> str:
     return dsn
 
 
-def _role(section: _Section, name: str, default: Role) -> Role:
+def _role(section: Section, name: str, default: Role) -> Role:
     value = section.text(name, default)
     if value not in ROLES:
         raise section.error(name, f"{value!r} is not one of {', '.join(ROLES)}")
     return value  # type: ignore[return-value]
 
 
-def _server(section: _Section, base: Path) -> ServerSettings:
+def _server(section: Section, base: Path) -> ServerSettings:
     cert = section.optional_path("tls_cert", base)
     key = section.optional_path("tls_key", base)
     if (cert is None) != (key is None):
@@ -211,7 +150,7 @@ def parse_config(
     data: Mapping[str, Any], *, base: Path, source: str = "<config>"
 ) -> DashboardConfig:
     """Build a DashboardConfig from parsed TOML; paths are relative to `base`."""
-    root = _Section(data, "", source)
+    root = Section(data, "", source)
     dash = root.table("dashboard")
     database = root.table("database")
     auth = root.table("auth")
