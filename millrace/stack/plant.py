@@ -126,7 +126,8 @@ class Plant:
 
     def __init__(self, options: PlantOptions) -> None:
         self.options = options
-        self.layout = PlantLayout(options.root)
+        # Absolute: generated configs resolve relative paths against their own folder.
+        self.layout = PlantLayout(options.root.absolute())
         self.services: list[procs.Service] = []
         self.cluster = PostgresCluster(
             self.layout.postgres,

@@ -105,7 +105,7 @@ class PostgresCluster:
         passfile: Path | None = None,
     ) -> None:
         self._passfile = passfile  # a libpq pgpass file named in DSNs
-        self._base = base_dir
+        self._base = base_dir.absolute()
         # With a password file the superuser needs it over TCP (scram); without, trust (tests).
         self._password_file = password_file
         self._bindir = bindir or find_bindir()

@@ -138,8 +138,9 @@ def plant_root() -> Iterator[Path]:
 def test_up_status_down_leaves_nothing_and_reuses_state(plant_root: Path) -> None:
     root = plant_root
     ports = _port_args()
-    up = subprocess.Popen(
-        _millrace("up", "--root", str(root), "--devices", str(GATEWAYS), "--period", "2", *ports),
+    up = subprocess.Popen(  # a relative --root, as `make up` uses (.millrace)
+        _millrace("up", "--root", root.name, "--devices", str(GATEWAYS), "--period", "2", *ports),
+        cwd=root.parent,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
