@@ -207,6 +207,9 @@ def test_rendered_configs_are_accepted_by_the_real_loaders(cloud: CloudRun) -> N
     assert ingest.dsn.startswith("postgresql://ingest:")
     assert ingest.dsn.endswith(f"/{DB_NAME}?sslmode=disable")
     assert stat.S_IMODE(ingest.broker.key.stat().st_mode) == 0o600
+    # Not the guessable default: a device joining the group would take a share of the data.
+    group = ingest.broker.share_group
+    assert group.startswith("ingest-") and len(group) == len("ingest-") + 16
 
     dashboard = load_dashboard(cloud.root / "etc/millrace-dashboard/dashboard.toml")
     assert dashboard.timezone == "Europe/Berlin"
