@@ -34,6 +34,11 @@ log = logging.getLogger(__name__)
 CONNACK_TIMEOUT_SECONDS = 10.0
 # Upper bound on one wait of the publish loop; acks and new batches wake it earlier.
 IDLE_WAIT_SECONDS = 0.5
+# MQTT v5 PUBACK reason "No matching subscribers": delivered to the broker, received by nobody.
+NO_MATCHING_SUBSCRIBERS = 0x10
+# How long to hold batches nobody subscribed to before sending them again (jittered, doubling).
+UNROUTED_RETRY_MIN_SECONDS = 1.0
+UNROUTED_RETRY_MAX_SECONDS = 30.0
 OFFLINE_PUBLISH_TIMEOUT_SECONDS = 2.0
 
 CommandCallback = Callable[[str, bytes], None]
@@ -45,6 +50,7 @@ class PublisherStats:
     published: int = 0
     acked: int = 0
     refused: int = 0
+    unrouted: int = 0  # PUBACKs saying nobody subscribes: the batch stays in the outbox
 
 
 class Publisher:
@@ -74,7 +80,7 @@ class Publisher:
         self._final_deadline: float | None = None
         self._goodbye_said = False
         self._unthrottled = False
-        self._acks: queue.SimpleQueue[tuple[int, bool, str]] = queue.SimpleQueue()
+        self._acks: queue.SimpleQueue[tuple[int, bool, bool, str]] = queue.SimpleQueue()
         self._client: Any = None
         self._client_lock = threading.Lock()
         self._connected = threading.Event()
@@ -249,7 +255,8 @@ class Publisher:
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
         failed = bool(getattr(reason, "is_failure", False))
-        self._acks.put((mid, failed, str(reason)))
+        unrouted = bool(getattr(reason, "value", 0) == NO_MATCHING_SUBSCRIBERS)
+        self._acks.put((mid, failed, unrouted, str(reason)))
         self._wake.set()
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
@@ -280,9 +287,34 @@ class Publisher:
             burst=broker.backlog_batches_per_s,
             now=time.monotonic(),
         )
+        unrouted_backoff = Backoff(
+            min_s=UNROUTED_RETRY_MIN_SECONDS, max_s=UNROUTED_RETRY_MAX_SECONDS
+        )
+        resend_at: float | None = None
         while self.connected:
             self._wake.clear()
-            self._take_acks(inflight)
+            acked_before = self.stats.acked
+            unrouted = self._take_acks(inflight)
+            if self.stats.acked > acked_before and not unrouted:
+                unrouted_backoff.reset()
+            if unrouted and resend_at is None:
+                # The broker acknowledged but routed to nobody (the cloud's subscription is
+                # missing, e.g. a broker restarted without its shared subscriptions): keep
+                # the batches, pause, then send everything still in the outbox again.
+                pause = unrouted_backoff.next_delay()
+                resend_at = time.monotonic() + pause
+                log.warning("broker has no subscriber for batches; resending in %.1f s", pause)
+            if resend_at is not None:
+                now = time.monotonic()
+                if self._final_deadline is not None and now >= self._final_deadline:
+                    self._say_goodbye(client)  # what was not routed stays for the next start
+                    return
+                if now < resend_at or inflight:
+                    self._wake.wait(min(IDLE_WAIT_SECONDS, max(0.001, resend_at - now)))
+                    continue
+                resend_at = None
+                boundary = self.outbox.max_id()
+                backlog_cursor, live_cursor, backlog_done = 0, boundary, False
             room = broker.max_inflight - len(inflight)
             if room > 0:
                 for row in self.outbox.rows_after(live_cursor, limit=room):
@@ -324,16 +356,22 @@ class Publisher:
         self.stats.published += 1
         return True
 
-    def _take_acks(self, inflight: dict[int, int]) -> None:
+    def _take_acks(self, inflight: dict[int, int]) -> int:
+        """Delete acknowledged batches from the outbox; returns how many nobody received."""
         done: list[int] = []
+        unrouted_batches = 0
         while True:
             try:
-                mid, failed, reason = self._acks.get_nowait()
+                mid, failed, unrouted, reason = self._acks.get_nowait()
             except queue.Empty:
                 break
             row_id = inflight.pop(mid, None)
             if row_id is None:
                 continue  # a birth, health or reply message
+            if unrouted:
+                unrouted_batches += 1
+                self.stats.unrouted += 1
+                continue
             if failed:
                 # Kept in the outbox: resent after the next reconnect, dropped by the age cap.
                 self.stats.refused += 1
@@ -343,6 +381,7 @@ class Publisher:
         if done:
             self.outbox.ack(done)
             self.stats.acked += len(done)
+        return unrouted_batches
 
     def _say_goodbye(self, client: Any) -> None:
         offline = will_message(

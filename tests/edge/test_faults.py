@@ -289,3 +289,28 @@ def test_failing_drivers_are_counted_and_reported_while_other_signals_flow(
     assert rejected > 0
     good = [w for b in batches for w in b.windows if w.metric == "plc.temp" and w.count]
     assert {w.min for w in good} == {215.0}  # failures were never aggregated as values
+
+
+def test_batches_nobody_subscribed_to_stay_in_the_outbox_until_the_cloud_listens(
+    broker_factory: Any, test_pki: Any, mqtt_connect: Any, tmp_path: Path
+) -> None:
+    """A broker PUBACK with "no matching subscribers" is not a delivery.
+
+    mosquitto 2.0.11 forgets shared subscriptions when it restarts: until the ingest workers
+    subscribe again, batches are acknowledged and dropped. The agent keeps them instead.
+    """
+    server = broker_factory()
+    device = device_for(test_pki, "unrouted")
+    config = write_config(tmp_path / "edge.toml", server=server, device=device, signals=SIM_SIGNALS)
+    with agent_thread(config) as agent:
+        deadline = time.monotonic() + 30
+        while len(outbox_rows(tmp_path / "outbox.sqlite")) < 4:  # published, routed to nobody
+            assert time.monotonic() < deadline, "the agent did not keep its unrouted batches"
+            time.sleep(0.2)
+        assert agent.publisher.stats.unrouted >= 1
+        collector = Collector(device)
+        collector.attach(mqtt_connect, server, f"svc-{device}")
+        collector.wait(lambda c: len(c.batches()) >= 6, 60, "the kept batches and live data")
+        boot_id = agent.boot_id
+    seqs = sorted({b.seq for b in collector.batches() if b.boot_id == boot_id})
+    assert seqs == list(range(seqs[-1] + 1)), "a batch routed to nobody was lost"
