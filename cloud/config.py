@@ -9,14 +9,13 @@ variable MILLRACE_INGEST_DSN) supplies the DSN instead.
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
 from cloud.retention import DEFAULT_AGES_DAYS, RetentionPolicy
-from millrace.configfile import Section
+from millrace.configfile import Section, read_toml
 from millrace.errors import ConfigError
 from millrace.ids import is_device_id
 
@@ -256,13 +255,6 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: str = "<config>
 def load_config(path: Path) -> IngestConfig:
     """Read and validate an ingest TOML file."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError("config", f"cannot read {path}: {exc}") from exc
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError("config", f"not valid TOML: {exc}", source=str(path)) from exc
+    data = read_toml(path)
     config = parse_config(data, base=path.resolve().parent, source=str(path))
     return replace(config, source=path)

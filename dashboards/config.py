@@ -20,15 +20,13 @@ environment variable MILLRACE_DASH_DSN) supplies the DSN instead.
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from millrace.configfile import Section
-from millrace.errors import ConfigError
+from millrace.configfile import Section, read_toml
 
 Role = Literal["viewer", "operator", "admin"]
 ROLES: Final[tuple[Role, ...]] = get_args(Role)
@@ -186,13 +184,6 @@ def parse_config(
 def load_config(path: Path | str) -> DashboardConfig:
     """Read and validate a dashboard TOML file."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError("config", f"cannot read {path}: {exc}") from exc
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError("config", f"not valid TOML: {exc}", source=str(path)) from exc
+    data = read_toml(path)
     config = parse_config(data, base=path.resolve().parent, source=str(path))
     return replace(config, source=path.resolve())

@@ -7,6 +7,7 @@ a misspelt key is an error instead of a silently ignored setting.
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -14,6 +15,18 @@ from typing import Any, TypeVar
 from millrace.errors import ConfigError
 
 _T = TypeVar("_T")
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML config file; an unreadable or malformed file is a ConfigError."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc}") from exc
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError("config", f"not valid TOML: {exc}", source=str(path)) from exc
 
 
 class Section:
