@@ -65,7 +65,8 @@ class HypertableSpec:
     default_indexes: bool = True
 
 
-def _ts(name: str, *, nullable: bool = True, **kw: object) -> Column[object]:
+def timestamptz(name: str, *, nullable: bool = True, **kw: object) -> Column[object]:
+    """A `timestamptz` column: every time in the schema is zone-aware."""
     return Column(name, DateTime(timezone=True), nullable=nullable, **kw)  # type: ignore[arg-type]
 
 
@@ -75,13 +76,13 @@ devices = Table(
     Column("id", Integer, Identity(), primary_key=True),
     Column("name", Text, nullable=False, unique=True, comment="device id = certificate CN"),
     Column("status", Text, nullable=False, server_default="unknown"),
-    _ts("last_seen_at", comment="last message of any kind"),
-    _ts("last_data_at", comment="last data batch committed"),
-    _ts("last_state_at", comment="last birth/will on the state topic"),
+    timestamptz("last_seen_at", comment="last message of any kind"),
+    timestamptz("last_data_at", comment="last data batch committed"),
+    timestamptz("last_state_at", comment="last birth/will on the state topic"),
     Column("boot_id", Text),
     Column("agent_version", Text),
     Column("config_hash", Text),
-    _ts("created_at", nullable=False, server_default=func.now()),
+    timestamptz("created_at", nullable=False, server_default=func.now()),
     CheckConstraint(f"status IN {DEVICE_STATUSES!r}", name="status"),
 )
 
@@ -91,14 +92,14 @@ metrics = Table(
     Column("id", Integer, Identity(), primary_key=True),
     Column("name", Text, nullable=False, unique=True),
     Column("unit", Text),
-    _ts("created_at", nullable=False, server_default=func.now()),
+    timestamptz("created_at", nullable=False, server_default=func.now()),
 )
 
 # One row per closed window; ts is the window start (aligned to the period).
 readings = Table(
     "readings",
     metadata,
-    _ts("ts", nullable=False),
+    timestamptz("ts", nullable=False),
     Column("device_id", Integer, nullable=False),
     Column("metric_id", Integer, nullable=False),
     Column("period_s", Integer, nullable=False),
@@ -110,7 +111,7 @@ readings = Table(
     Column("last", Double, nullable=False),
     Column("sumsq", Double, nullable=False),
     Column("rejected", Integer, nullable=False, server_default="0"),
-    _ts("ingested_at", nullable=False, server_default=func.now()),
+    timestamptz("ingested_at", nullable=False, server_default=func.now()),
     # Serves the dashboard's "one device, one metric, a time range" query and makes a
     # window stored twice under different (boot_id, seq) an error instead of a double count.
     PrimaryKeyConstraint("device_id", "metric_id", "ts", "period_s", name="pk_readings"),
@@ -120,13 +121,13 @@ readings = Table(
 events = Table(
     "events",
     metadata,
-    _ts("ts", nullable=False),
+    timestamptz("ts", nullable=False),
     Column("device_id", Integer, nullable=False),
     Column("metric_id", Integer, nullable=False),
     Column("kind", Text, nullable=False, comment="num, bool (value 0/1) or text"),
     Column("value", Double, comment="numeric and boolean events"),
     Column("text", Text, comment="text events"),
-    _ts("ingested_at", nullable=False, server_default=func.now()),
+    timestamptz("ingested_at", nullable=False, server_default=func.now()),
     CheckConstraint(f"kind IN {EVENT_KINDS!r}", name="kind"),
     Index("ix_events_device_metric_ts", "device_id", "metric_id", text("ts DESC")),
     info={"hypertable": HypertableSpec("ts", "7 days", default_indexes=False)},
@@ -142,7 +143,7 @@ def _rollup(name: str, chunk_interval: str) -> Table:
     return Table(
         name,
         metadata,
-        _ts("bucket", nullable=False),
+        timestamptz("bucket", nullable=False),
         Column("device_id", Integer, nullable=False),
         Column("metric_id", Integer, nullable=False),
         Column("period_s", Integer, nullable=False, comment="period of the source windows"),
@@ -153,9 +154,9 @@ def _rollup(name: str, chunk_interval: str) -> Table:
         Column("max", Double, nullable=False),
         Column("sumsq", Double, nullable=False),
         Column("first", Double, nullable=False),
-        _ts("first_ts", nullable=False),
+        timestamptz("first_ts", nullable=False),
         Column("last", Double, nullable=False),
-        _ts("last_ts", nullable=False),
+        timestamptz("last_ts", nullable=False),
         Column("rejected", BigInteger, nullable=False, server_default="0"),
         PrimaryKeyConstraint("device_id", "metric_id", "period_s", "bucket", name=f"pk_{name}"),
         info={"hypertable": HypertableSpec("bucket", chunk_interval, default_indexes=False)},
@@ -169,7 +170,7 @@ dead_letters = Table(
     "dead_letters",
     metadata,
     Column("id", BigInteger, Identity(), nullable=False),
-    _ts("received_at", nullable=False),
+    timestamptz("received_at", nullable=False),
     Column("topic", Text, nullable=False),
     Column("device", Text, comment="device id from the topic when the topic parses"),
     Column("code", Text, nullable=False, comment="short reason class for grouping"),
@@ -189,8 +190,8 @@ ingest_ledger = Table(
     Column("device_id", Integer, ForeignKey("devices.id"), nullable=False),
     Column("boot_id", Uuid(as_uuid=True), nullable=False),
     Column("seq", BigInteger, nullable=False),
-    _ts("sent_at", nullable=False),
-    _ts("received_at", nullable=False),
+    timestamptz("sent_at", nullable=False),
+    timestamptz("received_at", nullable=False),
     Column("windows", Integer, nullable=False),
     Column("events", Integer, nullable=False),
     Column("dropped", BigInteger, nullable=False, comment="device outbox drops so far"),
@@ -210,8 +211,8 @@ ingest_streams = Table(
     Column("first_seq", BigInteger, nullable=False),
     Column("max_seq", BigInteger, nullable=False),
     Column("batches", BigInteger, nullable=False),
-    _ts("first_at", nullable=False),
-    _ts("last_at", nullable=False),
+    timestamptz("first_at", nullable=False),
+    timestamptz("last_at", nullable=False),
     PrimaryKeyConstraint("device_id", "boot_id", name="pk_ingest_streams"),
 )
 
@@ -223,7 +224,7 @@ sequence_gaps = Table(
     Column("boot_id", Uuid(as_uuid=True), nullable=False),
     Column("seq_from", BigInteger, nullable=False),
     Column("seq_to", BigInteger, nullable=False),
-    _ts("detected_at", nullable=False),
+    timestamptz("detected_at", nullable=False),
     PrimaryKeyConstraint("device_id", "boot_id", "seq_from", name="pk_sequence_gaps"),
     CheckConstraint("seq_from <= seq_to", name="range"),
     Index("ix_sequence_gaps_detected_at", "detected_at"),

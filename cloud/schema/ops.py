@@ -13,7 +13,6 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     Column,
-    DateTime,
     Double,
     ForeignKey,
     Identity,
@@ -27,16 +26,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-from cloud.schema.core import HypertableSpec, metadata
+from cloud.schema.core import HypertableSpec, metadata, timestamptz
 
 ALERT_CONDITIONS = ("above", "below", "outside", "no_data")
 ALERT_AGGREGATES = ("extreme", "mean", "last")
 ALERT_SEVERITIES = ("info", "warning", "critical")
 ALERT_STATES = ("active", "cleared")
-
-
-def _ts(name: str, *, nullable: bool = True, **kw: object) -> Column[object]:
-    return Column(name, DateTime(timezone=True), nullable=nullable, **kw)  # type: ignore[arg-type]
 
 
 alert_rules = Table(
@@ -55,8 +50,8 @@ alert_rules = Table(
     Column("aggregate", Text, nullable=False, server_default="extreme"),
     Column("enabled", Boolean, nullable=False, server_default="true"),
     Column("description", Text, nullable=False, server_default=""),
-    _ts("created_at", nullable=False, server_default=func.now()),
-    _ts("updated_at", nullable=False, server_default=func.now()),
+    timestamptz("created_at", nullable=False, server_default=func.now()),
+    timestamptz("updated_at", nullable=False, server_default=func.now()),
     CheckConstraint(f"condition IN {ALERT_CONDITIONS!r}", name="condition"),
     CheckConstraint(f"severity IN {ALERT_SEVERITIES!r}", name="severity"),
     CheckConstraint(f"aggregate IN {ALERT_AGGREGATES!r}", name="aggregate"),
@@ -75,12 +70,12 @@ alerts = Table(
     Column("state", Text, nullable=False, server_default="active"),
     Column("message", Text, nullable=False, server_default=""),
     Column("value", Double, comment="the value that raised it"),
-    _ts("data_ts", comment="time of the data that raised it"),
-    _ts("raised_at", nullable=False, server_default=func.now()),
+    timestamptz("data_ts", comment="time of the data that raised it"),
+    timestamptz("raised_at", nullable=False, server_default=func.now()),
     Column("clear_value", Double),
-    _ts("clear_data_ts"),
-    _ts("cleared_at"),
-    _ts("acknowledged_at"),
+    timestamptz("clear_data_ts"),
+    timestamptz("cleared_at"),
+    timestamptz("acknowledged_at"),
     Column("acknowledged_by", Text),
     Column("ack_comment", Text),
     CheckConstraint(f"state IN {ALERT_STATES!r}", name="state"),
@@ -105,7 +100,7 @@ audit_log = Table(
     "audit_log",
     metadata,
     Column("id", BigInteger, Identity(), primary_key=True),
-    _ts("at", nullable=False, server_default=func.now()),
+    timestamptz("at", nullable=False, server_default=func.now()),
     Column("user_name", Text, nullable=False),
     Column("action", Text, nullable=False, comment="e.g. alert.acknowledge"),
     Column("target", Text, nullable=False, comment="e.g. alert:42"),
@@ -118,8 +113,8 @@ audit_log = Table(
 def _health_columns() -> list[Column[object]]:
     return [
         Column("device_id", Integer, ForeignKey("devices.id"), nullable=False),
-        _ts("received_at", nullable=False),
-        _ts("reported_at", comment="the agent's own clock"),
+        timestamptz("received_at", nullable=False),
+        timestamptz("reported_at", comment="the agent's own clock"),
         Column("boot_id", Text, nullable=False),
         Column("outbox_batches", BigInteger, nullable=False),
         Column("outbox_bytes", BigInteger, nullable=False),
@@ -160,8 +155,8 @@ metric_freshness = Table(
     metadata,
     Column("device_id", Integer, ForeignKey("devices.id"), nullable=False),
     Column("metric", Text, nullable=False),
-    _ts("last_received_at", nullable=False),
-    _ts("last_data_ts", nullable=False, comment="start of the newest window seen"),
+    timestamptz("last_received_at", nullable=False),
+    timestamptz("last_data_ts", nullable=False, comment="start of the newest window seen"),
     PrimaryKeyConstraint("device_id", "metric", name="pk_metric_freshness"),
 )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pandas as pd
 import streamlit as st
 
@@ -16,10 +18,21 @@ ctx = ui.page(
 range_label, range_s = ui.range_picker("pipeline_range", labels=RANGE_LABELS, default="1 h")
 
 
-def _percentiles(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
+def _series_chart(
+    frame: pd.DataFrame, columns: dict[str, str], *, y_title: str, color_title: str, domain: Any
+) -> Any:
+    """Lines of `columns` (column -> legend label) over `ts`, one colour per column."""
     long = frame.melt(id_vars=["ts"], value_vars=list(columns), var_name="series", value_name="s")
     long["series"] = long["series"].map(columns)
-    return long
+    return charts.lines(
+        long,
+        y="s",
+        y_title=y_title,
+        tz_name=ctx.tz_name,
+        color="series",
+        color_title=color_title,
+        domain=domain,
+    )
 
 
 @st.fragment(run_every=ctx.config.refresh_s)
@@ -71,14 +84,10 @@ def pipeline(range_label: str, range_s: int) -> None:
         with left:
             st.subheader("Ingest rate")
             st.altair_chart(
-                charts.lines(
-                    _percentiles(
-                        local, {"windows_per_s": "windows/s", "batches_per_s": "batches/s"}
-                    ),
-                    y="s",
+                _series_chart(
+                    local,
+                    {"windows_per_s": "windows/s", "batches_per_s": "batches/s"},
                     y_title="per second",
-                    tz_name=ctx.tz_name,
-                    color="series",
                     color_title="Rate",
                     domain=domain,
                 ),
@@ -87,12 +96,10 @@ def pipeline(range_label: str, range_s: int) -> None:
         with right:
             st.subheader("Delivery delay (sent → received)")
             st.altair_chart(
-                charts.lines(
-                    _percentiles(local, {"delay_p50_s": "p50", "delay_p95_s": "p95"}),
-                    y="s",
+                _series_chart(
+                    local,
+                    {"delay_p50_s": "p50", "delay_p95_s": "p95"},
                     y_title="seconds",
-                    tz_name=ctx.tz_name,
-                    color="series",
                     color_title="Percentile",
                     domain=domain,
                 ),
@@ -106,15 +113,10 @@ def pipeline(range_label: str, range_s: int) -> None:
                 ui.empty(f"No windows start in the last {range_label}.")
             else:
                 st.altair_chart(
-                    charts.lines(
-                        _percentiles(
-                            ui.localize(latency, ctx.tz, ["ts"]),
-                            {"latency_p50_s": "p50", "latency_p95_s": "p95"},
-                        ),
-                        y="s",
+                    _series_chart(
+                        ui.localize(latency, ctx.tz, ["ts"]),
+                        {"latency_p50_s": "p50", "latency_p95_s": "p95"},
                         y_title="seconds",
-                        tz_name=ctx.tz_name,
-                        color="series",
                         color_title="Percentile",
                         domain=domain,
                     ),
