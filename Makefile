@@ -17,7 +17,7 @@ down:
 lint:
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy millrace edge cloud dashboards firmware-sim/fieldsim
+	$(VENV)/bin/mypy millrace
 
 test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)

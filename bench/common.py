@@ -1,8 +1,8 @@
 """Shared pieces of the end-to-end benchmarks: a private plant (PKI, TLS broker, TimescaleDB,
 ingest worker) on free ports in temp directories, edge agent configs, and table printing.
 
-Everything is started through millrace's own code (`millrace.stack.postgres`,
-`millrace.stack.procs`, `millrace broker config`, `db upgrade`, `millrace ingest`,
+Everything is started through millrace's own code (`millrace.ops.stack.postgres`,
+`millrace.ops.stack.procs`, `millrace broker config`, `db upgrade`, `millrace ingest`,
 `millrace edge run`), so a benchmark measures what `make up` and a deployment run.
 The cluster tracks commit timestamps (`track_commit_timestamp = on`): a row's exact
 commit time is `pg_xact_commit_timestamp(xmin)`, read on the server after the fact, so
@@ -28,13 +28,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from millrace import pki  # noqa: E402
-from millrace.broker import write_broker_config  # noqa: E402
-from millrace.stack import procs  # noqa: E402
-from millrace.stack.postgres import PostgresCluster, free_port  # noqa: E402
+from millrace.ops import pki  # noqa: E402
+from millrace.ops.broker import write_broker_config  # noqa: E402
+from millrace.ops.stack import procs  # noqa: E402
+from millrace.ops.stack.postgres import PostgresCluster, free_port  # noqa: E402
 
 DATABASE = "millrace"
 INGEST_LOGIN = "bench_ingest"
@@ -165,7 +163,7 @@ class Plant:
     def _database(self) -> None:
         from psycopg import connect, sql
 
-        from cloud.dbupgrade import INGEST_ROLE, upgrade
+        from millrace.cloud.dbupgrade import INGEST_ROLE, upgrade
 
         # Its own temp dir: as root the server runs as `postgres`, which must reach it.
         base = Path(tempfile.mkdtemp(prefix="millrace-bench-pg-"))

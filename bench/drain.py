@@ -35,8 +35,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from common import Plant, machine, plant, print_table, wait_until
 
 TARGET_X_REALTIME = 50.0
@@ -66,8 +64,8 @@ def value(signal: int, window: int, k: int) -> float:
 
 def fill_outbox(device: str, config_path: Path, *, t0_ms: int, windows: int) -> Filled:
     """One hour of the real agent's windowing + outbox, in simulated time, no network."""
-    from edge.agent import Agent
-    from edge.config import load_config
+    from millrace.edge.agent import Agent
+    from millrace.edge.config import load_config
 
     agent = Agent(load_config(config_path))
     signals = len(agent.config.signals)

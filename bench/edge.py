@@ -30,13 +30,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from edge.agent import Agent
-from edge.config import load_config
-from millrace import pki
-from millrace.broker import write_broker_config
+from millrace.edge.agent import Agent
+from millrace.edge.config import load_config
 from millrace.mqtt import tls_client
+from millrace.ops import pki
+from millrace.ops.broker import write_broker_config
 from millrace.topics import data_topic
 from millrace.wire import Batch, decode_batch
 

@@ -41,13 +41,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import psycopg  # noqa: E402
 
-from cloud import dbupgrade  # noqa: E402
-from cloud.writer import READING_COLUMNS, READING_TYPES, copy_rows, to_datetime  # noqa: E402
 from millrace import topics  # noqa: E402
+from millrace.cloud import dbupgrade  # noqa: E402
+from millrace.cloud.writer import READING_COLUMNS, READING_TYPES, copy_rows, to_datetime  # noqa: E402
 from millrace.mqtt import tls_client  # noqa: E402
 from millrace.wire import (  # noqa: E402
     CONTENT_TYPE_MSGPACK,

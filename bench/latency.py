@@ -28,9 +28,6 @@ import os
 import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     CpuMeter,

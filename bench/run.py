@@ -148,7 +148,6 @@ def main() -> int:
         names = [n for n in names if n in args.only]
     outcomes = [run_one(name, timeout_s=args.timeout_s) for name in names]
     print("\n=== summary\n")
-    sys.path.insert(0, str(BENCH_DIR))
     from common import machine, today
 
     print(f"{today()}, {machine()}\n")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: CPU share of one core used by a fleet of simulated gateways at 1 Hz per signal.
 
-Starts a plain mosquitto and `python -m fieldsim` (200 gateways: PLC + MQTT
+Starts a plain mosquitto and `python -m millrace.fieldsim` (200 gateways: PLC + MQTT
 node + 1-wire sensor each, ground truth on) as subprocesses, polls every PLC
 once a second per register table like an edge agent would, subscribes to the
 nodes, and measures the simulator's CPU time over the window from /proc via

@@ -30,8 +30,8 @@ from typing import Any, Final, Protocol
 import psycopg
 from psycopg.types.json import Jsonb
 
-from cloud import alert_rules
-from cloud.alert_rules import ANY_METRIC, AlertRule, Step, WindowValues
+from millrace.cloud import alert_rules
+from millrace.cloud.alert_rules import ANY_METRIC, AlertRule, Step, WindowValues
 from millrace.errors import MillraceError
 from millrace.wire import AlertMessage
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
-    from cloud.dbupgrade import upgrade
+    from millrace.cloud.dbupgrade import upgrade
 
     report = upgrade(_dsn(args))
     print(
@@ -40,14 +40,14 @@ def _dsn(args: argparse.Namespace) -> str:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from cloud.config import load_config
-    from cloud.worker import run_worker
+    from millrace.cloud.config import load_config
+    from millrace.cloud.worker import run_worker
 
     return run_worker(load_config(Path(args.config)))
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    from cloud.commands import run_cmd
+    from millrace.cloud.commands import run_cmd
 
     return int(run_cmd(args))
 
@@ -83,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     cmd.add_argument("device", metavar="DEVICE")
     cmd.add_argument("name", metavar="NAME")
     cmd.add_argument("args", metavar="ARGS", nargs="*", help="key=value arguments")
-    from cloud.commands import add_arguments  # light: argparse and the wire contract only
+    from millrace.cloud.commands import add_arguments  # light: argparse and the wire contract only
 
     add_arguments(cmd)
     cmd.set_defaults(func=_cmd)

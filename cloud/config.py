@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
-from cloud.retention import DEFAULT_AGES_DAYS, RetentionPolicy
+from millrace.cloud.retention import DEFAULT_AGES_DAYS, RetentionPolicy
 from millrace.configfile import Section, read_toml
 from millrace.errors import ConfigError
 from millrace.ids import is_device_id

@@ -29,7 +29,7 @@ from millrace.mqtt import tls_client
 if TYPE_CHECKING:
     import paho.mqtt.client as paho
 
-    from cloud.config import BrokerSettings
+    from millrace.cloud.config import BrokerSettings
 
 log = logging.getLogger(__name__)
 

@@ -82,7 +82,7 @@ def alembic_config(connection: Any = None) -> Any:
     from alembic.config import Config
 
     config = Config()
-    location = resources.files("cloud").joinpath("migrations")
+    location = resources.files("millrace.cloud").joinpath("migrations")
     config.set_main_option("script_location", str(location))
     config.attributes["connection"] = connection
     return config
@@ -121,7 +121,7 @@ def _ensure_timescaledb(cur: psycopg.Cursor[Any]) -> None:
 
 
 def _create_hypertables(cur: psycopg.Cursor[Any]) -> list[str]:
-    from cloud.schema import HypertableSpec, metadata
+    from millrace.cloud.schema import HypertableSpec, metadata
 
     cur.execute(
         "SELECT hypertable_name FROM timescaledb_information.hypertables"
@@ -279,7 +279,7 @@ def _schema(cur: psycopg.Cursor[Any]) -> str:
 
 
 def _tables(cur: psycopg.Cursor[Any]) -> list[str]:
-    from cloud.schema import metadata
+    from millrace.cloud.schema import metadata
 
     cur.execute(
         "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() ORDER BY tablename"

@@ -26,7 +26,7 @@ from psycopg.types.json import Jsonb
 from sqlalchemy import ARRAY, Interval, Select, Text, any_, case, func, literal, select
 from sqlalchemy.dialects import postgresql
 
-from cloud.schema.core import devices
+from millrace.cloud.schema.core import devices
 from millrace.wire import DeviceState, Heartbeat
 
 logger = logging.getLogger(__name__)

@@ -34,17 +34,17 @@ from typing import Any, Final, Literal
 
 import psycopg
 
-from cloud import registry
-from cloud.alert_rules import ANY_METRIC
-from cloud.alerts import AlertEngine
-from cloud.batcher import Batcher
-from cloud.config import IngestConfig
-from cloud.consumer import Consumer, Inbound
-from cloud.metrics import HealthServer, IngestMetrics, loop_health
-from cloud.retention import RetentionPolicy, RetentionScheduler
-from cloud.validate import Limits, validate_batch
-from cloud.writer import BatchWriter, DeadLetter, Incoming, WriteResult, write_dead_letters
 from millrace import topics
+from millrace.cloud import registry
+from millrace.cloud.alert_rules import ANY_METRIC
+from millrace.cloud.alerts import AlertEngine
+from millrace.cloud.batcher import Batcher
+from millrace.cloud.config import IngestConfig
+from millrace.cloud.consumer import Consumer, Inbound
+from millrace.cloud.metrics import HealthServer, IngestMetrics, loop_health
+from millrace.cloud.retention import RetentionPolicy, RetentionScheduler
+from millrace.cloud.validate import Limits, validate_batch
+from millrace.cloud.writer import BatchWriter, DeadLetter, Incoming, WriteResult, write_dead_letters
 from millrace.errors import IngestError, WireError
 from millrace.wire import AlertMessage, Batch, DeviceState, Heartbeat, Rejection, decode_batch
 

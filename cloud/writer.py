@@ -25,7 +25,7 @@ from typing import Any, Final
 
 import psycopg
 
-from cloud import gaps, rollups
+from millrace.cloud import gaps, rollups
 from millrace.wire import Batch, EventValue
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from typing import Final
 
 import streamlit as st
 
-from dashboards import auth, data
+from millrace.dashboards import auth, data
 from millrace.errors import MillraceError
 
 logger = logging.getLogger(__name__)

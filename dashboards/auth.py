@@ -21,8 +21,8 @@ from typing import Final, Literal
 import streamlit as st
 from streamlit.errors import StreamlitSecretNotFoundError
 
-from dashboards.config import DashboardConfig, Role
-from dashboards.users import UserRecord, authenticate, load_users
+from millrace.dashboards.config import DashboardConfig, Role
+from millrace.dashboards.users import UserRecord, authenticate, load_users
 from millrace.errors import MillraceError
 
 logger = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ HEALTH_PATH: Final = "/_stcore/health"
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add `dash` and `dash add-user` to the millrace CLI."""
-    from dashboards.config import ROLES
+    from millrace.dashboards.config import ROLES
 
     dash = subparsers.add_parser(
         "dash",
@@ -79,13 +79,13 @@ def _read_password(args: argparse.Namespace) -> str | None:
 
 
 def _add_user(args: argparse.Namespace) -> int:
-    from dashboards.users import add_user, check_user_name
+    from millrace.dashboards.users import add_user, check_user_name
 
     check_user_name(args.name)  # before asking for a password
     if args.users_file is not None:
         path = args.users_file
     else:
-        from dashboards.config import load_config
+        from millrace.dashboards.config import load_config
 
         path = load_config(args.user_config).auth.users_file
     created = add_user(path, args.name, role=args.role, password=_read_password(args))
@@ -95,8 +95,8 @@ def _add_user(args: argparse.Namespace) -> int:
 
 def streamlit_command(config_path: Path, *, port: int, address: str) -> list[str]:
     """The `streamlit run` command line for a validated config."""
-    from dashboards import app
-    from dashboards.config import load_config
+    from millrace.dashboards import app
+    from millrace.dashboards.config import load_config
 
     config = load_config(config_path)
     command = [
@@ -136,7 +136,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--config", "is required to serve the dashboard (millrace dash --config FILE)"
         )
-    from dashboards.config import CONFIG_ENV, load_config
+    from millrace.dashboards.config import CONFIG_ENV, load_config
 
     config_path = args.config.resolve()
     config = load_config(config_path)

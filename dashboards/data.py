@@ -20,10 +20,10 @@ import psycopg
 import streamlit as st
 from sqlalchemy import Engine, create_engine
 
-from dashboards import queries
-from dashboards.auth import AuthUser, PermissionDenied, can_acknowledge
-from dashboards.config import CONFIG_ENV, DashboardConfig, load_config
-from dashboards.resolution import Resolution
+from millrace.dashboards import queries
+from millrace.dashboards.auth import AuthUser, PermissionDenied, can_acknowledge
+from millrace.dashboards.config import CONFIG_ENV, DashboardConfig, load_config
+from millrace.dashboards.resolution import Resolution
 from millrace.errors import ConfigError
 
 logger = logging.getLogger(__name__)

@@ -29,8 +29,8 @@ from sqlalchemy import (
     select,
 )
 
-from cloud import registry
-from cloud.schema.core import (
+from millrace.cloud import registry
+from millrace.cloud.schema.core import (
     dead_letters,
     devices,
     events,
@@ -41,8 +41,8 @@ from cloud.schema.core import (
     rollup_hourly,
     sequence_gaps,
 )
-from cloud.schema.ops import alerts, audit_log, device_health, device_health_history
-from dashboards.resolution import Resolution
+from millrace.cloud.schema.ops import alerts, audit_log, device_health, device_health_history
+from millrace.dashboards.resolution import Resolution
 
 # Enough to see what went wrong without shipping a whole payload to every browser.
 DEAD_LETTER_PREVIEW_BYTES: Final = 160
@@ -378,7 +378,7 @@ def acknowledge_alert(conn: Connection, alert_id: int, *, user: str, comment: st
     Runs in the caller's transaction on the same psycopg connection; raises
     cloud.alerts.AlertError when the alert is unknown or already acknowledged.
     """
-    from cloud.alerts import acknowledge
+    from millrace.cloud.alerts import acknowledge
 
     raw = conn.connection.driver_connection
     acknowledge(raw, alert_id, user=user, comment=comment)  # type: ignore[arg-type]

@@ -18,9 +18,9 @@ import pandas as pd
 import streamlit as st
 from sqlalchemy.exc import SQLAlchemyError
 
-from dashboards import auth, data
-from dashboards.auth import AuthUser
-from dashboards.config import DashboardConfig
+from millrace.dashboards import auth, data
+from millrace.dashboards.auth import AuthUser
+from millrace.dashboards.config import DashboardConfig
 
 logger = logging.getLogger(__name__)
 

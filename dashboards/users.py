@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from dashboards.config import ROLES, Role
+from millrace.dashboards.config import ROLES, Role
 from millrace.errors import ConfigError, MillraceError
 
 # scrypt cost: N=2**14, r=8, p=1 is the OWASP-recommended floor (16 MiB, ~50 ms here):

@@ -21,10 +21,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from edge.batching import SeqCounter, build_batches
-from edge.commands import CommandProcessor
-from edge.config import AgentConfig
-from edge.health import (
+from millrace.edge.batching import SeqCounter, build_batches
+from millrace.edge.commands import CommandProcessor
+from millrace.edge.config import AgentConfig
+from millrace.edge.health import (
     CertClock,
     ClockState,
     HealthInputs,
@@ -33,12 +33,12 @@ from edge.health import (
     birth_message,
     heartbeat_message,
 )
-from edge.outbox import Outbox
-from edge.pipeline import Pipeline
-from edge.publisher import Publisher
-from edge.sampler import Sampler
-from edge.state import AgentState, StateStore
-from edge.systemd import Notifier
+from millrace.edge.outbox import Outbox
+from millrace.edge.pipeline import Pipeline
+from millrace.edge.publisher import Publisher
+from millrace.edge.sampler import Sampler
+from millrace.edge.state import AgentState, StateStore
+from millrace.edge.systemd import Notifier
 from millrace.errors import ConfigError, MillraceError
 from millrace.topics import health_topic, reply_topic, state_topic
 

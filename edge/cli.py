@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from edge.config import AgentConfig, SignalConfig
+    from millrace.edge.config import AgentConfig, SignalConfig
 
 # ESPHome/Tasmota nodes publish every 10-60 s; check waits this long for each.
 DEFAULT_MQTT_WAIT_SECONDS = 15.0
@@ -35,8 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def _run(args: argparse.Namespace) -> int:
-    from edge.agent import Agent, check_files
-    from edge.config import load_config
+    from millrace.edge.agent import Agent, check_files
+    from millrace.edge.config import load_config
 
     config = load_config(args.config)
     check_files(config)
@@ -63,7 +63,7 @@ class _Collector:
 
 def _shown(signal: SignalConfig, raw: object) -> tuple[str, str]:
     """(value text, problem) for a raw reading, calibrated and range-checked like the pipeline."""
-    from edge.pipeline import MAX_ABS_VALUE, event_value
+    from millrace.edge.pipeline import MAX_ABS_VALUE, event_value
 
     if signal.kind != "numeric":
         value = event_value(signal, raw)
@@ -80,8 +80,8 @@ def _shown(signal: SignalConfig, raw: object) -> tuple[str, str]:
 
 def read_all_once(config: AgentConfig, *, mqtt_wait_s: float) -> list[tuple[object, str] | None]:
     """Read every signal once (mqtt signals: wait for one message each)."""
-    from edge.drivers.mqtt import LocalMqttSource
-    from edge.sampler import build_poll_groups, poll_once
+    from millrace.edge.drivers.mqtt import LocalMqttSource
+    from millrace.edge.sampler import build_poll_groups, poll_once
 
     sink = _Collector(len(config.signals))
     sources = []
@@ -112,8 +112,8 @@ def read_all_once(config: AgentConfig, *, mqtt_wait_s: float) -> list[tuple[obje
 
 
 def _check(args: argparse.Namespace) -> int:
-    from edge.agent import check_files
-    from edge.config import load_config
+    from millrace.edge.agent import check_files
+    from millrace.edge.config import load_config
 
     config = load_config(args.config)
     check_files(config)

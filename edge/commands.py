@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Protocol
 
-from edge.config import MAX_POLL_SECONDS, MIN_POLL_SECONDS, AgentConfig
-from edge.state import AgentState, StateStore
+from millrace.edge.config import MAX_POLL_SECONDS, MIN_POLL_SECONDS, AgentConfig
+from millrace.edge.state import AgentState, StateStore
 from millrace.errors import WireError
 from millrace.wire import Command, CommandReply
 from millrace.wire.batch import MAX_PERIOD_SECONDS

@@ -95,7 +95,7 @@ class CertClock:
     def days_left(self) -> float:
         now = time.monotonic()
         if now - self._read_at >= CERT_CHECK_INTERVAL_SECONDS:
-            from millrace.pki import cert_days_left
+            from millrace.ops.pki import cert_days_left
 
             try:
                 self._days = round(cert_days_left(self.cert), 3)

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.batching import Encoded
+from millrace.edge.batching import Encoded
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from edge.config import SignalConfig
-from edge.windows import WindowAggregator
+from millrace.edge.config import SignalConfig
+from millrace.edge.windows import WindowAggregator
 from millrace.errors import WireError
 from millrace.wire import Event, EventValue, Window
 

@@ -20,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from edge.config import AgentConfig
-from edge.health import will_message
-from edge.outbox import Outbox, Row
-from edge.pacing import Backoff, TokenBucket
+from millrace.edge.config import AgentConfig
+from millrace.edge.health import will_message
+from millrace.edge.outbox import Outbox, Row
+from millrace.edge.pacing import Backoff, TokenBucket
 from millrace.errors import MillraceError, WireError
 from millrace.mqtt import tls_client
 from millrace.topics import cmd_filter, data_topic, parse_topic, state_topic

@@ -16,11 +16,11 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from edge.config import AgentConfig, ModbusSpec, MqttSpec, SignalConfig
-from edge.drivers.base import PollGroup, ReadFailure, Sink
+from millrace.edge.config import AgentConfig, ModbusSpec, MqttSpec, SignalConfig
+from millrace.edge.drivers.base import PollGroup, ReadFailure, Sink
 
 if TYPE_CHECKING:
-    from edge.drivers.mqtt import LocalMqttSource
+    from millrace.edge.drivers.mqtt import LocalMqttSource
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +38,13 @@ def build_poll_groups(config: AgentConfig) -> dict[str, list[PollGroup]]:
             spec = signal.spec
             modbus[(spec.device, spec.table, signal.poll_s)].append((index, signal))
         elif signal.driver == "file":
-            from edge.drivers.file import FileGroup
+            from millrace.edge.drivers.file import FileGroup
 
             threads[f"file:{signal.metric}"].append(
                 FileGroup(index, signal, interval_s=signal.poll_s)
             )
         elif signal.driver == "command":
-            from edge.drivers.command import CommandGroup
+            from millrace.edge.drivers.command import CommandGroup
 
             threads[f"command:{signal.metric}"].append(
                 CommandGroup(index, signal, interval_s=signal.poll_s)
@@ -52,7 +52,7 @@ def build_poll_groups(config: AgentConfig) -> dict[str, list[PollGroup]]:
         elif signal.driver == "sim":
             sims[signal.poll_s].append((index, signal))
     if modbus:
-        from edge.drivers.modbus import ModbusConnection, ModbusGroup
+        from millrace.edge.drivers.modbus import ModbusConnection, ModbusGroup
 
         connections: dict[str, ModbusConnection] = {}
         for (device, _table, poll_s), items in modbus.items():
@@ -62,7 +62,7 @@ def build_poll_groups(config: AgentConfig) -> dict[str, list[PollGroup]]:
                 ModbusGroup(connections[device], items, interval_s=poll_s)
             )
     if sims:
-        from edge.drivers.sim import SimGroup
+        from millrace.edge.drivers.sim import SimGroup
 
         for poll_s, items in sims.items():
             threads["sim"].append(SimGroup(items, interval_s=poll_s))
@@ -136,7 +136,7 @@ class Sampler:
             if isinstance(signal.spec, MqttSpec):
                 pushed[signal.spec.source].append((index, signal))
         if pushed:
-            from edge.drivers.mqtt import LocalMqttSource
+            from millrace.edge.drivers.mqtt import LocalMqttSource
 
             for name, items in pushed.items():
                 source = LocalMqttSource(

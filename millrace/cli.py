@@ -21,18 +21,18 @@ from millrace.errors import MillraceError
 
 # subcommand -> module holding its `register`; kept lazy (see module docstring).
 COMMAND_MODULES: dict[str, str] = {
-    "pki": "millrace.pki_cli",
-    "broker": "millrace.broker_cli",
-    "db": "cloud.cli",
-    "ingest": "cloud.cli",
-    "cmd": "cloud.cli",
-    "edge": "edge.cli",
-    "sim": "fieldsim.cli",
-    "dash": "dashboards.cli",
-    "provision": "millrace.provision_cli",
-    "up": "millrace.stack_cli",
-    "down": "millrace.stack_cli",
-    "status": "millrace.stack_cli",
+    "pki": "millrace.ops.pki_cli",
+    "broker": "millrace.ops.broker_cli",
+    "db": "millrace.cloud.cli",
+    "ingest": "millrace.cloud.cli",
+    "cmd": "millrace.cloud.cli",
+    "edge": "millrace.edge.cli",
+    "sim": "millrace.fieldsim.cli",
+    "dash": "millrace.dashboards.cli",
+    "provision": "millrace.ops.provision_cli",
+    "up": "millrace.ops.stack_cli",
+    "down": "millrace.ops.stack_cli",
+    "status": "millrace.ops.stack_cli",
 }
 
 

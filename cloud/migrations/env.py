@@ -1,6 +1,6 @@
 """Alembic environment: always online, on the connection `millrace db upgrade` hands in.
 
-`cloud.dbupgrade` holds an advisory lock on that connection, so concurrent
+`millrace.cloud.dbupgrade` holds an advisory lock on that connection, so concurrent
 upgrades run one after the other. Objects TimescaleDB creates itself (the
 default time index of a hypertable, `<table>_<column>_idx`) are not part of
 the metadata and are ignored when comparing.
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from cloud.dbupgrade import include_object
-from cloud.schema import metadata
+from millrace.cloud.dbupgrade import include_object
+from millrace.cloud.schema import metadata
 
 
 def run_migrations() -> None:

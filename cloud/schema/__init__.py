@@ -4,7 +4,7 @@ Importing the package loads both table modules, so `metadata` is complete
 wherever it is read (Alembic, `db upgrade`, tests).
 """
 
-from cloud.schema import ops as _ops  # noqa: F401  (registers the ops tables)
-from cloud.schema.core import HypertableSpec, metadata
+from millrace.cloud.schema import ops as _ops  # noqa: F401  (registers the ops tables)
+from millrace.cloud.schema.core import HypertableSpec, metadata
 
 __all__ = ["HypertableSpec", "metadata"]

@@ -26,7 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-from cloud.schema.core import HypertableSpec, metadata, timestamptz
+from millrace.cloud.schema.core import HypertableSpec, metadata, timestamptz
 
 ALERT_CONDITIONS = ("above", "below", "outside", "no_data")
 ALERT_AGGREGATES = ("extreme", "mean", "last")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from cloud.alerts import MAX_COMMENT_CHARS, AlertError
-from dashboards import auth, charts, data, ui
-from dashboards.auth import PermissionDenied
+from millrace.cloud.alerts import MAX_COMMENT_CHARS, AlertError
+from millrace.dashboards import auth, charts, data, ui
+from millrace.dashboards.auth import PermissionDenied
 
 HISTORY_LABELS = ("24 h", "7 d", "30 d")
 NOTICE_KEY = "alerts_notice"

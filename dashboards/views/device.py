@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboards import charts, data, ui
-from dashboards.resolution import pick_resolution
+from millrace.dashboards import charts, data, ui
+from millrace.dashboards.resolution import pick_resolution
 
 RANGE_LABELS = ("1 h", "6 h", "24 h", "7 d", "30 d", "1 y")
 DEFAULT_METRICS_SHOWN = 6

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboards import charts, data, ui
+from millrace.dashboards import charts, data, ui
 
 # A certificate this close to expiry needs renewing now (the edge warns at the same mark).
 CERT_WARN_DAYS = 30

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pandas as pd
 import streamlit as st
 
-from dashboards import charts, data, ui
+from millrace.dashboards import charts, data, ui
 
 # The rate tile averages over this much receive time: long enough to be steady, short
 # enough to show a stall within one refresh or two.

@@ -7,7 +7,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from dashboards import charts, data, ui
+from millrace.dashboards import charts, data, ui
 
 RANGE_LABELS = ("15 min", "1 h", "6 h", "24 h")
 

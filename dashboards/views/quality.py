@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboards import charts, data, ui
+from millrace.dashboards import charts, data, ui
 
 RANGE_LABELS = ("1 h", "24 h", "7 d", "30 d")
 # A device clock this far from ours shifts its windows visibly on the charts.

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from edge.config import SignalConfig
+from millrace.edge.config import SignalConfig
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 import subprocess
 
-from edge.config import CommandSpec, SignalConfig
-from edge.drivers.base import ReadFailure, ReadResult, text_or_number
+from millrace.edge.config import CommandSpec, SignalConfig
+from millrace.edge.drivers.base import ReadFailure, ReadResult, text_or_number
 
 FIRST_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 MAX_OUTPUT_CHARS = 64 * 1024

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from edge.config import FileSpec, SignalConfig
-from edge.drivers.base import ReadFailure, ReadResult, text_or_number
+from millrace.edge.config import FileSpec, SignalConfig
+from millrace.edge.drivers.base import ReadFailure, ReadResult, text_or_number
 
 # The kernel's w1_therm file is two short lines; anything longer is not one.
 MAX_FILE_BYTES = 4096

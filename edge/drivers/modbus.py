@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from edge.config import ModbusDevice, ModbusSpec, SignalConfig
-from edge.drivers.base import ReadFailure, ReadResult
+from millrace.edge.config import ModbusDevice, ModbusSpec, SignalConfig
+from millrace.edge.drivers.base import ReadFailure, ReadResult
 
 log = logging.getLogger(__name__)
 

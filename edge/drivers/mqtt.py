@@ -15,8 +15,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from edge.config import LocalMqtt, MqttSpec, SignalConfig
-from edge.drivers.base import ReadFailure, ReadResult, Sink, text_or_number
+from millrace.edge.config import LocalMqtt, MqttSpec, SignalConfig
+from millrace.edge.drivers.base import ReadFailure, ReadResult, Sink, text_or_number
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from edge.config import SignalConfig, SimSpec
-from edge.drivers.base import ReadResult
+from millrace.edge.config import SignalConfig, SimSpec
+from millrace.edge.drivers.base import ReadResult
 
 _MASK64 = (1 << 64) - 1
 STEP_STATES = 4

@@ -4,6 +4,6 @@ The platform reaches these devices only over their protocols; nothing in
 millrace, edge or cloud imports this package.
 """
 
-from fieldsim.models import machine_state_at, running_seconds_at, value_at
+from millrace.fieldsim.models import machine_state_at, running_seconds_at, value_at
 
 __all__ = ["machine_state_at", "running_seconds_at", "value_at"]

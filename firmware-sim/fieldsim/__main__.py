@@ -1,7 +1,7 @@
-"""`python -m fieldsim`: the fleet launcher without the millrace CLI."""
+"""`python -m millrace.fieldsim`: the fleet launcher without the millrace CLI."""
 
 import sys
 
-from fieldsim.cli import main
+from millrace.fieldsim.cli import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-"""`millrace sim`: run a fleet of simulated field devices (also `python -m fieldsim`)."""
+"""`millrace sim`: run a fleet of simulated field devices (also `python -m millrace.fieldsim`)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fieldsim.const import (
+from millrace.errors import ConfigError
+from millrace.fieldsim.const import (
     DEFAULT_BASE_PORT,
     DEFAULT_GATEWAY_PREFIX,
     DEFAULT_HOST,
     DEFAULT_MQTT_PORT,
     DEFAULT_TOPIC_PREFIX,
 )
-from millrace.errors import ConfigError
 
 if TYPE_CHECKING:
-    from fieldsim.fleet import DeviceKind, FleetConfig
+    from millrace.fieldsim.fleet import DeviceKind, FleetConfig
 
 _EPILOG = """\
 faults: --fault TARGET:KIND[@START_S][+DURATION_S] (repeatable), TARGET a device
@@ -76,8 +76,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def config_from_args(args: argparse.Namespace) -> FleetConfig:
     """Build a FleetConfig from parsed arguments (errors name the flag)."""
-    from fieldsim.faults import load_fault_file, parse_fault_flag
-    from fieldsim.fleet import DEVICE_KINDS, FleetConfig
+    from millrace.fieldsim.faults import load_fault_file, parse_fault_flag
+    from millrace.fieldsim.fleet import DEVICE_KINDS, FleetConfig
 
     kinds: list[DeviceKind] = []
     for text in str(args.kinds).split(","):
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
-    from fieldsim.fleet import Fleet
+    from millrace.fieldsim.fleet import Fleet
 
     config = config_from_args(args)
 
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry point (`python -m fieldsim`, firmware-sim/run.py)."""
+    """Standalone entry point (`python -m millrace.fieldsim`, firmware-sim/run.py)."""
     import logging
     import os
 

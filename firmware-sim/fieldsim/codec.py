@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import struct
 
-from fieldsim.models import mix, stream_key
-from fieldsim.specs import RegisterSignal
+from millrace.fieldsim.models import mix, stream_key
+from millrace.fieldsim.specs import RegisterSignal
 
 # Integer "no value" sentinels served for NaN; real values saturate one short
 # of them so a sentinel is never a reading.

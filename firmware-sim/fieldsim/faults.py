@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
-from fieldsim.const import SLOW_DELAY_SECONDS, SPIKE_SHARE, SPIKE_SPAN_FACTOR
-from fieldsim.models import stream_key, unit, value_at
-from fieldsim.specs import SignalSpec
 from millrace.errors import ConfigError
+from millrace.fieldsim.const import SLOW_DELAY_SECONDS, SPIKE_SHARE, SPIKE_SPAN_FACTOR
+from millrace.fieldsim.models import stream_key, unit, value_at
+from millrace.fieldsim.specs import SignalSpec
 
 FaultKind = Literal[
     "stuck",

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fieldsim.faults import DeviceFaults, faulted_value
-from fieldsim.models import period_start, value_at
-from fieldsim.replay import Replay
-from fieldsim.specs import SignalSpec
+from millrace.fieldsim.faults import DeviceFaults, faulted_value
+from millrace.fieldsim.models import period_start, value_at
+from millrace.fieldsim.replay import Replay
+from millrace.fieldsim.specs import SignalSpec
 
 
 @dataclass(frozen=True, slots=True)

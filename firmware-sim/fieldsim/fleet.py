@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from fieldsim.clock import next_boundary
-from fieldsim.const import (
+from millrace.errors import ConfigError
+from millrace.fieldsim.clock import next_boundary
+from millrace.fieldsim.const import (
     DEFAULT_BASE_PORT,
     DEFAULT_GATEWAY_PREFIX,
     DEFAULT_HOST,
@@ -31,16 +32,15 @@ from fieldsim.const import (
     GROUND_TRUTH_FLUSH_SECONDS,
     MANIFEST_VERSION,
 )
-from fieldsim.faults import DeviceFaults, Fault
-from fieldsim.feed import Feed
-from fieldsim.groundtruth import GroundTruth
-from fieldsim.manifest import write_manifest
-from fieldsim.mqttnode import MqttNode
-from fieldsim.onewire import W1Sensor
-from fieldsim.plc import PlcDevice, quiet_pymodbus
-from fieldsim.replay import Replay
-from fieldsim.specs import load_plc_map, load_sensor_specs
-from millrace.errors import ConfigError
+from millrace.fieldsim.faults import DeviceFaults, Fault
+from millrace.fieldsim.feed import Feed
+from millrace.fieldsim.groundtruth import GroundTruth
+from millrace.fieldsim.manifest import write_manifest
+from millrace.fieldsim.mqttnode import MqttNode
+from millrace.fieldsim.onewire import W1Sensor
+from millrace.fieldsim.plc import PlcDevice, quiet_pymodbus
+from millrace.fieldsim.replay import Replay
+from millrace.fieldsim.specs import load_plc_map, load_sensor_specs
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import hashlib
 import math
 from functools import lru_cache
 
-from fieldsim.const import (
+from millrace.fieldsim.const import (
     DAY_SECONDS,
     STATE_FAULT,
     STATE_IDLE,
@@ -22,7 +22,7 @@ from fieldsim.const import (
     STATE_RUNNING_SHARE,
     STATE_SLOT_SECONDS,
 )
-from fieldsim.specs import SignalSpec
+from millrace.fieldsim.specs import SignalSpec
 
 _MASK64 = (1 << 64) - 1
 _TWO64 = float(1 << 64)

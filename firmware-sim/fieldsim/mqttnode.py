@@ -26,12 +26,12 @@ from typing import Any
 
 import aiomqtt
 
-from fieldsim.const import MQTT_KEEPALIVE_SECONDS, MQTT_RECONNECT_SECONDS
-from fieldsim.faults import ActiveFault, DeviceFaults
-from fieldsim.feed import Feed
-from fieldsim.groundtruth import GroundTruth
-from fieldsim.models import mix, stream_key
-from fieldsim.specs import JsonSignal, spec_info
+from millrace.fieldsim.const import MQTT_KEEPALIVE_SECONDS, MQTT_RECONNECT_SECONDS
+from millrace.fieldsim.faults import ActiveFault, DeviceFaults
+from millrace.fieldsim.feed import Feed
+from millrace.fieldsim.groundtruth import GroundTruth
+from millrace.fieldsim.models import mix, stream_key
+from millrace.fieldsim.specs import JsonSignal, spec_info
 
 logger = logging.getLogger(__name__)
 

@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fieldsim.faults import DeviceFaults
-from fieldsim.feed import Feed
-from fieldsim.groundtruth import GroundTruth
-from fieldsim.models import mix, stream_key
-from fieldsim.specs import FileSignal, spec_info
+from millrace.fieldsim.faults import DeviceFaults
+from millrace.fieldsim.feed import Feed
+from millrace.fieldsim.groundtruth import GroundTruth
+from millrace.fieldsim.models import mix, stream_key
+from millrace.fieldsim.specs import FileSignal, spec_info
 
 logger = logging.getLogger(__name__)
 

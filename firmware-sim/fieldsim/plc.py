@@ -22,13 +22,13 @@ from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from fieldsim.clock import sleep_until
-from fieldsim.codec import encode, garbage
-from fieldsim.faults import DeviceFaults
-from fieldsim.feed import Feed
-from fieldsim.groundtruth import GroundTruth
-from fieldsim.specs import PlcMap, RegisterSignal, spec_info
 from millrace.errors import MillraceError
+from millrace.fieldsim.clock import sleep_until
+from millrace.fieldsim.codec import encode, garbage
+from millrace.fieldsim.faults import DeviceFaults
+from millrace.fieldsim.feed import Feed
+from millrace.fieldsim.groundtruth import GroundTruth
+from millrace.fieldsim.specs import PlcMap, RegisterSignal, spec_info
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from fieldsim.const import DEFAULT_RESOLUTION_SECONDS
 from millrace.errors import ConfigError
+from millrace.fieldsim.const import DEFAULT_RESOLUTION_SECONDS
 
 SignalKind = Literal["analog", "counter", "state"]
 Derive = Literal["machine_state", "running"]
@@ -138,7 +138,9 @@ SENSORS_FILE = "sensors.toml"
 
 def _read_toml(path: Path | None, default_name: str) -> tuple[dict[str, Any], str]:
     if path is None:
-        text = resources.files("fieldsim").joinpath(default_name).read_text(encoding="utf-8")
+        text = (
+            resources.files("millrace.fieldsim").joinpath(default_name).read_text(encoding="utf-8")
+        )
         source = default_name
     else:
         try:

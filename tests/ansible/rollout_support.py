@@ -33,8 +33,9 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 
-from millrace import provision, topics
+from millrace import topics
 from millrace.errors import MillraceError
+from millrace.ops import provision
 from millrace.wire import Batch, decode_batch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,7 +47,7 @@ BATCH_WAIT_SECONDS = 30.0
 _RECAP = re.compile(r"^(?P<host>\S+)\s+:\s+(?P<counts>(?:\w+=\d+\s*)+)$", re.MULTILINE)
 _cache: dict[str, Path] = {}
 
-# An agent config template for tests: the placeholders of millrace/templates/bundle,
+# An agent config template for tests: the placeholders of millrace/ops/templates/bundle,
 # one simulated signal and 1 s windows so a batch arrives within a couple of seconds.
 TEST_AGENT_TEMPLATE = """\
 device_id = "{{ device_id }}"
@@ -147,8 +148,7 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # Source folders of the millrace distribution (pyproject's packages.find) and their files.
-_SOURCE_PACKAGES = {"millrace": REPO, "edge": REPO, "cloud": REPO, "dashboards": REPO}
-_SOURCE_PACKAGES["fieldsim"] = REPO / "firmware-sim"
+_SOURCE_PACKAGES = {"millrace": REPO}
 _PACKAGE_DATA = (
     ".py",
     ".toml",

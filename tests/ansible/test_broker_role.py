@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from millrace import pki
-from millrace.broker import render_acl, render_mosquitto_conf
+from millrace.ops import pki
+from millrace.ops.broker import render_acl, render_mosquitto_conf
 from tests.ansible.rollout_support import PlaybookRun, local_inventory, run_playbook
 from tests.fixtures.fix_broker import BIND_ADDRESS, MosquittoServer, PKIFixture
 from tests.millrace.test_broker_acl import (  # noqa: F401 - collected here against the role

@@ -197,8 +197,8 @@ def test_owner_upgrades_the_schema_and_logins_get_least_privilege(cloud: CloudRu
 
 
 def test_rendered_configs_are_accepted_by_the_real_loaders(cloud: CloudRun) -> None:
-    from cloud.config import load_config as load_ingest
-    from dashboards.config import load_config as load_dashboard
+    from millrace.cloud.config import load_config as load_ingest
+    from millrace.dashboards.config import load_config as load_dashboard
 
     ingest = load_ingest(cloud.root / "etc/millrace-ingest/ingest.toml")
     assert ingest.broker.host == "mqtt.plant.example"

@@ -17,7 +17,7 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 
-from millrace import provision
+from millrace.ops import provision
 from tests.ansible.rollout_support import (
     TEST_AGENT_TEMPLATE,
     BatchInbox,

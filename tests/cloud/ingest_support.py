@@ -27,10 +27,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from cloud import dbupgrade
-from cloud.config import IngestConfig, load_config
-from cloud.worker import Worker
 from millrace import topics
+from millrace.cloud import dbupgrade
+from millrace.cloud.config import IngestConfig, load_config
+from millrace.cloud.worker import Worker
 from millrace.mqtt import tls_client
 from millrace.wire import Batch, Window, content_type_for, encode_batch
 

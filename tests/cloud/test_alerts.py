@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from psycopg import sql
 
-from cloud import dbupgrade
-from cloud.alert_rules import (
+from millrace.cloud import dbupgrade
+from millrace.cloud.alert_rules import (
     AlertRule,
     WindowValues,
     load_rules_file,
@@ -22,9 +22,9 @@ from cloud.alert_rules import (
     run,
     step,
 )
-from cloud.alerts import AlertEngine, AlertError, acknowledge, add_rule, sync_rules
-from cloud.registry import apply_heartbeat, apply_state, ensure_device
-from cloud.writer import StoredWindow
+from millrace.cloud.alerts import AlertEngine, AlertError, acknowledge, add_rule, sync_rules
+from millrace.cloud.registry import apply_heartbeat, apply_state, ensure_device
+from millrace.cloud.writer import StoredWindow
 from millrace.errors import ConfigError
 from millrace.wire import AlertMessage, DeviceState, Heartbeat
 

@@ -13,7 +13,8 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 
-from cloud.commands import (
+from millrace import topics
+from millrace.cloud.commands import (
     EXIT_DEVICE_ERROR,
     EXIT_OK,
     EXIT_TIMEOUT,
@@ -22,7 +23,6 @@ from cloud.commands import (
     parse_command_args,
     run_cmd,
 )
-from millrace import topics
 from millrace.errors import ConfigError, MillraceError
 from millrace.wire import Command, CommandReply
 

@@ -14,8 +14,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from cloud import dbupgrade
-from cloud.schema import HypertableSpec, metadata
+from millrace.cloud import dbupgrade
+from millrace.cloud.schema import HypertableSpec, metadata
 from tests.cloud.ingest_support import (
     Publisher,
     assert_stored_exactly,

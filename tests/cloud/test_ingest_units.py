@@ -12,15 +12,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cloud import gaps
-from cloud.batcher import Batcher
-from cloud.config import DSN_ENV, load_config, parse_config
-from cloud.consumer import Inbound
-from cloud.metrics import LOOP_STALL_SECONDS, loop_health
-from cloud.rollups import aggregate, rebucket
-from cloud.validate import Limits, validate_batch
-from cloud.worker import HealthItem, StateItem, classify
-from cloud.writer import DeadLetter, Incoming, to_datetime
+from millrace.cloud import gaps
+from millrace.cloud.batcher import Batcher
+from millrace.cloud.config import DSN_ENV, load_config, parse_config
+from millrace.cloud.consumer import Inbound
+from millrace.cloud.metrics import LOOP_STALL_SECONDS, loop_health
+from millrace.cloud.rollups import aggregate, rebucket
+from millrace.cloud.validate import Limits, validate_batch
+from millrace.cloud.worker import HealthItem, StateItem, classify
+from millrace.cloud.writer import DeadLetter, Incoming, to_datetime
 from millrace.errors import ConfigError
 from millrace.wire import Batch, DeviceState, Event, Heartbeat, Window, encode_batch
 

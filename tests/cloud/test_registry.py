@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
-from cloud import dbupgrade
-from cloud.registry import (
+from millrace.cloud import dbupgrade
+from millrace.cloud.registry import (
     apply_heartbeat,
     apply_state,
     derive_status,

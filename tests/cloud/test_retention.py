@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
-from cloud import dbupgrade
-from cloud.retention import (
+from millrace.cloud import dbupgrade
+from millrace.cloud.retention import (
     ADVISORY_LOCK_KEY,
     DEFAULT_AGES_DAYS,
     RetentionPolicy,

@@ -8,7 +8,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from cloud.writer import BatchWriter, Incoming
+from millrace.cloud.writer import BatchWriter, Incoming
 from millrace.wire import Batch, Window
 from tests.cloud.ingest_support import IngestDb, ingest_db  # noqa: F401  (fixture)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from cloud.dbupgrade import upgrade
-from dashboards.users import add_user
+from millrace.cloud.dbupgrade import upgrade
+from millrace.dashboards.users import add_user
 from tests.dashboards.plant import Truth, dashboard_dsn, fill_plant
 from tests.fixtures.fix_postgres import PostgresServer, database_name_for
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import psycopg
 
-from cloud import registry
-from cloud.alert_rules import AlertRule
-from cloud.alerts import AlertEngine, add_rule
-from cloud.writer import BatchWriter, DeadLetter, Incoming, write_dead_letters
+from millrace.cloud import registry
+from millrace.cloud.alert_rules import AlertRule
+from millrace.cloud.alerts import AlertEngine, add_rule
+from millrace.cloud.writer import BatchWriter, DeadLetter, Incoming, write_dead_letters
 from millrace.wire import Batch, DeviceState, Event, Heartbeat, Window
 
 WINDOW_S = 10

@@ -13,9 +13,9 @@ import psycopg
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from dashboards import data
-from dashboards.auth import AuthUser, PermissionDenied
-from dashboards.users import add_user
+from millrace.dashboards import data
+from millrace.dashboards.auth import AuthUser, PermissionDenied
+from millrace.dashboards.users import add_user
 from tests.dashboards.conftest import PASSWORDS, Plant, write_config
 
 APP = Path(__file__).resolve().parents[2] / "dashboards" / "app.py"

@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pandas as pd
 
-from dashboards.charts import CSV_COLUMNS, series_csv
+from millrace.dashboards.charts import CSV_COLUMNS, series_csv
 
 
 def _part(metric: str, unit: str | None, times: list[str]) -> pd.DataFrame:

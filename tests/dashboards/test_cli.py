@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from dashboards.cli import streamlit_command
-from dashboards.users import authenticate, load_users
 from millrace.cli import main
+from millrace.dashboards.cli import streamlit_command
+from millrace.dashboards.users import authenticate, load_users
 
 MILLRACE = [sys.executable, "-m", "millrace.cli"]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dashboards.config import load_config
+from millrace.dashboards.config import load_config
 from millrace.errors import ConfigError
 
 MINIMAL = """

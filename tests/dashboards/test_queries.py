@@ -16,9 +16,9 @@ import pytest
 from sqlalchemy import Connection, create_engine
 from sqlalchemy.pool import NullPool
 
-from cloud.alerts import AlertError
-from dashboards import queries
-from dashboards.resolution import Resolution, pick_resolution
+from millrace.cloud.alerts import AlertError
+from millrace.dashboards import queries
+from millrace.dashboards.resolution import Resolution, pick_resolution
 from tests.dashboards.conftest import Plant
 from tests.dashboards.plant import (
     DEVICES,

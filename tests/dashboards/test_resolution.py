@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dashboards.resolution import (
+from millrace.dashboards.resolution import (
     DAY_SECONDS,
     HOUR_SECONDS,
     TARGET_POINTS,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dashboards import users
-from dashboards.users import UserError, UserRecord
+from millrace.dashboards import users
+from millrace.dashboards.users import UserError, UserRecord
 from millrace.errors import ConfigError
 
 

@@ -15,8 +15,8 @@ import psycopg
 from sqlalchemy import Connection, create_engine
 from sqlalchemy.pool import NullPool
 
-from dashboards import queries
-from dashboards.resolution import HOUR_SECONDS, Resolution
+from millrace.dashboards import queries
+from millrace.dashboards.resolution import HOUR_SECONDS, Resolution
 from tests.e2e.reconcile import RELATIVE_TOLERANCE, Reconciliation, Stored
 
 # A coarser chart bucket the device page uses for longer ranges (resolution.py).

@@ -1,7 +1,7 @@
 """A whole millrace pipeline for end-to-end tests, built from the real programs.
 
 simulated devices (`millrace sim`, ground truth on) -> edge agents (`millrace edge run`,
-one per simulated gateway, configs from millrace.stack.edgeconfig as `millrace up` makes
+one per simulated gateway, configs from millrace.ops.stack.edgeconfig as `millrace up` makes
 them) -> the TLS broker (tests/fixtures/fix_broker.py) -> one ingest worker
 (`millrace ingest`) -> TimescaleDB (tests/fixtures/fix_postgres.py, schema from
 cloud.dbupgrade). Every program is a subprocess the test can SIGKILL and restart; the
@@ -39,8 +39,8 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 
-from cloud import dbupgrade
-from millrace.stack.edgeconfig import BrokerEndpoint, edge_config_toml, gateways_from_manifest
+from millrace.cloud import dbupgrade
+from millrace.ops.stack.edgeconfig import BrokerEndpoint, edge_config_toml, gateways_from_manifest
 from millrace.topics import data_topic
 from millrace.wire import Batch, Rejection, decode_batch
 from tests.e2e.reconcile import Life, Reconciliation, Stored, load_ground_truth, reconcile

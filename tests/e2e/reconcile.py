@@ -47,7 +47,7 @@ Verdict = Literal[
     "mismatch",  # the right number of readings with different values
 ]
 FAILED: Final = frozenset({"lost", "doubled", "mismatch"})
-# Metric name prefixes millrace.stack.edgeconfig gives each simulated device kind.
+# Metric name prefixes millrace.ops.stack.edgeconfig gives each simulated device kind.
 METRIC_PREFIX: Final[Mapping[str, str]] = {"plc": "plc.", "mqtt": "node.", "w1": "w1."}
 # The ground truth prints values with 12 significant digits; sums of a few readings
 # stay far inside this relative bound, and it is still far below any signal's resolution.

@@ -30,9 +30,9 @@ from datetime import datetime
 import pytest
 from sqlalchemy import Connection
 
-from dashboards import queries
-from dashboards.config import DEFAULT_LATE_AFTER_SECONDS, DEFAULT_STALE_AFTER_SECONDS
-from dashboards.resolution import Resolution
+from millrace.dashboards import queries
+from millrace.dashboards.config import DEFAULT_LATE_AFTER_SECONDS, DEFAULT_STALE_AFTER_SECONDS
+from millrace.dashboards.resolution import Resolution
 from tests.e2e.dashcheck import dashboard_connection, series_problems, utc
 from tests.e2e.pipeline import (
     Pipeline,

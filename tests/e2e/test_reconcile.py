@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import pytest
 
-from dashboards import queries
-from dashboards.config import DEFAULT_LATE_AFTER_SECONDS, DEFAULT_STALE_AFTER_SECONDS
+from millrace.dashboards import queries
+from millrace.dashboards.config import DEFAULT_LATE_AFTER_SECONDS, DEFAULT_STALE_AFTER_SECONDS
 from tests.e2e.dashcheck import (
     dashboard_connection,
     device_metric_problems,

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge.agent import Agent
-from edge.config import AgentConfig, load_config
+from millrace.edge.agent import Agent
+from millrace.edge.config import AgentConfig, load_config
 from millrace.topics import data_topic, health_topic, state_topic
 from millrace.wire import Batch, CommandReply, DeviceState, Heartbeat, decode_batch
 

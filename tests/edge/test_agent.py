@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from edge.batching import SeqCounter, build_batches
-from edge.outbox import Outbox
+from millrace.edge.batching import SeqCounter, build_batches
+from millrace.edge.outbox import Outbox
 from millrace.topics import cmd_topic
 from millrace.wire import (
     CONTENT_TYPE_JSON,

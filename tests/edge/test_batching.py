@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from edge import batching
-from edge.batching import MAX_ROWS_PER_BATCH, SeqCounter, build_batches
+from millrace.edge import batching
+from millrace.edge.batching import MAX_ROWS_PER_BATCH, SeqCounter, build_batches
 from millrace.wire import MAX_PAYLOAD_BYTES, Batch, Event, Window, decode_batch
 
 BOOT = "0123456789abcdef0123456789abcdef"

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from edge.commands import CommandProcessor
-from edge.config import AgentConfig, parse_config
-from edge.state import MAX_REMEMBERED_COMMANDS, AgentState, StateStore
+from millrace.edge.commands import CommandProcessor
+from millrace.edge.config import AgentConfig, parse_config
+from millrace.edge.state import MAX_REMEMBERED_COMMANDS, AgentState, StateStore
 from millrace.wire import Command
 
 CONFIG = """

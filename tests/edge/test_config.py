@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.config import (
+from millrace.edge.config import (
     FileSpec,
     ModbusSpec,
     MqttSpec,

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge.config import (
+from millrace.edge.config import (
     CommandSpec,
     FileSpec,
     ModbusDevice,
@@ -19,10 +19,10 @@ from edge.config import (
     SignalConfig,
     SimSpec,
 )
-from edge.drivers.base import ReadFailure
-from edge.drivers.command import CommandGroup
-from edge.drivers.file import FileGroup, dallas_crc8, parse_w1_slave
-from edge.drivers.modbus import (
+from millrace.edge.drivers.base import ReadFailure
+from millrace.edge.drivers.command import CommandGroup
+from millrace.edge.drivers.file import FileGroup, dallas_crc8, parse_w1_slave
+from millrace.edge.drivers.modbus import (
     MAX_REGISTERS_PER_READ,
     ModbusConnection,
     ModbusGroup,
@@ -30,8 +30,8 @@ from edge.drivers.modbus import (
     encode_registers,
     plan_spans,
 )
-from edge.drivers.mqtt import compile_field, extract
-from edge.drivers.sim import SimGroup, sim_value
+from millrace.edge.drivers.mqtt import compile_field, extract
+from millrace.edge.drivers.sim import SimGroup, sim_value
 from tests.edge.modbus_stub import ModbusStub
 
 GOOD_W1 = "72 01 4b 46 7f ff 0e 10 57 : crc=57 YES\n72 01 4b 46 7f ff 0e 10 57 t=23125\n"

@@ -10,9 +10,9 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 
-from edge.config import parse_config
-from edge.pipeline import Pipeline
-from edge.sampler import Sampler
+from millrace.edge.config import parse_config
+from millrace.edge.pipeline import Pipeline
+from millrace.edge.sampler import Sampler
 
 pytestmark = pytest.mark.integration
 

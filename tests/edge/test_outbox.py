@@ -5,8 +5,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from edge.batching import Encoded
-from edge.outbox import Outbox
+from millrace.edge.batching import Encoded
+from millrace.edge.outbox import Outbox
 
 BOOT_A = "a" * 32
 BOOT_B = "b" * 32

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from edge.pacing import JITTER_LOW, Backoff, TokenBucket
+from millrace.edge.pacing import JITTER_LOW, Backoff, TokenBucket
 
 
 def test_backoff_grows_exponentially_with_jitter_and_cap() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from edge.config import SignalConfig, parse_config
-from edge.pipeline import Pipeline, event_value
+from millrace.edge.config import SignalConfig, parse_config
+from millrace.edge.pipeline import Pipeline, event_value
 
 BASE_MS = 1_699_999_980_000
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.windows import WindowAggregator
+from millrace.edge.windows import WindowAggregator
 from millrace.wire import Window
 
 BASE_MS = 1_699_999_980_000  # a multiple of 60 s (and so of 1, 5, 10 s)

@@ -30,10 +30,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from paho.mqtt.reasoncodes import ReasonCode
 
-from millrace import broker as broker_config
-from millrace import pki
 from millrace.errors import ConfigError, PKIError
 from millrace.mqtt import tls_client
+from millrace.ops import broker as broker_config
+from millrace.ops import pki
 from tests.fixtures.fix_broker import BIND_ADDRESS, MosquittoServer, PKIFixture
 
 WAIT_SECONDS = 10.0
@@ -323,8 +323,8 @@ def test_tls_client_verifies_the_broker_and_speaks_mqtt5(test_pki: PKIFixture) -
 
 def test_base_modules_do_not_import_paho() -> None:
     code = (
-        "import sys, millrace.mqtt, millrace.pki, millrace.broker, millrace.pki_cli, "
-        "millrace.broker_cli; sys.exit('paho' in ' '.join(sys.modules))"
+        "import sys, millrace.mqtt, millrace.ops.pki, millrace.ops.broker, millrace.ops.pki_cli, "
+        "millrace.ops.broker_cli; sys.exit('paho' in ' '.join(sys.modules))"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from millrace import pki
 from millrace.errors import PKIError
+from millrace.ops import pki
 
 
 def _cert(path: Path) -> x509.Certificate:

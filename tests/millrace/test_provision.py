@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from millrace import pki, provision
 from millrace.errors import ConfigError, PKIError
+from millrace.ops import pki, provision
 
 DEVICE = "press-07"
 FAKE_WHEEL_NAME = "millrace-0.1.0-py3-none-any.whl"
@@ -144,7 +144,7 @@ def test_requirements_pin_only_the_edge_closure(
 def test_config_is_rendered_for_the_device_and_the_broker_on_its_certificate(
     plant_pki: Path, fake_wheel: Path, tmp_path: Path
 ) -> None:
-    from edge.config import parse_config
+    from millrace.edge.config import parse_config
 
     bundle = _bundle(plant_pki, fake_wheel, tmp_path / "b.tar.gz")
     top = _extract(bundle.path, tmp_path / "x")

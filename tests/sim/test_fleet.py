@@ -190,9 +190,9 @@ def test_millrace_sim_is_registered_and_bad_flags_exit_2(
     assert millrace_main(["sim", "--fault", "gw1:melt"]) == 2
 
 
-def test_run_py_runs_straight_from_the_checkout() -> None:
+def test_python_m_fieldsim_runs_without_the_millrace_cli() -> None:
     out = subprocess.run(
-        [sys.executable, str(REPO / "firmware-sim/run.py"), "--help"],
+        [sys.executable, "-m", "millrace.fieldsim", "--help"],
         capture_output=True,
         text=True,
         timeout=60,

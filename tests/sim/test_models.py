@@ -8,20 +8,20 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from fieldsim.const import STATE_PERIOD_SLOTS, STATE_SLOT_SECONDS
-from fieldsim.faults import (
+
+from millrace.errors import ConfigError
+from millrace.fieldsim.const import STATE_PERIOD_SLOTS, STATE_SLOT_SECONDS
+from millrace.fieldsim.faults import (
     DeviceFaults,
     Fault,
     faulted_value,
     load_fault_file,
     parse_fault_flag,
 )
-from fieldsim.models import machine_state_at, running_seconds_at, value_at
-from fieldsim.onewire import crc8, millidegrees, render
-from fieldsim.replay import Replay
-from fieldsim.specs import load_plc_map, load_sensor_specs
-
-from millrace.errors import ConfigError
+from millrace.fieldsim.models import machine_state_at, running_seconds_at, value_at
+from millrace.fieldsim.onewire import crc8, millidegrees, render
+from millrace.fieldsim.replay import Replay
+from millrace.fieldsim.specs import load_plc_map, load_sensor_specs
 
 T0 = 1_750_000_000.0
 PLC = load_plc_map()

@@ -16,10 +16,11 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from fieldsim.faults import DeviceFaults, Fault, faulted_value
-from fieldsim.fleet import Fleet, FleetConfig
-from fieldsim.models import value_at
-from fieldsim.specs import load_sensor_specs
+
+from millrace.fieldsim.faults import DeviceFaults, Fault, faulted_value
+from millrace.fieldsim.fleet import Fleet, FleetConfig
+from millrace.fieldsim.models import value_at
+from millrace.fieldsim.specs import load_sensor_specs
 
 pytestmark = pytest.mark.integration
 

@@ -8,12 +8,12 @@ import re
 import time
 from pathlib import Path
 
-from fieldsim.faults import DeviceFaults, Fault
-from fieldsim.feed import Feed
-from fieldsim.groundtruth import GroundTruth
-from fieldsim.models import value_at
-from fieldsim.onewire import W1Sensor, crc8
-from fieldsim.specs import load_sensor_specs
+from millrace.fieldsim.faults import DeviceFaults, Fault
+from millrace.fieldsim.feed import Feed
+from millrace.fieldsim.groundtruth import GroundTruth
+from millrace.fieldsim.models import value_at
+from millrace.fieldsim.onewire import W1Sensor, crc8
+from millrace.fieldsim.specs import load_sensor_specs
 
 SEED = 11
 DEVICE = "gw0007-w1"

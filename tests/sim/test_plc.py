@@ -18,16 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fieldsim.codec import garbage
-from fieldsim.faults import DeviceFaults, Fault, faulted_value
-from fieldsim.feed import Feed
-from fieldsim.groundtruth import GroundTruth
-from fieldsim.models import value_at
-from fieldsim.plc import PlcDevice
-from fieldsim.replay import Replay
-from fieldsim.specs import load_plc_map
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
+
+from millrace.fieldsim.codec import garbage
+from millrace.fieldsim.faults import DeviceFaults, Fault, faulted_value
+from millrace.fieldsim.feed import Feed
+from millrace.fieldsim.groundtruth import GroundTruth
+from millrace.fieldsim.models import value_at
+from millrace.fieldsim.plc import PlcDevice
+from millrace.fieldsim.replay import Replay
+from millrace.fieldsim.specs import load_plc_map
 
 MAP_FILE = Path(__file__).parents[2] / "firmware-sim/fieldsim/plc_map.toml"
 RAW_MAP = tomllib.loads(MAP_FILE.read_text())

@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _init(args: argparse.Namespace) -> int:
-    from millrace import pki
+    from millrace.ops import pki
 
     paths = pki.init_pki(args.pki, hosts=args.host, force=args.force)
     for path in (paths.ca_cert, paths.ca_key, paths.broker_cert, paths.broker_key, paths.crl):
@@ -59,7 +59,7 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _issue(args: argparse.Namespace) -> int:
-    from millrace import pki
+    from millrace.ops import pki
 
     days = pki.CLIENT_VALIDITY_DAYS if args.days is None else args.days
     issued = pki.issue(args.pki, args.id, role=args.role, days=days, force=args.force)
@@ -69,7 +69,7 @@ def _issue(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    from millrace import pki
+    from millrace.ops import pki
 
     serials = pki.revoke(args.pki, args.id)
     paths = pki.pki_paths(args.pki)
@@ -80,7 +80,7 @@ def _revoke(args: argparse.Namespace) -> int:
 
 
 def _renew_crl(args: argparse.Namespace) -> int:
-    from millrace import pki
+    from millrace.ops import pki
 
     days = pki.CRL_VALIDITY_DAYS if args.days is None else args.days
     crl = pki.renew_crl(args.pki, days=days)

@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _broker(value: str | None) -> tuple[str | None, int]:
     """Split HOST, HOST:PORT or [IPv6]:PORT."""
-    from millrace.broker import DEFAULT_PORT
+    from millrace.ops.broker import DEFAULT_PORT
 
     if not value:
         return None, DEFAULT_PORT
@@ -75,7 +75,7 @@ def _broker(value: str | None) -> tuple[str | None, int]:
 def _edge_validator() -> Callable[[str], None] | None:
     """The edge agent's own config loader when the edge package is installed here."""
     try:
-        from edge.config import parse_config
+        from millrace.edge.config import parse_config
     except ImportError:
         return None
 
@@ -86,7 +86,7 @@ def _edge_validator() -> Callable[[str], None] | None:
 
 
 def _provision(args: argparse.Namespace) -> int:
-    from millrace import provision
+    from millrace.ops import provision
 
     if args.release_dir is not None:
         if args.device_id or args.out or args.csr or args.sd:

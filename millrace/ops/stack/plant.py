@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from millrace import pki
 from millrace.errors import MillraceError
 from millrace.ids import is_device_id
-from millrace.stack import procs
-from millrace.stack.edgeconfig import BrokerEndpoint, edge_config_toml, gateways_from_manifest
-from millrace.stack.layout import PlantLayout
-from millrace.stack.postgres import PostgresCluster
+from millrace.ops import pki
+from millrace.ops.stack import procs
+from millrace.ops.stack.edgeconfig import BrokerEndpoint, edge_config_toml, gateways_from_manifest
+from millrace.ops.stack.layout import PlantLayout
+from millrace.ops.stack.postgres import PostgresCluster
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class Plant:
     # -- broker ------------------------------------------------------------------------------
 
     def _start_broker(self) -> None:
-        from millrace.broker import write_broker_config
+        from millrace.ops.broker import write_broker_config
 
         files = write_broker_config(
             self.layout.pki,
@@ -206,7 +206,7 @@ class Plant:
             self.cluster.init()
         self.cluster.start()
         self.cluster.create_database(DATABASE)
-        from cloud.dbupgrade import DASHBOARD_ROLE, INGEST_ROLE, upgrade
+        from millrace.cloud.dbupgrade import DASHBOARD_ROLE, INGEST_ROLE, upgrade
 
         upgrade(self.superuser_dsn)
         self._login_role(INGEST_LOGIN, ingest_password, INGEST_ROLE)
@@ -232,7 +232,7 @@ class Plant:
     def _install_alert_rules(self) -> None:
         import psycopg
 
-        from cloud.alerts import sync_rules_file
+        from millrace.cloud.alerts import sync_rules_file
 
         if not self.layout.alert_rules.exists():
             self.layout.alert_rules.write_text(DEFAULT_ALERT_RULES)

@@ -1,6 +1,6 @@
 """Render the broker's mosquitto.conf and ACL from the project's one template set.
 
-The templates (millrace/templates/*.tmpl) use a small subset of Jinja —
+The templates (millrace/ops/templates/*.tmpl) use a small subset of Jinja —
 `{{ name }}`, `{% if name %}...{% else %}...{% endif %}` and
 `{% for x in name %}...{% endfor %}`, tags on their own lines — so Ansible's
 broker role renders the very same files with its template module (trim_blocks
@@ -18,8 +18,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from millrace import pki
 from millrace.errors import ConfigError, PKIError
+from millrace.ops import pki
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def render_template(text: str, context: Mapping[str, Any]) -> str:
 
 def template_text(name: str) -> str:
     """The packaged template `name` (e.g. Ansible copies these files)."""
-    return resources.files("millrace").joinpath("templates", name).read_text()
+    return resources.files("millrace.ops").joinpath("templates", name).read_text()
 
 
 # -- broker configuration --------------------------------------------------------------

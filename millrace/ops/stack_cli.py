@@ -15,7 +15,7 @@ DEFAULT_ROOT = Path(".millrace")
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add `up`, `down` and `status` to the millrace CLI."""
-    from millrace.stack.plant import PlantOptions
+    from millrace.ops.stack.plant import PlantOptions
 
     defaults = PlantOptions(root=DEFAULT_ROOT)
     up = subparsers.add_parser("up", help="start the whole plant here (Ctrl-C stops it)")
@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 def _up(args: argparse.Namespace) -> int:
     from millrace.errors import MillraceError
-    from millrace.stack.plant import Plant, PlantOptions, read_state, running_services
+    from millrace.ops.stack.plant import Plant, PlantOptions, read_state, running_services
 
     if args.devices < 1 or args.devices > 500:
         raise MillraceError("--devices: expected 1..500 simulated gateways")
@@ -108,7 +108,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from millrace.stack.plant import down
+    from millrace.ops.stack.plant import down
 
     stopped = down(args.root)
     print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
@@ -116,7 +116,7 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from millrace.stack.plant import read_state, running_services
+    from millrace.ops.stack.plant import read_state, running_services
 
     state = read_state(args.root)
     if state is None:

@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from millrace.broker import write_broker_config
+    from millrace.ops.broker import write_broker_config
 
     files = write_broker_config(
         args.pki,

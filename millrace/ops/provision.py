@@ -13,8 +13,8 @@ script. `MANIFEST.sha256` lists the sha256 of every other file; `install.sh`
 refuses to install anything unless every file matches it and nothing else is
 present. The key is 0600 inside the tarball and the tarball itself is 0600.
 
-Templates (millrace/templates/bundle/) use the Jinja subset of
-`millrace.broker.render_template`, so Ansible's edge_agent role renders the very
+Templates (millrace/ops/templates/bundle/) use the Jinja subset of
+`millrace.ops.broker.render_template`, so Ansible's edge_agent role renders the very
 same files.
 """
 
@@ -43,9 +43,9 @@ from typing import Any
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from millrace import pki
-from millrace.broker import DEFAULT_PORT, render_template
 from millrace.errors import ConfigError, MillraceError, PKIError
+from millrace.ops import pki
+from millrace.ops.broker import DEFAULT_PORT, render_template
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ AGENT_USER = "millrace"
 _KEY_MODE = 0o600
 _FILE_MODE = 0o644
 _EXEC_MODE = 0o755
-_TEMPLATE_PACKAGE = ("templates", "bundle")
+_TEMPLATE_PACKAGE = ("ops", "templates", "bundle")
 # What a source checkout needs to build the wheel; copied so the build never writes into it.
 _SOURCE_ITEMS = ("pyproject.toml", "README.md", "LICENSE", "millrace", "edge", "cloud")
 _SOURCE_ITEMS_MORE = ("dashboards", "firmware-sim")
@@ -221,7 +221,7 @@ def pinned_requirements(extra: str) -> list[str]:
 
 def source_dir() -> Path:
     """The source checkout this millrace runs from; a wheel can be built only from there."""
-    candidate = Path(__file__).resolve().parents[1]
+    candidate = Path(__file__).resolve().parents[2]
     if not (candidate / "pyproject.toml").is_file():
         raise MillraceError(
             "millrace is not running from a source checkout; pass --wheel FILE "
