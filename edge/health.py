@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from millrace import __version__
+from millrace.edge.certexpiry import cert_days_left
 from millrace.errors import PKIError
 from millrace.wire import DeviceState, Heartbeat
 
@@ -95,8 +96,6 @@ class CertClock:
     def days_left(self) -> float:
         now = time.monotonic()
         if now - self._read_at >= CERT_CHECK_INTERVAL_SECONDS:
-            from millrace.ops.pki import cert_days_left
-
             try:
                 self._days = round(cert_days_left(self.cert), 3)
             except PKIError as exc:
