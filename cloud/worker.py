@@ -36,8 +36,8 @@ import psycopg
 
 from millrace import topics
 from millrace.cloud import registry
-from millrace.cloud.alert_rules import ANY_METRIC
-from millrace.cloud.alerts import AlertEngine
+from millrace.cloud.alerts.engine import AlertEngine
+from millrace.cloud.alerts.rules import ANY_METRIC
 from millrace.cloud.batcher import Batcher
 from millrace.cloud.config import IngestConfig
 from millrace.cloud.consumer import Consumer, Inbound

@@ -242,8 +242,8 @@ _ALERT_VIEWS: Final = (active_alerts, unacknowledged_alerts, alert_history, acti
 def acknowledge_alert(user: AuthUser, alert_id: int, *, comment: str) -> None:
     """Acknowledge as `user` (operator or admin only) and show it at once on every screen.
 
-    Raises PermissionDenied for a viewer, cloud.alerts.AlertError when the
-    alert is unknown or already acknowledged.
+    Raises PermissionDenied for a viewer, cloud.alerts.lifecycle.AlertError
+    when the alert is unknown or already acknowledged.
     """
     if not can_acknowledge(user):
         logger.warning(

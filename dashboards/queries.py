@@ -30,6 +30,7 @@ from sqlalchemy import (
 )
 
 from millrace.cloud import registry
+from millrace.cloud.alerts import lifecycle
 from millrace.cloud.schema.core import (
     dead_letters,
     devices,
@@ -373,15 +374,12 @@ def unacknowledged_alerts(conn: Connection, *, limit: int = MAX_ALERT_ROWS) -> p
 
 
 def acknowledge_alert(conn: Connection, alert_id: int, *, user: str, comment: str) -> None:
-    """Acknowledge through cloud.alerts (one definition of the update and its audit row).
+    """Acknowledge through cloud.alerts.lifecycle (one definition of the update and its audit row).
 
-    Runs in the caller's transaction on the same psycopg connection; raises
-    cloud.alerts.AlertError when the alert is unknown or already acknowledged.
+    Runs in the caller's transaction; raises AlertError when the alert is
+    unknown or already acknowledged.
     """
-    from millrace.cloud.alerts import acknowledge
-
-    raw = conn.connection.driver_connection
-    acknowledge(raw, alert_id, user=user, comment=comment)  # type: ignore[arg-type]
+    lifecycle.acknowledge(conn, alert_id, user=user, comment=comment)
 
 
 AUDIT_COLUMNS: Final = ("at", "user", "action", "target", "comment")

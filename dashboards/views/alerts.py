@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from millrace.cloud.alerts import MAX_COMMENT_CHARS, AlertError
+from millrace.cloud.alerts.lifecycle import MAX_COMMENT_CHARS, AlertError
 from millrace.dashboards import auth, charts, data, ui
 from millrace.dashboards.auth import PermissionDenied
 

@@ -1,4 +1,4 @@
-"""Alert rules: the pure state machine (unit) and the engine's lifecycle in TimescaleDB."""
+"""Alerts: state machine and rules file (unit); engine, acknowledging, rule admin (database)."""
 
 from __future__ import annotations
 
@@ -12,17 +12,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from psycopg import sql
+from sqlalchemy import Engine, NullPool, create_engine, text
 
 from millrace.cloud import dbupgrade
-from millrace.cloud.alert_rules import (
-    AlertRule,
-    WindowValues,
-    load_rules_file,
-    no_data_due,
-    run,
-    step,
-)
-from millrace.cloud.alerts import AlertEngine, AlertError, acknowledge, add_rule, sync_rules
+from millrace.cloud.alerts.engine import AlertEngine, WindowValues, no_data_due, run, step
+from millrace.cloud.alerts.lifecycle import AlertError, acknowledge
+from millrace.cloud.alerts.rules import AlertRule, add_rule, load_rules_file, sync_rules
 from millrace.cloud.registry import apply_heartbeat, apply_state, ensure_device
 from millrace.cloud.writer import StoredWindow
 from millrace.errors import ConfigError
@@ -277,6 +272,25 @@ def conn(fresh_db: str) -> Iterator[psycopg.Connection]:
         yield connection
 
 
+@pytest.fixture
+def dash(fresh_db: str) -> Iterator[Engine]:
+    """SQLAlchemy on its own connections, as the dashboard acknowledges."""
+    engine = create_engine(
+        "postgresql+psycopg://", creator=lambda: psycopg.connect(fresh_db), poolclass=NullPool
+    )
+    yield engine
+    engine.dispose()
+
+
+def ack(dash: Engine, alert_id: int, *, user: str, comment: str = "", role: str = "") -> None:
+    """`acknowledge` in its own committed transaction, as `role` when given."""
+    with dash.begin() as sa_conn:
+        if role:
+            sa_conn.execute(text(f'SET LOCAL ROLE "{role}"'))
+            assert sa_conn.execute(text("SELECT current_user")).scalar() == role
+        acknowledge(sa_conn, alert_id, user=user, comment=comment)
+
+
 def sw(device: str, metric: str, i: int, value: float, *, hi: float | None = None) -> StoredWindow:
     hi = value if hi is None else hi
     return StoredWindow(
@@ -362,15 +376,16 @@ def test_two_engines_never_raise_the_same_alert_twice(conn: psycopg.Connection) 
 
 
 @pytest.mark.integration
-def test_acknowledge_writes_audit_log_and_refuses_twice(conn: psycopg.Connection) -> None:
+def test_acknowledge_writes_audit_log_and_refuses_twice(
+    conn: psycopg.Connection, dash: Engine
+) -> None:
     ensure_device(conn, "press-1")
     add_rule(conn, AlertRule("hot", "temp", "above", high=80, severity="critical"))
     engine = AlertEngine.load(conn)
     (msg,) = engine.evaluate(conn, [sw("press-1", "temp", 0, 90)])
     conn.commit()
 
-    acknowledge(conn, msg.alert_id, user="alice", comment="valve stuck, fitter called")
-    conn.commit()
+    ack(dash, msg.alert_id, user="alice", comment="valve stuck, fitter called")
     state, by, comment, acked_at = conn.execute(
         "SELECT state, acknowledged_by, ack_comment, acknowledged_at FROM alerts WHERE id = %s",
         (msg.alert_id,),
@@ -398,14 +413,13 @@ def test_acknowledge_writes_audit_log_and_refuses_twice(conn: psycopg.Connection
     # Acknowledged is independent of active: the alert still clears with the data.
     (cleared,) = engine.evaluate(conn, [sw("press-1", "temp", 1, 10)])
     assert cleared.state == "cleared"
+    conn.commit()
     with pytest.raises(AlertError, match="already acknowledged by alice"):
-        acknowledge(conn, msg.alert_id, user="bob", comment="")
-    conn.rollback()
+        ack(dash, msg.alert_id, user="bob", comment="")
     with pytest.raises(AlertError, match="does not exist"):
-        acknowledge(conn, 999_999, user="bob")
-    conn.rollback()
+        ack(dash, 999_999, user="bob")
     with pytest.raises(AlertError, match="user"):
-        acknowledge(conn, msg.alert_id, user=" ")
+        ack(dash, msg.alert_id, user=" ")
     assert conn.execute("SELECT count(*) FROM audit_log").fetchone() == (1,)
 
 
@@ -478,7 +492,7 @@ def test_rules_sync_from_file_and_engine_reload(conn: psycopg.Connection, tmp_pa
 
 @pytest.mark.integration
 @pytest.mark.security
-def test_least_privilege_roles_suffice(conn: psycopg.Connection) -> None:
+def test_least_privilege_roles_suffice(conn: psycopg.Connection, dash: Engine) -> None:
     """The worker's role runs registry and engine; the dashboard's role only acknowledges."""
     add_rule(conn, AlertRule("hot", "temp", "above", high=80))
     add_rule(conn, AlertRule("silent", "*", "no_data", no_data_s=60))
@@ -494,9 +508,10 @@ def test_least_privilege_roles_suffice(conn: psycopg.Connection) -> None:
     assert silent.rule == "silent"
     conn.commit()
 
+    ack(dash, raised.alert_id, user="alice", comment="seen", role=dbupgrade.DASHBOARD_ROLE)
+    by = conn.execute("SELECT acknowledged_by FROM alerts WHERE id = %s", (raised.alert_id,))
+    assert by.fetchone() == ("alice",)
     conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(dbupgrade.DASHBOARD_ROLE)))
-    acknowledge(conn, raised.alert_id, user="alice", comment="seen")
-    conn.commit()
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         conn.execute("UPDATE alerts SET state = 'cleared' WHERE id = %s", (raised.alert_id,))
     conn.rollback()

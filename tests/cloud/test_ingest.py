@@ -233,8 +233,7 @@ def test_state_heartbeat_and_alerts_go_through_the_worker(
 ) -> None:
 
     from millrace import topics
-    from millrace.cloud.alert_rules import AlertRule
-    from millrace.cloud.alerts import add_rule
+    from millrace.cloud.alerts.rules import AlertRule, add_rule
     from millrace.wire import AlertMessage, DeviceState, Heartbeat, Window
 
     with psycopg.connect(ingest_db.owner_dsn, autocommit=True) as conn:

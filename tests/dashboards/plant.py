@@ -1,7 +1,7 @@
 """A small simulated plant written through the real ingest path, with its ground truth.
 
 Batches are built with millrace.wire and stored by cloud.writer.BatchWriter,
-alerts are raised by cloud.alerts.AlertEngine, state and heartbeats go
+alerts are raised by cloud.alerts.engine.AlertEngine, state and heartbeats go
 through cloud.registry: the rows and rollups are exactly what production
 writes. `Truth` keeps what the dashboard's queries must report.
 """
@@ -19,8 +19,8 @@ from typing import Any
 import psycopg
 
 from millrace.cloud import registry
-from millrace.cloud.alert_rules import AlertRule
-from millrace.cloud.alerts import AlertEngine, add_rule
+from millrace.cloud.alerts.engine import AlertEngine
+from millrace.cloud.alerts.rules import AlertRule, add_rule
 from millrace.cloud.writer import BatchWriter, DeadLetter, Incoming, write_dead_letters
 from millrace.wire import Batch, DeviceState, Event, Heartbeat, Window
 

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import Connection, create_engine
 from sqlalchemy.pool import NullPool
 
-from millrace.cloud.alerts import AlertError
+from millrace.cloud.alerts.lifecycle import AlertError
 from millrace.dashboards import queries
 from millrace.dashboards.resolution import Resolution, pick_resolution
 from tests.dashboards.conftest import Plant

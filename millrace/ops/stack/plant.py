@@ -232,7 +232,7 @@ class Plant:
     def _install_alert_rules(self) -> None:
         import psycopg
 
-        from millrace.cloud.alerts import sync_rules_file
+        from millrace.cloud.alerts.rules import sync_rules_file
 
         if not self.layout.alert_rules.exists():
             self.layout.alert_rules.write_text(DEFAULT_ALERT_RULES)

@@ -1,10 +1,10 @@
-"""The alert engine: evaluates rules on stored windows, keeps the alert lifecycle.
+"""Alert evaluation at ingest: judge stored windows, raise and clear alerts.
 
 The worker calls `AlertEngine.evaluate` inside the batch transaction after the
 windows are written, and `check_no_data` on a timer; both return the
-`AlertMessage`s to publish on the alerts topic *after* commit. Lifecycle:
-active -> cleared (by the data) and, independently, unacknowledged ->
-acknowledged (by an operator through `acknowledge`, which writes the audit log).
+`AlertMessage`s to publish on the alerts topic *after* commit, so a rolled-back
+batch never announces an alert. Acknowledgement is lifecycle.py; the rules
+themselves are rules.py.
 
 Exactly one active alert per (rule, device, metric) is enforced by a partial
 unique index, so concurrent workers cannot raise it twice; windows of one
@@ -13,7 +13,8 @@ device stream are already serialised by the writer's row lock on its
 
 Windows are evaluated per (rule, device, metric) in time order; a window older
 than the data that last raised or cleared that alert is ignored, so a late
-backlog cannot undo a newer transition.
+backlog cannot undo a newer transition. The state machine (`step`, `run`) is
+free of I/O so it is unit-tested alone.
 """
 
 from __future__ import annotations
@@ -23,16 +24,12 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any, Final, Protocol
+from datetime import datetime
+from typing import Any, Final, Literal, Protocol
 
 import psycopg
-from psycopg.types.json import Jsonb
 
-from millrace.cloud import alert_rules
-from millrace.cloud.alert_rules import ANY_METRIC, AlertRule, Step, WindowValues
-from millrace.errors import MillraceError
+from millrace.cloud.alerts.rules import ANY_METRIC, AlertRule, LoadedRule, list_rules
 from millrace.wire import AlertMessage
 
 logger = logging.getLogger(__name__)
@@ -40,28 +37,8 @@ logger = logging.getLogger(__name__)
 # Rules change rarely (a file sync, an admin); re-reading them once a minute costs one
 # tiny query and saves restarting workers after a change.
 RULES_RELOAD_SECONDS: Final = 60.0
-ACK_ACTION: Final = "alert.acknowledge"
-MAX_USER_CHARS: Final = 200
-MAX_COMMENT_CHARS: Final = 2000
 
-__all__ = [
-    "ACK_ACTION",
-    "AlertEngine",
-    "AlertError",
-    "LoadedRule",
-    "SyncResult",
-    "acknowledge",
-    "add_rule",
-    "list_rules",
-    "load_rules_file",
-    "sync_rules",
-]
-
-load_rules_file = alert_rules.load_rules_file
-
-
-class AlertError(MillraceError):
-    """An alert operation cannot be done as asked (unknown alert, already acknowledged...)."""
+Transition = Literal["raise", "clear"]
 
 
 class WindowLike(Protocol):
@@ -85,12 +62,84 @@ class WindowLike(Protocol):
     def last(self) -> float: ...
 
 
-@dataclass(frozen=True, slots=True)
-class LoadedRule:
-    """A rule as stored, with its database id."""
+# --- the state machine, pure --------------------------------------------------------
 
-    id: int
-    rule: AlertRule
+
+@dataclass(frozen=True, slots=True)
+class WindowValues:
+    """The parts of a stored window a threshold rule looks at."""
+
+    ts: datetime
+    count: int
+    sum: float
+    min: float
+    max: float
+    last: float
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What one window did to an alert: the transition (or None) and the value seen."""
+
+    transition: Transition | None
+    value: float
+
+
+def _values(rule: AlertRule, w: WindowValues) -> tuple[float, float]:
+    """(value compared with `low`, value compared with `high`) per the rule's aggregate."""
+    if rule.aggregate == "mean":
+        mean = w.sum / w.count
+        return mean, mean
+    if rule.aggregate == "last":
+        return w.last, w.last
+    return w.min, w.max
+
+
+def step(rule: AlertRule, *, active: bool, window: WindowValues) -> Step:
+    """Feed one window to the rule's state machine; `active` is the alert's current state."""
+    lo_value, hi_value = _values(rule, window)
+    if rule.condition == "no_data":
+        return Step("clear" if active else None, hi_value)
+    h = rule.hysteresis
+    if rule.condition == "above":
+        assert rule.high is not None
+        breached, recovered, value = hi_value > rule.high, hi_value <= rule.high - h, hi_value
+    elif rule.condition == "below":
+        assert rule.low is not None
+        breached, recovered, value = lo_value < rule.low, lo_value >= rule.low + h, lo_value
+    else:
+        assert rule.low is not None and rule.high is not None
+        breached = hi_value > rule.high or lo_value < rule.low
+        recovered = hi_value <= rule.high - h and lo_value >= rule.low + h
+        # Report the side that is further out (or, when recovering, the nearer edge).
+        value = hi_value if hi_value - rule.high >= rule.low - lo_value else lo_value
+    if not active and breached:
+        return Step("raise", value)
+    if active and recovered:
+        return Step("clear", value)
+    return Step(None, value)
+
+
+def run(
+    rule: AlertRule, *, active: bool, windows: list[WindowValues]
+) -> list[tuple[WindowValues, Step]]:
+    """Feed windows (sorted here by time) and return the transitions, in order."""
+    out: list[tuple[WindowValues, Step]] = []
+    for window in sorted(windows, key=lambda w: w.ts):
+        result = step(rule, active=active, window=window)
+        if result.transition is not None:
+            out.append((window, result))
+            active = result.transition == "raise"
+    return out
+
+
+def no_data_due(rule: AlertRule, *, last_received: datetime, now: datetime) -> bool:
+    """True when a no_data rule should raise: nothing received for `no_data_s` seconds."""
+    assert rule.no_data_s is not None
+    return (now - last_received).total_seconds() >= rule.no_data_s
+
+
+# --- the engine: rules in memory, alerts in the database ----------------------------
 
 
 @dataclass(slots=True)
@@ -102,45 +151,12 @@ class _Latest:
     mark: datetime | None  # data time of its last transition
 
 
-_SELECT_ALL_RULES: Final = """
-    SELECT id, name, metric, condition, devices, low, high, no_data_s, severity, hysteresis,
-           aggregate, enabled, description
-      FROM alert_rules ORDER BY id
-"""
-_SELECT_ENABLED_RULES: Final = """
-    SELECT id, name, metric, condition, devices, low, high, no_data_s, severity, hysteresis,
-           aggregate, enabled, description
-      FROM alert_rules WHERE enabled ORDER BY id
-"""
-
-
-def _rule_from_row(row: Sequence[Any]) -> LoadedRule:
-    return LoadedRule(int(row[0]), AlertRule(*row[1:]))
-
-
-def _rule_params(rule: AlertRule) -> dict[str, Any]:
-    return {
-        "name": rule.name,
-        "metric": rule.metric,
-        "condition": rule.condition,
-        "devices": rule.devices,
-        "low": rule.low,
-        "high": rule.high,
-        "no_data_s": rule.no_data_s,
-        "severity": rule.severity,
-        "hysteresis": rule.hysteresis,
-        "aggregate": rule.aggregate,
-        "enabled": rule.enabled,
-        "description": rule.description,
-    }
-
-
 def _ms(ts: datetime) -> int:
     return int(ts.timestamp() * 1000)
 
 
 class AlertEngine:
-    """Rules in memory plus the alert lifecycle in the database."""
+    """The enabled rules in memory; raises and clears their alerts in the database."""
 
     def __init__(
         self,
@@ -162,7 +178,7 @@ class AlertEngine:
         clock: Callable[[], float] = time.monotonic,
     ) -> AlertEngine:
         """An engine with the enabled rules from the database; reloads them every so often."""
-        return cls(_enabled_rules(conn), reload_after_s=reload_after_s, clock=clock)
+        return cls(list_rules(conn, enabled_only=True), reload_after_s=reload_after_s, clock=clock)
 
     @property
     def rules(self) -> tuple[LoadedRule, ...]:
@@ -170,7 +186,7 @@ class AlertEngine:
 
     def reload(self, conn: psycopg.Connection[Any]) -> None:
         """Re-read the enabled rules now."""
-        self._set_rules(_enabled_rules(conn))
+        self._set_rules(list_rules(conn, enabled_only=True))
 
     def _set_rules(self, rules: Iterable[LoadedRule]) -> None:
         self._rules = tuple(r for r in rules if r.rule.enabled)
@@ -250,7 +266,7 @@ class AlertEngine:
             windows = [w for w in windows if w.ts > state.mark]
         active = state is not None and state.active
         out: list[AlertMessage] = []
-        for window, result in alert_rules.run(loaded.rule, active=active, windows=windows):
+        for window, result in run(loaded.rule, active=active, windows=windows):
             if result.transition == "raise":
                 msg = _raise(conn, loaded, device, device_id, metric, result, window.ts)
                 if msg is not None:
@@ -287,7 +303,7 @@ class AlertEngine:
                 rule = loaded.rule
                 if rule.metric != metric or not rule.matches_device(name):
                     continue
-                if not alert_rules.no_data_due(rule, last_received=last_received, now=now):
+                if not no_data_due(rule, last_received=last_received, now=now):
                     continue
                 silent_s = (now - last_received).total_seconds()
                 result = Step("raise", silent_s)
@@ -305,11 +321,6 @@ class AlertEngine:
                 if msg is not None:
                     messages.append(msg)
         return messages
-
-
-def _enabled_rules(conn: psycopg.Connection[Any]) -> list[LoadedRule]:
-    rows = conn.execute(_SELECT_ENABLED_RULES).fetchall()
-    return [_rule_from_row(r) for r in rows]
 
 
 def _device_ids(conn: psycopg.Connection[Any], names: set[str]) -> dict[str, int]:
@@ -443,166 +454,3 @@ def _clear(
         ts_ms=_ms(data_ts),
         message=text,
     )
-
-
-# --- acknowledgement ------------------------------------------------------------------
-
-
-def acknowledge(
-    conn: psycopg.Connection[Any], alert_id: int, *, user: str, comment: str = ""
-) -> None:
-    """Acknowledge an alert (active or cleared) and record who did it in the audit log.
-
-    Raises AlertError when the alert does not exist or is already acknowledged.
-    Runs in the caller's transaction; the dashboard commits it.
-    """
-    if not isinstance(user, str) or not user.strip() or len(user) > MAX_USER_CHARS:
-        raise AlertError(f"acknowledge: user must be 1-{MAX_USER_CHARS} characters")
-    if len(comment) > MAX_COMMENT_CHARS:
-        raise AlertError(f"acknowledge: comment longer than {MAX_COMMENT_CHARS} characters")
-    row = conn.execute(
-        """
-        UPDATE alerts SET acknowledged_at = now(), acknowledged_by = %s, ack_comment = %s
-         WHERE id = %s AND acknowledged_at IS NULL
-        RETURNING rule_name, metric, state, severity,
-                  (SELECT name FROM devices WHERE id = alerts.device_id)
-        """,
-        (user, comment, alert_id),
-    ).fetchone()
-    if row is None:
-        existing = conn.execute(
-            "SELECT acknowledged_by, acknowledged_at FROM alerts WHERE id = %s", (alert_id,)
-        ).fetchone()
-        if existing is None:
-            raise AlertError(f"alert {alert_id} does not exist")
-        raise AlertError(
-            f"alert {alert_id} was already acknowledged by {existing[0]} at {existing[1]:%c}"
-        )
-    rule_name, metric, state, severity, device = row
-    conn.execute(
-        "INSERT INTO audit_log (user_name, action, target, comment, details)"
-        " VALUES (%s, %s, %s, %s, %s)",
-        (
-            user,
-            ACK_ACTION,
-            f"alert:{alert_id}",
-            comment,
-            Jsonb(
-                {
-                    "rule": rule_name,
-                    "device": device,
-                    "metric": metric,
-                    "state": state,
-                    "severity": severity,
-                }
-            ),
-        ),
-    )
-    logger.info("alert acknowledged: id=%s user=%s", alert_id, user)
-
-
-# --- rules management -----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SyncResult:
-    """What `sync_rules` changed, by rule name."""
-
-    added: tuple[str, ...]
-    updated: tuple[str, ...]
-    unchanged: tuple[str, ...]
-    disabled: tuple[str, ...]
-
-
-def list_rules(conn: psycopg.Connection[Any], *, enabled_only: bool = False) -> list[LoadedRule]:
-    """Every stored rule (or only the enabled ones), by id."""
-    if enabled_only:
-        return _enabled_rules(conn)
-    rows = conn.execute(_SELECT_ALL_RULES).fetchall()
-    return [_rule_from_row(r) for r in rows]
-
-
-_UPSERT_RULE: Final = """
-    INSERT INTO alert_rules (name, metric, condition, devices, low, high, no_data_s, severity,
-                             hysteresis, aggregate, enabled, description)
-    VALUES (%(name)s, %(metric)s, %(condition)s, %(devices)s, %(low)s, %(high)s,
-            %(no_data_s)s, %(severity)s, %(hysteresis)s, %(aggregate)s, %(enabled)s,
-            %(description)s)
-    ON CONFLICT (name) DO UPDATE SET
-        metric = EXCLUDED.metric, condition = EXCLUDED.condition, devices = EXCLUDED.devices,
-        low = EXCLUDED.low, high = EXCLUDED.high, no_data_s = EXCLUDED.no_data_s,
-        severity = EXCLUDED.severity, hysteresis = EXCLUDED.hysteresis,
-        aggregate = EXCLUDED.aggregate, enabled = EXCLUDED.enabled,
-        description = EXCLUDED.description, updated_at = now()
-    RETURNING id
-"""
-
-
-def add_rule(conn: psycopg.Connection[Any], rule: AlertRule, *, replace: bool = False) -> int:
-    """Store a rule and return its id; a rule of the same name is an error unless `replace`."""
-    if not replace:
-        exists = conn.execute("SELECT 1 FROM alert_rules WHERE name = %s", (rule.name,))
-        if exists.fetchone() is not None:
-            raise AlertError(f"alert rule {rule.name!r} exists; pass replace=True to change it")
-    row = conn.execute(_UPSERT_RULE, _rule_params(rule)).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-def sync_rules(
-    conn: psycopg.Connection[Any], rules: Sequence[AlertRule], *, disable_missing: bool = False
-) -> SyncResult:
-    """Make the stored rules match `rules` (e.g. a rules file); idempotent.
-
-    With `disable_missing`, stored rules absent from `rules` are disabled and
-    their active alerts cleared (a rule that no longer exists cannot clear them).
-    """
-    stored = {loaded.rule.name: loaded for loaded in list_rules(conn)}
-    added: list[str] = []
-    updated: list[str] = []
-    unchanged: list[str] = []
-    for rule in rules:
-        before = stored.get(rule.name)
-        if before is not None and before.rule == rule:
-            unchanged.append(rule.name)
-            continue
-        conn.execute(_UPSERT_RULE, _rule_params(rule))
-        (updated if before is not None else added).append(rule.name)
-    disabled: list[str] = []
-    if disable_missing:
-        wanted = {rule.name for rule in rules}
-        gone = [
-            loaded for name, loaded in stored.items() if name not in wanted and loaded.rule.enabled
-        ]
-        for loaded in gone:
-            conn.execute(
-                "UPDATE alert_rules SET enabled = false, updated_at = now() WHERE id = %s",
-                (loaded.id,),
-            )
-            conn.execute(
-                "UPDATE alerts SET state = 'cleared', cleared_at = now(),"
-                " message = message || ' (cleared: rule disabled)'"
-                " WHERE rule_id = %s AND state = 'active'",
-                (loaded.id,),
-            )
-            disabled.append(loaded.rule.name)
-    result = SyncResult(tuple(added), tuple(updated), tuple(unchanged), tuple(disabled))
-    logger.info(
-        "alert rules synced: added=%s updated=%s disabled=%s",
-        len(added),
-        len(updated),
-        len(disabled),
-    )
-    return result
-
-
-def sync_rules_file(
-    conn: psycopg.Connection[Any], path: str | Path, *, disable_missing: bool = False
-) -> SyncResult:
-    """`sync_rules` from a TOML rules file (see docs/alerts.md)."""
-    return sync_rules(conn, load_rules_file(path), disable_missing=disable_missing)
-
-
-def utcnow() -> datetime:
-    """The current time, timezone-aware (what the worker passes to `check_no_data`)."""
-    return datetime.now(UTC)

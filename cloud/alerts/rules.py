@@ -1,4 +1,4 @@
-"""Alert rules and their state machine, free of I/O so they are unit-tested alone.
+"""Alert rules: what a rule is, the rules file, and storing rules in `alert_rules`.
 
 A rule watches one metric on the devices its selector matches. Threshold rules
 look at each stored window; a window's value is its extreme by default (max for
@@ -6,26 +6,35 @@ look at each stored window; a window's value is its extreme by default (max for
 averaged away. Hysteresis keeps a value hovering at the threshold from
 flapping: an `above` alert raised at `high` clears only at `high - hysteresis`.
 `no_data` rules raise when a (device, metric) pair has not been received for
-`no_data_s` seconds and clear on the next window.
+`no_data_s` seconds and clear on the next window. How windows are judged is
+engine.py; docs/alerts.md is the reference.
+
+Writing rules needs INSERT/UPDATE on `alert_rules`, which neither the ingest
+nor the dashboard role has: administration runs as the schema owner.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, Literal
 
+import psycopg
+
+from millrace.cloud.alerts.lifecycle import AlertError
 from millrace.errors import ConfigError
 from millrace.ids import METRIC_NAME_RULE, is_metric_name
+
+logger = logging.getLogger(__name__)
 
 Condition = Literal["above", "below", "outside", "no_data"]
 Aggregate = Literal["extreme", "mean", "last"]
 Severity = Literal["info", "warning", "critical"]
-Transition = Literal["raise", "clear"]
 
 CONDITIONS: Final = ("above", "below", "outside", "no_data")
 AGGREGATES: Final = ("extreme", "mean", "last")
@@ -124,80 +133,6 @@ def _rule_problem(rule: AlertRule) -> tuple[str, str] | None:
     elif rule.no_data_s is not None:
         return "no_data_s", f"not used by a {rule.condition} rule"
     return None
-
-
-@dataclass(frozen=True, slots=True)
-class WindowValues:
-    """The parts of a stored window a threshold rule looks at."""
-
-    ts: datetime
-    count: int
-    sum: float
-    min: float
-    max: float
-    last: float
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    """What one window did to an alert: the transition (or None) and the value seen."""
-
-    transition: Transition | None
-    value: float
-
-
-def _values(rule: AlertRule, w: WindowValues) -> tuple[float, float]:
-    """(value compared with `low`, value compared with `high`) per the rule's aggregate."""
-    if rule.aggregate == "mean":
-        mean = w.sum / w.count
-        return mean, mean
-    if rule.aggregate == "last":
-        return w.last, w.last
-    return w.min, w.max
-
-
-def step(rule: AlertRule, *, active: bool, window: WindowValues) -> Step:
-    """Feed one window to the rule's state machine; `active` is the alert's current state."""
-    lo_value, hi_value = _values(rule, window)
-    if rule.condition == "no_data":
-        return Step("clear" if active else None, hi_value)
-    h = rule.hysteresis
-    if rule.condition == "above":
-        assert rule.high is not None
-        breached, recovered, value = hi_value > rule.high, hi_value <= rule.high - h, hi_value
-    elif rule.condition == "below":
-        assert rule.low is not None
-        breached, recovered, value = lo_value < rule.low, lo_value >= rule.low + h, lo_value
-    else:
-        assert rule.low is not None and rule.high is not None
-        breached = hi_value > rule.high or lo_value < rule.low
-        recovered = hi_value <= rule.high - h and lo_value >= rule.low + h
-        # Report the side that is further out (or, when recovering, the nearer edge).
-        value = hi_value if hi_value - rule.high >= rule.low - lo_value else lo_value
-    if not active and breached:
-        return Step("raise", value)
-    if active and recovered:
-        return Step("clear", value)
-    return Step(None, value)
-
-
-def run(
-    rule: AlertRule, *, active: bool, windows: list[WindowValues]
-) -> list[tuple[WindowValues, Step]]:
-    """Feed windows (sorted here by time) and return the transitions, in order."""
-    out: list[tuple[WindowValues, Step]] = []
-    for window in sorted(windows, key=lambda w: w.ts):
-        result = step(rule, active=active, window=window)
-        if result.transition is not None:
-            out.append((window, result))
-            active = result.transition == "raise"
-    return out
-
-
-def no_data_due(rule: AlertRule, *, last_received: datetime, now: datetime) -> bool:
-    """True when a no_data rule should raise: nothing received for `no_data_s` seconds."""
-    assert rule.no_data_s is not None
-    return (now - last_received).total_seconds() >= rule.no_data_s
 
 
 # --- the rules file -------------------------------------------------------------------
@@ -308,3 +243,143 @@ def load_rules_file(path: str | Path) -> list[AlertRule]:
             raise ConfigError(f"rule[{i}].name", f"duplicate name {rule.name!r}", source=source)
         seen.add(rule.name)
     return rules
+
+
+# --- administration: the `alert_rules` table ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedRule:
+    """A rule as stored, with its database id."""
+
+    id: int
+    rule: AlertRule
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResult:
+    """What `sync_rules` changed, by rule name."""
+
+    added: tuple[str, ...]
+    updated: tuple[str, ...]
+    unchanged: tuple[str, ...]
+    disabled: tuple[str, ...]
+
+
+_SELECT_ALL_RULES: Final = """
+    SELECT id, name, metric, condition, devices, low, high, no_data_s, severity, hysteresis,
+           aggregate, enabled, description
+      FROM alert_rules ORDER BY id
+"""
+_SELECT_ENABLED_RULES: Final = """
+    SELECT id, name, metric, condition, devices, low, high, no_data_s, severity, hysteresis,
+           aggregate, enabled, description
+      FROM alert_rules WHERE enabled ORDER BY id
+"""
+
+_UPSERT_RULE: Final = """
+    INSERT INTO alert_rules (name, metric, condition, devices, low, high, no_data_s, severity,
+                             hysteresis, aggregate, enabled, description)
+    VALUES (%(name)s, %(metric)s, %(condition)s, %(devices)s, %(low)s, %(high)s,
+            %(no_data_s)s, %(severity)s, %(hysteresis)s, %(aggregate)s, %(enabled)s,
+            %(description)s)
+    ON CONFLICT (name) DO UPDATE SET
+        metric = EXCLUDED.metric, condition = EXCLUDED.condition, devices = EXCLUDED.devices,
+        low = EXCLUDED.low, high = EXCLUDED.high, no_data_s = EXCLUDED.no_data_s,
+        severity = EXCLUDED.severity, hysteresis = EXCLUDED.hysteresis,
+        aggregate = EXCLUDED.aggregate, enabled = EXCLUDED.enabled,
+        description = EXCLUDED.description, updated_at = now()
+    RETURNING id
+"""
+
+
+def _rule_from_row(row: Sequence[Any]) -> LoadedRule:
+    return LoadedRule(int(row[0]), AlertRule(*row[1:]))
+
+
+def _rule_params(rule: AlertRule) -> dict[str, Any]:
+    return {
+        "name": rule.name,
+        "metric": rule.metric,
+        "condition": rule.condition,
+        "devices": rule.devices,
+        "low": rule.low,
+        "high": rule.high,
+        "no_data_s": rule.no_data_s,
+        "severity": rule.severity,
+        "hysteresis": rule.hysteresis,
+        "aggregate": rule.aggregate,
+        "enabled": rule.enabled,
+        "description": rule.description,
+    }
+
+
+def list_rules(conn: psycopg.Connection[Any], *, enabled_only: bool = False) -> list[LoadedRule]:
+    """Every stored rule (or only the enabled ones, what the engine runs), by id."""
+    rows = conn.execute(_SELECT_ENABLED_RULES if enabled_only else _SELECT_ALL_RULES).fetchall()
+    return [_rule_from_row(r) for r in rows]
+
+
+def add_rule(conn: psycopg.Connection[Any], rule: AlertRule, *, replace: bool = False) -> int:
+    """Store a rule and return its id; a rule of the same name is an error unless `replace`."""
+    if not replace:
+        exists = conn.execute("SELECT 1 FROM alert_rules WHERE name = %s", (rule.name,))
+        if exists.fetchone() is not None:
+            raise AlertError(f"alert rule {rule.name!r} exists; pass replace=True to change it")
+    row = conn.execute(_UPSERT_RULE, _rule_params(rule)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def sync_rules(
+    conn: psycopg.Connection[Any], rules: Sequence[AlertRule], *, disable_missing: bool = False
+) -> SyncResult:
+    """Make the stored rules match `rules` (e.g. a rules file); idempotent.
+
+    With `disable_missing`, stored rules absent from `rules` are disabled and
+    their active alerts cleared (a rule that no longer exists cannot clear them).
+    """
+    stored = {loaded.rule.name: loaded for loaded in list_rules(conn)}
+    added: list[str] = []
+    updated: list[str] = []
+    unchanged: list[str] = []
+    for rule in rules:
+        before = stored.get(rule.name)
+        if before is not None and before.rule == rule:
+            unchanged.append(rule.name)
+            continue
+        conn.execute(_UPSERT_RULE, _rule_params(rule))
+        (updated if before is not None else added).append(rule.name)
+    disabled: list[str] = []
+    if disable_missing:
+        wanted = {rule.name for rule in rules}
+        gone = [
+            loaded for name, loaded in stored.items() if name not in wanted and loaded.rule.enabled
+        ]
+        for loaded in gone:
+            conn.execute(
+                "UPDATE alert_rules SET enabled = false, updated_at = now() WHERE id = %s",
+                (loaded.id,),
+            )
+            conn.execute(
+                "UPDATE alerts SET state = 'cleared', cleared_at = now(),"
+                " message = message || ' (cleared: rule disabled)'"
+                " WHERE rule_id = %s AND state = 'active'",
+                (loaded.id,),
+            )
+            disabled.append(loaded.rule.name)
+    result = SyncResult(tuple(added), tuple(updated), tuple(unchanged), tuple(disabled))
+    logger.info(
+        "alert rules synced: added=%s updated=%s disabled=%s",
+        len(added),
+        len(updated),
+        len(disabled),
+    )
+    return result
+
+
+def sync_rules_file(
+    conn: psycopg.Connection[Any], path: str | Path, *, disable_missing: bool = False
+) -> SyncResult:
+    """`sync_rules` from a TOML rules file (see docs/alerts.md)."""
+    return sync_rules(conn, load_rules_file(path), disable_missing=disable_missing)
