@@ -18,6 +18,7 @@ lint:
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy millrace
+	$(VENV)/bin/lint-imports
 
 test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -9,7 +9,7 @@ fsync on and `track_commit_timestamp = on`.
 What is measured, per batch (one batch = one gateway's closed windows of one period):
 - close -> commit: `pg_xact_commit_timestamp(xmin)` of its ingest-ledger row minus the
   batch's `sent_at`, which the agent stamps at the moment it closes the windows (the
-  window end + grace). This is the DESIGN target (p99 <= 1 s at nominal load).
+  window end + grace). This is the target (p99 <= 1 s at nominal load).
 - window end -> commit, per stored window: the commit time of its readings row minus the
   window's end (includes the 2 s grace the agent waits for late readings).
 - the split: close -> worker received (agent, broker) and received -> commit (worker

@@ -24,7 +24,7 @@ DOC = ROOT / "docs" / "benchmarks.md"
 OUT = ROOT / "docs" / "img" / "benchmarks.png"
 _PAIR = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=\S+$")
 
-# Targets from DESIGN.md section 11.
+# Targets of docs/benchmarks.md (Targets).
 EDGE_TARGET_READINGS_PER_S = 100_000
 INGEST_TARGET_VS_FLOOR = 0.5
 INGEST_TARGET_VS_NAIVE = 50.0

@@ -155,7 +155,7 @@ def main() -> int:
     from plot import verdicts
 
     fresh = {k: v for o in outcomes for k, v in o.values.items()}
-    print("\n| target (DESIGN.md section 11) | measured | verdict |\n|---|---|---|")
+    print("\n| target (docs/benchmarks.md) | measured | verdict |\n|---|---|---|")
     for what, measured, verdict in verdicts(fresh):
         print(f"| {what} | {measured} | {verdict} |")
     print()

@@ -1,6 +1,6 @@
 """The project CA: broker, device and service certificates, and the revocation list.
 
-Everything lives in one directory (DESIGN section 5)::
+Everything lives in one directory (docs/security.md)::
 
     ca.crt ca.key broker.crt broker.key crl.pem index.json issued/<id>.crt issued/<id>.key
 

@@ -70,7 +70,9 @@ def test_expired_certificate_is_negative(tmp_path: Path) -> None:
         (b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n", "bad length"),
     ],
 )
-def test_unreadable_certificate_is_a_pki_error(tmp_path: Path, content: bytes, problem: str) -> None:
+def test_unreadable_certificate_is_a_pki_error(
+    tmp_path: Path, content: bytes, problem: str
+) -> None:
     path = tmp_path / "c.pem"
     path.write_bytes(content)
     with pytest.raises(PKIError, match=problem):

@@ -1,4 +1,4 @@
-"""Fault tests: broker outage, kill -9, outbox cap, failing drivers (DESIGN section 2)."""
+"""Fault tests: broker outage, kill -9, outbox cap, failing drivers (docs/guarantees.md)."""
 
 from __future__ import annotations
 
