@@ -1,25 +1,21 @@
 """Render the broker's mosquitto.conf and ACL from the project's one template set.
 
-The templates (millrace/ops/templates/*.tmpl) use a small subset of Jinja —
-`{{ name }}`, `{% if name %}...{% else %}...{% endif %}` and
-`{% for x in name %}...{% endfor %}`, tags on their own lines — so Ansible's
-broker role renders the very same files with its template module (trim_blocks
-on, its default) while the millrace base install needs no Jinja at all.
+The templates (millrace/ops/templates/*.tmpl) are rendered by millrace.ops.templating,
+with the options of Ansible's template lookup, so the broker role renders the very same
+files to the very same bytes.
 """
 
 from __future__ import annotations
 
 import getpass
 import logging
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from millrace.errors import ConfigError, PKIError
 from millrace.ops import pki
+from millrace.ops.templating import render_packaged
 
 log = logging.getLogger(__name__)
 
@@ -34,90 +30,6 @@ AUTOSAVE_INTERVAL_SECONDS = 10
 PERSISTENT_CLIENT_EXPIRATION = "14d"
 CONF_TEMPLATE = "mosquitto.conf.tmpl"
 ACL_TEMPLATE = "acl.tmpl"
-
-
-# -- a Jinja-compatible subset ------------------------------------------------------
-
-# A block tag swallows the newline right after it, like Jinja's trim_blocks.
-_TOKEN = re.compile(r"\{\{\s*(?P<var>\w+)\s*\}\}|\{%\s*(?P<tag>[^%]+?)\s*%\}\n?")
-
-
-@dataclass(frozen=True, slots=True)
-class _If:
-    name: str
-    then: list[Any]
-    otherwise: list[Any]
-
-
-@dataclass(frozen=True, slots=True)
-class _For:
-    var: str
-    name: str
-    body: list[Any]
-
-
-@dataclass(frozen=True, slots=True)
-class _Var:
-    name: str
-
-
-def _parse(text: str) -> list[Any]:
-    """Parse `text` into a tree of str, _Var, _If and _For nodes."""
-    root: list[Any] = []
-    stack: list[tuple[Any, list[Any]]] = [(None, root)]
-    pos = 0
-    for match in _TOKEN.finditer(text):
-        stack[-1][1].append(text[pos : match.start()])
-        pos = match.end()
-        if match["var"]:
-            stack[-1][1].append(_Var(match["var"]))
-            continue
-        words = match["tag"].split()
-        if words[0] == "if" and len(words) == 2:
-            node: Any = _If(words[1], [], [])
-            stack[-1][1].append(node)
-            stack.append((node, node.then))
-        elif words[0] == "else" and len(words) == 1 and isinstance(stack[-1][0], _If):
-            stack[-1] = (stack[-1][0], stack[-1][0].otherwise)
-        elif words[0] == "for" and len(words) == 4 and words[2] == "in":
-            node = _For(words[1], words[3], [])
-            stack[-1][1].append(node)
-            stack.append((node, node.body))
-        elif words in (["endif"], ["endfor"]) and isinstance(
-            stack[-1][0], _If if words == ["endif"] else _For
-        ):
-            stack.pop()
-        else:
-            raise ValueError(f"unsupported template tag {{% {match['tag']} %}}")
-    if len(stack) != 1:
-        raise ValueError("template has an unclosed {% if %} or {% for %}")
-    root.append(text[pos:])
-    return root
-
-
-def _emit(nodes: Sequence[Any], context: Mapping[str, Any], out: list[str]) -> None:
-    for node in nodes:
-        if isinstance(node, str):
-            out.append(node)
-        elif isinstance(node, _Var):
-            out.append(str(context[node.name]))
-        elif isinstance(node, _If):
-            _emit(node.then if context[node.name] else node.otherwise, context, out)
-        else:
-            for item in context[node.name]:
-                _emit(node.body, {**context, node.var: item}, out)
-
-
-def render_template(text: str, context: Mapping[str, Any]) -> str:
-    """Render `text` (the Jinja subset above); a missing variable raises KeyError."""
-    out: list[str] = []
-    _emit(_parse(text), context, out)
-    return "".join(out)
-
-
-def template_text(name: str) -> str:
-    """The packaged template `name` (e.g. Ansible copies these files)."""
-    return resources.files("millrace.ops").joinpath("templates", name).read_text()
 
 
 # -- broker configuration --------------------------------------------------------------
@@ -179,13 +91,13 @@ def render_mosquitto_conf(
         "autosave_interval_seconds": autosave_interval_seconds,
         "log_dest": f"file {_config_path('log_file', log_file)}" if log_file else "stdout",
     }
-    return render_template(template_text(CONF_TEMPLATE), context)
+    return render_packaged(CONF_TEMPLATE, context)
 
 
 def render_acl(*, service_ids: Iterable[str]) -> str:
     """ACL text: %u patterns for every client, one `user` block per service identity."""
     services = [pki.validate_id(s) for s in service_ids]
-    return render_template(template_text(ACL_TEMPLATE), {"service_ids": services})
+    return render_packaged(ACL_TEMPLATE, {"service_ids": services})
 
 
 @dataclass(frozen=True, slots=True)

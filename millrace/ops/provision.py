@@ -13,9 +13,9 @@ script. `MANIFEST.sha256` lists the sha256 of every other file; `install.sh`
 refuses to install anything unless every file matches it and nothing else is
 present. The key is 0600 inside the tarball and the tarball itself is 0600.
 
-Templates (millrace/ops/templates/bundle/) use the Jinja subset of
-`millrace.ops.broker.render_template`, so Ansible's edge_agent role renders the very
-same files.
+Templates (millrace/ops/templates/bundle/) are rendered by millrace.ops.templating with
+the options of Ansible's template lookup, so the edge_agent role renders the very same
+files to the very same bytes.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ from cryptography.x509.oid import NameOID
 
 from millrace.errors import ConfigError, MillraceError, PKIError
 from millrace.ops import pki
-from millrace.ops.broker import DEFAULT_PORT, render_template
+from millrace.ops.broker import DEFAULT_PORT
+from millrace.ops.templating import render_file, render_packaged
 
 log = logging.getLogger(__name__)
 
@@ -85,25 +86,9 @@ _PIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9.+!_-]+$")
 # -- templates ----------------------------------------------------------------------
 
 
-def template_path(name: str) -> Path:
-    """Filesystem path of the packaged bundle template `name` (Ansible reads it from here)."""
-    return Path(str(resources.files(DIST_NAME).joinpath(*_TEMPLATE_PACKAGE, name)))
-
-
 def template_text(name: str) -> str:
-    """Text of the packaged bundle template `name`."""
+    """Text of the packaged bundle file `name` (install.sh and the first-boot files ship as is)."""
     return resources.files(DIST_NAME).joinpath(*_TEMPLATE_PACKAGE, name).read_text()
-
-
-def render(text: str, context: Mapping[str, Any], *, what: str) -> str:
-    """Render a bundle template; a placeholder without a value is a ConfigError naming it."""
-    try:
-        return render_template(text, context)
-    except KeyError as exc:
-        known = ", ".join(sorted(context))
-        raise ConfigError(what, f"unknown placeholder {exc}; available: {known}") from exc
-    except ValueError as exc:
-        raise ConfigError(what, str(exc)) from exc
 
 
 def agent_config_context(
@@ -149,9 +134,23 @@ def unit_context(
     }
 
 
-def render_agent_config(template: str, context: Mapping[str, Any], *, source: str) -> str:
-    """Render an agent config template and check that the result is TOML for this device."""
-    text = render(template, context, what=source)
+def render_unit(context: Mapping[str, Any]) -> str:
+    """The agent's systemd unit, from the packaged template and `unit_context`."""
+    return render_packaged(f"bundle/{UNIT_NAME}.tmpl", context)
+
+
+def render_agent_config(template: Path | str | None, context: Mapping[str, Any]) -> str:
+    """Render the agent config template (None: the packaged default) and check the result.
+
+    The result must be TOML for this device: a template naming another device would
+    silently give a gateway someone else's identity.
+    """
+    if template is None:
+        source = "agent.toml.tmpl"
+        text = render_packaged(f"bundle/{source}", context)
+    else:
+        source = str(template)
+        text = render_file(template, context)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -548,18 +547,8 @@ def build_bundle(
     if not out_path.name.endswith((".tar.gz", ".tgz")):
         raise ConfigError("--out", f"{out_path.name}: the bundle is a .tar.gz file")
     host = broker_host or default_broker_host(pki_path)
-    if config_template is None:
-        template, source = template_text("agent.toml.tmpl"), "agent.toml.tmpl"
-    else:
-        template_file = Path(config_template)
-        try:
-            template, source = template_file.read_text(), str(template_file)
-        except OSError as exc:
-            raise ConfigError("--config", f"cannot read {template_file}: {exc}") from exc
     config = render_agent_config(
-        template,
-        agent_config_context(ident, broker_host=host, broker_port=broker_port),
-        source=source,
+        config_template, agent_config_context(ident, broker_host=host, broker_port=broker_port)
     )
     if validate_config is not None:
         validate_config(config)
@@ -580,9 +569,7 @@ def build_bundle(
     if credentials.key is not None:
         files["pki/device.key"] = credentials.key.read_bytes()
     unit = unit_context(ident)
-    files[f"systemd/{UNIT_NAME}"] = render(
-        template_text(f"{UNIT_NAME}.tmpl"), unit, what=UNIT_NAME
-    ).encode()
+    files[f"systemd/{UNIT_NAME}"] = render_unit(unit).encode()
     files[f"systemd/{FIRSTBOOT_UNIT_NAME}"] = template_text(FIRSTBOOT_UNIT_NAME).encode()
     files["install.sh"] = template_text("install.sh").encode()
     files["firstboot.sh"] = template_text("firstboot.sh").encode()

@@ -137,14 +137,12 @@ def test_config_and_unit_are_the_templates_provision_renders(
         config_dir=config_dir,
         state_dir=state_dir,
     )
-    expected = provision.render_agent_config(TEST_AGENT_TEMPLATE, context, source="test")
+    expected = provision.render_agent_config(converged.work / "agent.toml.tmpl", context)
     assert converged.config_file.read_text() == expected
     unit = provision.unit_context(
         DEVICE, install_dir=str(converged.install_dir), config_dir=config_dir, state_dir=state_dir
     )
-    expected_unit = provision.render(
-        provision.template_text("millrace-edge.service.tmpl"), unit, what="unit"
-    )
+    expected_unit = provision.render_unit(unit)
     unit_file = converged.root / "etc" / "systemd" / "system" / "millrace-edge.service"
     assert unit_file.read_text() == expected_unit
 

@@ -10,7 +10,6 @@ The first tests are pure unit tests of the templates and the client builder.
 from __future__ import annotations
 
 import datetime as dt
-import re
 import socket
 import ssl
 import subprocess
@@ -22,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import paho.mqtt.client as paho
 import pytest
 from cryptography import x509
@@ -261,38 +259,6 @@ def test_acl_scopes_devices_by_username_and_lists_services(tmp_path: Path) -> No
     assert [d for d in lines if d[0] == "topic" and d[1] == "readwrite"] == []
     with pytest.raises(PKIError, match="invalid id"):
         broker_config.render_acl(service_ids=["svc a\ntopic readwrite #"])
-
-
-@pytest.mark.parametrize(
-    "context",
-    [
-        {"service_ids": []},
-        {"service_ids": ["svc-1", "svc-2"]},
-    ],
-)
-def test_acl_template_renders_the_same_under_jinja(context: dict[str, Any]) -> None:
-    """Ansible renders these files with Jinja2 (trim_blocks on); both must agree."""
-    env = jinja2.Environment(
-        trim_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined
-    )
-    text = broker_config.template_text(broker_config.ACL_TEMPLATE)
-    assert env.from_string(text).render(**context) == broker_config.render_template(text, context)
-
-
-@pytest.mark.parametrize(
-    "overrides",
-    [{}, {"user": "", "bind_address": "0.0.0.0", "clientid_from_certificate": True}],
-)
-def test_conf_template_renders_the_same_under_jinja(overrides: dict[str, Any]) -> None:
-    env = jinja2.Environment(
-        trim_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined
-    )
-    text = broker_config.template_text(broker_config.CONF_TEMPLATE)
-    names = set(re.findall(r"\{\{\s*(\w+)\s*\}\}|\{%\s*if\s+(\w+)", text))
-    context: dict[str, Any] = {n: f"v-{n}" for pair in names for n in pair if n}
-    context.update({"user": "mosquitto", "bind_address": "", "clientid_from_certificate": False})
-    context.update(overrides)
-    assert env.from_string(text).render(**context) == broker_config.render_template(text, context)
 
 
 def test_broker_config_cli_writes_both_files(test_pki: PKIFixture, tmp_path: Path) -> None:

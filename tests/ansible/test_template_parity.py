@@ -1,0 +1,125 @@
+"""millrace and Ansible render every template to the same bytes.
+
+The roles render millrace/ops/templates/ with `lookup('ansible.builtin.template', ...,
+template_vars=...)`; here that very lookup plugin renders each template with the context
+millrace itself passes (recorded from the real render functions) and the output is
+compared byte for byte. Ansible runs in a subprocess: its plugin loader installs import
+hooks that must not leak into the rest of the test session.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from millrace.ops import broker, provision, templating
+
+pytestmark = pytest.mark.ansible
+
+TEMPLATES = Path(templating.__file__).parent / templating.PACKAGE_DIR
+
+_ANSIBLE_RENDER = """
+import json, sys, warnings
+warnings.simplefilter("ignore")
+from ansible.parsing.dataloader import DataLoader
+from ansible.plugins.loader import init_plugin_loader, lookup_loader
+from ansible.template import Templar
+
+init_plugin_loader()
+loader = DataLoader()
+templar = Templar(loader=loader)
+lookup = lookup_loader.get("ansible.builtin.template", loader=loader, templar=templar)
+cases = json.load(sys.stdin)
+out = [lookup.run([path], variables={}, template_vars=ctx)[0] for path, ctx in cases]
+json.dump(out, sys.stdout)
+"""
+
+
+def _ansible_render(cases: list[tuple[Path, Mapping[str, Any]]]) -> list[str]:
+    result = subprocess.run(
+        [sys.executable, "-c", _ANSIBLE_RENDER],
+        input=json.dumps([(str(path), dict(ctx)) for path, ctx in cases]),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    rendered: list[str] = json.loads(result.stdout)
+    return rendered
+
+
+def _packaged_cases(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> list[tuple[Path, Mapping[str, Any], str]]:
+    """(template file, context, millrace's output) for every packaged template, as used."""
+    cases: list[tuple[Path, Mapping[str, Any], str]] = []
+
+    def recording(name: str, context: Mapping[str, Any]) -> str:
+        text = templating.render_packaged(name, context)
+        cases.append((TEMPLATES / name, context, text))
+        return text
+
+    monkeypatch.setattr(broker, "render_packaged", recording)
+    monkeypatch.setattr(provision, "render_packaged", recording)
+    for services in ([], ["svc-1", "svc-2"]):
+        broker.render_acl(service_ids=services)
+    pki_dir, acl, data = tmp_path / "pki", tmp_path / "acl", tmp_path / "data"
+    broker.render_mosquitto_conf(pki_dir=pki_dir, acl_file=acl, persistence_dir=data)
+    broker.render_mosquitto_conf(
+        pki_dir=pki_dir,
+        acl_file=acl,
+        persistence_dir=data,
+        port=18883,
+        bind_address="0.0.0.0",
+        user="mosquitto",
+        log_file=tmp_path / "mosquitto.log",
+        clientid_from_certificate=True,
+    )
+    provision.render_agent_config(
+        None, provision.agent_config_context("gw-1", broker_host="mqtt.example")
+    )
+    provision.render_unit(provision.unit_context("gw-1"))
+    covered = {path for path, _, _ in cases}
+    assert covered == set(TEMPLATES.rglob("*.tmpl")), "every packaged template is covered"
+    return cases
+
+
+# Templates a plant might write: trim_blocks, trailing newlines, None, filters, includes.
+USER_TEMPLATES: list[tuple[str, dict[str, Any]]] = [
+    ("a{% if flag %}b{% endif %}\n", {"flag": False}),
+    ("{{ value }}\n", {"value": "ends in a newline\n"}),
+    ("x={{ value }}\n\n\n", {"value": None}),
+    ("items:\n{% for s in items %}\n  - {{ s | upper }}\n{% endfor %}\n", {"items": []}),
+    ("items:\n{% for s in items %}\n  - {{ s | upper }}\n{% endfor %}\n", {"items": ["a"]}),
+    ("  {% if flag %}\n  indented\n  {% endif %}\nend", {"flag": True}),
+    ("{%- if flag -%}\n y \n{%- endif %}\n{# note #}\nz\n", {"flag": 1}),
+    (
+        "{{ items | join(', ') }} {{ items | length }} {{ n // 2 }} {{ n / 4 }} {{ d }}\n",
+        {"items": ["a", "b"], "n": 7, "d": {"k": [1, True, None]}},
+    ),
+    ('{{ "%05.1f" | format(f) }} {{ s | replace("a", "b") }} {{ s | default("z") }}\n', {"f": 2.5}),
+    ('device_id = "{{ device_id }}"\n{% include "signals.toml" %}\n', {"device_id": "gw-2"}),
+]
+
+
+def test_millrace_and_ansible_render_every_template_to_the_same_bytes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    packaged = _packaged_cases(monkeypatch, tmp_path)
+    (tmp_path / "signals.toml").write_text('[[signals]]\nmetric = "{{ device_id }}.load"\n')
+    cases = list(packaged)
+    for i, (text, context) in enumerate(USER_TEMPLATES):
+        path = tmp_path / f"user-{i}.tmpl"
+        path.write_text(text)
+        context = {"s": "abc", **context}
+        cases.append((path, context, templating.render_file(path, context)))
+    by_ansible = _ansible_render([(path, context) for path, context, _ in cases])
+    for (path, _, ours), theirs in zip(cases, by_ansible, strict=True):
+        assert ours == theirs, path.name
