@@ -1,9 +1,12 @@
 """Device bundles for flashing gateways, and agent releases for Ansible rollouts.
 
 A *release* is the agent software every gateway of one rollout installs: the
-millrace wheel, requirements pinned to exactly what this environment runs for
-the `edge` extra (never psycopg, SQLAlchemy or Streamlit), optionally the
-dependency wheels for offline installs, and `release.json` naming it. Its id
+gateway wheel (distribution `millrace-edge`: the contract and the edge agent, nothing
+of cloud, dashboards, the simulator or operator tooling), requirements pinned to
+exactly what this environment runs for the `edge` extra (never psycopg, SQLAlchemy,
+Streamlit or cryptography), optionally the dependency wheels for offline installs,
+and `release.json` naming it. For the cloud roles it also carries the full
+`millrace` wheel and pinned requirements per target. Its id
 changes whenever any of those bytes change, so a gateway can keep the previous
 release next to the new one and switch back.
 
@@ -52,6 +55,8 @@ log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = 1
 DIST_NAME = "millrace"
+# The gateway's cut of the same source tree: the contract and the edge agent only.
+GATEWAY_DIST_NAME = "millrace-edge"
 EDGE_EXTRA = "edge"
 MANIFEST_NAME = "MANIFEST.sha256"
 RELEASE_JSON = "release.json"
@@ -74,9 +79,12 @@ _KEY_MODE = 0o600
 _FILE_MODE = 0o644
 _EXEC_MODE = 0o755
 _TEMPLATE_PACKAGE = ("ops", "templates", "bundle")
-# What a source checkout needs to build the wheel; copied so the build never writes into it.
-_SOURCE_ITEMS = ("pyproject.toml", "README.md", "LICENSE", "millrace", "edge", "cloud")
-_SOURCE_ITEMS_MORE = ("dashboards", "firmware-sim")
+# What a source checkout needs to build a wheel; copied so the build never writes into it.
+_SOURCE_ITEMS = ("pyproject.toml", "README.md", "LICENSE", "millrace")
+# 1980-01-01, the earliest time a zip entry can hold.
+REPRODUCIBLE_EPOCH_SECONDS = 315532800
+# Parts of the millrace/ tree that never go to a gateway (the links to them and the tooling).
+_NOT_ON_GATEWAY = ("cloud", "dashboards", "fieldsim", "ops")
 _SOURCE_IGNORE = shutil.ignore_patterns(
     "__pycache__", "*.pyc", "*.egg-info", "build", "dist", ".*cache", "node_modules"
 )
@@ -224,41 +232,106 @@ def source_dir() -> Path:
     if not (candidate / "pyproject.toml").is_file():
         raise MillraceError(
             "millrace is not running from a source checkout; pass --wheel FILE "
-            "(build it with 'pip wheel --no-deps <checkout>')"
+            "(build it with 'millrace provision --release-dir DIR' on a checkout)"
         )
     return candidate
 
 
-def build_agent_wheel(out_dir: Path, *, source: Path | None = None) -> Path:
-    """Build the millrace wheel with `pip wheel --no-deps` from a copy of the checkout."""
-    src = source or source_dir()
+def gateway_pyproject(root_pyproject: str) -> str:
+    """pyproject.toml of the gateway distribution, derived from the checkout's own.
+
+    Same version, the contract's dependencies plus the edge extra, the `millrace` command,
+    and only the packages a gateway runs: setuptools finds no others in the pruned copy.
+    """
+    project = tomllib.loads(root_pyproject)["project"]
+    deps = [*project.get("dependencies", []), *project["optional-dependencies"][EDGE_EXTRA]]
+    return "\n".join(
+        [
+            "[build-system]",
+            'requires = ["setuptools>=77", "wheel"]',
+            'build-backend = "setuptools.build_meta"',
+            "",
+            "[project]",
+            f"name = {json.dumps(GATEWAY_DIST_NAME)}",
+            f"version = {json.dumps(project['version'])}",
+            f"description = {json.dumps('millrace edge agent for gateways (contract + agent)')}",
+            f"requires-python = {json.dumps(project['requires-python'])}",
+            f"license = {json.dumps(project['license'])}",
+            f"dependencies = {json.dumps(deps)}",
+            "",
+            "[project.scripts]",
+            f"millrace = {json.dumps(project['scripts']['millrace'])}",
+            "",
+            "[tool.setuptools.packages.find]",
+            'include = ["millrace*"]',
+            "",
+            "[tool.setuptools.package-data]",
+            '"*" = ["*.toml"]',
+            "",
+        ]
+    )
+
+
+def _copy_gateway_tree(src: Path, dest: Path) -> None:
+    """The millrace/ tree with the edge agent and without anything a gateway must not get."""
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        skipped = set(_SOURCE_IGNORE(directory, names))
+        if Path(directory).resolve() == (src / "millrace").resolve():
+            skipped |= set(_NOT_ON_GATEWAY)
+        return skipped
+
+    shutil.copytree(src / "millrace", dest / "millrace", ignore=ignore)
+    (dest / "pyproject.toml").write_text(gateway_pyproject((src / "pyproject.toml").read_text()))
+
+
+def _pip_wheel(tree: Path, out_dir: Path, dist: str) -> Path:
+    built = tree.parent / "wheels"
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-input", "-q"]
+    result = subprocess.run(
+        [*cmd, "--disable-pip-version-check", "-w", str(built), str(tree)],
+        capture_output=True,
+        text=True,
+        check=False,
+        # Fixed zip timestamps: the same source gives the same bytes, so the same release id.
+        env={**os.environ, "SOURCE_DATE_EPOCH": str(REPRODUCIBLE_EPOCH_SECONDS)},
+    )
+    if result.returncode != 0:
+        raise MillraceError(f"building the {dist} wheel failed: {result.stderr.strip()[-800:]}")
+    stem = dist.replace("-", "_")
+    wheels = sorted(built.glob(f"{stem}-*.whl"))
+    if len(wheels) != 1:
+        raise MillraceError(f"expected one {dist} wheel from pip, got {wheels}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="millrace-wheel-") as tmp:
-        copy = Path(tmp) / "src"
-        copy.mkdir()
-        for item in (*_SOURCE_ITEMS, *_SOURCE_ITEMS_MORE):
-            path = src / item
-            if path.is_dir():
-                shutil.copytree(path, copy / item, ignore=_SOURCE_IGNORE)
-            elif path.is_file():
-                shutil.copy2(path, copy / item)
-        built = Path(tmp) / "wheels"
-        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-input", "-q"]
-        result = subprocess.run(
-            [*cmd, "--disable-pip-version-check", "-w", str(built), str(copy)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise MillraceError(f"building the agent wheel failed: {result.stderr.strip()[-800:]}")
-        wheels = sorted(built.glob(f"{DIST_NAME}-*.whl"))
-        if len(wheels) != 1:
-            raise MillraceError(f"expected one {DIST_NAME} wheel from pip, got {wheels}")
-        target = out_dir / wheels[0].name
-        shutil.copy2(wheels[0], target)
+    target = out_dir / wheels[0].name
+    shutil.copy2(wheels[0], target)
     log.info("built %s", target.name)
     return target
+
+
+def build_agent_wheel(out_dir: Path, *, source: Path | None = None) -> Path:
+    """Build the gateway wheel (`millrace-edge`: contract + edge agent) from the checkout."""
+    src = source or source_dir()
+    with tempfile.TemporaryDirectory(prefix="millrace-wheel-") as tmp:
+        tree = Path(tmp) / "src"
+        tree.mkdir()
+        _copy_gateway_tree(src, tree)
+        return _pip_wheel(tree, out_dir, GATEWAY_DIST_NAME)
+
+
+def build_full_wheel(out_dir: Path, *, source: Path | None = None) -> Path:
+    """Build the whole `millrace` wheel (what the cloud roles install) from the checkout."""
+    src = source or source_dir()
+    with tempfile.TemporaryDirectory(prefix="millrace-wheel-") as tmp:
+        tree = Path(tmp) / "src"
+        tree.mkdir()
+        for item in _SOURCE_ITEMS:
+            path = src / item
+            if path.is_dir():
+                shutil.copytree(path, tree / item, ignore=_SOURCE_IGNORE)
+            elif path.is_file():
+                shutil.copy2(path, tree / item)
+        return _pip_wheel(tree, out_dir, DIST_NAME)
 
 
 def _sha256(path: Path) -> str:
@@ -269,10 +342,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _wheel_version(wheel: Path) -> str:
+def _wheel_version(wheel: Path, dist: str = GATEWAY_DIST_NAME) -> str:
     parts = wheel.name.split("-")
-    if len(parts) < 5 or parts[0] != DIST_NAME or not wheel.name.endswith(".whl"):
-        raise ConfigError("--wheel", f"{wheel.name} is not a {DIST_NAME} wheel")
+    stem = dist.replace("-", "_")
+    if len(parts) < 5 or parts[0] != stem or not wheel.name.endswith(".whl"):
+        raise ConfigError("--wheel", f"{wheel.name} is not a {dist} wheel ({stem}-VERSION-...whl)")
     return parts[1]
 
 
@@ -295,27 +369,29 @@ def prepare_release(
     wheelhouse: Path | str | None = None,
     requirements: Iterable[str] | None = None,
     targets: Iterable[str] = CLOUD_TARGETS,
+    cloud_wheel: Path | str | None = None,
 ) -> Release:
-    """Write the agent wheel, pinned requirements, optional dependency wheels and release.json.
+    """Write the gateway wheel, pinned requirements, optional dependency wheels, release.json.
 
     `wheelhouse` holds wheels for the gateways' platform (e.g. from `pip download
     --platform ...`); with them the install needs no package index. Each of `targets`
-    (extras installed here, e.g. cloud) gets its own pinned requirements-<extra>.txt
-    and release id in release.json for the Ansible roles of the cloud side.
+    (extras installed here, e.g. cloud) gets its own pinned requirements-<extra>.txt,
+    the full `millrace` wheel (`cloud_wheel`, else built from the checkout) and a
+    release id in release.json for the Ansible roles of the cloud side.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(f"{DIST_NAME}-*.whl"):
-        stale.unlink()
-    if wheel is None:
-        agent_wheel = build_agent_wheel(out)
-    else:
-        source = Path(wheel)
-        if not source.is_file():
-            raise ConfigError("--wheel", f"file not found: {source}")
-        _wheel_version(source)
-        agent_wheel = out / source.name
-        shutil.copyfile(source, agent_wheel)
+    for dist in (DIST_NAME, GATEWAY_DIST_NAME):
+        for stale in out.glob(f"{dist.replace('-', '_')}-*.whl"):
+            stale.unlink()
+    agent_wheel = _provided_wheel(wheel, out, "--wheel", GATEWAY_DIST_NAME) or build_agent_wheel(
+        out
+    )
+    targets = tuple(targets)
+    full_wheel: Path | None = None
+    if targets:
+        full_wheel = _provided_wheel(cloud_wheel, out, "--cloud-wheel", DIST_NAME)
+        full_wheel = full_wheel or build_full_wheel(out)
     pins = sorted(requirements) if requirements is not None else edge_requirements()
     for pin in pins:
         if not _PIN.fullmatch(pin):
@@ -349,17 +425,32 @@ def prepare_release(
         "wheel": agent_wheel.name,
         "requirements": REQUIREMENTS_NAME,
         "wheels": [p.name for p in dep_wheels],
-        "targets": _write_targets(out, agent_wheel, version, targets),
+        "targets": _write_targets(out, full_wheel, targets) if full_wheel else {},
     }
     (out / RELEASE_JSON).write_text(json.dumps(info, indent=2) + "\n")
     log.info("release %s in %s", release_id, out)
     return Release(out, version, release_id, agent_wheel, req_path, tuple(dep_wheels))
 
 
-def _write_targets(
-    out: Path, wheel: Path, version: str, targets: Iterable[str]
-) -> dict[str, dict[str, str]]:
-    """requirements-<extra>.txt and a release id per cloud-side target installed here."""
+def _provided_wheel(wheel: Path | str | None, out: Path, flag: str, dist: str) -> Path | None:
+    """A prebuilt wheel given by flag, checked by name and copied into the release."""
+    if wheel is None:
+        return None
+    source = Path(wheel)
+    if not source.is_file():
+        raise ConfigError(flag, f"file not found: {source}")
+    try:
+        _wheel_version(source, dist)
+    except ConfigError as exc:
+        raise ConfigError(flag, exc.problem) from exc
+    target = out / source.name
+    shutil.copyfile(source, target)
+    return target
+
+
+def _write_targets(out: Path, wheel: Path, targets: Iterable[str]) -> dict[str, dict[str, str]]:
+    """requirements-<extra>.txt, the wheel and a release id per cloud-side target."""
+    version = _wheel_version(wheel, DIST_NAME)
     written: dict[str, dict[str, str]] = {}
     for stale in out.glob("requirements-*.txt"):
         stale.unlink()
@@ -378,6 +469,7 @@ def _write_targets(
         written[extra] = {
             "release_id": f"{version}-{digest[:RELEASE_HASH_CHARS]}",
             "requirements": path.name,
+            "wheel": wheel.name,
         }
     return written
 

@@ -35,7 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="HOST[:PORT]",
         help="broker the agent connects to (default: first name on the broker certificate)",
     )
-    parser.add_argument("--wheel", type=Path, metavar="FILE", help="use this prebuilt agent wheel")
+    parser.add_argument(
+        "--wheel",
+        type=Path,
+        metavar="FILE",
+        help="use this prebuilt gateway wheel (millrace_edge-VERSION-...whl)",
+    )
     parser.add_argument(
         "--wheelhouse",
         type=Path,
@@ -50,6 +55,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         metavar="DIR",
         help="instead of a bundle: write wheel, requirements.txt and release.json into DIR",
+    )
+    parser.add_argument(
+        "--cloud-wheel",
+        type=Path,
+        metavar="FILE",
+        help="with --release-dir: the full millrace wheel for the cloud roles (default: built)",
     )
     parser.set_defaults(func=_provision)
 
@@ -88,11 +99,16 @@ def _edge_validator() -> Callable[[str], None] | None:
 def _provision(args: argparse.Namespace) -> int:
     from millrace.ops import provision
 
+    if args.cloud_wheel is not None and args.release_dir is None:
+        raise ConfigError("--cloud-wheel", "only with --release-dir (bundles carry no cloud code)")
     if args.release_dir is not None:
         if args.device_id or args.out or args.csr or args.sd:
             raise ConfigError("--release-dir", "takes no ID, --out, --csr or --sd")
         release = provision.prepare_release(
-            args.release_dir, wheel=args.wheel, wheelhouse=args.wheelhouse
+            args.release_dir,
+            wheel=args.wheel,
+            wheelhouse=args.wheelhouse,
+            cloud_wheel=args.cloud_wheel,
         )
         print(f"release {release.release_id} in {release.dir}")
         return 0

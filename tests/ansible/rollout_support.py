@@ -23,6 +23,8 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
+import tomllib
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -147,58 +149,47 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _cache["wheelhouse"]
 
 
-# Source folders of the millrace distribution (pyproject's packages.find) and their files.
-_SOURCE_PACKAGES = {"millrace": REPO}
-_PACKAGE_DATA = (
-    ".py",
-    ".toml",
-    ".tmpl",
-    ".ini",
-    ".mako",
-    ".sql",
-    ".csv",
-    ".json",
-    ".service",
-    ".sh",
-)
+# Files setuptools would package from the gateway tree (pyproject's package-data).
+_PACKAGE_DATA = (".py", ".toml")
 
 
 def offline_agent_wheel(out_dir: Path) -> Path:
-    """A millrace wheel zipped from the checkout and the editable install's metadata.
+    """The gateway wheel zipped from the same pruned tree `pip wheel` would build.
 
     Only the fallback when `pip wheel` cannot build (its isolated build environment needs
-    the package index); the files are what setuptools would package.
+    the package index); files and metadata are what setuptools would write.
     """
-    dist = metadata.distribution("millrace")
-    stem = f"millrace-{dist.version}"
-    info_dir = f"{stem}.dist-info"
-    target = out_dir / f"{stem}-py3-none-any.whl"
-    rows: list[tuple[str, str, str]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp)
+        provision._copy_gateway_tree(REPO, tree)
+        project = tomllib.loads((tree / "pyproject.toml").read_text())["project"]
+        stem = f"millrace_edge-{project['version']}"
+        info_dir = f"{stem}.dist-info"
+        target = out_dir / f"{stem}-py3-none-any.whl"
+        rows: list[tuple[str, str, str]] = []
 
-    def add(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
-        zf.writestr(name, data)
-        rows.append((name, _record_hash(data), str(len(data))))
+        def add(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
+            zf.writestr(name, data)
+            rows.append((name, _record_hash(data), str(len(data))))
 
-    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for package, base in _SOURCE_PACKAGES.items():
-            for path in sorted((base / package).rglob("*")):
-                if (
-                    path.is_file()
-                    and path.suffix in _PACKAGE_DATA
-                    and "__pycache__" not in path.parts
-                ):
-                    add(zf, path.relative_to(base).as_posix(), path.read_bytes())
-        for name in ("METADATA", "entry_points.txt", "top_level.txt"):
-            text = dist.read_text(name) or (
-                dist.read_text("PKG-INFO") if name == "METADATA" else None
+        with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for path in sorted((tree / "millrace").rglob("*")):
+                if path.is_file() and path.suffix in _PACKAGE_DATA:
+                    add(zf, path.relative_to(tree).as_posix(), path.read_bytes())
+            requires = "".join(f"Requires-Dist: {dep}\n" for dep in project["dependencies"])
+            meta = (
+                f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n"
             )
-            if text is not None:
-                add(zf, f"{info_dir}/{name}", text.encode())
-        wheel_meta = "Wheel-Version: 1.0\nGenerator: millrace-tests\nRoot-Is-Purelib: true\n"
-        add(zf, f"{info_dir}/WHEEL", (wheel_meta + "Tag: py3-none-any\n").encode())
-        buffer = io.StringIO()
-        csv.writer(buffer, lineterminator="\n").writerows([*rows, (f"{info_dir}/RECORD", "", "")])
-        zf.writestr(f"{info_dir}/RECORD", buffer.getvalue())
+            add(zf, f"{info_dir}/METADATA", (meta + requires).encode())
+            scripts = "".join(f"{k} = {v}\n" for k, v in project["scripts"].items())
+            add(zf, f"{info_dir}/entry_points.txt", f"[console_scripts]\n{scripts}".encode())
+            wheel_meta = "Wheel-Version: 1.0\nGenerator: millrace-tests\nRoot-Is-Purelib: true\n"
+            add(zf, f"{info_dir}/WHEEL", (wheel_meta + "Tag: py3-none-any\n").encode())
+            buffer = io.StringIO()
+            csv.writer(buffer, lineterminator="\n").writerows(
+                [*rows, (f"{info_dir}/RECORD", "", "")]
+            )
+            zf.writestr(f"{info_dir}/RECORD", buffer.getvalue())
     return target
 
 

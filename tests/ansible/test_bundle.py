@@ -8,11 +8,13 @@ config must get its data to the test broker.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import subprocess
 import sys
 import tarfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +115,31 @@ def test_installed_key_and_config_are_private(installed: Installed) -> None:
     assert "PRIVATE KEY" not in output
 
 
+def test_bundle_wheel_holds_only_the_contract_and_the_edge_agent(installed: Installed) -> None:
+    """The gateway gets what it runs: no cloud, dashboard, simulator or tooling module."""
+    wheels = sorted((installed.unpacked / "agent").glob("*.whl"))
+    assert [w.name.split("-")[0] for w in wheels] == ["millrace_edge"]
+    with zipfile.ZipFile(wheels[0]) as zf:
+        modules = [n for n in zf.namelist() if n.endswith(".py")]
+        metadata_text = next(
+            zf.read(n).decode() for n in zf.namelist() if n.endswith("dist-info/METADATA")
+        )
+    assert "millrace/edge/agent.py" in modules
+    assert "millrace/wire/codec.py" in modules
+    for part in ("cloud", "dashboards", "fieldsim", "ops"):
+        assert not [m for m in modules if m.startswith(f"millrace/{part}/")], part
+    top_level = {m.split("/")[0] for m in modules}
+    assert top_level == {"millrace"}
+    pins = (installed.unpacked / "agent" / "requirements.txt").read_text().lower()
+    requires = metadata_text.lower()
+    for heavy in ("cryptography", "psycopg", "sqlalchemy", "streamlit", "jinja2"):
+        assert f"{heavy}==" not in pins, heavy
+        assert f"requires-dist: {heavy}" not in requires, heavy
+    site = sorted((installed.root / "opt/millrace/current/venv/lib").glob("python3*/site-packages"))
+    assert site and not (site[0] / "cryptography").exists()
+    assert not (site[0] / "millrace" / "cloud").exists()
+
+
 def test_installed_agent_publishes_to_the_broker(
     installed: Installed, mqtt_connect: Callable[..., paho.Client]
 ) -> None:
@@ -204,3 +231,34 @@ def test_a_bundle_whose_config_the_agent_rejects_is_rolled_back(
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+@pytest.mark.security
+def test_a_key_that_does_not_match_the_certificate_is_refused(
+    installed: Installed, tmp_path: Path
+) -> None:
+    """install.sh checks key against certificate with the stdlib (no cryptography on gateways)."""
+    import shutil
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    bundle = tmp_path / "swapped"
+    shutil.copytree(installed.unpacked, bundle)
+    stranger = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    (bundle / "pki" / "device.key").write_bytes(stranger)
+    manifest = bundle / provision.MANIFEST_NAME
+    digest = hashlib.sha256(stranger).hexdigest()
+    manifest.write_text(
+        "".join(
+            f"{digest}  pki/device.key\n" if line.endswith("  pki/device.key") else f"{line}\n"
+            for line in manifest.read_text().splitlines()
+        )
+    )
+    result = _install(bundle, "--root", str(tmp_path / "root"))
+    assert result.returncode != 0, result.stdout
+    assert "does not belong to the certificate in this bundle" in result.stderr

@@ -25,7 +25,8 @@ from millrace.errors import ConfigError, PKIError
 from millrace.ops import pki, provision
 
 DEVICE = "press-07"
-FAKE_WHEEL_NAME = "millrace-0.1.0-py3-none-any.whl"
+FAKE_WHEEL_NAME = "millrace_edge-0.1.0-py3-none-any.whl"
+FAKE_CLOUD_WHEEL_NAME = "millrace-0.1.0-py3-none-any.whl"
 CLOUD_ONLY = ("psycopg", "sqlalchemy", "streamlit", "alembic", "pandas")
 
 
@@ -136,7 +137,8 @@ def test_requirements_pin_only_the_edge_closure(
         if not line.startswith("#")
     ]
     names = {pin.split("==")[0] for pin in pins}
-    assert {"paho-mqtt", "pymodbus", "cryptography", "msgpack"} <= names
+    assert {"paho-mqtt", "pymodbus", "msgpack"} <= names
+    assert "cryptography" not in names  # the gateway reads its certificate's expiry itself
     assert not any(name.startswith(CLOUD_ONLY) for name in names), names
     assert all("==" in pin for pin in pins)
 
@@ -428,16 +430,25 @@ def test_cli_release_dir_writes_what_the_ansible_roles_read(
     fake_wheel: Path, tmp_path: Path
 ) -> None:
     release_dir = tmp_path / "release"
-    result = _cli("provision", "--release-dir", str(release_dir), "--wheel", str(fake_wheel))
+    cloud_wheel = tmp_path / FAKE_CLOUD_WHEEL_NAME
+    cloud_wheel.write_bytes(b"stand-in for the full millrace wheel")
+    flags = ("--release-dir", str(release_dir), "--wheel", str(fake_wheel))
+    flags += ("--cloud-wheel", str(cloud_wheel))
+    result = _cli("provision", *flags)
     assert result.returncode == 0, result.stderr
     info = json.loads((release_dir / provision.RELEASE_JSON).read_text())
     assert info["wheel"] == FAKE_WHEEL_NAME
     assert (release_dir / FAKE_WHEEL_NAME).read_bytes() == fake_wheel.read_bytes()
     assert info["release_id"] in result.stdout
     assert set(info["targets"]) == {"cloud", "dashboard"}
+    assert {t["wheel"] for t in info["targets"].values()} == {FAKE_CLOUD_WHEEL_NAME}
+    assert (release_dir / FAKE_CLOUD_WHEEL_NAME).read_bytes() == cloud_wheel.read_bytes()
     cloud_pins = (release_dir / info["targets"]["cloud"]["requirements"]).read_text()
     assert "psycopg==" in cloud_pins
     assert "streamlit" not in cloud_pins
-    again = _cli("provision", "--release-dir", str(release_dir), "--wheel", str(fake_wheel))
+    edge_pins = (release_dir / provision.REQUIREMENTS_NAME).read_text()
+    assert "paho-mqtt==" in edge_pins
+    assert "cryptography" not in edge_pins
+    again = _cli("provision", *flags)
     assert json.loads((release_dir / provision.RELEASE_JSON).read_text()) == info
     assert again.returncode == 0

@@ -92,7 +92,7 @@ release_id=$(json_field agent/release.json release_id)
 wheel=$(json_field agent/release.json wheel)
 device_id=$(json_field bundle.json device_id)
 case $release_id in '' | *[!A-Za-z0-9._+-]*) refuse "bad release id '$release_id'" ;; esac
-case $wheel in millrace-*.whl) ;; *) refuse "bad wheel name '$wheel'" ;; esac
+case $wheel in millrace_edge-*.whl) ;; *) refuse "bad wheel name '$wheel'" ;; esac
 
 case $root in
     /) prefix='' ;;
@@ -200,14 +200,14 @@ if [ -f pki/device.key ]; then
 fi
 "$rel/venv/bin/python" - "$etc/pki/device.crt" "$etc/pki/device.key" <<'EOF' \
     || die "$etc/pki/device.key does not belong to the certificate in this bundle"
+import ssl
 import sys
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization as s
 
-cert = x509.load_pem_x509_certificate(open(sys.argv[1], "rb").read())
-key = s.load_pem_private_key(open(sys.argv[2], "rb").read(), password=None)
-raw = (s.Encoding.DER, s.PublicFormat.SubjectPublicKeyInfo)
-sys.exit(cert.public_key().public_bytes(*raw) != key.public_key().public_bytes(*raw))
+# OpenSSL refuses a key that does not match the certificate (KEY_VALUES_MISMATCH).
+try:
+    ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(sys.argv[1], sys.argv[2])
+except (ssl.SSLError, OSError) as exc:
+    sys.exit(f"install.sh: {exc}")
 EOF
 relocate "systemd/$UNIT" "$work/$UNIT"
 install_file "$work/$UNIT" "$units/$UNIT" 0644 root:root
