@@ -8,25 +8,25 @@ variable MILLRACE_INGEST_DSN) supplies the DSN instead.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
-from millrace.cloud.retention import DEFAULT_AGES_DAYS, RetentionPolicy
-from millrace.configfile import Section, read_toml
+from millrace import configfile
+from millrace.cloud.retention import DEFAULT_AGES_DAYS, RETAINED_TABLES, RetentionPolicy
+from millrace.configfile import BrokerConnection, Table, optional_dsn, read_dsn, read_toml
 from millrace.errors import ConfigError
 from millrace.ids import is_device_id
 
 DSN_ENV: Final = "MILLRACE_INGEST_DSN"
-DEFAULT_BROKER_PORT: Final = 8883
+DEFAULT_BROKER_PORT: Final = configfile.DEFAULT_BROKER_PORT
 DEFAULT_SHARE_GROUP: Final = "ingest"
 # A week: a worker may be down over a long weekend and still find its session and queue.
 DEFAULT_SESSION_EXPIRY_SECONDS: Final = 7 * 24 * 3600
 # Unacknowledged messages the broker may send us; bounds one commit's messages and memory.
 DEFAULT_RECEIVE_MAXIMUM: Final = 1000
-DEFAULT_KEEPALIVE_SECONDS: Final = 30
+DEFAULT_KEEPALIVE_SECONDS: Final = configfile.DEFAULT_BROKER_KEEPALIVE_SECONDS
 # A batch commits at whichever comes first; 200 ms keeps window-close-to-commit well under 1 s.
 DEFAULT_BATCH_MAX_ROWS: Final = 20_000
 DEFAULT_BATCH_MAX_DELAY_MS: Final = 200
@@ -44,20 +44,14 @@ DEFAULT_NO_DATA_CHECK_SECONDS: Final = 15
 DEFAULT_RETENTION_INTERVAL_SECONDS: Final = 3600
 
 
-@dataclass(frozen=True, slots=True)
-class BrokerSettings:
-    """Where the worker subscribes, and as whom (mutual TLS)."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BrokerSettings(BrokerConnection):
+    """Where the worker subscribes (mutual TLS), as whom, and its persistent session."""
 
-    host: str
-    port: int
-    ca: Path
-    cert: Path
-    key: Path
     client_id: str
     share_group: str = DEFAULT_SHARE_GROUP
     session_expiry_s: int = DEFAULT_SESSION_EXPIRY_SECONDS
     receive_maximum: int = DEFAULT_RECEIVE_MAXIMUM
-    keepalive_s: int = DEFAULT_KEEPALIVE_SECONDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,103 +105,63 @@ class IngestConfig:
     source: Path | None = None
 
 
-def _read_dsn(section: Section, base: Path) -> str:
-    has_dsn = "dsn" in section.data
-    has_file = "dsn_file" in section.data
-    if has_dsn and has_file:
-        raise section.error("dsn", "give dsn or dsn_file, not both")
-    if has_file:
-        path = section.path("dsn_file", base)
-        try:
-            dsn = path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise section.error("dsn_file", f"cannot read {path}: {exc}") from exc
-        if not dsn:
-            raise section.error("dsn_file", f"{path} is empty")
-        return dsn
-    if has_dsn:
-        return section.text("dsn")
-    from_env = os.environ.get(DSN_ENV, "").strip()
-    if from_env:
-        return from_env
-    raise section.error("dsn", f"is required (or dsn_file, or the {DSN_ENV} environment variable)")
-
-
-def _broker(section: Section, base: Path) -> BrokerSettings:
-    client_id = section.text("client_id")
+def _broker(t: Table) -> BrokerSettings:
+    client_id = t.text("client_id")
     if len(client_id) > 64 or any(c in client_id for c in "/+#") or not client_id.isprintable():
-        raise section.error("client_id", "1-64 printable characters without / + #")
-    group = section.text("share_group", DEFAULT_SHARE_GROUP)
+        raise t.error("client_id", "1-64 printable characters without / + #")
+    group = t.text("share_group", DEFAULT_SHARE_GROUP)
     if not is_device_id(group):
-        raise section.error("share_group", "a-z 0-9 . _ - only (it becomes a topic level)")
-    return BrokerSettings(
-        host=section.text("host"),
-        port=section.integer("port", DEFAULT_BROKER_PORT, low=1, high=65535),
-        ca=section.path("ca", base),
-        cert=section.path("cert", base),
-        key=section.path("key", base),
+        raise t.error("share_group", "a-z 0-9 . _ - only (it becomes a topic level)")
+    return BrokerSettings.read(
+        t,
+        files_must_exist=True,
         client_id=client_id,
         share_group=group,
-        session_expiry_s=section.integer(
+        session_expiry_s=t.integer(
             "session_expiry_s", DEFAULT_SESSION_EXPIRY_SECONDS, low=60, high=2**32 - 1
         ),
-        receive_maximum=section.integer(
-            "receive_maximum", DEFAULT_RECEIVE_MAXIMUM, low=1, high=65535
-        ),
-        keepalive_s=section.integer("keepalive_s", DEFAULT_KEEPALIVE_SECONDS, low=5, high=3600),
+        receive_maximum=t.integer("receive_maximum", DEFAULT_RECEIVE_MAXIMUM, low=1, high=65535),
     )
 
 
-def _periods(section: Section) -> frozenset[int]:
-    section.used.add("allowed_periods_s")
-    raw = section.data.get("allowed_periods_s", list(DEFAULT_ALLOWED_PERIODS_S))
-    if not isinstance(raw, list) or not raw:
-        raise section.error("allowed_periods_s", "expected a non-empty list of seconds")
-    for value in raw:
-        if type(value) is not int or value <= 0 or SECONDS_PER_HOUR % value:
-            raise section.error(
-                "allowed_periods_s",
-                f"{value!r} must be a whole number of seconds that divides 3600 "
-                "(so every window falls in one hourly rollup)",
+def _periods(t: Table) -> frozenset[int]:
+    periods = t.integers(
+        "allowed_periods_s", DEFAULT_ALLOWED_PERIODS_S, low=1, high=SECONDS_PER_HOUR, non_empty=True
+    )
+    for i, value in enumerate(periods):
+        if SECONDS_PER_HOUR % value:
+            raise t.error(
+                f"allowed_periods_s[{i}]",
+                f"{value} does not divide 3600 (every window must fall in one hourly rollup)",
             )
-    return frozenset(raw)
+    return frozenset(periods)
 
 
-def _retention(section: Section, base: Path) -> RetentionSettings:
-    section.used.add("enabled")
-    enabled = section.data.get("enabled", True)
-    if type(enabled) is not bool:
-        raise section.error("enabled", f"expected true or false, got {enabled!r}")
-    interval_s = section.integer(
-        "interval_s", DEFAULT_RETENTION_INTERVAL_SECONDS, low=60, high=7 * 86400
-    )
-    dsn = None
-    if "dsn" in section.data or "dsn_file" in section.data:
-        dsn = _read_dsn(section, base)
-    section.used.update({"dsn", "dsn_file"})
-    days_section = section.table("days")
+def _retention(t: Table) -> RetentionSettings:
+    enabled = t.boolean("enabled", True)
+    interval_s = t.integer("interval_s", DEFAULT_RETENTION_INTERVAL_SECONDS, low=60, high=7 * 86400)
+    # Its own login (the tables' owner); without one the worker falls back to the ingest DSN.
+    dsn = optional_dsn(t)
+    days_table = t.table("days")
+    days_table.check_unknown(RETAINED_TABLES)
     days = dict(DEFAULT_AGES_DAYS)
-    for name, value in days_section.data.items():
-        days_section.used.add(name)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise days_section.error(name, f"expected a number of days > 0, got {value!r}")
-        days[name] = float(value)
+    for name in days_table.data:
+        days[name] = days_table.number(name, low=0.0, low_open=True)
     try:
         RetentionPolicy.from_days(days)
     except ConfigError as exc:
-        raise section.error("days", exc.problem) from exc
-    section.check_unknown()
+        raise t.error("days", exc.problem) from exc
+    t.check_unknown()
     return RetentionSettings(enabled=enabled, interval_s=interval_s, dsn=dsn, days=days)
 
 
 def parse_config(data: Mapping[str, Any], *, base: Path, source: str = "<config>") -> IngestConfig:
     """Build an IngestConfig from parsed TOML; paths are relative to `base`."""
-    root = Section(data, "", source)
+    root = Table(data, base=base, source=source)
     database = root.table("database")
-    dsn = _read_dsn(database, base)
-    database.used.update({"dsn", "dsn_file"})
+    dsn = read_dsn(database, env=DSN_ENV)
     broker = root.table("broker")
-    broker_settings = _broker(broker, base)
+    broker_settings = _broker(broker)
     batch = root.table("batch")
     batch_settings = BatchSettings(
         max_rows=batch.integer("max_rows", DEFAULT_BATCH_MAX_ROWS, low=1, high=1_000_000),
@@ -235,9 +189,9 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: str = "<config>
     no_data_check_s = alerts.integer(
         "no_data_check_s", DEFAULT_NO_DATA_CHECK_SECONDS, low=1, high=86400
     )
-    retention = _retention(root.table("retention"), base)
-    for section in (root, database, broker, batch, validation, http, status, alerts):
-        section.check_unknown()
+    retention = _retention(root.table("retention"))
+    for table in (root, database, broker, batch, validation, http, status, alerts):
+        table.check_unknown()
     return IngestConfig(
         dsn=dsn,
         broker=broker_settings,

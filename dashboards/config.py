@@ -19,14 +19,13 @@ environment variable MILLRACE_DASH_DSN) supplies the DSN instead.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from millrace.configfile import Section, read_toml
+from millrace.configfile import Table, read_dsn, read_toml
 
 Role = Literal["viewer", "operator", "admin"]
 ROLES: Final[tuple[Role, ...]] = get_args(Role)
@@ -86,59 +85,23 @@ class DashboardConfig:
         return ZoneInfo(self.timezone)
 
 
-def _timezone(section: Section) -> str:
-    name = section.text("timezone", DEFAULT_TIMEZONE)
+def _timezone(t: Table) -> str:
+    name = t.text("timezone", DEFAULT_TIMEZONE)
     try:
         ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise section.error("timezone", f"unknown time zone {name!r} (e.g. Europe/Berlin)") from exc
+        raise t.error("timezone", f"unknown time zone {name!r} (e.g. Europe/Berlin)") from exc
     return name
 
 
-def _dsn(section: Section, base: Path) -> str:
-    section.used.update({"dsn", "dsn_file"})
-    has_dsn = "dsn" in section.data
-    has_file = "dsn_file" in section.data
-    if has_dsn and has_file:
-        raise section.error("dsn", "give dsn or dsn_file, not both")
-    from_env = os.environ.get(DSN_ENV, "").strip()
-    if has_file:
-        path = section.path("dsn_file", base)
-        try:
-            dsn = path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise section.error("dsn_file", f"cannot read {path}: {exc}") from exc
-        if not dsn:
-            raise section.error("dsn_file", f"{path} is empty")
-    elif has_dsn:
-        dsn = section.text("dsn")
-    elif from_env:
-        dsn = from_env
-    else:
-        raise section.error(
-            "dsn", f"is required (or dsn_file, or the {DSN_ENV} environment variable)"
-        )
-    if not dsn.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
-        key = "dsn_file" if has_file else "dsn"
-        raise section.error(key, "expected a postgresql:// URL")
-    return dsn
-
-
-def _role(section: Section, name: str, default: Role) -> Role:
-    value = section.text(name, default)
-    if value not in ROLES:
-        raise section.error(name, f"{value!r} is not one of {', '.join(ROLES)}")
-    return value  # type: ignore[return-value]
-
-
-def _server(section: Section, base: Path) -> ServerSettings:
-    cert = section.optional_path("tls_cert", base)
-    key = section.optional_path("tls_key", base)
+def _server(t: Table) -> ServerSettings:
+    cert = t.optional_path("tls_cert", must_exist=True)
+    key = t.optional_path("tls_key", must_exist=True)
     if (cert is None) != (key is None):
-        raise section.error("tls_cert" if cert is None else "tls_key", "give tls_cert and tls_key")
+        raise t.error("tls_cert" if cert is None else "tls_key", "give tls_cert and tls_key")
     return ServerSettings(
-        port=section.integer("port", DEFAULT_PORT, low=1, high=65535),
-        address=section.text("address", DEFAULT_ADDRESS),
+        port=t.integer("port", DEFAULT_PORT, low=1, high=65535),
+        address=t.text("address", DEFAULT_ADDRESS),
         tls_cert=cert,
         tls_key=key,
     )
@@ -148,17 +111,18 @@ def parse_config(
     data: Mapping[str, Any], *, base: Path, source: str = "<config>"
 ) -> DashboardConfig:
     """Build a DashboardConfig from parsed TOML; paths are relative to `base`."""
-    root = Section(data, "", source)
+    root = Table(data, base=base, source=source)
     dash = root.table("dashboard")
     database = root.table("database")
     auth = root.table("auth")
     server = root.table("server")
     config = DashboardConfig(
-        dsn=_dsn(database, base),
+        # SQLAlchemy takes only URLs, not libpq's key=value strings.
+        dsn=read_dsn(database, env=DSN_ENV, url_only=True),
         auth=AuthSettings(
-            users_file=auth.path("users_file", base, must_exist=False),
-            oidc_secrets=auth.optional_path("oidc_secrets", base),
-            oidc_default_role=_role(auth, "oidc_default_role", "viewer"),
+            users_file=auth.path("users_file"),
+            oidc_secrets=auth.optional_path("oidc_secrets", must_exist=True),
+            oidc_default_role=auth.choice("oidc_default_role", ROLES, "viewer"),
         ),
         title=dash.text("title", DEFAULT_TITLE),
         timezone=_timezone(dash),
@@ -174,10 +138,10 @@ def parse_config(
         late_after_s=dash.integer(
             "late_after_seconds", DEFAULT_LATE_AFTER_SECONDS, low=1, high=30 * 86400
         ),
-        server=_server(server, base),
+        server=_server(server),
     )
-    for section in (root, dash, database, auth, server):
-        section.check_unknown()
+    for table in (root, dash, database, auth, server):
+        table.check_unknown()
     return config
 
 

@@ -21,6 +21,7 @@ from millrace.cloud.rollups import aggregate, rebucket
 from millrace.cloud.validate import Limits, validate_batch
 from millrace.cloud.worker import HealthItem, StateItem, classify
 from millrace.cloud.writer import DeadLetter, Incoming, to_datetime
+from millrace.configfile import BrokerConnection
 from millrace.errors import ConfigError
 from millrace.wire import Batch, DeviceState, Event, Heartbeat, Window, encode_batch
 
@@ -79,6 +80,7 @@ def test_config_defaults_and_relative_paths(tls_files: Path) -> None:
     config = parse_config(minimal(), base=tls_files)
     assert config.broker.port == 8883 and config.broker.share_group == "ingest"
     assert config.broker.ca == tls_files / "ca.crt"
+    assert isinstance(config.broker, BrokerConnection)  # the edge agent's type too
     assert config.batch.max_rows == 20_000 and config.batch.max_delay_ms == 200
     assert 3600 in config.validation.allowed_periods_s
     assert config.retention.enabled and config.retention.days["readings"] == 90
@@ -86,22 +88,30 @@ def test_config_defaults_and_relative_paths(tls_files: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("overrides", "key"),
+    ("overrides", "key", "words"),
     [
-        ({"batch": {"max_rows": 0}}, "batch.max_rows"),
-        ({"batch": {"max_delay_ms": "fast"}}, "batch.max_delay_ms"),
-        ({"validation": {"allowed_periods_s": [7]}}, "validation.allowed_periods_s"),
-        ({"broker": {"host": "b", "client_id": "w"}}, "broker.ca"),
-        ({"http": {"prot": 1}}, "http.prot"),
-        ({"retention": {"days": {"readings": -1}}}, "retention.days.readings"),
-        ({"retention": {"days": {"nope": 3}}}, "retention.days"),
-        ({"status": {"stale_after_s": 0}}, "status.stale_after_s"),
-        ({"database": {}}, "database.dsn"),
-        ({"database": {"dsn": "x", "dsn_file": "f"}}, "database.dsn"),
+        ({"batch": {"max_rows": 0}}, "batch.max_rows", "0 is outside [1, 1000000]"),
+        ({"batch": {"max_delay_ms": "fast"}}, "batch.max_delay_ms", "expected an integer"),
+        (
+            {"validation": {"allowed_periods_s": [60, 7]}},
+            "validation.allowed_periods_s[1]",
+            "7 does not divide 3600",
+        ),
+        ({"broker": {"host": "b", "client_id": "w"}}, "broker.ca", "missing"),
+        ({"http": {"prot": 1}}, "http.prot", "did you mean 'port'?"),
+        ({"retention": {"days": {"readings": -1}}}, "retention.days.readings", "must be > 0"),
+        ({"retention": {"days": {"nope": 3}}}, "retention.days.nope", "unknown key"),
+        ({"status": {"stale_after_s": 0}}, "status.stale_after_s", "outside"),
+        ({"database": {}}, "database.dsn", f"or the {DSN_ENV} environment variable"),
+        ({"database": {"dsn": "x", "dsn_file": "f"}}, "database.dsn", "not both"),
     ],
 )
 def test_config_errors_name_the_key(
-    tls_files: Path, overrides: dict[str, object], key: str, monkeypatch: pytest.MonkeyPatch
+    tls_files: Path,
+    overrides: dict[str, object],
+    key: str,
+    words: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv(DSN_ENV, raising=False)
     data = minimal()
@@ -113,7 +123,8 @@ def test_config_errors_name_the_key(
     with pytest.raises(ConfigError) as caught:
         parse_config(data, base=tls_files, source="ingest.toml")
     assert caught.value.key == key
-    assert str(caught.value).startswith("ingest.toml: ")
+    assert words in caught.value.problem
+    assert str(caught.value).startswith(f"ingest.toml: {key}: ")
 
 
 def test_dsn_from_file_or_environment(tls_files: Path, monkeypatch: pytest.MonkeyPatch) -> None:

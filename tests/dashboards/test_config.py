@@ -80,38 +80,57 @@ def test_dsn_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 @pytest.mark.parametrize(
-    ("text", "key"),
+    ("text", "key", "words"),
     [
-        ('[dashboard]\ntimezone = "Mars/Olympus"\n' + MINIMAL, "dashboard.timezone"),
-        ("[dashboard]\nrefresh_seconds = 1\n" + MINIMAL, "dashboard.refresh_seconds"),
-        ('[dashboard]\nrefresh_seconds = "15"\n' + MINIMAL, "dashboard.refresh_seconds"),
-        ('[dashboard]\ntitel = "typo"\n' + MINIMAL, "dashboard.titel"),
-        ("colour = 1\n" + MINIMAL, "colour"),
-        ('[auth]\nusers_file = "u.toml"\n', "database.dsn"),
-        ('[database]\ndsn = "mysql://x"\n[auth]\nusers_file = "u"\n', "database.dsn"),
-        ('[database]\ndsn = "postgresql://x"\ndsn_file = "f"\n', "database.dsn"),
-        ('[database]\ndsn_file = "absent.dsn"\n[auth]\nusers_file = "u"\n', "database.dsn_file"),
-        ('[database]\ndsn = "postgresql://x"\n', "auth.users_file"),
-        (MINIMAL + 'oidc_default_role = "root"\n', "auth.oidc_default_role"),
-        (MINIMAL + 'oidc_secrets = "absent.toml"\n', "auth.oidc_secrets"),
-        (MINIMAL + "[server]\nport = 70000\n", "server.port"),
-        (MINIMAL + '[server]\ntls_cert = "dashboard.toml"\n', "server.tls_key"),
-        ("database = 3\n", "database"),
+        (
+            '[dashboard]\ntimezone = "Mars/Olympus"\n' + MINIMAL,
+            "dashboard.timezone",
+            "unknown time zone",
+        ),
+        ("[dashboard]\nrefresh_seconds = 1\n" + MINIMAL, "dashboard.refresh_seconds", "outside"),
+        (
+            '[dashboard]\nrefresh_seconds = "15"\n' + MINIMAL,
+            "dashboard.refresh_seconds",
+            "expected an integer",
+        ),
+        ('[dashboard]\ntitel = "typo"\n' + MINIMAL, "dashboard.titel", "did you mean 'title'"),
+        ("colour = 1\n" + MINIMAL, "colour", "unknown key"),
+        ('[auth]\nusers_file = "u.toml"\n', "database.dsn", "MILLRACE_DASH_DSN"),
+        (
+            '[database]\ndsn = "mysql://x"\n[auth]\nusers_file = "u"\n',
+            "database.dsn",
+            "postgresql://",
+        ),
+        ('[database]\ndsn = "postgresql://x"\ndsn_file = "f"\n', "database.dsn", "not both"),
+        (
+            '[database]\ndsn_file = "absent.dsn"\n[auth]\nusers_file = "u"\n',
+            "database.dsn_file",
+            "file not found",
+        ),
+        ('[database]\ndsn = "postgresql://x"\n', "auth.users_file", "missing"),
+        (MINIMAL + 'oidc_default_role = "root"\n', "auth.oidc_default_role", "not one of"),
+        (MINIMAL + 'oidc_secrets = "absent.toml"\n', "auth.oidc_secrets", "file not found"),
+        (MINIMAL + "[server]\nport = 70000\n", "server.port", "outside"),
+        (MINIMAL + '[server]\ntls_cert = "dashboard.toml"\n', "server.tls_key", "give tls_cert"),
+        ("database = 3\n", "database", "expected a table"),
     ],
 )
 def test_errors_name_the_key(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, key: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, key: str, words: str
 ) -> None:
     monkeypatch.delenv("MILLRACE_DASH_DSN", raising=False)
     path = _write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert info.value.key == key
+    assert words in info.value.problem
     assert str(path) in str(info.value)
 
 
 def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError, match=r"file not found: .*absent\.toml"):
         load_config(tmp_path / "absent.toml")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path)  # a directory
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(_write(tmp_path, "[dashboard"))
