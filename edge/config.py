@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final, Literal, TypeVar, get_args
+from typing import Final, Literal
 
-from millrace.errors import ConfigError
+from millrace import configfile
+from millrace.configfile import BrokerConnection, Table, parse_toml, read_text, suggest
 from millrace.ids import DEVICE_ID_RULE, METRIC_NAME_RULE, is_device_id, is_metric_name
 from millrace.wire.batch import MAX_PERIOD_SECONDS
 
@@ -29,7 +29,7 @@ FileFormat = Literal["number", "w1_slave"]
 SimWave = Literal["sine", "ramp", "square", "noise", "constant", "steps"]
 Encoding = Literal["msgpack", "json"]
 
-DEFAULT_BROKER_PORT: Final = 8883
+DEFAULT_BROKER_PORT: Final = configfile.DEFAULT_BROKER_PORT
 DEFAULT_MODBUS_PORT: Final = 502
 DEFAULT_LOCAL_MQTT_PORT: Final = 1883
 DEFAULT_PERIOD_SECONDS: Final = 10
@@ -45,15 +45,9 @@ MAX_POLL_SECONDS: Final = 86_400.0
 
 
 @dataclass(frozen=True, slots=True)
-class BrokerConfig:
-    """The plant broker the agent publishes to (mutual TLS, always)."""
+class BrokerConfig(BrokerConnection):
+    """The plant broker the agent publishes to (mutual TLS, always), and how it publishes."""
 
-    host: str
-    port: int
-    ca: Path
-    cert: Path
-    key: Path
-    keepalive_s: int = 30
     encoding: Encoding = "msgpack"
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 60.0
@@ -218,8 +212,6 @@ class AgentConfig:
 
 # ---------------------------------------------------------------------------- loading
 
-_T = TypeVar("_T")
-
 _SIGNAL_COMMON_KEYS: Final = frozenset(
     {
         "metric",
@@ -245,302 +237,167 @@ _DRIVER_KEYS: Final[dict[str, frozenset[str]]] = {
 _FIELD_PATH = re.compile(r"^[^.\[\]]+(\[\d+\])*(\.[^.\[\]]+(\[\d+\])*)*$")
 
 
-class _Table:
-    """A TOML table being read: tracks its dotted path and which keys were used."""
-
-    def __init__(self, data: Mapping[str, Any], path: str, base: Path, source: str) -> None:
-        self.data = data
-        self.path = path
-        self.base = base
-        self.source = source
-        self.used: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def fail(self, name: str, problem: str) -> ConfigError:
-        return ConfigError(self.key(name), problem, source=self.source)
-
-    def _get(self, name: str, kind: type[_T] | tuple[type, ...], what: str, default: Any) -> Any:
-        self.used.add(name)
-        if name not in self.data:
-            if default is _REQUIRED:
-                raise self.fail(name, f"missing (expected {what})")
-            return default
-        value = self.data[name]
-        ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
-        if not ok:
-            raise self.fail(name, f"expected {what}, got {_describe(value)}")
-        return value
-
-    def get_str(self, name: str, default: Any = None) -> Any:
-        value = self._get(name, str, "a string", default)
-        if value is not None and value is not default and not value.strip():
-            raise self.fail(name, "must not be empty")
-        return value
-
-    def get_int(self, name: str, default: Any = None, *, low: int, high: int) -> Any:
-        value = self._get(name, int, "an integer", default)
-        if value is not None and value is not default and not low <= value <= high:
-            raise self.fail(name, f"{value} is outside [{low}, {high}]")
-        return value
-
-    def get_float(
-        self,
-        name: str,
-        default: Any = None,
-        *,
-        low: float = -math.inf,
-        high: float = math.inf,
-        low_open: bool = False,
-    ) -> Any:
-        value = self._get(name, (int, float), "a number", default)
-        if value is None or value is default:
-            return value
-        value = float(value)
-        if not math.isfinite(value):
-            raise self.fail(name, f"expected a finite number, got {value}")
-        if value < low or value > high or (low_open and value == low):
-            bracket = "(" if low_open else "["
-            raise self.fail(name, f"{value:g} is outside {bracket}{low:g}, {high:g}]")
-        return value
-
-    def get_bool(self, name: str, default: Any = None) -> Any:
-        return self._get(name, bool, "true or false", default)
-
-    def choice(self, name: str, allowed: Any, default: Any = None) -> Any:
-        options: tuple[str, ...] = get_args(allowed)
-        value = self._get(name, str, "one of " + ", ".join(options), default)
-        if value is not None and value not in options:
-            raise self.fail(name, f"{value!r} is not one of {', '.join(options)}")
-        return value
-
-    def path_value(self, name: str, default: Any = None) -> Any:
-        value = self.get_str(name, default)
-        if value is None or value is default:
-            return value
-        path = Path(value).expanduser()
-        return path if path.is_absolute() else (self.base / path)
-
-    def table(self, name: str, *, required: bool = False) -> _Table:
-        self.used.add(name)
-        value = self.data.get(name, _REQUIRED if required else {})
-        if value is _REQUIRED:
-            raise self.fail(name, "missing table")
-        if not isinstance(value, dict):
-            raise self.fail(name, f"expected a table, got {_describe(value)}")
-        return _Table(value, self.key(name), self.base, self.source)
-
-    def raw(self, name: str) -> Any:
-        self.used.add(name)
-        return self.data.get(name)
-
-    def check_unknown(self, allowed: frozenset[str] | None = None) -> None:
-        known = self.used if allowed is None else allowed
-        for name in self.data:
-            if name not in known:
-                raise self.fail(name, "unknown key" + _suggest(name, known))
-
-
-_REQUIRED: Any = object()
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f"the string {value!r}"
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "an array"
-    return f"{type(value).__name__} {value!r}"
-
-
-def _suggest(name: str, known: set[str] | frozenset[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, sorted(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _broker(root: _Table) -> BrokerConfig:
+def _broker(root: Table) -> BrokerConfig:
     t = root.table("broker", required=True)
-    broker = BrokerConfig(
-        host=t.get_str("host", _REQUIRED),
-        port=t.get_int("port", DEFAULT_BROKER_PORT, low=1, high=65535),
-        ca=t.path_value("ca", _REQUIRED),
-        cert=t.path_value("cert", _REQUIRED),
-        key=t.path_value("key", _REQUIRED),
-        keepalive_s=t.get_int("keepalive_s", 30, low=5, high=3600),
+    # Files are checked when the agent starts (agent.check_files), not here: bundles
+    # are validated where they are rendered, before the device has its certificates.
+    broker = BrokerConfig.read(
+        t,
+        files_must_exist=False,
         encoding=t.choice("encoding", Encoding, "msgpack"),
-        reconnect_min_s=t.get_float("reconnect_min_s", 1.0, low=0.0, low_open=True, high=3600.0),
-        reconnect_max_s=t.get_float("reconnect_max_s", 60.0, low=0.0, low_open=True, high=86400.0),
-        backlog_batches_per_s=t.get_float(
+        reconnect_min_s=t.number("reconnect_min_s", 1.0, low=0.0, low_open=True, high=3600.0),
+        reconnect_max_s=t.number("reconnect_max_s", 60.0, low=0.0, low_open=True, high=86400.0),
+        backlog_batches_per_s=t.number(
             "backlog_batches_per_s", 20.0, low=0.0, low_open=True, high=100_000.0
         ),
-        max_inflight=t.get_int("max_inflight", 20, low=1, high=65535),
+        max_inflight=t.integer("max_inflight", 20, low=1, high=65535),
     )
     if broker.reconnect_max_s < broker.reconnect_min_s:
-        raise t.fail("reconnect_max_s", "must be >= reconnect_min_s")
+        raise t.error("reconnect_max_s", "must be >= reconnect_min_s")
     t.check_unknown()
     return broker
 
 
-def _windows(root: _Table) -> WindowsConfig:
+def _windows(root: Table) -> WindowsConfig:
     t = root.table("windows")
-    period = t.get_int("period_s", DEFAULT_PERIOD_SECONDS, low=1, high=MAX_PERIOD_SECONDS)
-    extra = t.raw("extra_periods_s") or []
-    if not isinstance(extra, list):
-        raise t.fail("extra_periods_s", f"expected an array of integers, got {_describe(extra)}")
-    for i, value in enumerate(extra):
-        if type(value) is not int or not 1 <= value <= MAX_PERIOD_SECONDS:
-            raise ConfigError(
-                t.key(f"extra_periods_s[{i}]"),
-                f"expected an integer in [1, {MAX_PERIOD_SECONDS}], got {_describe(value)}",
-                source=t.source,
-            )
-    grace = t.get_float("grace_s", DEFAULT_GRACE_SECONDS, low=0.0, high=3600.0)
+    period = t.integer("period_s", DEFAULT_PERIOD_SECONDS, low=1, high=MAX_PERIOD_SECONDS)
+    extra = t.integers("extra_periods_s", (), low=1, high=MAX_PERIOD_SECONDS)
+    grace = t.number("grace_s", DEFAULT_GRACE_SECONDS, low=0.0, high=3600.0)
     if grace >= min((period, *extra)):
-        raise t.fail("grace_s", f"{grace:g} must be shorter than the shortest period")
+        raise t.error("grace_s", f"{grace:g} must be shorter than the shortest period")
     t.check_unknown()
-    return WindowsConfig(period_s=period, extra_periods_s=tuple(extra), grace_s=grace)
+    return WindowsConfig(period_s=period, extra_periods_s=extra, grace_s=grace)
 
 
-def _outbox(root: _Table) -> OutboxConfig:
+def _outbox(root: Table) -> OutboxConfig:
     t = root.table("outbox", required=True)
     result = OutboxConfig(
-        path=t.path_value("path", _REQUIRED),
-        max_bytes=t.get_int("max_bytes", DEFAULT_OUTBOX_MAX_BYTES, low=64 * 1024, high=2**40),
-        max_age_s=t.get_int(
-            "max_age_s", DEFAULT_OUTBOX_MAX_AGE_SECONDS, low=60, high=10 * 365 * 86400
+        path=t.path("path"),
+        max_bytes=t.integer("max_bytes", DEFAULT_OUTBOX_MAX_BYTES, low=64 * 1024, high=2**40),
+        max_age_s=t.integer(
+            "max_age_s", DEFAULT_OUTBOX_MAX_AGE_SECONDS, low=60, high=MAX_OUTBOX_AGE_SECONDS
         ),
     )
     t.check_unknown()
     return result
 
 
-def _modbus_devices(root: _Table) -> dict[str, ModbusDevice]:
+def _modbus_devices(root: Table) -> dict[str, ModbusDevice]:
     devices: dict[str, ModbusDevice] = {}
-    top = root.table("modbus")
-    for name in top.data:
-        t = top.table(name)
+    for name, t in root.table("modbus").subtables().items():
         devices[name] = ModbusDevice(
             name=name,
-            host=t.get_str("host", _REQUIRED),
-            port=t.get_int("port", DEFAULT_MODBUS_PORT, low=1, high=65535),
-            unit_id=t.get_int("unit_id", 1, low=0, high=255),
-            timeout_s=t.get_float("timeout_s", 1.0, low=0.0, low_open=True, high=60.0),
+            host=t.text("host"),
+            port=t.integer("port", DEFAULT_MODBUS_PORT, low=1, high=65535),
+            unit_id=t.integer("unit_id", 1, low=0, high=255),
+            timeout_s=t.number("timeout_s", 1.0, low=0.0, low_open=True, high=60.0),
         )
         t.check_unknown()
     return devices
 
 
-def _local_mqtt(root: _Table) -> dict[str, LocalMqtt]:
+def _local_mqtt(root: Table) -> dict[str, LocalMqtt]:
     sources: dict[str, LocalMqtt] = {}
-    top = root.table("local_mqtt")
-    for name in top.data:
-        t = top.table(name)
+    for name, t in root.table("local_mqtt").subtables().items():
         source = LocalMqtt(
             name=name,
-            host=t.get_str("host", _REQUIRED),
-            port=t.get_int("port", DEFAULT_LOCAL_MQTT_PORT, low=1, high=65535),
-            client_id=t.get_str("client_id", ""),
-            username=t.get_str("username", ""),
-            password_file=t.path_value("password_file"),
-            ca=t.path_value("ca"),
-            cert=t.path_value("cert"),
-            key=t.path_value("key"),
+            host=t.text("host"),
+            port=t.integer("port", DEFAULT_LOCAL_MQTT_PORT, low=1, high=65535),
+            client_id=t.text("client_id", ""),
+            username=t.text("username", ""),
+            password_file=t.optional_path("password_file"),
+            ca=t.optional_path("ca"),
+            cert=t.optional_path("cert"),
+            key=t.optional_path("key"),
         )
         if (source.cert is None) != (source.key is None):
-            raise t.fail("key" if source.key is None else "cert", "cert and key go together")
+            raise t.error("key" if source.key is None else "cert", "cert and key go together")
         if source.cert is not None and source.ca is None:
-            raise t.fail("ca", "a client certificate needs the broker's ca")
+            raise t.error("ca", "a client certificate needs the broker's ca")
         t.check_unknown()
         sources[name] = source
     return sources
 
 
-def _modbus_spec(t: _Table, devices: Mapping[str, ModbusDevice]) -> ModbusSpec:
-    device = t.get_str("device", _REQUIRED)
+def _modbus_spec(t: Table, devices: Mapping[str, ModbusDevice]) -> ModbusSpec:
+    device = t.text("device")
     if device not in devices:
-        raise t.fail(
-            "device", f"{device!r} is not a [modbus.<name>] table" + _suggest(device, set(devices))
+        raise t.error(
+            "device", f"{device!r} is not a [modbus.<name>] table" + suggest(device, devices)
         )
-    table = t.choice("table", ModbusTable, _REQUIRED)
+    table = t.choice("table", ModbusTable)
     spec = ModbusSpec(
         device=device,
         table=table,
-        address=t.get_int("address", _REQUIRED, low=0, high=65535),
+        address=t.integer("address", low=0, high=65535),
         type=t.choice("type", ModbusType, "uint16"),
         byte_order=t.choice("byte_order", ByteOrder, "big"),
         word_order=t.choice("word_order", ByteOrder, "big"),
     )
-    if table in ("coil", "discrete") and "type" in t.data:
-        raise t.fail("type", f"{table} values are single bits; remove type")
+    if table in ("coil", "discrete") and t.has("type"):
+        raise t.error("type", f"{table} values are single bits; remove type")
     if spec.address + spec.width > 65536:
-        raise t.fail("address", f"{spec.type} at {spec.address} runs past register 65535")
+        raise t.error("address", f"{spec.type} at {spec.address} runs past register 65535")
     return spec
 
 
-def _mqtt_spec(t: _Table, sources: Mapping[str, LocalMqtt]) -> MqttSpec:
-    source = t.get_str("source", _REQUIRED)
+def _mqtt_spec(t: Table, sources: Mapping[str, LocalMqtt]) -> MqttSpec:
+    source = t.text("source")
     if source not in sources:
-        raise t.fail(
-            "source",
-            f"{source!r} is not a [local_mqtt.<name>] table" + _suggest(source, set(sources)),
+        raise t.error(
+            "source", f"{source!r} is not a [local_mqtt.<name>] table" + suggest(source, sources)
         )
-    topic = t.get_str("topic", _REQUIRED)
+    topic = t.text("topic")
     if "#" in topic or "+" in topic:
-        raise t.fail("topic", "one exact topic per signal; wildcards are not allowed")
-    path = t.get_str("field", "")
+        raise t.error("topic", "one exact topic per signal; wildcards are not allowed")
+    path = t.text("field", "")
     if path and not _FIELD_PATH.fullmatch(path):
-        raise t.fail("field", f"{path!r} is not a field path like 'ENERGY.Power' or 'a.b[0].c'")
+        raise t.error("field", f"{path!r} is not a field path like 'ENERGY.Power' or 'a.b[0].c'")
     return MqttSpec(source=source, topic=topic, field=path)
 
 
-def _command_spec(t: _Table) -> CommandSpec:
+def _command_spec(t: Table) -> CommandSpec:
     argv = t.raw("command")
     if not isinstance(argv, list) or not argv or not all(isinstance(a, str) and a for a in argv):
-        raise t.fail("command", "expected a non-empty array of strings (argv, no shell)")
-    pattern = t.get_str("pattern", "")
+        raise t.error("command", "expected a non-empty array of strings (argv, no shell)")
+    pattern = t.text("pattern", "")
     if pattern:
         try:
             compiled = re.compile(pattern)
         except re.error as exc:
-            raise t.fail("pattern", f"not a regular expression: {exc}") from exc
+            raise t.error("pattern", f"not a regular expression: {exc}") from exc
         if compiled.groups > 1:
-            raise t.fail("pattern", "at most one capture group (the number)")
+            raise t.error("pattern", "at most one capture group (the number)")
     return CommandSpec(
         command=tuple(argv),
-        timeout_s=t.get_float("timeout_s", 5.0, low=0.0, low_open=True, high=600.0),
+        timeout_s=t.number("timeout_s", 5.0, low=0.0, low_open=True, high=600.0),
         pattern=pattern,
     )
 
 
-def _sim_spec(t: _Table) -> SimSpec:
+def _sim_spec(t: Table) -> SimSpec:
     return SimSpec(
         wave=t.choice("wave", SimWave, "sine"),
-        center=t.get_float("center", 0.0),
-        amplitude=t.get_float("amplitude", 1.0, low=0.0),
-        wave_period_s=t.get_float("wave_period_s", 60.0, low=0.0, low_open=True),
-        noise=t.get_float("noise", 0.0, low=0.0),
-        seed=t.get_int("seed", 0, low=0, high=2**31 - 1),
+        center=t.number("center", 0.0),
+        amplitude=t.number("amplitude", 1.0, low=0.0),
+        wave_period_s=t.number("wave_period_s", 60.0, low=0.0, low_open=True),
+        noise=t.number("noise", 0.0, low=0.0),
+        seed=t.integer("seed", 0, low=0, high=2**31 - 1),
     )
 
 
-def _signal(t: _Table, config: _Partial) -> SignalConfig:
-    metric = t.get_str("metric", _REQUIRED)
+def _signal(t: Table, config: _Partial) -> SignalConfig:
+    metric = t.text("metric")
     if not is_metric_name(metric):
-        raise t.fail("metric", f"{metric!r}: {METRIC_NAME_RULE}")
-    driver = t.choice("driver", DriverName, _REQUIRED)
+        raise t.error("metric", f"{metric!r}: {METRIC_NAME_RULE}")
+    driver = t.choice("driver", DriverName)
     allowed = _SIGNAL_COMMON_KEYS | _DRIVER_KEYS[driver]
-    for name in t.data:
-        if name not in allowed:
-            owner = next((d for d, keys in _DRIVER_KEYS.items() if name in keys), None)
-            if owner:
-                raise t.fail(name, f"is a {owner} key; this signal's driver is {driver}")
-            raise t.fail(name, "unknown key" + _suggest(name, allowed))
+    stray = [name for name in t.data if name not in allowed]
+    if stray:
+        owner = next((d for d, keys in _DRIVER_KEYS.items() if stray[0] in keys), None)
+        if owner:
+            raise t.error(stray[0], f"is a {owner} key; this signal's driver is {driver}")
+        t.check_unknown(allowed)
     kind = t.choice("kind", SignalKind, "numeric")
     spec: DriverSpec
     if driver == "modbus":
@@ -548,40 +405,38 @@ def _signal(t: _Table, config: _Partial) -> SignalConfig:
     elif driver == "mqtt":
         spec = _mqtt_spec(t, config.local_mqtt)
     elif driver == "file":
-        spec = FileSpec(
-            path=t.path_value("path", _REQUIRED), format=t.choice("format", FileFormat, "number")
-        )
+        spec = FileSpec(path=t.path("path"), format=t.choice("format", FileFormat, "number"))
     elif driver == "command":
         spec = _command_spec(t)
     else:
         spec = _sim_spec(t)
-    if driver == "mqtt" and "poll_s" in t.data:
-        raise t.fail("poll_s", "mqtt signals are pushed by their source; remove poll_s")
-    poll = t.get_float("poll_s", DEFAULT_POLL_SECONDS, low=MIN_POLL_SECONDS, high=MAX_POLL_SECONDS)
-    low = t.get_float("valid_min", -math.inf)
-    high = t.get_float("valid_max", math.inf)
+    if driver == "mqtt" and t.has("poll_s"):
+        raise t.error("poll_s", "mqtt signals are pushed by their source; remove poll_s")
+    poll = t.number("poll_s", DEFAULT_POLL_SECONDS, low=MIN_POLL_SECONDS, high=MAX_POLL_SECONDS)
+    low = t.number("valid_min", -math.inf)
+    high = t.number("valid_max", math.inf)
     if low > high:
-        raise t.fail("valid_max", f"{high:g} is below valid_min {low:g}")
-    deadband = t.get_float("deadband", 0.0, low=0.0)
+        raise t.error("valid_max", f"{high:g} is below valid_min {low:g}")
+    deadband = t.number("deadband", 0.0, low=0.0)
     if deadband and kind != "numeric":
-        raise t.fail("deadband", f"only numeric signals take a deadband, this one is {kind}")
+        raise t.error("deadband", f"only numeric signals take a deadband, this one is {kind}")
     states = t.raw("states") or {}
     if states and kind != "enum":
-        raise t.fail("states", f"only enum signals map states, this one is {kind}")
+        raise t.error("states", f"only enum signals map states, this one is {kind}")
     if not isinstance(states, dict) or not all(isinstance(v, str) for v in states.values()):
-        raise t.fail("states", 'expected a table of raw value = "label" strings')
-    scale = t.get_float("scale", 1.0)
+        raise t.error("states", 'expected a table of raw value = "label" strings')
+    scale = t.number("scale", 1.0)
     if scale == 0.0:
-        raise t.fail("scale", "must not be 0")
+        raise t.error("scale", "must not be 0")
     return SignalConfig(
         metric=metric,
         driver=driver,
         spec=spec,
         kind=kind,
         poll_s=poll,
-        unit=t.get_str("unit", "") or "",
+        unit=t.text("unit", ""),
         scale=scale,
-        offset=t.get_float("offset", 0.0),
+        offset=t.number("offset", 0.0),
         valid_min=low,
         valid_max=high,
         deadband=deadband,
@@ -595,23 +450,13 @@ class _Partial:
     local_mqtt: dict[str, LocalMqtt]
 
 
-def _signals(root: _Table, partial: _Partial) -> tuple[SignalConfig, ...]:
-    raw = root.raw("signals")
-    if raw is None:
-        raise ConfigError(
-            "signals", "missing: add at least one [[signals]] entry", source=root.source
-        )
-    if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
-        raise ConfigError("signals", "expected [[signals]] tables", source=root.source)
-    if not raw:
-        raise ConfigError("signals", "add at least one [[signals]] entry", source=root.source)
+def _signals(root: Table, partial: _Partial) -> tuple[SignalConfig, ...]:
     signals: list[SignalConfig] = []
     seen: dict[str, int] = {}
-    for i, item in enumerate(raw):
-        t = _Table(item, f"signals[{i}]", root.base, root.source)
+    for i, t in enumerate(root.array_of_tables("signals", required=True)):
         signal = _signal(t, partial)
         if signal.metric in seen:
-            raise t.fail(
+            raise t.error(
                 "metric", f"{signal.metric!r} is already used by signals[{seen[signal.metric]}]"
             )
         seen[signal.metric] = i
@@ -621,24 +466,18 @@ def _signals(root: _Table, partial: _Partial) -> tuple[SignalConfig, ...]:
 
 def parse_config(text: str, *, base: Path, source: str = "<config>") -> AgentConfig:
     """Validate TOML text into an `AgentConfig`; raise ConfigError naming the key."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("toml", f"not valid TOML: {exc}", source=source) from exc
-    root = _Table(data, "", base, source)
-    device_id = root.get_str("device_id", _REQUIRED)
+    root = Table(parse_toml(text, source=source), base=base, source=source)
+    device_id = root.text("device_id")
     if not is_device_id(device_id):
-        raise root.fail("device_id", f"{device_id!r}: {DEVICE_ID_RULE}")
+        raise root.error("device_id", f"{device_id!r}: {DEVICE_ID_RULE}")
     broker = _broker(root)
     windows = _windows(root)
     outbox = _outbox(root)
     heartbeat = root.table("heartbeat")
-    heartbeat_s = heartbeat.get_float(
-        "interval_s", DEFAULT_HEARTBEAT_SECONDS, low=1.0, high=86400.0
-    )
+    heartbeat_s = heartbeat.number("interval_s", DEFAULT_HEARTBEAT_SECONDS, low=1.0, high=86400.0)
     heartbeat.check_unknown()
     state = root.table("state", required=True)
-    state_dir = state.path_value("dir", _REQUIRED)
+    state_dir = state.path("dir")
     state.check_unknown()
     partial = _Partial(modbus=_modbus_devices(root), local_mqtt=_local_mqtt(root))
     signals = _signals(root, partial)
@@ -660,11 +499,6 @@ def parse_config(text: str, *, base: Path, source: str = "<config>") -> AgentCon
 def load_config(path: Path | str) -> AgentConfig:
     """Read and validate the agent's TOML file."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise ConfigError("--config", f"file not found: {path}") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError("--config", f"cannot read {path}: {exc}") from exc
+    text = read_text(path, key="--config")
     config = parse_config(text, base=path.resolve().parent, source=str(path))
     return replace(config, source=path)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from millrace.configfile import BrokerConnection
 from millrace.edge.config import (
     FileSpec,
     ModbusSpec,
@@ -61,6 +62,7 @@ def test_defaults_and_relative_paths() -> None:
     config = parse_config(MINIMAL, base=Path("/etc/millrace"))
     assert config.broker.port == 8883
     assert config.broker.ca == Path("/etc/millrace/pki/ca.crt")
+    assert isinstance(config.broker, BrokerConnection)  # the ingest worker's type too
     assert config.outbox.path == Path("/etc/millrace/outbox.sqlite")
     assert config.state_dir == Path("/etc/millrace/state")
     assert config.windows.period_s == 10 and config.windows.grace_s == 2.0
@@ -182,7 +184,7 @@ host = "10.0.0.5"
         ),
         (_with_signal('path = "/x"\nformat = "csv"', driver="file"), "signals[1].format", ""),
         (MINIMAL.replace("[[signals]]", "[[nosignals]]"), "signals", "missing"),
-        ("device_id = [", "toml", "not valid TOML"),
+        ("device_id = [", "config", "not valid TOML"),
     ],
 )
 def test_errors_name_the_key(text: str, key: str, words: str) -> None:
