@@ -19,20 +19,19 @@ import math
 import queue
 import sys
 import time
-import tomllib
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TextIO
 
 from millrace import topics
+from millrace.configfile import DEFAULT_BROKER_PORT, Table, read_toml
 from millrace.errors import ConfigError, MillraceError, WireError
 from millrace.wire import Command, CommandReply
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_SECONDS: Final = 10.0
-DEFAULT_BROKER_PORT: Final = 8883
 # Connecting and subscribing get their own budget so a slow TLS handshake does not eat
 # the device's reply time.
 CONNECT_TIMEOUT_SECONDS: Final = 10.0
@@ -94,27 +93,20 @@ def _reject_constant(name: str) -> Any:
 
 
 def _broker_from_file(path: Path) -> dict[str, Any]:
-    """The [broker] table of an ingest config, with paths resolved against the file."""
-    try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError("config", f"not valid TOML: {exc}", source=str(path)) from exc
-    table = data.get("broker")
-    if not isinstance(table, dict):
-        raise ConfigError("broker", "a [broker] table is required", source=str(path))
-    base = Path(path).resolve().parent
+    """The connection keys of an ingest config's [broker] table, paths resolved as ingest does.
+
+    Each key is optional here (flags fill the gaps); the rest of the file is ingest's business.
+    """
+    root = Table(read_toml(path), base=Path(path).resolve().parent, source=str(path))
+    table = root.table("broker", required=True)
     found: dict[str, Any] = {}
-    for key in ("host", "ca", "cert", "key"):
-        if key in table:
-            if not isinstance(table[key], str) or not table[key]:
-                raise ConfigError(f"broker.{key}", "expected a non-empty string", source=str(path))
-            found[key] = table[key] if key == "host" else base / table[key]
-    if "port" in table:
-        if type(table["port"]) is not int:
-            raise ConfigError("broker.port", "expected an integer", source=str(path))
-        found["port"] = table["port"]
+    if table.has("host"):
+        found["host"] = table.text("host")
+    if table.has("port"):
+        found["port"] = table.integer("port", low=1, high=65535)
+    for key in ("ca", "cert", "key"):
+        if table.has(key):
+            found[key] = table.path(key)
     return found
 
 

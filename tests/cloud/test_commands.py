@@ -20,6 +20,7 @@ from millrace.cloud.commands import (
     EXIT_TIMEOUT,
     CommandError,
     add_arguments,
+    broker_target,
     parse_command_args,
     run_cmd,
 )
@@ -109,6 +110,22 @@ def test_missing_broker_settings_and_bad_names_are_user_errors(tmp_path: Path) -
         run(["dev-a", "no/slash", "--broker-host", "x"])
     with pytest.raises(ConfigError, match="--timeout"):
         run(["dev-a", "ping", "--timeout", "0"])
+
+
+def test_broker_target_reads_the_ingest_config_like_ingest_does(tmp_path: Path) -> None:
+    config = tmp_path / "ingest.toml"
+    config.write_text('[broker]\nhost = "b"\nca = "pki/ca.crt"\ncert = "c.crt"\nkey = "c.key"\n')
+    target = broker_target(parse(["dev-a", "ping", "--config", str(config), "--port", "1884"]))
+    assert (target.host, target.port) == ("b", 1884)
+    assert target.ca == tmp_path / "pki" / "ca.crt" and target.key == tmp_path / "c.key"
+    config.write_text('[broker]\nhost = "b"\nport = 0\n')
+    with pytest.raises(ConfigError) as caught:
+        broker_target(parse(["dev-a", "ping", "--config", str(config)]))
+    assert (caught.value.key, caught.value.problem) == ("broker.port", "0 is outside [1, 65535]")
+    config.write_text('[database]\ndsn = "postgresql://x"\n')
+    with pytest.raises(ConfigError) as caught:
+        broker_target(parse(["dev-a", "ping", "--config", str(config)]))
+    assert (caught.value.key, caught.value.problem) == ("broker", "missing table")
 
 
 @pytest.mark.integration
