@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from millrace.errors import WireError
 from millrace.wire import Window
+from millrace.wire.aggregate import AGGREGATE_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +23,13 @@ _FOREVER_MS = 2**62
 
 
 class _Acc:
-    """Running aggregates of one (slot, period, start) window."""
+    """A window being filled: the `Aggregate` fields, updated in place reading by reading.
 
-    __slots__ = ("count", "first", "last", "max", "min", "rejected", "start", "sum", "sumsq")
+    `WindowAggregator.add` is `Aggregate.of` unrolled (tests/edge/test_windows.py holds
+    them equal); it stays in place because it runs once per reading per period.
+    """
+
+    __slots__ = ("start", *AGGREGATE_FIELDS)
 
     def __init__(self, start: int) -> None:
         self.start = start

@@ -1,5 +1,6 @@
-"""The wire contract: batch envelope, its codec, and the small JSON messages."""
+"""The wire contract: batch envelope, its codec, the window aggregate, the small JSON messages."""
 
+from millrace.wire.aggregate import Aggregate, merge_all
 from millrace.wire.batch import (
     MAX_PAYLOAD_BYTES,
     SCHEMA_VERSION,
@@ -30,6 +31,7 @@ __all__ = [
     "CONTENT_TYPE_MSGPACK",
     "MAX_PAYLOAD_BYTES",
     "SCHEMA_VERSION",
+    "Aggregate",
     "AlertMessage",
     "Batch",
     "Command",
@@ -44,4 +46,5 @@ __all__ = [
     "content_type_for",
     "decode_batch",
     "encode_batch",
+    "merge_all",
 ]

@@ -1,8 +1,8 @@
 """The batch envelope: what an edge agent publishes on its data topic.
 
 Instances validate on construction, so a `Batch` that exists is a batch the
-cloud may store. Windows carry exact-merge aggregates (count, sum, min, max,
-sum of squares) plus first/last so hourly and daily rollups merge exactly.
+cloud may store. Every window is an exact-merge `Aggregate` (millrace.wire.aggregate),
+so hourly and daily rollups merge windows exactly.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any, Final
 
 from millrace.errors import WireError
 from millrace.ids import DEVICE_ID_RULE, METRIC_NAME_RULE, is_device_id, is_metric_name
+from millrace.wire.aggregate import AGGREGATE_FIELDS, Aggregate
 
 SCHEMA_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({SCHEMA_VERSION})
@@ -59,23 +60,48 @@ def _check_timestamp(where: str, value: object) -> int:
     return _check_int(where, value, MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS)
 
 
-@dataclass(frozen=True, slots=True)
-class Window:
-    """Aggregates of one metric over [start_ms, start_ms + period_s * 1000)."""
+@dataclass(frozen=True, slots=True, init=False, repr=False)
+class Window(Aggregate):
+    """An `Aggregate` of one metric over [start_ms, start_ms + period_s * 1000).
+
+    An aggregate itself rather than holding one, so a decoded window is one object.
+    Built in wire order: Window(metric, start_ms, period_s, count, sum, min, max,
+    first, last, sumsq, rejected=0).
+    """
 
     metric: str
     start_ms: int
     period_s: int
-    count: int
-    sum: float
-    min: float
-    max: float
-    first: float
-    last: float
-    sumsq: float
-    rejected: int = 0
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        metric: str,
+        start_ms: int,
+        period_s: int,
+        count: int,
+        sum: float,
+        min: float,
+        max: float,
+        first: float,
+        last: float,
+        sumsq: float,
+        rejected: int = 0,
+    ) -> None:
+        put = object.__setattr__  # frozen: what a dataclass __init__ does, in wire order
+        put(self, "metric", metric)
+        put(self, "start_ms", start_ms)
+        put(self, "period_s", period_s)
+        put(self, "count", count)
+        put(self, "sum", sum)
+        put(self, "min", min)
+        put(self, "max", max)
+        put(self, "first", first)
+        put(self, "last", last)
+        put(self, "sumsq", sumsq)
+        put(self, "rejected", rejected)
+        self._check()
+
+    def _check(self) -> None:
         where = f"window {self.metric!r}"
         if not is_metric_name(self.metric):
             raise _fail("window.metric", f"{self.metric!r}: {METRIC_NAME_RULE}")
@@ -99,27 +125,36 @@ class Window:
         if self.sumsq < 0:
             raise _fail(f"{where}.sumsq", "negative sum of squares")
 
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{name}={getattr(self, name)!r}" for name in WINDOW_FIELDS)
+        return f"Window({inner})"
+
     @property
     def end_ms(self) -> int:
         """Exclusive end of the window."""
         return self.start_ms + self.period_s * 1000
 
 
-_WINDOW_SLOTS: Final = (
-    "metric", "start_ms", "period_s", "count", "sum", "min", "max", "first", "last", "sumsq",
-    "rejected",
-)  # fmt: skip
-if Window.__slots__ != _WINDOW_SLOTS:  # windows_from_rows fills these, in this order
-    raise RuntimeError("millrace.wire.batch: update _WINDOW_SLOTS and windows_from_rows")
+# The wire row of a window, and the order `Window` takes its fields in.
+WINDOW_FIELDS: Final = ("metric", "start_ms", "period_s", *AGGREGATE_FIELDS)
+if Window.__slots__ != WINDOW_FIELDS[:3]:  # _Unchecked mirrors the slots Window adds
+    raise RuntimeError("millrace.wire.batch: update _Unchecked and windows_from_rows")
 # Names that passed METRIC_NAME_PATTERN; bounded so a client inventing names costs only time.
 _KNOWN_METRICS_MAX: Final = 10_000
 _known_metrics: set[str] = set()
 
 
-class _Unchecked:
+# Typed Any: _Unchecked writes the frozen fields, on purpose, before it becomes a Window.
+_UncheckedBase: Any = Aggregate
+
+
+class _Unchecked(_UncheckedBase):
     """Window's slot layout without its checks: becomes a Window once its row is checked."""
 
-    __slots__ = _WINDOW_SLOTS
+    __slots__ = WINDOW_FIELDS[:3]
+    # Not frozen while it is filled. Both, or CPython keeps the slow Python-level setattr.
+    __setattr__ = object.__setattr__
+    __delattr__ = object.__delattr__
 
     def __init__(
         self,

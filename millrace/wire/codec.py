@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -21,6 +22,7 @@ from millrace.wire.batch import (
     MAX_PAYLOAD_BYTES,
     MAX_WINDOWS_PER_BATCH,
     SUPPORTED_VERSIONS,
+    WINDOW_FIELDS,
     Batch,
     Event,
     Window,
@@ -35,7 +37,7 @@ RejectionCode = Literal["oversize", "undecodable", "unknown_version", "invalid"]
 
 _ENVELOPE_KEYS: Final = frozenset({"v", "d", "b", "s", "t", "c", "dr", "rj", "w", "e"})
 _REQUIRED_KEYS: Final = frozenset({"v", "d", "b", "s", "t", "w"})
-_WINDOW_FIELDS: Final = 11
+_WINDOW_FIELDS: Final = len(WINDOW_FIELDS)
 _EVENT_FIELDS: Final = 3
 
 
@@ -47,20 +49,8 @@ class Rejection:
     reason: str
 
 
-def _window_row(w: Window) -> list[Any]:
-    return [
-        w.metric,
-        w.start_ms,
-        w.period_s,
-        w.count,
-        w.sum,
-        w.min,
-        w.max,
-        w.first,
-        w.last,
-        w.sumsq,
-        w.rejected,
-    ]
+# A window's wire row: its fields in `Window`'s own order (tuples pack as arrays).
+_window_row: Final = operator.attrgetter(*WINDOW_FIELDS)
 
 
 def _to_plain(batch: Batch) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from millrace.edge.windows import WindowAggregator
-from millrace.wire import Window
+from millrace.wire import Aggregate, Window, merge_all
 
 BASE_MS = 1_699_999_980_000  # a multiple of 60 s (and so of 1, 5, 10 s)
 METRICS = ("a", "b", "c")
@@ -68,6 +68,8 @@ def assert_matches(windows: list[Window], expected: dict[tuple[str, int, int], R
         # Exact equality on purpose: same readings, same order, same float operations.
         assert (w.sum, w.sumsq) == (ref.total, ref.squares)
         assert (w.min, w.max, w.first, w.last) == (ref.low, ref.high, ref.first, ref.last)
+        # ... and the contract's own aggregate of those readings, exactly.
+        assert merge_all([w]) == Aggregate.of(ref.values, rejected=ref.rejected)
 
 
 reading = st.tuples(
