@@ -22,18 +22,13 @@ def _db_upgrade(args: argparse.Namespace) -> int:
 
 
 def _dsn(args: argparse.Namespace) -> str:
+    from millrace.configfile import read_dsn_file
     from millrace.errors import ConfigError
 
     if args.dsn and args.dsn_file:
         raise ConfigError("--dsn", "give --dsn or --dsn-file, not both")
     if args.dsn_file:
-        try:
-            dsn = Path(args.dsn_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError("--dsn-file", f"cannot read {args.dsn_file}: {exc}") from exc
-        if dsn:
-            return dsn
-        raise ConfigError("--dsn-file", f"{args.dsn_file} is empty")
+        return read_dsn_file(Path(args.dsn_file), key="--dsn-file")
     if not args.dsn:
         raise ConfigError("--dsn", "is required (or --dsn-file)")
     return str(args.dsn)

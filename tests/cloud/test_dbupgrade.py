@@ -219,3 +219,18 @@ def test_cli_upgrade_and_a_clear_error_for_a_dead_database(fresh_db: str, tmp_pa
     assert bad.returncode == 2
     assert bad.stderr.startswith("millrace: error: cannot reach the database")
     assert "Traceback" not in bad.stderr
+
+
+def test_cli_dsn_file_problems_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from millrace.cli import main
+
+    absent, empty = tmp_path / "absent.dsn", tmp_path / "empty.dsn"
+    empty.write_text("\n")
+    assert main(["db", "upgrade", "--dsn-file", str(absent)]) == 2
+    assert capsys.readouterr().err == f"millrace: error: --dsn-file: file not found: {absent}\n"
+    assert main(["db", "upgrade", "--dsn-file", str(empty)]) == 2
+    assert capsys.readouterr().err == f"millrace: error: --dsn-file: {empty} is empty\n"
+    assert main(["db", "upgrade", "--dsn", "postgresql://x", "--dsn-file", str(empty)]) == 2
+    assert "give --dsn or --dsn-file, not both" in capsys.readouterr().err
