@@ -26,7 +26,7 @@ from typing import Any, Final
 import psycopg
 
 from millrace.cloud import gaps, rollups
-from millrace.wire import Batch, EventValue
+from millrace.wire import Batch, EventValue, Window
 
 log = logging.getLogger(__name__)
 
@@ -71,22 +71,6 @@ Key = tuple[str, str, int]  # device, boot_id, seq
 
 
 @dataclass(frozen=True, slots=True)
-class StoredWindow:
-    """A window committed in the current transaction; what alert rules evaluate."""
-
-    device: str
-    metric: str
-    ts: datetime
-    period_s: int
-    count: int
-    sum: float
-    min: float
-    max: float
-    first: float
-    last: float
-
-
-@dataclass(frozen=True, slots=True)
 class Incoming:
     """A validated batch and when this worker received it."""
 
@@ -117,7 +101,7 @@ class WriteResult:
     events: int
     rollup_rows: int
     gaps_opened: int
-    windows: tuple[StoredWindow, ...]
+    windows: tuple[tuple[str, Window], ...]  # (device, window), for the alert engine
     stored_keys: frozenset[Key]
 
 
@@ -418,8 +402,8 @@ class BatchWriter:
     ) -> WriteResult:
         """Store `incoming` inside the caller's open transaction; duplicates are skipped.
 
-        `report(metric)` says which stored windows to return as StoredWindow (for alert
-        rules); None returns all. Building one object per window costs as much as its COPY.
+        `report(metric)` says which stored windows to return, as (device, window), for the
+        alert rules; None returns all. Most metrics have no rule: the engine skips them unseen.
         """
         unique: dict[Key, Incoming] = {}
         for item in incoming:
@@ -472,14 +456,14 @@ class BatchWriter:
         cur: psycopg.Cursor[Any],
         fresh: list[Incoming],
         report: Callable[[str], bool] | None,
-    ) -> tuple[int, int, dict[rollups.RollupKey, rollups.Accumulator], list[StoredWindow]]:
+    ) -> tuple[int, int, dict[rollups.RollupKey, rollups.Accumulator], list[tuple[str, Window]]]:
         device_ids = self.ids.devices
         metric_ids = self.ids.metrics
         times: dict[int, datetime] = {}
         event_rows: list[tuple[object, ...]] = []
         hourly: dict[rollups.RollupKey, rollups.Accumulator] = {}
         add_hourly = rollups.add_hourly
-        stored: list[StoredWindow] = []
+        stored: list[tuple[str, Window]] = []
 
         def readings() -> Iterator[tuple[object, ...]]:
             """Rows for the COPY, built while it streams; rollups and alerts on the way."""
@@ -493,12 +477,7 @@ class BatchWriter:
                     metric_id = metric_ids[w.metric]
                     add_hourly(hourly, device_id, metric_id, w)
                     if report is None or report(w.metric):
-                        stored.append(
-                            StoredWindow(
-                                batch.device, w.metric, ts, w.period_s, w.count, w.sum, w.min,
-                                w.max, w.first, w.last,
-                            )
-                        )  # fmt: skip
+                        stored.append((batch.device, w))
                     yield (
                         ts, device_id, metric_id, w.period_s, w.count, w.sum, w.min, w.max,
                         w.first, w.last, w.sumsq, w.rejected,

@@ -24,42 +24,22 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Final, Literal, Protocol
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, Literal
 
 import psycopg
 
 from millrace.cloud.alerts.rules import ANY_METRIC, AlertRule, LoadedRule, list_rules
-from millrace.wire import AlertMessage
+from millrace.wire import AlertMessage, Window
 
 logger = logging.getLogger(__name__)
 
 # Rules change rarely (a file sync, an admin); re-reading them once a minute costs one
 # tiny query and saves restarting workers after a change.
 RULES_RELOAD_SECONDS: Final = 60.0
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 Transition = Literal["raise", "clear"]
-
-
-class WindowLike(Protocol):
-    """What the engine reads from a stored window (cloud.writer.StoredWindow fits)."""
-
-    @property
-    def device(self) -> str: ...
-    @property
-    def metric(self) -> str: ...
-    @property
-    def ts(self) -> datetime: ...
-    @property
-    def count(self) -> int: ...
-    @property
-    def sum(self) -> float: ...
-    @property
-    def min(self) -> float: ...
-    @property
-    def max(self) -> float: ...
-    @property
-    def last(self) -> float: ...
 
 
 # --- the state machine, pure --------------------------------------------------------
@@ -155,6 +135,11 @@ def _ms(ts: datetime) -> int:
     return int(ts.timestamp() * 1000)
 
 
+def _datetime(ms: int) -> datetime:
+    """Exact (float division would round), so it equals the stored `readings.ts`."""
+    return _EPOCH + timedelta(milliseconds=ms)
+
+
 class AlertEngine:
     """The enabled rules in memory; raises and clears their alerts in the database."""
 
@@ -214,29 +199,36 @@ class AlertEngine:
     # --- ingest-time evaluation -------------------------------------------------------
 
     def evaluate(
-        self, conn: psycopg.Connection[Any], windows: Sequence[WindowLike]
+        self, conn: psycopg.Connection[Any], windows: Sequence[tuple[str, Window]]
     ) -> list[AlertMessage]:
-        """Evaluate the windows just written; returns raised/cleared alerts to publish."""
+        """Evaluate the (device, window) pairs just written; returns alerts to publish."""
         self._maybe_reload(conn)
         if not self._rules:
             return []
         groups: dict[tuple[int, str, str], list[WindowValues]] = defaultdict(list)
         fresh: dict[tuple[str, str], datetime] = {}
-        for w in windows:
+        times: dict[int, datetime] = {}  # a batch's windows share a few start times
+        for device, w in windows:
             if w.metric not in self._metrics and ANY_METRIC not in self._metrics:
                 continue
-            for loaded in self._matching(w.device, w.metric):
+            matching = self._matching(device, w.metric)
+            if not matching:
+                continue
+            ts = times.get(w.start_ms)
+            if ts is None:
+                ts = times[w.start_ms] = _datetime(w.start_ms)
+            values = WindowValues(ts, w.count, w.sum, w.min, w.max, w.last)
+            for loaded in matching:
                 metric = ANY_METRIC if loaded.rule.metric == ANY_METRIC else w.metric
-                values = WindowValues(w.ts, w.count, w.sum, w.min, w.max, w.last)
-                group = groups[(loaded.id, w.device, metric)]
+                group = groups[(loaded.id, device, metric)]
                 if loaded.rule.condition != "no_data":
                     group.append(values)
                     continue
                 # Only the newest window matters to a no-data rule: it clears it or not.
-                if not group or group[0].ts < w.ts:
+                if not group or group[0].ts < ts:
                     group[:] = [values]
-                pair = (w.device, metric)
-                fresh[pair] = max(fresh.get(pair, w.ts), w.ts)
+                pair = (device, metric)
+                fresh[pair] = max(fresh.get(pair, ts), ts)
         if not groups:
             return []
         device_ids = _device_ids(conn, {device for _, device, _ in groups})

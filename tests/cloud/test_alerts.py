@@ -19,9 +19,8 @@ from millrace.cloud.alerts.engine import AlertEngine, WindowValues, no_data_due,
 from millrace.cloud.alerts.lifecycle import AlertError, acknowledge
 from millrace.cloud.alerts.rules import AlertRule, add_rule, load_rules_file, sync_rules
 from millrace.cloud.registry import apply_heartbeat, apply_state, ensure_device
-from millrace.cloud.writer import StoredWindow
 from millrace.errors import ConfigError
-from millrace.wire import AlertMessage, DeviceState, Heartbeat
+from millrace.wire import AlertMessage, DeviceState, Heartbeat, Window
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
@@ -291,12 +290,14 @@ def ack(dash: Engine, alert_id: int, *, user: str, comment: str = "", role: str 
         acknowledge(sa_conn, alert_id, user=user, comment=comment)
 
 
-def sw(device: str, metric: str, i: int, value: float, *, hi: float | None = None) -> StoredWindow:
+def sw(
+    device: str, metric: str, i: int, value: float, *, hi: float | None = None
+) -> tuple[str, Window]:
+    """A stored window as the writer hands it to the engine: readings `value`, then `hi`."""
     hi = value if hi is None else hi
-    return StoredWindow(
-        device=device,
+    return device, Window(
         metric=metric,
-        ts=T0 + timedelta(seconds=10 * i),
+        start_ms=int((T0 + timedelta(seconds=10 * i)).timestamp() * 1000),
         period_s=10,
         count=2,
         sum=value + hi,
@@ -304,6 +305,7 @@ def sw(device: str, metric: str, i: int, value: float, *, hi: float | None = Non
         max=hi,
         first=value,
         last=hi,
+        sumsq=value * value + hi * hi,
     )
 
 
