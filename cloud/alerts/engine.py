@@ -30,7 +30,7 @@ from typing import Any, Final, Literal
 import psycopg
 
 from millrace.cloud.alerts.rules import ANY_METRIC, AlertRule, LoadedRule, list_rules
-from millrace.wire import AlertMessage, Window
+from millrace.wire import Aggregate, AlertMessage, Window
 
 logger = logging.getLogger(__name__)
 
@@ -38,23 +38,12 @@ logger = logging.getLogger(__name__)
 # tiny query and saves restarting workers after a change.
 RULES_RELOAD_SECONDS: Final = 60.0
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS: Final = timedelta(milliseconds=1)
 
 Transition = Literal["raise", "clear"]
 
 
 # --- the state machine, pure --------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class WindowValues:
-    """The parts of a stored window a threshold rule looks at."""
-
-    ts: datetime
-    count: int
-    sum: float
-    min: float
-    max: float
-    last: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +54,7 @@ class Step:
     value: float
 
 
-def _values(rule: AlertRule, w: WindowValues) -> tuple[float, float]:
+def _values(rule: AlertRule, w: Aggregate) -> tuple[float, float]:
     """(value compared with `low`, value compared with `high`) per the rule's aggregate."""
     if rule.aggregate == "mean":
         mean = w.sum / w.count
@@ -75,7 +64,7 @@ def _values(rule: AlertRule, w: WindowValues) -> tuple[float, float]:
     return w.min, w.max
 
 
-def step(rule: AlertRule, *, active: bool, window: WindowValues) -> Step:
+def step(rule: AlertRule, *, active: bool, window: Aggregate) -> Step:
     """Feed one window to the rule's state machine; `active` is the alert's current state."""
     lo_value, hi_value = _values(rule, window)
     if rule.condition == "no_data":
@@ -100,12 +89,10 @@ def step(rule: AlertRule, *, active: bool, window: WindowValues) -> Step:
     return Step(None, value)
 
 
-def run(
-    rule: AlertRule, *, active: bool, windows: list[WindowValues]
-) -> list[tuple[WindowValues, Step]]:
+def run(rule: AlertRule, *, active: bool, windows: Iterable[Window]) -> list[tuple[Window, Step]]:
     """Feed windows (sorted here by time) and return the transitions, in order."""
-    out: list[tuple[WindowValues, Step]] = []
-    for window in sorted(windows, key=lambda w: w.ts):
+    out: list[tuple[Window, Step]] = []
+    for window in sorted(windows, key=lambda w: w.start_ms):
         result = step(rule, active=active, window=window)
         if result.transition is not None:
             out.append((window, result))
@@ -138,6 +125,11 @@ def _ms(ts: datetime) -> int:
 def _datetime(ms: int) -> datetime:
     """Exact (float division would round), so it equals the stored `readings.ts`."""
     return _EPOCH + timedelta(milliseconds=ms)
+
+
+def _floor_ms(ts: datetime) -> int:
+    """Exact milliseconds; floored, so `ms > _floor_ms(ts)` iff `_datetime(ms) > ts`."""
+    return (ts - _EPOCH) // _ONE_MS
 
 
 class AlertEngine:
@@ -205,30 +197,22 @@ class AlertEngine:
         self._maybe_reload(conn)
         if not self._rules:
             return []
-        groups: dict[tuple[int, str, str], list[WindowValues]] = defaultdict(list)
-        fresh: dict[tuple[str, str], datetime] = {}
-        times: dict[int, datetime] = {}  # a batch's windows share a few start times
+        groups: dict[tuple[int, str, str], list[Window]] = defaultdict(list)
+        fresh: dict[tuple[str, str], int] = {}  # newest start_ms per watched pair
         for device, w in windows:
             if w.metric not in self._metrics and ANY_METRIC not in self._metrics:
                 continue
-            matching = self._matching(device, w.metric)
-            if not matching:
-                continue
-            ts = times.get(w.start_ms)
-            if ts is None:
-                ts = times[w.start_ms] = _datetime(w.start_ms)
-            values = WindowValues(ts, w.count, w.sum, w.min, w.max, w.last)
-            for loaded in matching:
+            for loaded in self._matching(device, w.metric):
                 metric = ANY_METRIC if loaded.rule.metric == ANY_METRIC else w.metric
                 group = groups[(loaded.id, device, metric)]
                 if loaded.rule.condition != "no_data":
-                    group.append(values)
+                    group.append(w)
                     continue
                 # Only the newest window matters to a no-data rule: it clears it or not.
-                if not group or group[0].ts < ts:
-                    group[:] = [values]
+                if not group or group[0].start_ms < w.start_ms:
+                    group[:] = [w]
                 pair = (device, metric)
-                fresh[pair] = max(fresh.get(pair, ts), ts)
+                fresh[pair] = max(fresh.get(pair, w.start_ms), w.start_ms)
         if not groups:
             return []
         device_ids = _device_ids(conn, {device for _, device, _ in groups})
@@ -250,22 +234,24 @@ class AlertEngine:
         key: tuple[int, str, str],
         device_id: int,
         state: _Latest | None,
-        windows: list[WindowValues],
+        windows: list[Window],
     ) -> list[AlertMessage]:
         rule_id, device, metric = key
         loaded = self._by_id[rule_id]
         if state is not None and state.mark is not None:
-            windows = [w for w in windows if w.ts > state.mark]
+            mark_ms = _floor_ms(state.mark)
+            windows = [w for w in windows if w.start_ms > mark_ms]
         active = state is not None and state.active
         out: list[AlertMessage] = []
         for window, result in run(loaded.rule, active=active, windows=windows):
+            ts = _datetime(window.start_ms)
             if result.transition == "raise":
-                msg = _raise(conn, loaded, device, device_id, metric, result, window.ts)
+                msg = _raise(conn, loaded, device, device_id, metric, result, ts)
                 if msg is not None:
-                    state = _Latest(msg.alert_id, True, window.ts)
+                    state = _Latest(msg.alert_id, True, ts)
                     out.append(msg)
             elif state is not None and state.active:
-                msg = _clear(conn, loaded, device, state.id, metric, result.value, window.ts)
+                msg = _clear(conn, loaded, device, state.id, metric, result.value, ts)
                 if msg is not None:
                     state.active = False
                     out.append(msg)
@@ -325,12 +311,12 @@ def _device_ids(conn: psycopg.Connection[Any], names: set[str]) -> dict[str, int
 def _touch_freshness(
     conn: psycopg.Connection[Any],
     device_ids: dict[str, int],
-    fresh: dict[tuple[str, str], datetime],
+    fresh: dict[tuple[str, str], int],
 ) -> None:
     """Record that these (device, metric) pairs watched by no_data rules just had data."""
     rows = sorted(
-        (device_ids[device], metric, ts)
-        for (device, metric), ts in fresh.items()
+        (device_ids[device], metric, _datetime(start_ms))
+        for (device, metric), start_ms in fresh.items()
         if device in device_ids
     )
     if not rows:
@@ -350,7 +336,7 @@ def _touch_freshness(
 def _latest_alerts(
     conn: psycopg.Connection[Any],
     device_ids: dict[str, int],
-    groups: dict[tuple[int, str, str], list[WindowValues]],
+    groups: dict[tuple[int, str, str], list[Window]],
 ) -> dict[tuple[int, int, str], _Latest]:
     """The newest alert of each group (active or not); absent when there never was one."""
     keys = sorted({(rule_id, device_ids[d], m) for rule_id, d, m in groups if d in device_ids})

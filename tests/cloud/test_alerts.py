@@ -15,7 +15,7 @@ from psycopg import sql
 from sqlalchemy import Engine, NullPool, create_engine, text
 
 from millrace.cloud import dbupgrade
-from millrace.cloud.alerts.engine import AlertEngine, WindowValues, no_data_due, run, step
+from millrace.cloud.alerts.engine import AlertEngine, no_data_due, run, step
 from millrace.cloud.alerts.lifecycle import AlertError, acknowledge
 from millrace.cloud.alerts.rules import AlertRule, add_rule, load_rules_file, sync_rules
 from millrace.cloud.registry import apply_heartbeat, apply_state, ensure_device
@@ -25,13 +25,12 @@ from millrace.wire import AlertMessage, DeviceState, Heartbeat, Window
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
 
-def win(
-    value: float, i: int = 0, *, lo: float | None = None, hi: float | None = None
-) -> WindowValues:
-    """A window whose readings span [lo, hi] (both `value` unless given)."""
+def win(value: float, i: int = 0, *, lo: float | None = None, hi: float | None = None) -> Window:
+    """A window whose readings span [lo, hi] (both `value` unless given), `value` last."""
     lo = value if lo is None else lo
     hi = value if hi is None else hi
-    return WindowValues(T0 + timedelta(seconds=10 * i), 2, lo + hi, lo, hi, value)
+    start_ms = int((T0 + timedelta(seconds=10 * i)).timestamp() * 1000)
+    return Window("m", start_ms, 10, 2, lo + hi, lo, hi, lo, value, lo * lo + hi * hi)
 
 
 ABOVE = AlertRule("hot", "temp", "above", high=80.0, hysteresis=5.0)
@@ -96,9 +95,9 @@ def test_outside_reports_the_side_that_breached() -> None:
 def test_run_sorts_windows_by_time() -> None:
     windows = [win(90, 2), win(70, 1), win(60, 3)]
     got = run(ABOVE, active=False, windows=windows)
-    assert [(w.ts, s.transition) for w, s in got] == [
-        (windows[0].ts, "raise"),
-        (windows[2].ts, "clear"),
+    assert [(w.start_ms, s.transition) for w, s in got] == [
+        (windows[0].start_ms, "raise"),
+        (windows[2].start_ms, "clear"),
     ]
 
 
