@@ -96,8 +96,7 @@ def _unknown_key(name: str, known: Collection[str]) -> str:
 
 
 def _range(value: float, low: float, high: float, low_open: bool) -> str:
-    if math.isinf(low) and math.isinf(high):
-        return ""  # unreachable: a finite value is always inside (-inf, inf)
+    """Why a finite `value` is out of range, without printing an infinite bound."""
     if math.isinf(high):
         return f"{value:g} must be {'>' if low_open else '>='} {low:g}"
     if math.isinf(low):
