@@ -463,7 +463,42 @@ def _move_aside(paths: PKIPaths) -> None:
     log.warning("moved the previous CA and its certificates to %s", backup)
 
 
-def _check_can_issue(index: dict[str, Any], ident: str, *, force: bool) -> None:
+def _role_conflict(paths: PKIPaths, index: dict[str, Any], ident: str, role: Role) -> None:
+    """Refuse `role` for an id holding an unrevoked certificate of the other role.
+
+    Not even `force` overrides this: the role decides the broker ACL (service users),
+    so a device certificate named like a service (or the reverse) would take over or
+    break that identity. Revoking the id first frees it for either role.
+    """
+    held = [e["role"] for e in index["certs"] if e["id"] == ident and not e.get("revoked_at")]
+    other = next((r for r in reversed(held) if r != role), None)
+    if other is not None:
+        raise PKIError(
+            f"{ident!r} holds a {other} certificate; device and service ids are kept apart, "
+            f"so it gets no {role} certificate, not even with --force: choose another id, "
+            f"or revoke it first with 'millrace pki revoke --pki {paths.dir} {ident}'"
+        )
+
+
+def check_role(pki_dir: Path | str, device_id: str, role: Role) -> None:
+    """Raise PKIError unless `device_id` may hold a `role` certificate (see `issue`).
+
+    For callers that want to fail before slow work; `issue` and `sign_csr` check
+    again under the lock, so this is never the only guard.
+    """
+    ident = validate_id(device_id)
+    paths = pki_path_checked(pki_dir)
+    _role_conflict(paths, _load_index(paths), ident, _check_role(role))
+
+
+def _check_can_issue(
+    paths: PKIPaths, index: dict[str, Any], ident: str, *, role: Role, force: bool
+) -> None:
+    """Refuse a certificate `ident` may not get; called before any file is written.
+
+    `force` renews an identity of the same role only.
+    """
+    _role_conflict(paths, index, ident, role)
     current = [e for e in index["certs"] if e["id"] == ident and not e.get("revoked_at")]
     if current and not force:
         raise PKIError(
@@ -486,7 +521,7 @@ def _sign_client(
         raise PKIError(f"--days must be at least 1, got {days}")
     ca_cert, ca_key = _require_ca(paths)
     index = _load_index(paths)
-    _check_can_issue(index, ident, force=force)
+    _check_can_issue(paths, index, ident, role=role, force=force)
     cert = (
         _leaf_builder(
             subject=_name(ident, role),
@@ -531,7 +566,8 @@ def issue(
 
     CN = the id (the broker's ACL username), OU = the role, a SAN URI
     `urn:millrace:<role>:<id>`, EKU clientAuth. Refuses an id that already
-    holds an unrevoked certificate unless `force`.
+    holds an unrevoked certificate unless `force`, and an id holding an unrevoked
+    certificate of the other role always (revoke it first).
     """
     ident = validate_id(device_id)
     role = _check_role(role)
@@ -540,7 +576,7 @@ def issue(
     paths = pki_path_checked(pki_dir)
     key = ec.generate_private_key(ec.SECP256R1())
     with _locked(paths):
-        _check_can_issue(_load_index(paths), ident, force=force)
+        _check_can_issue(paths, _load_index(paths), ident, role=role, force=force)
         _make_dir(paths.issued)
         # Key first: a crash between the two leaves an unused key, never a cert without one.
         write_atomic(paths.key_for(ident), _key_pem(key), mode=_KEY_MODE)
@@ -559,7 +595,9 @@ def sign_csr(
 ) -> Path:
     """Sign a CSR whose CN is the id (the key never leaves the device); return the cert path.
 
-    Only the CSR's CN and public key are used; extensions are ours, as in `issue`.
+    Only the CSR's CN and public key are used; extensions are ours, as in `issue`,
+    and so are its refusals: an id of the other role is never signed for, and a
+    refused CSR leaves the id's certificate and key untouched.
     """
     role = _check_role(role)
     paths = pki_path_checked(pki_dir)

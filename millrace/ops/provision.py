@@ -511,6 +511,8 @@ def device_credentials(
 
     Reuse makes provisioning repeatable: a second bundle for the same device has
     the same identity. A CSR always yields a new certificate (the device made a new key).
+    An id holding a service certificate is refused by the PKI, with or without `force`,
+    before its certificate or key is touched.
     """
     ident = pki.validate_id(device_id)
     paths = pki.pki_path_checked(pki_dir)
@@ -526,10 +528,7 @@ def device_credentials(
             raise PKIError(f"the CSR's CN is {common_name!r}, not the device id {ident!r}")
         cert = pki.sign_csr(paths.dir, csr_pem, role="device", force=force or valid)
         return DeviceCredentials(cert, None, newly_issued=True)
-    if valid and not force:
-        assert current is not None
-        if current.role != "device":
-            raise PKIError(f"{ident!r} holds a {current.role} certificate, not a device one")
+    if valid and not force and current is not None and current.role == "device":
         key = paths.key_for(ident)
         if not key.is_file():
             raise PKIError(
@@ -635,6 +634,7 @@ def build_bundle(
     """
     ident = pki.validate_id(device_id)
     pki_path = pki.pki_path_checked(pki_dir).dir
+    pki.check_role(pki_path, ident, "device")  # a service id fails before the release is built
     out_path = Path(out)
     if not out_path.name.endswith((".tar.gz", ".tgz")):
         raise ConfigError("--out", f"{out_path.name}: the bundle is a .tar.gz file")

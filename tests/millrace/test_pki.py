@@ -186,6 +186,64 @@ def test_reissue_needs_force_and_keeps_the_old_key_until_then(tmp_path: Path) ->
     assert len(pki.issued_records(tmp_path)) == 2
 
 
+def _files(pki_dir: Path, ident: str) -> tuple[bytes, bytes, bytes]:
+    """An identity's certificate and key bytes, and the CA's index."""
+    paths = pki.pki_paths(pki_dir)
+    return (
+        paths.cert_for(ident).read_bytes(),
+        paths.key_for(ident).read_bytes(),
+        paths.index.read_bytes(),
+    )
+
+
+@pytest.mark.parametrize(("held", "asked"), [("service", "device"), ("device", "service")])
+def test_issue_refuses_to_change_the_role_of_an_identity(
+    tmp_path: Path, held: pki.Role, asked: pki.Role
+) -> None:
+    pki.init_pki(tmp_path)
+    pki.issue(tmp_path, "ingest", role=held)
+    before = _files(tmp_path, "ingest")
+    for force in (False, True):  # --force renews an identity of the same role only
+        with pytest.raises(PKIError) as refused:
+            pki.issue(tmp_path, "ingest", role=asked, force=force)
+        message = str(refused.value)
+        assert f"'ingest' holds a {held} certificate" in message
+        assert "device and service ids are kept apart" in message
+        assert f"millrace pki revoke --pki {tmp_path} ingest" in message
+        assert _files(tmp_path, "ingest") == before, "nothing written for a refused request"
+    assert [r.role for r in pki.issued_records(tmp_path)] == [held]
+
+    pki.issue(tmp_path, "ingest", role=held, force=True)  # renewing the same role still works
+    pki.revoke(tmp_path, "ingest")
+    cert, _ = pki.issue(tmp_path, "ingest", role=asked)  # the fix the message names
+    units = _cert(cert).subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    assert [u.value for u in units] == [asked]
+
+
+def test_csr_cannot_replace_a_service_identity(tmp_path: Path) -> None:
+    pki.init_pki(tmp_path)
+    pki.issue(tmp_path, "ingest", role="service")
+    before = _files(tmp_path, "ingest")
+    csr = _csr("ingest", ec.generate_private_key(ec.SECP256R1()))
+    for force in (False, True):
+        with pytest.raises(PKIError, match="'ingest' holds a service certificate"):
+            pki.sign_csr(tmp_path, csr, role="device", force=force)
+        assert _files(tmp_path, "ingest") == before, "the service cert and key stay as they were"
+    assert pki.service_ids(tmp_path) == ["ingest"], "the broker ACL keeps its service user"
+
+
+def test_csr_cannot_turn_a_device_into_a_service(tmp_path: Path) -> None:
+    pki.init_pki(tmp_path)
+    device_key = ec.generate_private_key(ec.SECP256R1())
+    cert = pki.sign_csr(tmp_path, _csr("press-1", device_key), role="device")
+    before = cert.read_bytes()
+    csr = _csr("press-1", ec.generate_private_key(ec.SECP256R1()))
+    with pytest.raises(PKIError, match="'press-1' holds a device certificate"):
+        pki.sign_csr(tmp_path, csr, role="service", force=True)
+    assert cert.read_bytes() == before
+    assert pki.service_ids(tmp_path) == []
+
+
 def test_crl_next_update_is_in_the_future_and_renew_moves_it(tmp_path: Path) -> None:
     pki.init_pki(tmp_path)
     assert 29.9 < pki.crl_days_left(tmp_path) <= 30
@@ -300,3 +358,17 @@ def test_cli_prints_paths_never_keys_and_fails_in_one_line(tmp_path: Path) -> No
     assert bad.returncode == 2
     assert "invalid id 'Bad_Id'" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_cli_issue_refuses_to_change_the_role_of_an_identity_in_one_line(tmp_path: Path) -> None:
+    pki.init_pki(tmp_path)
+    pki.issue(tmp_path, "ingest", role="service")
+    before = _files(tmp_path, "ingest")
+    result = _cli("pki", "issue", "--pki", str(tmp_path), "ingest", "--role", "device", "--force")
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "'ingest' holds a service certificate" in result.stderr
+    assert "millrace pki revoke" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert _files(tmp_path, "ingest") == before

@@ -226,6 +226,47 @@ def test_csr_bundle_carries_no_key_and_the_certificate_matches_the_device_key(
         _bundle(plant_pki, fake_wheel, tmp_path / "d.tar.gz", device="other", csr_pem=csr_pem)
 
 
+def _device_csr(common_name: str) -> bytes:
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def _service_files(plant_pki: Path, ident: str) -> tuple[bytes, bytes]:
+    paths = pki.pki_paths(plant_pki)
+    return paths.cert_for(ident).read_bytes(), paths.key_for(ident).read_bytes()
+
+
+def test_provision_csr_cannot_replace_a_service_identity(
+    plant_pki: Path, fake_wheel: Path, tmp_path: Path
+) -> None:
+    pki.issue(plant_pki, "ingest", role="service")
+    before = _service_files(plant_pki, "ingest")
+    csr_pem = _device_csr("ingest")
+    for force in (False, True):
+        out = tmp_path / f"force-{force}.tar.gz"
+        with pytest.raises(PKIError, match="'ingest' holds a service certificate"):
+            _bundle(plant_pki, fake_wheel, out, device="ingest", csr_pem=csr_pem, force=force)
+        assert _service_files(plant_pki, "ingest") == before, "service cert and key untouched"
+        assert not out.exists()
+    assert "ingest" in pki.service_ids(plant_pki)
+
+
+def test_provision_cannot_reissue_a_service_identity_as_a_device(
+    plant_pki: Path, fake_wheel: Path, tmp_path: Path
+) -> None:
+    pki.issue(plant_pki, "dashboard", role="service")
+    before = _service_files(plant_pki, "dashboard")
+    for force in (False, True):
+        with pytest.raises(PKIError, match="device and service ids are kept apart"):
+            _bundle(plant_pki, fake_wheel, tmp_path / "b.tar.gz", device="dashboard", force=force)
+        assert _service_files(plant_pki, "dashboard") == before
+    assert "dashboard" in pki.service_ids(plant_pki)
+
+
 def test_config_template_mistakes_name_the_placeholder_and_issue_nothing(
     plant_pki: Path, fake_wheel: Path, tmp_path: Path
 ) -> None:
@@ -424,6 +465,25 @@ def test_cli_rejects_mistakes_in_one_line_before_issuing(
         assert needle in result.stderr, (needle, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not pki.pki_paths(plant_pki).cert_for("cli-bad").exists()
+
+
+def test_cli_provision_csr_for_a_service_id_fails_in_one_line(
+    plant_pki: Path, fake_wheel: Path, tmp_path: Path
+) -> None:
+    pki.issue(plant_pki, "svc-cli", role="service")
+    before = _service_files(plant_pki, "svc-cli")
+    csr = tmp_path / "svc-cli.csr"
+    csr.write_bytes(_device_csr("svc-cli"))
+    out = tmp_path / "svc.tar.gz"
+    flags = ("--pki", str(plant_pki), "--out", str(out), "--wheel", str(fake_wheel))
+    result = _cli("provision", "svc-cli", *flags, "--csr", str(csr), "--force")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "'svc-cli' holds a service certificate" in result.stderr
+    assert "millrace pki revoke" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert _service_files(plant_pki, "svc-cli") == before
+    assert not out.exists()
 
 
 def test_cli_release_dir_writes_what_the_ansible_roles_read(
