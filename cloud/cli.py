@@ -36,7 +36,7 @@ def _dsn(args: argparse.Namespace) -> str:
 
 def _ingest(args: argparse.Namespace) -> int:
     from millrace.cloud.config import load_config
-    from millrace.cloud.worker import run_worker
+    from millrace.cloud.ingest.worker import run_worker
 
     return run_worker(load_config(Path(args.config)))
 

@@ -30,7 +30,7 @@ from psycopg import sql
 from millrace import topics
 from millrace.cloud import dbupgrade
 from millrace.cloud.config import IngestConfig, load_config
-from millrace.cloud.worker import Worker
+from millrace.cloud.ingest.worker import Worker
 from millrace.mqtt import tls_client
 from millrace.wire import Batch, Window, content_type_for, encode_batch
 

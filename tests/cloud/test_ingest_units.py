@@ -12,15 +12,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from millrace.cloud import gaps
-from millrace.cloud.batcher import Batcher
 from millrace.cloud.config import DSN_ENV, load_config, parse_config
-from millrace.cloud.consumer import Inbound
-from millrace.cloud.metrics import LOOP_STALL_SECONDS, loop_health
+from millrace.cloud.ingest import streams
+from millrace.cloud.ingest.batcher import Batcher
+from millrace.cloud.ingest.classify import Limits, classify, kind_label, validate_batch
+from millrace.cloud.ingest.messages import DeadLetter, HealthItem, Inbound, Incoming, StateItem
+from millrace.cloud.ingest.metrics import LOOP_STALL_SECONDS, loop_health
+from millrace.cloud.ingest.writer import to_datetime
 from millrace.cloud.rollups import aggregate, rebucket
-from millrace.cloud.validate import Limits, validate_batch
-from millrace.cloud.worker import HealthItem, StateItem, classify
-from millrace.cloud.writer import DeadLetter, Incoming, to_datetime
 from millrace.configfile import BrokerConnection
 from millrace.errors import ConfigError
 from millrace.wire import Batch, DeviceState, Event, Heartbeat, Window, encode_batch
@@ -205,13 +204,13 @@ def test_batch_closes_by_rows_or_time_whichever_first() -> None:
 
 
 def test_gaps_open_and_close() -> None:
-    first = gaps.advance(None, (), [5, 6, 9])
+    first = streams.advance(None, (), [5, 6, 9])
     assert (first.max_seq, first.gaps, first.opened) == (9, ((7, 8),), 1)
-    late = gaps.advance(9, first.gaps, [7, 12])
+    late = streams.advance(9, first.gaps, [7, 12])
     assert (late.max_seq, late.gaps, late.opened) == (12, ((8, 8), (10, 11)), 1)
-    closed = gaps.advance(12, late.gaps, [8, 10, 11])
+    closed = streams.advance(12, late.gaps, [8, 10, 11])
     assert closed.gaps == () and closed.changed_gaps and closed.opened == 0
-    quiet = gaps.advance(12, (), [13, 14])
+    quiet = streams.advance(12, (), [13, 14])
     assert not quiet.changed_gaps and quiet.max_seq == 14
 
 
@@ -227,9 +226,9 @@ def test_gaps_are_exactly_the_missing_seqs_in_any_arrival_order(
         chunks.append(order[:size])
         order = order[size:]
     prev_max: int | None = None
-    open_gaps: tuple[gaps.Gap, ...] = ()
+    open_gaps: tuple[streams.Gap, ...] = ()
     for chunk in chunks:
-        update = gaps.advance(prev_max, open_gaps, chunk)
+        update = streams.advance(prev_max, open_gaps, chunk)
         prev_max, open_gaps = update.max_seq, update.gaps
     start = min(chunks[0])  # the stream starts at its first batch seen
     missing = set(range(start, max(seqs) + 1)) - set(seqs)
@@ -256,25 +255,33 @@ def test_rollups_merge_exactly_in_any_grouping(slots: list[tuple[int, list[float
     daily_direct = aggregate([(1, 2, w) for w in windows], bucket_s=86_400)
     daily = rebucket(hourly, bucket_s=86_400)
     assert daily.keys() == daily_direct.keys()
-    for key, acc in daily.items():
-        direct = daily_direct[key]
-        assert (acc.count, acc.min, acc.max, acc.windows) == (
+    for key, row in daily.items():
+        acc, direct = row.aggregate, daily_direct[key].aggregate
+        assert (acc.count, acc.min, acc.max, row.windows) == (
             direct.count,
             direct.min,
             direct.max,
-            direct.windows,
+            daily_direct[key].windows,
         )
-        assert (acc.first, acc.first_ms, acc.last, acc.last_ms) == (
+        assert (acc.first, row.first_ms, acc.last, row.last_ms) == (
             direct.first,
-            direct.first_ms,
+            daily_direct[key].first_ms,
             direct.last,
-            direct.last_ms,
+            daily_direct[key].last_ms,
         )
         assert math.isclose(acc.sum, direct.sum, rel_tol=1e-9, abs_tol=1e-6)
     everything = [v for _, vs in slots for v in vs]
-    assert sum(a.count for a in hourly.values()) == len(everything)
+    assert sum(r.aggregate.count for r in hourly.values()) == len(everything)
     first_window = min(windows, key=lambda w: w.start_ms)
-    assert any(a.first == first_window.first for a in daily.values())
+    assert any(r.aggregate.first == first_window.first for r in daily.values())
+
+
+def test_a_rollup_takes_first_and_last_by_window_start_whatever_the_order() -> None:
+    base = NOW_MS - 3 * 60_000
+    early, middle, late = (window(base + i * 60_000, values=(i, i + 10.0)) for i in range(3))
+    (row,) = aggregate([(1, 2, w) for w in (middle, late, early)], bucket_s=3600).values()
+    assert (row.aggregate.first, row.aggregate.last) == (early.first, late.last)
+    assert (row.first_ms, row.last_ms, row.windows) == (early.start_ms, late.start_ms, 3)
 
 
 def test_to_datetime_is_exact_to_the_millisecond() -> None:
@@ -331,6 +338,14 @@ def test_classify_dead_letters_carry_codes(topic: str, payload: bytes, code: str
     item = classify(inbound(topic, payload), limits=LIMITS, now_ms=NOW_MS)
     assert isinstance(item, DeadLetter)
     assert item.code == code and item.reason and item.payload == payload and item.topic == topic
+
+
+def test_metrics_label_messages_by_their_topic_kind() -> None:
+    assert kind_label("millrace/v1/d/dev-a/data") == "data"
+    assert kind_label("millrace/v1/d/dev-a/health") == "health"
+    assert kind_label("millrace/v1/d/dev-a/cmd/ping/reply") == "other"
+    assert kind_label("millrace/v1/d/BAD/data") == "other"  # topics.py refuses the device id
+    assert kind_label("elsewhere") == "other"
 
 
 # -- health ---------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """A small simulated plant written through the real ingest path, with its ground truth.
 
-Batches are built with millrace.wire and stored by cloud.writer.BatchWriter,
+Batches are built with millrace.wire and stored by cloud.ingest.writer.BatchWriter,
 alerts are raised by cloud.alerts.engine.AlertEngine, state and heartbeats go
 through cloud.registry: the rows and rollups are exactly what production
 writes. `Truth` keeps what the dashboard's queries must report.
@@ -21,7 +21,8 @@ import psycopg
 from millrace.cloud import registry
 from millrace.cloud.alerts.engine import AlertEngine
 from millrace.cloud.alerts.rules import AlertRule, add_rule
-from millrace.cloud.writer import BatchWriter, DeadLetter, Incoming, write_dead_letters
+from millrace.cloud.ingest.messages import DeadLetter, Incoming
+from millrace.cloud.ingest.writer import BatchWriter, write_dead_letters
 from millrace.wire import Batch, DeviceState, Event, Heartbeat, Window
 
 WINDOW_S = 10

@@ -18,11 +18,11 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
 from millrace import topics
+from millrace.cloud.ingest.messages import INGESTED_KINDS, Inbound
 from millrace.errors import IngestError
 from millrace.mqtt import tls_client
 
@@ -33,24 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SUBSCRIBED_KINDS: Final = ("data", "state", "health")
 CONNECT_TIMEOUT_SECONDS: Final = 15.0
 DISCONNECT_TIMEOUT_SECONDS: Final = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class Inbound:
-    """One delivered message, detached from paho."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    mid: int
-    content_type: str | None
-    dup: bool
-    generation: int
-    received_at: datetime
-    received_mono: float
 
 
 class Consumer:
@@ -73,7 +57,7 @@ class Consumer:
     def filters(self) -> list[str]:
         """The shared-subscription filters of this worker's group."""
         group = self._settings.share_group
-        return [topics.shared(group, topics.all_devices_filter(k)) for k in SUBSCRIBED_KINDS]
+        return [topics.shared(group, topics.all_devices_filter(k)) for k in INGESTED_KINDS]
 
     def start(self, *, timeout_s: float = CONNECT_TIMEOUT_SECONDS) -> None:
         """Connect (resuming the session) and subscribe; raises IngestError if it fails."""

@@ -4,29 +4,31 @@ Inside the caller's transaction `BatchWriter.write` first claims each batch's
 (device, boot_id, seq) in the ingest ledger (INSERT ... ON CONFLICT DO NOTHING
 RETURNING); only the claimed ones are stored, so a redelivered batch is
 skipped by the same commit that would have stored it twice. Rows go in with
-binary COPY, rollups with one upsert per table, then the sequence streams
-and gaps, then device freshness. Each step sends its keys sorted so
-concurrent workers take row locks in one order.
-
-Device and metric ids are cached in memory; unknown names are registered in
-a short transaction of their own before the batch (`prepare`), so the batch
-itself never makes a round trip per row.
+binary COPY, rollups with one upsert for both tables, then the sequence streams
+and gaps (streams.py), then device freshness. Each step sends its keys sorted so
+concurrent workers take row locks in one order (docs/guarantees.md).
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import psycopg
+from psycopg.postgres import types as pg_types
+from sqlalchemy import Table
+from sqlalchemy.dialects import postgresql
 
-from millrace.cloud import gaps, rollups
-from millrace.wire import Batch, EventValue, Window
+from millrace.cloud import rollups
+from millrace.cloud.ingest.idcache import IdCache
+from millrace.cloud.ingest.messages import DeadLetter, Incoming, Key, WriteResult
+from millrace.cloud.ingest.streams import record_streams
+from millrace.cloud.schema import core as schema
+from millrace.wire import Aggregate, Batch, EventValue, Window, merge_all
+from millrace.wire.aggregate import AGGREGATE_FIELDS, MERGE_RULES
 
 log = logging.getLogger(__name__)
 
@@ -36,73 +38,30 @@ _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 DEAD_LETTER_PAYLOAD_MAX_BYTES: Final = 64 * 1024
 DEAD_LETTER_TEXT_MAX_CHARS: Final = 2000
 
-READING_COLUMNS: Final = (
-    "ts",
-    "device_id",
-    "metric_id",
-    "period_s",
-    "count",
-    "sum",
-    "min",
-    "max",
-    "first",
-    "last",
-    "sumsq",
-    "rejected",
-)
-READING_TYPES: Final = (
-    "timestamptz",
-    "int4",
-    "int4",
-    "int4",
-    "int8",
-    "float8",
-    "float8",
-    "float8",
-    "float8",
-    "float8",
-    "float8",
-    "int4",
-)
-EVENT_COLUMNS: Final = ("ts", "device_id", "metric_id", "kind", "value", "text")
-EVENT_TYPES: Final = ("timestamptz", "int4", "int4", "text", "float8", "text")
 
-Key = tuple[str, str, int]  # device, boot_id, seq
+def copy_layout(table: Table, *, server_fills: Collection[str]) -> tuple[tuple[str, ...], ...]:
+    """(column names, PostgreSQL type names) of a binary COPY into `table`, in table order.
+
+    `server_fills` are the columns the server stamps itself (identities, now()).
+    """
+    dialect = postgresql.dialect()
+    columns = [c for c in table.columns if c.name not in server_fills]
+    names = tuple(c.name for c in columns)
+    types = tuple(pg_types[c.type.compile(dialect=dialect).lower()].name for c in columns)
+    return names, types
 
 
-@dataclass(frozen=True, slots=True)
-class Incoming:
-    """A validated batch and when this worker received it."""
-
-    batch: Batch
-    received_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A message that will never be stored, and why."""
-
-    topic: str
-    device: str | None
-    code: str
-    reason: str
-    content_type: str | None
-    payload: bytes
-    received_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class WriteResult:
-    """What one `write` stored; `windows` feeds the alert engine."""
-
-    stored_batches: int
-    duplicate_batches: int
-    readings: int
-    events: int
-    rollup_rows: int
-    gaps_opened: int
-    windows: tuple[tuple[str, Window], ...]  # (device, window), for the alert engine
-    stored_keys: frozenset[Key]
+READING_COLUMNS, READING_TYPES = copy_layout(schema.readings, server_fills=("ingested_at",))
+EVENT_COLUMNS, EVENT_TYPES = copy_layout(schema.events, server_fills=("ingested_at",))
+_DEAD_LETTER_COLUMNS, _DEAD_LETTER_TYPES = copy_layout(schema.dead_letters, server_fills=("id",))
+# A readings row is its key, then the window's aggregate: `_copy` builds rows in this order.
+_READING_KEY: Final = ("ts", "device_id", "metric_id", "period_s")
+if (*_READING_KEY, *AGGREGATE_FIELDS) != READING_COLUMNS:
+    raise RuntimeError(
+        f"readings columns {READING_COLUMNS} are not {_READING_KEY} + the window aggregate:"
+        " update BatchWriter._copy and millrace.wire.aggregate together"
+    )
+_KEY_WIDTH: Final = len(_READING_KEY)
 
 
 def to_datetime(ms: int) -> datetime:
@@ -111,31 +70,12 @@ def to_datetime(ms: int) -> datetime:
 
 
 def _merge_repeated_windows(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """Merge rows of one transaction that share a window key (earlier row = earlier part)."""
-    merged: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+    """One row per window key: rows sharing one are merged in order (earlier = earlier part)."""
+    parts: dict[tuple[Any, ...], list[Aggregate]] = {}
     for row in rows:
-        key = row[:4]
-        before = merged.get(key)
-        merged[key] = row if before is None else _merge_window_rows(before, row)
-    return list(merged.values())
-
-
-def _merge_window_rows(a: tuple[Any, ...], b: tuple[Any, ...]) -> tuple[Any, ...]:
-    ts, device_id, metric_id, period_s = a[:4]
-    return (
-        ts,
-        device_id,
-        metric_id,
-        period_s,
-        a[4] + b[4],
-        a[5] + b[5],
-        min(a[6], b[6]),
-        max(a[7], b[7]),
-        a[8],
-        b[9],
-        a[10] + b[10],
-        a[11] + b[11],
-    )
+        parts.setdefault(row[:_KEY_WIDTH], []).append(Aggregate(*row[_KEY_WIDTH:]))
+    merged = ((key, merge_all(aggs)) for key, aggs in parts.items())
+    return [(*key, *(getattr(agg, f) for f in AGGREGATE_FIELDS)) for key, agg in merged]
 
 
 def store_readings(cur: psycopg.Cursor[Any], rows: Iterable[tuple[Any, ...]]) -> int:
@@ -143,8 +83,8 @@ def store_readings(cur: psycopg.Cursor[Any], rows: Iterable[tuple[Any, ...]]) ->
 
     An agent stopped with SIGTERM closes its open windows early; after its restart the rest
     of such a window arrives under a new boot_id with the same (device, metric, ts, period).
-    Both parts are real readings, so they merge exactly like a rollup: counts, sums and sums
-    of squares add, min and max combine, first stays and last is the later part's. The fast
+    Both parts are real readings, so they merge like any two aggregates
+    (`millrace.wire.Aggregate.merge`, the earlier part first). The fast
     path streams `rows` into a plain COPY (a generator builds them while the server stores
     the previous ones); only a transaction that meets such a window, stored before or twice
     among `rows`, pays for the merge. Returns how many rows came in.
@@ -165,7 +105,7 @@ def store_readings(cur: psycopg.Cursor[Any], rows: Iterable[tuple[Any, ...]]) ->
         kept.extend(source)  # whatever the COPY had not taken yet
         log.info("merging %s window rows into windows stored in part before", len(kept))
     merged = kept
-    if len({row[:4] for row in kept}) != len(kept):
+    if len({row[:_KEY_WIDTH] for row in kept}) != len(kept):
         merged = _merge_repeated_windows(kept)
     cur.execute(_MERGE_STAGING_CREATE)
     copy_rows(cur, "readings_merge", READING_COLUMNS, READING_TYPES, merged)
@@ -173,25 +113,29 @@ def store_readings(cur: psycopg.Cursor[Any], rows: Iterable[tuple[Any, ...]]) ->
     return len(kept)
 
 
+def _merge_into_readings() -> str:
+    """The upsert that merges staged rows into stored ones: the contract's merge rules."""
+    by_rule = {
+        "add": "{c} = r.{c} + excluded.{c}",
+        "least": "{c} = least(r.{c}, excluded.{c})",
+        "greatest": "{c} = greatest(r.{c}, excluded.{c})",
+        "later": "{c} = excluded.{c}",
+    }  # "earlier": the stored part came first, its value stays
+    sets = [by_rule[rule].format(c=c) for c, rule in MERGE_RULES.items() if rule != "earlier"]
+    key = ", ".join(c.name for c in schema.readings.primary_key.columns)
+    columns = ", ".join(READING_COLUMNS)
+    return f"""
+INSERT INTO readings AS r ({columns})
+SELECT {columns} FROM readings_merge ORDER BY {key}
+ON CONFLICT ({key}) DO UPDATE SET {", ".join(sets)}
+"""
+
+
 _MERGE_STAGING_CREATE: Final = """
 CREATE TEMP TABLE IF NOT EXISTS readings_merge
     (LIKE readings INCLUDING DEFAULTS) ON COMMIT DELETE ROWS
 """
-_MERGE_INTO_READINGS: Final = """
-INSERT INTO readings AS r (ts, device_id, metric_id, period_s, count, sum, min, max, first,
-                           last, sumsq, rejected)
-SELECT ts, device_id, metric_id, period_s, count, sum, min, max, first, last, sumsq, rejected
-  FROM readings_merge
- ORDER BY device_id, metric_id, ts, period_s
-ON CONFLICT (device_id, metric_id, ts, period_s) DO UPDATE
-   SET count = r.count + excluded.count,
-       sum = r.sum + excluded.sum,
-       min = LEAST(r.min, excluded.min),
-       max = GREATEST(r.max, excluded.max),
-       last = excluded.last,
-       sumsq = r.sumsq + excluded.sumsq,
-       rejected = r.rejected + excluded.rejected
-"""
+_MERGE_INTO_READINGS: Final = _merge_into_readings()
 
 
 def copy_rows(
@@ -212,48 +156,6 @@ def copy_rows(
             copy.write_row(row)
 
 
-class IdCache:
-    """Name -> id for devices and metrics; ids never change once assigned."""
-
-    __slots__ = ("devices", "metrics")
-
-    def __init__(self) -> None:
-        self.devices: dict[str, int] = {}
-        self.metrics: dict[str, int] = {}
-
-    def clear(self) -> None:
-        self.devices.clear()
-        self.metrics.clear()
-
-    def ensure(self, conn: psycopg.Connection[Any], devices: set[str], metrics: set[str]) -> None:
-        """Register unknown names (committed at once, so the cache never holds a rolled-back id)."""
-        new_devices = sorted(devices - self.devices.keys())
-        new_metrics = sorted(metrics - self.metrics.keys())
-        if not new_devices and not new_metrics:
-            return
-        with conn.transaction(), conn.cursor() as cur:
-            for table, names, cache in (
-                ("devices", new_devices, self.devices),
-                ("metrics", new_metrics, self.metrics),
-            ):
-                if not names:
-                    continue
-                ident = psycopg.sql.Identifier(table)
-                cur.execute(
-                    psycopg.sql.SQL(
-                        "INSERT INTO {} (name) SELECT unnest(%b::text[]) ORDER BY 1"
-                        " ON CONFLICT (name) DO NOTHING"
-                    ).format(ident),
-                    [names],
-                )
-                cur.execute(
-                    psycopg.sql.SQL("SELECT name, id FROM {} WHERE name = ANY(%s)").format(ident),
-                    [names],
-                )
-                cache.update(cur.fetchall())
-        log.info("registered devices=%s metrics=%s", new_devices, new_metrics)
-
-
 _LEDGER_INSERT: Final = """
 INSERT INTO ingest_ledger (
     device_id, boot_id, seq, sent_at, received_at, windows, events, dropped, rejected,
@@ -265,50 +167,6 @@ ON CONFLICT DO NOTHING
 RETURNING device_id, boot_id, seq
 """
 
-_STREAMS_INSERT: Final = """
-INSERT INTO ingest_streams (device_id, boot_id, first_seq, max_seq, batches, first_at, last_at)
-SELECT d, b, f, m, n, t, t FROM unnest(
-    %b::int4[], %b::uuid[], %b::int8[], %b::int8[], %b::int8[], %b::timestamptz[])
-    AS u(d, b, f, m, n, t)
-ON CONFLICT DO NOTHING
-RETURNING device_id, boot_id
-"""
-
-_STREAMS_LOCK: Final = """
-SELECT s.device_id, s.boot_id, s.max_seq
-FROM ingest_streams s
-JOIN unnest(%b::int4[], %b::uuid[]) AS u(d, b) ON s.device_id = u.d AND s.boot_id = u.b
-ORDER BY s.device_id, s.boot_id
-FOR UPDATE OF s
-"""
-
-_STREAMS_UPDATE: Final = """
-UPDATE ingest_streams s SET
-    first_seq = least(s.first_seq, u.f), max_seq = u.m, batches = s.batches + u.n,
-    last_at = greatest(s.last_at, u.t)
-FROM unnest(%b::int4[], %b::uuid[], %b::int8[], %b::int8[], %b::int8[], %b::timestamptz[])
-    AS u(d, b, f, m, n, t)
-WHERE s.device_id = u.d AND s.boot_id = u.b
-"""
-
-_GAPS_SELECT: Final = """
-SELECT g.device_id, g.boot_id, g.seq_from, g.seq_to
-FROM sequence_gaps g
-JOIN unnest(%b::int4[], %b::uuid[]) AS u(d, b) ON g.device_id = u.d AND g.boot_id = u.b
-"""
-
-_GAPS_DELETE: Final = """
-DELETE FROM sequence_gaps g
-USING unnest(%b::int4[], %b::uuid[]) AS u(d, b)
-WHERE g.device_id = u.d AND g.boot_id = u.b
-"""
-
-_GAPS_INSERT: Final = """
-INSERT INTO sequence_gaps (device_id, boot_id, seq_from, seq_to, detected_at)
-SELECT * FROM unnest(%b::int4[], %b::uuid[], %b::int8[], %b::int8[], %b::timestamptz[])
-ON CONFLICT (device_id, boot_id, seq_from) DO UPDATE SET seq_to = excluded.seq_to
-"""
-
 _DEVICES_SEEN: Final = """
 UPDATE devices d SET
     last_data_at = greatest(d.last_data_at, u.t),
@@ -316,27 +174,6 @@ UPDATE devices d SET
 FROM (SELECT * FROM unnest(%b::int4[], %b::timestamptz[]) AS u(id, t) ORDER BY id) AS u
 WHERE d.id = u.id
 """
-
-_DEAD_LETTER_COLUMNS: Final = (
-    "received_at",
-    "topic",
-    "device",
-    "code",
-    "reason",
-    "content_type",
-    "payload",
-    "payload_bytes",
-)
-_DEAD_LETTER_TYPES: Final = (
-    "timestamptz",
-    "text",
-    "text",
-    "text",
-    "text",
-    "text",
-    "bytea",
-    "int4",
-)
 
 
 def _clean_text(value: str | None, limit: int = DEAD_LETTER_TEXT_MAX_CHARS) -> str | None:
@@ -416,7 +253,7 @@ class BatchWriter:
                 return WriteResult(0, len(incoming), 0, 0, 0, 0, (), frozenset())
             readings, events, hourly, stored = self._copy(cur, fresh, report)
             rollup_rows = rollups.write_rollups(cur, hourly)
-            opened = self._streams(cur, fresh)
+            opened = record_streams(cur, self.ids.devices, fresh)
             self._devices_seen(cur, fresh)
         return WriteResult(
             stored_batches=len(fresh),
@@ -456,12 +293,12 @@ class BatchWriter:
         cur: psycopg.Cursor[Any],
         fresh: list[Incoming],
         report: Callable[[str], bool] | None,
-    ) -> tuple[int, int, dict[rollups.RollupKey, rollups.Accumulator], list[tuple[str, Window]]]:
+    ) -> tuple[int, int, rollups.Hourly, list[tuple[str, Window]]]:
         device_ids = self.ids.devices
         metric_ids = self.ids.metrics
         times: dict[int, datetime] = {}
         event_rows: list[tuple[object, ...]] = []
-        hourly: dict[rollups.RollupKey, rollups.Accumulator] = {}
+        hourly: rollups.Hourly = {}
         add_hourly = rollups.add_hourly
         stored: list[tuple[str, Window]] = []
 
@@ -478,6 +315,7 @@ class BatchWriter:
                     add_hourly(hourly, device_id, metric_id, w)
                     if report is None or report(w.metric):
                         stored.append((batch.device, w))
+                    # READING_COLUMNS' order, spelled out: a generic row costs a tuple more.
                     yield (
                         ts, device_id, metric_id, w.period_s, w.count, w.sum, w.min, w.max,
                         w.first, w.last, w.sumsq, w.rejected,
@@ -494,77 +332,6 @@ class BatchWriter:
         if event_rows:
             copy_rows(cur, "events", EVENT_COLUMNS, EVENT_TYPES, event_rows)
         return reading_count, len(event_rows), hourly, stored
-
-    def _streams(self, cur: psycopg.Cursor[Any], fresh: list[Incoming]) -> int:
-        """Advance each (device, boot_id) high-water mark and record gaps; returns gaps opened."""
-        seqs: dict[tuple[int, uuid.UUID], list[int]] = defaultdict(list)
-        last_at: dict[tuple[int, uuid.UUID], datetime] = {}
-        for item in fresh:
-            b = item.batch
-            key = (self.ids.devices[b.device], uuid.UUID(hex=b.boot_id))
-            seqs[key].append(b.seq)
-            last_at[key] = max(last_at.get(key, item.received_at), item.received_at)
-        keys = sorted(seqs)
-
-        def columns(ks: list[tuple[int, uuid.UUID]], maxes: dict[object, int]) -> list[object]:
-            return [
-                [k[0] for k in ks],
-                [k[1] for k in ks],
-                [min(seqs[k]) for k in ks],
-                [maxes[k] for k in ks],
-                [len(seqs[k]) for k in ks],
-                [last_at[k] for k in ks],
-            ]
-
-        updates: dict[tuple[int, uuid.UUID], gaps.StreamUpdate] = {
-            k: gaps.advance(None, (), seqs[k]) for k in keys
-        }
-        cur.execute(_STREAMS_INSERT, columns(keys, {k: u.max_seq for k, u in updates.items()}))
-        inserted = {(d, b) for d, b in cur.fetchall()}
-        existing = [k for k in keys if k not in inserted]
-        late: set[tuple[int, uuid.UUID]] = set()
-        if existing:
-            cur.execute(_STREAMS_LOCK, [[k[0] for k in existing], [k[1] for k in existing]])
-            prev_max = {(d, b): m for d, b, m in cur.fetchall()}
-            late = {k for k in existing if min(seqs[k]) <= prev_max[k]}
-            open_gaps: dict[tuple[int, uuid.UUID], list[gaps.Gap]] = defaultdict(list)
-            if late:
-                ordered = sorted(late)
-                cur.execute(_GAPS_SELECT, [[k[0] for k in ordered], [k[1] for k in ordered]])
-                for device_id, boot, low, high in cur.fetchall():
-                    open_gaps[(device_id, boot)].append((low, high))
-            for k in existing:
-                updates[k] = gaps.advance(prev_max[k], open_gaps.get(k, ()), seqs[k])
-            cur.execute(
-                _STREAMS_UPDATE, columns(existing, {k: updates[k].max_seq for k in existing})
-            )
-            # Streams whose stored gaps shrank: rewrite their gap rows from the new state.
-            rewrite = sorted(k for k in late if updates[k].changed_gaps)
-            if rewrite:
-                cur.execute(_GAPS_DELETE, [[k[0] for k in rewrite], [k[1] for k in rewrite]])
-        # Late streams hold all their gaps in the update, the others only the new ones.
-        rows = [
-            (k[0], k[1], low, high)
-            for k in keys
-            if updates[k].changed_gaps
-            for low, high in updates[k].gaps
-        ]
-        opened = sum(u.opened for u in updates.values())
-        if rows:
-            now = max(last_at.values())
-            cur.execute(
-                _GAPS_INSERT,
-                [
-                    [r[0] for r in rows],
-                    [r[1] for r in rows],
-                    [r[2] for r in rows],
-                    [r[3] for r in rows],
-                    [now] * len(rows),
-                ],
-            )
-        if opened:
-            log.warning("sequence gaps opened=%s", opened)
-        return opened
 
     def _devices_seen(self, cur: psycopg.Cursor[Any], fresh: list[Incoming]) -> None:
         seen: dict[int, datetime] = {}

@@ -1,10 +1,11 @@
-"""Checks a decoded batch must pass before it is stored; pure, no I/O.
+"""What an inbound message is: decode, validate, classify; pure, no I/O.
 
-`millrace.wire` already guarantees the batch is well formed (finite numbers,
+`millrace.wire` already guarantees a decoded batch is well formed (finite numbers,
 min <= first/last <= max, aligned windows). Here come the checks that need
-context — the topic it arrived on, the worker's clock and configuration —
-and those that protect the database: magnitudes that would overflow a
-rollup, and text PostgreSQL cannot store.
+context - the topic it arrived on, the worker's clock and configuration - and
+those that protect the database: magnitudes that would overflow a rollup, and
+text PostgreSQL cannot store. Anything unusable becomes a `DeadLetter` with a
+code and a reason (docs/cloud.md lists the codes).
 """
 
 from __future__ import annotations
@@ -12,7 +13,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from millrace.wire import Batch, Window
+from millrace import topics
+from millrace.cloud.ingest.messages import (
+    INGESTED_KINDS,
+    Classified,
+    DeadLetter,
+    HealthItem,
+    Inbound,
+    Incoming,
+    StateItem,
+)
+from millrace.errors import WireError
+from millrace.wire import Batch, DeviceState, Heartbeat, Rejection, Window, decode_batch
 
 # Plant signals are far below this; the cap keeps sums of squares of an hour of
 # windows (<= 3600 x 1e9 readings) finite in float64.
@@ -116,3 +128,62 @@ def validate_batch(
         elif not isinstance(value, bool) and abs(value) > MAX_ABS_VALUE:
             return Invalid("out_of_range", f"{where}: |value| > {MAX_ABS_VALUE:g}")
     return None
+
+
+def dead_letter(msg: Inbound, device: str | None, code: str, reason: str) -> DeadLetter:
+    """`msg` refused with `code` and `reason`, payload kept for diagnosis."""
+    return DeadLetter(
+        topic=msg.topic,
+        device=device,
+        code=code,
+        reason=reason,
+        content_type=msg.content_type,
+        payload=msg.payload,
+        received_at=msg.received_at,
+    )
+
+
+def classify(msg: Inbound, *, limits: Limits, now_ms: int) -> Classified:
+    """Decode and validate one message; anything unusable becomes a dead letter."""
+    try:
+        topic = topics.parse_topic(msg.topic)
+    except WireError as exc:
+        return dead_letter(msg, None, "bad_topic", exc.reason)
+    device = topic.device_id
+    if topic.kind == "data":
+        decoded = decode_batch(msg.payload, content_type=msg.content_type)
+        if isinstance(decoded, Rejection):
+            return dead_letter(msg, device, decoded.code, decoded.reason)
+        problem = validate_batch(decoded, topic_device=device, now_ms=now_ms, limits=limits)
+        if problem is not None:
+            return dead_letter(msg, device, problem.code, problem.reason)
+        return Incoming(decoded, msg.received_at)
+    if topic.kind in ("state", "health"):
+        try:
+            parsed: DeviceState | Heartbeat = (
+                DeviceState.from_json(msg.payload)
+                if topic.kind == "state"
+                else Heartbeat.from_json(msg.payload)
+            )
+        except WireError as exc:
+            return dead_letter(msg, device, "invalid", exc.reason)
+        if parsed.device != device:
+            return dead_letter(
+                msg,
+                device,
+                "identity_mismatch",
+                f"payload device {parsed.device!r} published on the topic of {device!r}",
+            )
+        if isinstance(parsed, DeviceState):
+            return StateItem(parsed, msg.received_at)
+        return HealthItem(parsed, msg.received_at)
+    return dead_letter(msg, device, "bad_topic", f"{topic.kind} messages are not ingested")
+
+
+def kind_label(topic: str) -> str:
+    """A message's `kind` in the metrics: data, state, health, or other (any other topic)."""
+    try:
+        kind = topics.parse_topic(topic).kind
+    except WireError:
+        return "other"
+    return kind if kind in INGESTED_KINDS else "other"

@@ -1,20 +1,15 @@
-"""The ingest worker's loop: receive, decode, validate, write, commit, THEN acknowledge.
+"""The ingest worker: receive, classify, batch, store, commit, THEN acknowledge.
 
-Messages are classified as they arrive (decode + validate), collected into a
-batch that closes by rows or time, and written in one transaction together
-with dead letters, device state, heartbeats and alert evaluation. Only after
-COMMIT returns are the messages acknowledged, so a crash at any point leaves
-them unacknowledged in the broker's session and they are delivered again;
-the ingest ledger makes the second delivery a no-op.
+Two threads. The main thread takes messages from the consumer's queue, classifies
+them (classify.py) and collects them into commit batches (batcher.py); the committer
+thread stores each batch in one transaction (store.py) and only after COMMIT returns
+acknowledges its messages, so a crash at any point leaves them unacknowledged in the
+broker's session and they are delivered again; the ingest ledger makes the second
+delivery a no-op. While one batch is written the next is decoded.
 
-Failures, by kind:
-- a message that cannot be stored (bad payload, bad values) -> dead letter, acked;
-- a data error from the database (class 22/23/54) -> the batch is retried one
-  message per transaction, and only the offending message is dead-lettered;
-- deadlock/serialization/lock timeout -> the batch is retried;
-- the database unreachable or unusable (down, privileges, schema missing) ->
-  stop consuming (disconnect: the session keeps the unacked messages), back
-  off and retry, reconnect, and the broker redelivers everything unacked.
+When the database is down or unusable the worker stops consuming (disconnect: the
+session keeps the unacked messages), backs off, reconnects the database, then the
+broker, which redelivers everything unacked (docs/cloud.md, docs/guarantees.md).
 """
 
 from __future__ import annotations
@@ -27,26 +22,24 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
 import psycopg
 
 from millrace import topics
-from millrace.cloud import registry
 from millrace.cloud.alerts.engine import AlertEngine
-from millrace.cloud.alerts.rules import ANY_METRIC
-from millrace.cloud.batcher import Batcher
 from millrace.cloud.config import IngestConfig
-from millrace.cloud.consumer import Consumer, Inbound
-from millrace.cloud.metrics import HealthServer, IngestMetrics, loop_health
+from millrace.cloud.ingest.batcher import Batcher
+from millrace.cloud.ingest.classify import Limits, classify, kind_label
+from millrace.cloud.ingest.consumer import Consumer
+from millrace.cloud.ingest.messages import Classified, DeadLetter, Inbound, Incoming
+from millrace.cloud.ingest.metrics import HealthServer, IngestMetrics, loop_health
+from millrace.cloud.ingest.store import BatchStore, DatabaseDown, Stored, describe, error_kind
 from millrace.cloud.retention import RetentionPolicy, RetentionScheduler
-from millrace.cloud.validate import Limits, validate_batch
-from millrace.cloud.writer import BatchWriter, DeadLetter, Incoming, WriteResult, write_dead_letters
-from millrace.errors import IngestError, WireError
-from millrace.wire import AlertMessage, Batch, DeviceState, Heartbeat, Rejection, decode_batch
+from millrace.errors import IngestError
 
 log = logging.getLogger(__name__)
 
@@ -56,32 +49,10 @@ DB_BACKOFF_MAX_SECONDS: Final = 10.0
 DB_CONNECT_TIMEOUT_SECONDS: Final = 5
 # Long enough for any sane batch, short enough that a wedged lock surfaces.
 STATEMENT_TIMEOUT_MS: Final = 60_000
-TRANSIENT_RETRIES: Final = 5
-# SQLSTATE classes that blame the data of one message, not the database.
-POISON_SQLSTATE_CLASSES: Final = frozenset({"22", "23", "54"})
 # Allocations between young-generation collections (CPython's default is 700).
 GC_YOUNG_THRESHOLD_OBJECTS: Final = 10_000
 # bench/ingest.py: +0.02-0.04 of ratio_vs_floor over the default 0.005 s.
 GIL_SWITCH_INTERVAL_SECONDS: Final = 0.001
-
-
-class DatabaseDown(Exception):
-    """The database cannot be used right now; the worker must back off."""
-
-
-@dataclass(frozen=True, slots=True)
-class StateItem:
-    state: DeviceState
-    received_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class HealthItem:
-    heartbeat: Heartbeat
-    received_at: datetime
-
-
-Classified = Incoming | StateItem | HealthItem | DeadLetter
 
 
 @dataclass(slots=True)
@@ -106,67 +77,6 @@ class _Task:
     kind: Literal["batch", "no_data"]
     epoch: int
     pending: list[_Pending]
-
-
-@dataclass(slots=True)
-class _Stored:
-    result: WriteResult | None = None
-    alerts: list[AlertMessage] = field(default_factory=list)
-    # id(item) -> the dead letter written for an item the database refused
-    refused: dict[int, DeadLetter] = field(default_factory=dict)
-
-
-def _dead(msg: Inbound, device: str | None, code: str, reason: str) -> DeadLetter:
-    return DeadLetter(
-        topic=msg.topic,
-        device=device,
-        code=code,
-        reason=reason,
-        content_type=msg.content_type,
-        payload=msg.payload,
-        received_at=msg.received_at,
-    )
-
-
-def classify(msg: Inbound, *, limits: Limits, now_ms: int) -> Classified:
-    """Decode and validate one message; anything unusable becomes a dead letter."""
-    try:
-        topic = topics.parse_topic(msg.topic)
-    except WireError as exc:
-        return _dead(msg, None, "bad_topic", exc.reason)
-    device = topic.device_id
-    if topic.kind == "data":
-        decoded = decode_batch(msg.payload, content_type=msg.content_type)
-        if isinstance(decoded, Rejection):
-            return _dead(msg, device, decoded.code, decoded.reason)
-        problem = validate_batch(decoded, topic_device=device, now_ms=now_ms, limits=limits)
-        if problem is not None:
-            return _dead(msg, device, problem.code, problem.reason)
-        return Incoming(decoded, msg.received_at)
-    if topic.kind in ("state", "health"):
-        try:
-            parsed: DeviceState | Heartbeat = (
-                DeviceState.from_json(msg.payload)
-                if topic.kind == "state"
-                else Heartbeat.from_json(msg.payload)
-            )
-        except WireError as exc:
-            return _dead(msg, device, "invalid", exc.reason)
-        if parsed.device != device:
-            return _dead(
-                msg,
-                device,
-                "identity_mismatch",
-                f"payload device {parsed.device!r} published on the topic of {device!r}",
-            )
-        if isinstance(parsed, DeviceState):
-            return StateItem(parsed, msg.received_at)
-        return HealthItem(parsed, msg.received_at)
-    return _dead(msg, device, "bad_topic", f"{topic.kind} messages are not ingested")
-
-
-def _sqlstate_class(exc: psycopg.Error) -> str:
-    return (exc.sqlstate or "")[:2]
 
 
 def connect_db(dsn: str, *, application_name: str) -> psycopg.Connection[Any]:
@@ -212,7 +122,7 @@ class Worker:
         self._stop = threading.Event()
         self._conn: psycopg.Connection[Any] | None = None
         self._consumer: Consumer | None = None
-        self._writer = BatchWriter()
+        self._store = BatchStore(lambda kind: self.metrics.db_errors.labels(kind).inc())
         self._engine: AlertEngine | None = None
         self._last_turn = time.monotonic()
         self._next_no_data = time.monotonic() + config.no_data_check_s
@@ -323,7 +233,7 @@ class Worker:
             except psycopg.Error as exc:
                 self.metrics.db_up.set(0)
                 self.metrics.db_errors.labels("connect").inc()
-                log.warning("database unavailable (%s); retry in %.1f s", _short(exc), delay)
+                log.warning("database unavailable (%s); retry in %.1f s", describe(exc), delay)
             self._stop.wait(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, DB_BACKOFF_MAX_SECONDS)
         return False
@@ -458,7 +368,7 @@ class Worker:
         if not pending:
             return
         started = time.monotonic()
-        stored = self._store([p.item for p in pending])
+        stored = self._store.store(self._conn, [p.item for p in pending], self._engine)
         commit_s = time.monotonic() - started
         consumer = self._consumer
         acked = consumer.ack([p.inbound for p in pending]) if consumer else 0
@@ -469,7 +379,7 @@ class Worker:
                     self.metrics.alerts.inc()
 
     def _account(
-        self, pending: list[_Pending], stored: _Stored, commit_s: float, acked: int
+        self, pending: list[_Pending], stored: Stored, commit_s: float, acked: int
     ) -> None:
         m = self.metrics
         m.batches.inc()
@@ -479,7 +389,7 @@ class Worker:
         now_ms = time.time() * 1000
         for p in pending:
             item = stored.refused.get(id(p.item), p.item)
-            kind = _kind_label(p.inbound.topic)
+            kind = kind_label(p.inbound.topic)
             if isinstance(item, DeadLetter):
                 m.messages.labels(kind, "dead_letter").inc()
                 m.dead_letters.labels(item.code).inc()
@@ -501,125 +411,6 @@ class Worker:
                 acked,
             )
 
-    def _store(self, items: Sequence[Classified]) -> _Stored:
-        """Write `items` in one transaction, retrying transient errors, isolating poison."""
-        for attempt in range(TRANSIENT_RETRIES):
-            try:
-                return self._store_once(items)
-            except psycopg.Error as exc:
-                kind = self._classify_db_error(exc)
-                self.metrics.db_errors.labels(kind).inc()
-                if kind == "transient":
-                    log.info("transient database error (%s); retry %s", _short(exc), attempt + 1)
-                    time.sleep(0.05 * (attempt + 1))
-                    continue
-                if kind == "poison":
-                    log.warning("batch refused (%s); storing message by message", _short(exc))
-                    return self._store_isolated(items)
-                raise DatabaseDown(_short(exc)) from exc
-            except Exception:
-                log.exception("unexpected error writing a batch; storing message by message")
-                return self._store_isolated(items)
-        raise DatabaseDown("transient errors did not clear")
-
-    def _classify_db_error(self, exc: psycopg.Error) -> str:
-        conn = self._conn
-        if conn is None or conn.closed or conn.broken:
-            return "down"
-        if isinstance(
-            exc,
-            psycopg.errors.TransactionRollback
-            | psycopg.errors.QueryCanceled
-            | psycopg.errors.LockNotAvailable,
-        ):
-            return "transient"
-        if _sqlstate_class(exc) in POISON_SQLSTATE_CLASSES:
-            return "poison"
-        return "down"  # privileges, missing schema, disk full: not the message's fault
-
-    def _store_isolated(self, items: Sequence[Classified]) -> _Stored:
-        """One transaction per message; a message that still fails is dead-lettered."""
-        total = _Stored()
-        for item in items:
-            try:
-                one = self._store_once([item])
-            except psycopg.Error as exc:
-                kind = self._classify_db_error(exc)
-                if kind == "down":
-                    raise DatabaseDown(_short(exc)) from exc
-                total.refused[id(item)] = self._refused(item, f"db_{kind}", _short(exc))
-                continue
-            except Exception as exc:
-                log.exception("unexpected error storing one message")
-                total.refused[id(item)] = self._refused(item, "internal_error", repr(exc))
-                continue
-            if one.result is not None:
-                total.result = _merge(total.result, one.result)
-            total.alerts.extend(one.alerts)
-        return total
-
-    def _refused(self, item: Classified, code: str, reason: str) -> DeadLetter:
-        """Dead-letter a message the database refused, in a transaction of its own."""
-        letter = _refusal_letter(item, code, reason)
-        conn = self._require_conn()
-        try:
-            with conn.transaction(), conn.cursor() as cur:
-                write_dead_letters(cur, [letter])
-        except psycopg.Error as exc:
-            raise DatabaseDown(_short(exc)) from exc
-        return letter
-
-    def _require_conn(self) -> psycopg.Connection[Any]:
-        if self._conn is None or self._conn.closed:
-            raise DatabaseDown("not connected")
-        return self._conn
-
-    def _store_once(self, items: Sequence[Classified]) -> _Stored:
-        conn = self._require_conn()
-        incoming = [i for i in items if isinstance(i, Incoming)]
-        dead = [i for i in items if isinstance(i, DeadLetter)]
-        self._writer.prepare(conn, (i.batch for i in incoming))
-        out = _Stored()
-        with conn.transaction():
-            if incoming:
-                out.result = self._writer.write(conn, incoming, report=self._alert_metrics())
-            if dead:
-                with conn.cursor() as cur:
-                    write_dead_letters(cur, dead)
-            for item in items:
-                if isinstance(item, StateItem):
-                    registry.apply_state(conn, item.state, received_at=item.received_at)
-                elif isinstance(item, HealthItem):
-                    registry.apply_heartbeat(conn, item.heartbeat, received_at=item.received_at)
-            if out.result is not None and out.result.windows and self._engine is not None:
-                out.alerts = self._evaluate_alerts(conn, out.result)
-        return out
-
-    def _alert_metrics(self) -> Callable[[str], bool]:
-        """Which metrics the alert rules look at (so only their windows are materialised)."""
-        engine = self._engine
-        watched = {loaded.rule.metric for loaded in engine.rules} if engine else set()
-        if ANY_METRIC in watched:
-            return lambda _metric: True
-        return watched.__contains__
-
-    def _evaluate_alerts(
-        self, conn: psycopg.Connection[Any], result: WriteResult
-    ) -> list[AlertMessage]:
-        """Alert rules run in a savepoint: a failing rule must not cost the data."""
-        assert self._engine is not None
-        try:
-            with conn.transaction():
-                return self._engine.evaluate(conn, result.windows)
-        except psycopg.Error as exc:
-            if self._classify_db_error(exc) in ("down", "transient"):
-                raise
-            log.error("alert evaluation failed, batch stored without it: %s", _short(exc))
-        except Exception:
-            log.exception("alert evaluation failed, batch stored without it")
-        self.metrics.db_errors.labels("alerts").inc()
-        return []
-
     def _check_no_data(self) -> None:
         engine, conn, consumer = self._engine, self._conn, self._consumer
         if engine is None or conn is None or conn.closed:
@@ -628,81 +419,15 @@ class Worker:
             with conn.transaction():
                 messages = engine.check_no_data(conn, datetime.now(UTC))
         except psycopg.Error as exc:
-            if self._classify_db_error(exc) == "down":
-                raise DatabaseDown(_short(exc)) from exc
-            log.error("no-data check failed: %s", _short(exc))
+            if error_kind(conn, exc) == "down":
+                raise DatabaseDown(describe(exc)) from exc
+            log.error("no-data check failed: %s", describe(exc))
             return
         for alert in messages:
             if consumer is not None and consumer.publish(
                 topics.alert_topic(alert.device), alert.to_json()
             ):
                 self.metrics.alerts.inc()
-
-
-def _refusal_letter(item: Classified, code: str, reason: str) -> DeadLetter:
-    """A dead letter for a decoded message the database refused (payload re-encoded)."""
-    if isinstance(item, DeadLetter):
-        return DeadLetter(
-            item.topic, item.device, code, reason, item.content_type, item.payload, item.received_at
-        )
-    if isinstance(item, Incoming):
-        from millrace.wire import CONTENT_TYPE_MSGPACK, encode_batch
-
-        b: Batch = item.batch
-        return DeadLetter(
-            topics.data_topic(b.device),
-            b.device,
-            code,
-            reason,
-            CONTENT_TYPE_MSGPACK,
-            encode_batch(b),
-            item.received_at,
-        )
-    if isinstance(item, StateItem):
-        s = item.state
-        return DeadLetter(
-            topics.state_topic(s.device),
-            s.device,
-            code,
-            reason,
-            None,
-            s.to_json(),
-            item.received_at,
-        )
-    h = item.heartbeat
-    return DeadLetter(
-        topics.health_topic(h.device), h.device, code, reason, None, h.to_json(), item.received_at
-    )
-
-
-def _merge(a: WriteResult | None, b: WriteResult) -> WriteResult:
-    if a is None:
-        return b
-    return WriteResult(
-        stored_batches=a.stored_batches + b.stored_batches,
-        duplicate_batches=a.duplicate_batches + b.duplicate_batches,
-        readings=a.readings + b.readings,
-        events=a.events + b.events,
-        rollup_rows=a.rollup_rows + b.rollup_rows,
-        gaps_opened=a.gaps_opened + b.gaps_opened,
-        windows=a.windows + b.windows,
-        stored_keys=a.stored_keys | b.stored_keys,
-    )
-
-
-def _kind_label(topic: str) -> str:
-    parts = topic.split("/")
-    return parts[4] if len(parts) == 5 and parts[4] in ("data", "state", "health") else "other"
-
-
-def _short(exc: BaseException) -> str:
-    """One line about a database error, without connection parameters."""
-    if isinstance(exc, psycopg.Error):
-        primary = exc.diag.message_primary if exc.diag else None
-        text = primary or (str(exc).splitlines() or [type(exc).__name__])[0]
-        code = f" {exc.sqlstate}" if exc.sqlstate else ""
-        return f"{type(exc).__name__}{code}: {text}"
-    return f"{type(exc).__name__}: {exc}"
 
 
 def run_worker(config: IngestConfig) -> int:
