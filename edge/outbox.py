@@ -4,7 +4,9 @@ One transaction per flush, one per group of acknowledgements; nothing per
 reading (SD cards wear out). Ids only grow (AUTOINCREMENT), so the publisher
 can walk the queue with a cursor and resend in order after a restart. Caps
 in bytes and age drop the oldest batches first and count every drop in the
-same transaction, so the count survives a crash.
+same transaction, so the count survives a crash. Only a corrupt file is moved
+aside (its batches counted as dropped); a locked or unreadable one stops the
+start-up instead, so nothing is discarded that a restart could still send.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from millrace.edge.batching import Encoded
+from millrace.errors import MillraceError
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +42,18 @@ _INSERT = (
     "INSERT INTO batches (boot_id, seq, created_ms, encoding, size, payload)"
     " VALUES (?, ?, ?, ?, ?, ?)"
 )
-# Busy waits only happen when another process (e.g. `edge check`) reads the file.
+# Busy waits only happen when another process (e.g. `edge check`, an operator's sqlite3)
+# holds the file.
 BUSY_TIMEOUT_SECONDS = 5.0
+# A lock still held after this fails the start-up (systemd restarts the agent) instead of
+# the file being taken for corrupt; well inside systemd's default 90 s start timeout.
+OPEN_LOCKED_MAX_WAIT_SECONDS = 30.0
+# Pause between attempts to open a locked outbox, doubling up to the cap.
+OPEN_RETRY_FIRST_SECONDS = 0.1
+OPEN_RETRY_MAX_SECONDS = 2.0
+# Primary result codes (the low byte of extended ones such as SQLITE_CORRUPT_INDEX).
+_CORRUPT_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +79,35 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _primary_code(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)  # absent on errors raised by the module
+    return None if code is None else code & 0xFF
+
+
+def _salvage_counts(path: Path) -> tuple[int, int]:
+    """(batches, dropped) of a corrupt outbox, read-only and as far as it can be read.
+
+    Batches that cannot all be counted are at least the readable ones and at least one:
+    an overstated loss is found and checked, a silent one is not.
+    """
+    batches, complete, dropped = 0, False, 0
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return 1, 0
+    with contextlib.closing(db):
+        with contextlib.suppress(sqlite3.Error):
+            row = db.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
+            dropped = int(row[0]) if row else 0
+        try:
+            batches, complete = db.execute("SELECT count(*) FROM batches").fetchone()[0], True
+        except sqlite3.Error:
+            with contextlib.suppress(sqlite3.Error):
+                for _ in db.execute("SELECT id FROM batches"):
+                    batches += 1
+    return (batches if complete else max(batches, 1)), dropped
+
+
 class Outbox:
     """SQLite-backed FIFO of encoded batches, capped by bytes and age."""
 
@@ -75,25 +117,63 @@ class Outbox:
         self.max_age_ms = int(max_age_s * 1000)
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._count = self._bytes = self._dropped = 0
         self._db = self._open()
-        self._count, self._bytes = self._db.execute(
-            "SELECT count(*), coalesce(sum(size), 0) FROM batches"
-        ).fetchone()
-        self._dropped = self._meta("dropped")
         # Batches that could not even be written (disk full): counted, never persisted.
         self._lost_unwritten = 0
 
     def _open(self) -> sqlite3.Connection:
-        try:
-            return self._connect()
-        except sqlite3.DatabaseError as exc:
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
-            log.error("outbox %s is unreadable (%s); moved aside to %s", self.path, exc, aside)
-            for suffix in ("", "-wal", "-shm"):
-                src = Path(f"{self.path}{suffix}")
-                if src.exists():
-                    src.rename(Path(f"{aside}{suffix}"))
-            return self._connect()
+        """Connect; wait out a lock, move a corrupt file aside (counted), refuse anything else."""
+        deadline = time.monotonic() + OPEN_LOCKED_MAX_WAIT_SECONDS
+        pause = OPEN_RETRY_FIRST_SECONDS
+        carried: int | None = None  # dropped count carried over from a corrupt file
+        while True:
+            try:
+                db = self._connect()
+            except sqlite3.Error as exc:
+                code = _primary_code(exc)
+                if code in _CORRUPT_CODES and carried is None:
+                    carried = self._move_aside(exc)
+                    continue
+                if code in _BUSY_CODES:
+                    if time.monotonic() + pause > deadline:
+                        raise MillraceError(
+                            f"outbox {self.path} is locked by another process"
+                            f" (waited {OPEN_LOCKED_MAX_WAIT_SECONDS:g} s); not starting,"
+                            " nothing in it was discarded"
+                        ) from exc
+                    log.warning(
+                        "outbox %s is locked (%s); retrying in %.1f s", self.path, exc, pause
+                    )
+                    time.sleep(pause)
+                    pause = min(pause * 2, OPEN_RETRY_MAX_SECONDS)
+                    continue
+                raise MillraceError(f"cannot open outbox {self.path}: {exc}") from exc
+            if carried:
+                self._set_meta(db, "dropped", carried)  # autocommit: persisted at once
+                self._dropped = carried
+            return db
+
+    def _move_aside(self, exc: sqlite3.Error) -> int:
+        """Rename a corrupt outbox (and its WAL) away; return the dropped count to carry on.
+
+        That is the file's own dropped count plus its batches, abandoned now: the heartbeat's
+        counter must not go back, and the loss must show in it.
+        """
+        abandoned, dropped = _salvage_counts(self.path)
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+        log.error(
+            "outbox %s is corrupt (%s); moved aside to %s, %d batch(es) abandoned",
+            self.path,
+            exc,
+            aside,
+            abandoned,
+        )
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(f"{self.path}{suffix}")
+            if src.exists():
+                src.rename(Path(f"{aside}{suffix}"))
+        return dropped + abandoned
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(
@@ -107,15 +187,16 @@ class Outbox:
             # FULL: a committed flush survives power loss, not just a process crash.
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
-            db.execute("SELECT count(*) FROM batches").fetchone()
-        except sqlite3.DatabaseError:
+            # Everything start-up reads is read here, so a corrupt page it meets lands in _open.
+            self._count, self._bytes = db.execute(
+                "SELECT count(*), coalesce(sum(size), 0) FROM batches"
+            ).fetchone()
+            row = db.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
+            self._dropped = int(row[0]) if row else 0
+        except sqlite3.Error:
             db.close()
             raise
         return db
-
-    def _meta(self, key: str) -> int:
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return int(row[0]) if row else 0
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:

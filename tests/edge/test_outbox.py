@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
+from millrace.edge import outbox
 from millrace.edge.batching import Encoded
 from millrace.edge.outbox import Outbox
+from millrace.errors import MillraceError
 
 BOOT_A = "a" * 32
 BOOT_B = "b" * 32
@@ -106,11 +115,117 @@ def test_one_transaction_per_flush(tmp_path: Path) -> None:
     other.close()
 
 
-def test_a_corrupt_file_is_moved_aside(tmp_path: Path) -> None:
+# Another process takes the outbox's file lock, as `sqlite3 outbox.sqlite` in a shell can.
+_HOLDERS = {
+    "wal, exclusive locking mode": "PRAGMA locking_mode=EXCLUSIVE",
+    "rollback journal": "PRAGMA journal_mode=DELETE",
+}
+_HOLD_LOCK = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute(sys.argv[2])
+db.execute("BEGIN EXCLUSIVE")
+db.execute("SELECT count(*) FROM batches").fetchone()
+print("locked", flush=True)
+time.sleep(float(sys.argv[3]))
+db.execute("COMMIT")
+"""
+LOCK_HELD_SECONDS = 1.5
+
+
+@contextlib.contextmanager
+def lock_held(path: Path, pragma: str, seconds: float) -> Iterator[subprocess.Popen[str]]:
+    """Hold BEGIN EXCLUSIVE on `path` in another process for `seconds` (or until killed)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(path), pragma, str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def outbox_with_five_batches(path: Path) -> None:
+    box = open_outbox(path)
+    box.append(BOOT_A, [enc(seq) for seq in range(5)], encoding="msgpack", now_ms=NOW)
+    box.close()
+
+
+@pytest.mark.parametrize("pragma", _HOLDERS.values(), ids=_HOLDERS.keys())
+def test_locked_outbox_is_waited_for_not_moved_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pragma: str
+) -> None:
     path = tmp_path / "o.sqlite"
-    path.write_bytes(b"this is not a database" * 100)
+    outbox_with_five_batches(path)
+    # The lock outlasts SQLite's busy timeout (as a 5 s lock outlasted the 5 s default).
+    monkeypatch.setattr(outbox, "BUSY_TIMEOUT_SECONDS", 0.2)
+    with lock_held(path, pragma, LOCK_HELD_SECONDS) as holder:
+        started = time.monotonic()
+        box = open_outbox(path)
+        assert time.monotonic() - started > LOCK_HELD_SECONDS / 2  # it really waited
+        assert holder.wait(10) == 0
+    assert not list(tmp_path.glob("o.sqlite.corrupt-*"))
+    assert [r.seq for r in box.rows_after(0, limit=10)] == [0, 1, 2, 3, 4]
+    assert box.dropped_total == 0
+
+
+def test_outbox_locked_too_long_fails_start_up_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "o.sqlite"
+    outbox_with_five_batches(path)
+    monkeypatch.setattr(outbox, "BUSY_TIMEOUT_SECONDS", 0.1)
+    monkeypatch.setattr(outbox, "OPEN_LOCKED_MAX_WAIT_SECONDS", 0.5)
+    holder = _HOLDERS["wal, exclusive locking mode"]
+    with lock_held(path, holder, 60), pytest.raises(MillraceError, match="locked") as raised:
+        open_outbox(path)
+    assert str(path) in str(raised.value)
+    assert not list(tmp_path.glob("o.sqlite.corrupt-*"))
+    assert open_outbox(path).stats(NOW).batches == 5  # once the lock is gone
+
+
+def test_an_outbox_that_cannot_be_opened_is_not_taken_for_corrupt(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite"
+    path.mkdir()  # SQLITE_CANTOPEN, like an I/O error: nothing to move aside
+    with pytest.raises(MillraceError, match="cannot open outbox"):
+        open_outbox(path)
+    assert path.is_dir() and not list(tmp_path.glob("o.sqlite.corrupt-*"))
+
+
+def test_a_file_that_is_not_a_database_is_moved_aside_and_counted(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite"
+    path.write_bytes(b"this is not a database" * 100)  # SQLITE_NOTADB
     box = open_outbox(path)
     assert box.stats(NOW).batches == 0
     assert list(tmp_path.glob("o.sqlite.corrupt-*"))
+    # Nothing in it can be counted: the loss still reaches the heartbeat, as at least one.
+    assert box.dropped_total == 1
     box.append(BOOT_A, [enc(0)], encoding="msgpack", now_ms=NOW)
     assert box.stats(NOW).batches == 1
+    box.close()
+    assert open_outbox(path).dropped_total == 1  # persisted
+
+
+def test_a_corrupt_page_moves_the_outbox_aside_and_counts_its_batches(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite"
+    box = open_outbox(path, max_bytes=500)
+    for seq in range(7):
+        box.append(BOOT_A, [enc(seq)], encoding="msgpack", now_ms=NOW)
+    assert (box.stats(NOW).batches, box.dropped_total) == (5, 2)
+    box.close()  # checkpoints the WAL into the file
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        page_bytes = db.execute("PRAGMA page_size").fetchone()[0]
+        (root,) = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'batches'").fetchone()
+    with path.open("r+b") as f:  # the batches' page: SQLITE_CORRUPT once a row is read
+        f.seek((root - 1) * page_bytes)
+        f.write(b"\xa5" * 64)
+    box = open_outbox(path, max_bytes=500)
+    assert list(tmp_path.glob("o.sqlite.corrupt-*"))
+    assert box.stats(NOW).batches == 0
+    assert box.dropped_total == 2 + 5  # the file's own drops carried on, its batches added
+    box.close()
+    assert open_outbox(path).dropped_total == 7
