@@ -8,6 +8,7 @@ a crash between applying it and replying.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -41,14 +42,26 @@ class AgentState:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Write a temp file whole, then rename it over `path`; on failure `path` is untouched.
+
+    One os.write may write only part (a full disk, a signal), so it loops; the partial
+    temp file of a failed write is removed.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            rest = memoryview(data)
+            while rest:
+                rest = rest[os.write(fd, rest) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

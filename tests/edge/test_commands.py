@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +158,53 @@ def test_state_file_is_replaced_atomically_and_bounded(tmp_path: Path) -> None:
     assert "id0" not in loaded.commands and f"id{MAX_REMEMBERED_COMMANDS + 9}" in loaded.commands
     assert [p.name for p in (tmp_path / "state").iterdir()] == ["state.json"]
     assert (tmp_path / "state" / "state.json").stat().st_mode & 0o777 == 0o600
+
+
+def remembered(count: int) -> AgentState:
+    state = AgentState(period_s=30, poll_s={"temp": 2.0})
+    for i in range(count):
+        state = state.remember(f"id{i}", "set", json.dumps({"ok": True, "n": i}))
+    return state
+
+
+def test_state_file_is_written_whole_despite_short_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write = os.write
+
+    def short_write(fd: int, data: Any) -> int:  # legal: write(2) may write only part
+        return real_write(fd, bytes(data[:100]))
+
+    monkeypatch.setattr(os, "write", short_write)
+    store = StateStore(tmp_path)
+    state = remembered(50)
+    store.save(state)
+    monkeypatch.undo()
+    assert store.load() == state
+
+
+def test_a_failed_state_write_leaves_the_previous_file_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = StateStore(tmp_path)
+    before = remembered(3)
+    store.save(before)
+    real_write = os.write
+    calls = 0
+
+    def full_disk(fd: int, data: Any) -> int:  # part of the file fits, then ENOSPC
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, bytes(data[:100]))
+
+    monkeypatch.setattr(os, "write", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        store.save(remembered(50))
+    monkeypatch.undo()
+    assert store.load() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no partial temp file
 
 
 def test_unreadable_state_falls_back_to_defaults(tmp_path: Path) -> None:
