@@ -79,7 +79,8 @@ def test_serve_without_config_is_a_one_line_error(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 2
-    assert "cannot read" in done.stderr
+    assert "absent.toml" in done.stderr and "file not found" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
     assert "Traceback" not in done.stderr
 
 
