@@ -324,7 +324,8 @@ def run_worker_phase(
         for log, offset in zip(logs, offsets, strict=True):
             match = wait_log(
                 log,
-                r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO cloud\.ingest\.consumer: connected",
+                r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO"
+                r" millrace\.cloud\.ingest\.consumer: connected",
                 offset,
             )
             stamp = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()

@@ -1,11 +1,10 @@
 """Hourly and daily rollups, maintained incrementally inside the ingest transaction.
 
-The writer collects each transaction's windows per (device, metric, period, hour);
-`write_rollups` merges every hour's windows in time order with the contract's merge
-(`millrace.wire.merge_all`), then one statement merges those rows into both tables:
-the hourly rows as sent, the daily rows grouped from the same input on the server. The
-server merges with the same rules (`MERGE_RULES`), first/last by their times, so rows
-merge exactly in any grouping. This one code path runs on both TimescaleDB editions
+Windows are first merged in Python per (device, metric, period, hour) with the
+contract's merge (`millrace.wire.aggregate.Merging`, first/last by window start), then
+one statement merges those into both tables: the hourly rows as sent, the daily rows
+grouped from the same input on the server, with the same rules (`MERGE_RULES`). Rows
+merge exactly in any grouping, so this one code path runs on both TimescaleDB editions
 (the Apache build has no continuous aggregates).
 
 Times stay epoch milliseconds until the server turns them into timestamps (no
@@ -16,15 +15,13 @@ deadlock on them.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any, Final
 
 import psycopg
 
-from millrace.wire import Aggregate, Window, merge_all
-from millrace.wire.aggregate import MERGE_RULES
+from millrace.wire import Window
+from millrace.wire.aggregate import MERGE_RULES, Merging
 
 HOUR_SECONDS: Final = 3600
 DAY_SECONDS: Final = 86_400
@@ -32,74 +29,59 @@ HOUR_MS: Final = HOUR_SECONDS * 1000
 DAY_MS: Final = DAY_SECONDS * 1000
 
 RollupKey = tuple[int, int, int, int]  # device_id, metric_id, period_s, bucket_ms
-# A transaction's windows per hourly key, in the order they were stored.
-Hourly = dict[RollupKey, list[Window]]
-
-_START_MS: Final = operator.attrgetter("start_ms")
+# A rollup row: its windows merged (`parts`), `first_at`/`last_at` the first and last start.
+Rollups = dict[RollupKey, Merging]
 
 
-@dataclass(frozen=True, slots=True)
-class Rollup:
-    """One rollup row: the merge of `windows` windows, and when its first and last began."""
-
-    aggregate: Aggregate
-    windows: int
-    first_ms: int
-    last_ms: int
-
-
-def rollup(windows: Iterable[Window]) -> Rollup:
-    """Merge one bucket's windows in time order (windows that start together keep theirs)."""
-    ordered = sorted(windows, key=_START_MS)
-    return Rollup(merge_all(ordered), len(ordered), ordered[0].start_ms, ordered[-1].start_ms)
+def add_window(rows: Rollups, device_id: int, metric_id: int, w: Window, bucket_ms: int) -> None:
+    """Merge one window into its rollup row of `bucket_ms`."""
+    start = w.start_ms
+    key = (device_id, metric_id, w.period_s, start - start % bucket_ms)
+    row = rows.get(key)
+    if row is None:
+        rows[key] = Merging(w, start, start)
+    else:
+        row.add(w, start, start)
 
 
-def add_hourly(rows: Hourly, device_id: int, metric_id: int, w: Window) -> None:
-    """File one window under its hourly key (the writer calls this inside its COPY loop).
+def add_hourly(rows: Rollups, device_id: int, metric_id: int, w: Window) -> None:
+    """Merge one window into its hourly row (the writer calls this inside its COPY loop).
 
-    Only a list append per window: the merge runs once per hour row, in `write_rollups`.
+    `add_window` for hours, spelled out: it runs once per stored window.
     """
     start = w.start_ms
     key = (device_id, metric_id, w.period_s, start - start % HOUR_MS)
-    windows = rows.get(key)
-    if windows is None:
-        rows[key] = [w]
+    row = rows.get(key)
+    if row is None:
+        rows[key] = Merging(w, start, start)
     else:
-        windows.append(w)
+        row.add(w, start, start)
 
 
-def aggregate(
-    windows: Iterable[tuple[int, int, Window]], *, bucket_s: int
-) -> dict[RollupKey, Rollup]:
+def aggregate(windows: Iterable[tuple[int, int, Window]], *, bucket_s: int) -> Rollups:
     """Rollup rows of `bucket_s` from (device_id, metric_id, window) triples."""
-    bucket_ms = bucket_s * 1000
-    groups: dict[RollupKey, list[Window]] = {}
+    rows: Rollups = {}
     for device_id, metric_id, w in windows:
-        key = (device_id, metric_id, w.period_s, w.start_ms - w.start_ms % bucket_ms)
-        groups.setdefault(key, []).append(w)
-    return {key: rollup(group) for key, group in groups.items()}
+        add_window(rows, device_id, metric_id, w, bucket_s * 1000)
+    return rows
 
 
-def rebucket(rows: dict[RollupKey, Rollup], *, bucket_s: int) -> dict[RollupKey, Rollup]:
+def rebucket(rows: Rollups, *, bucket_s: int) -> Rollups:
     """Merge finer rollup rows (e.g. hourly) into coarser buckets (e.g. daily), in Python.
 
     The writer leaves this to the server (see `write_rollups`); this is the same merge,
     for tests and tools.
     """
     bucket_ms = bucket_s * 1000
-    groups: dict[RollupKey, list[Rollup]] = {}
-    for (device_id, metric_id, period_s, start_ms), row in sorted(rows.items()):
+    out: Rollups = {}
+    for (device_id, metric_id, period_s, start_ms), row in rows.items():
         key = (device_id, metric_id, period_s, start_ms - start_ms % bucket_ms)
-        groups.setdefault(key, []).append(row)
-    return {
-        key: Rollup(
-            merge_all(r.aggregate for r in group),
-            sum(r.windows for r in group),
-            group[0].first_ms,
-            group[-1].last_ms,
-        )
-        for key, group in groups.items()
-    }
+        part, into = row.result(), out.get(key)
+        if into is None:
+            out[key] = Merging(part, row.first_at, row.last_at, parts=row.parts)
+        else:
+            into.add(part, row.first_at, row.last_at, parts=row.parts)
+    return out
 
 
 # Epoch milliseconds become timestamps on the server: bigint * interval '1 ms' goes through
@@ -160,26 +142,25 @@ ON CONFLICT (device_id, metric_id, period_s, bucket) DO UPDATE SET {_MERGE_SET}
 """
 
 
-def write_rollups(cur: psycopg.Cursor[Any], hourly: Hourly) -> int:
-    """Merge each hour's windows (`add_hourly`) into both rollup tables; returns rows touched."""
+def write_rollups(cur: psycopg.Cursor[Any], hourly: Rollups) -> int:
+    """Merge hourly rows (see `add_hourly`) into both rollup tables; returns rows touched."""
     if not hourly:
         return 0
     keys = sorted(hourly)
-    rows = [rollup(hourly[k]) for k in keys]
-    aggs = [r.aggregate for r in rows]
+    rows = [hourly[k] for k in keys]
     columns: list[list[Any]] = [list(c) for c in zip(*keys, strict=True)]
     columns += [
-        [r.windows for r in rows],
-        [a.count for a in aggs],
-        [a.sum for a in aggs],
-        [a.min for a in aggs],
-        [a.max for a in aggs],
-        [a.sumsq for a in aggs],
-        [a.first for a in aggs],
-        [r.first_ms for r in rows],
-        [a.last for a in aggs],
-        [r.last_ms for r in rows],
-        [a.rejected for a in aggs],
+        [r.parts for r in rows],
+        [r.count for r in rows],
+        [r.sum for r in rows],
+        [r.min for r in rows],
+        [r.max for r in rows],
+        [r.sumsq for r in rows],
+        [r.first for r in rows],
+        [r.first_at for r in rows],
+        [r.last for r in rows],
+        [r.last_at for r in rows],
+        [r.rejected for r in rows],
     ]
     cur.execute(_UPSERT_BOTH, columns)
     return len(hourly) + max(cur.rowcount, 0)  # rowcount: the daily rows

@@ -293,12 +293,12 @@ class BatchWriter:
         cur: psycopg.Cursor[Any],
         fresh: list[Incoming],
         report: Callable[[str], bool] | None,
-    ) -> tuple[int, int, rollups.Hourly, list[tuple[str, Window]]]:
+    ) -> tuple[int, int, rollups.Rollups, list[tuple[str, Window]]]:
         device_ids = self.ids.devices
         metric_ids = self.ids.metrics
         times: dict[int, datetime] = {}
         event_rows: list[tuple[object, ...]] = []
-        hourly: rollups.Hourly = {}
+        hourly: rollups.Rollups = {}
         add_hourly = rollups.add_hourly
         stored: list[tuple[str, Window]] = []
 

@@ -255,33 +255,33 @@ def test_rollups_merge_exactly_in_any_grouping(slots: list[tuple[int, list[float
     daily_direct = aggregate([(1, 2, w) for w in windows], bucket_s=86_400)
     daily = rebucket(hourly, bucket_s=86_400)
     assert daily.keys() == daily_direct.keys()
-    for key, row in daily.items():
-        acc, direct = row.aggregate, daily_direct[key].aggregate
-        assert (acc.count, acc.min, acc.max, row.windows) == (
+    for key, acc in daily.items():
+        direct = daily_direct[key]
+        assert (acc.count, acc.min, acc.max, acc.parts) == (
             direct.count,
             direct.min,
             direct.max,
-            daily_direct[key].windows,
+            direct.parts,
         )
-        assert (acc.first, row.first_ms, acc.last, row.last_ms) == (
+        assert (acc.first, acc.first_at, acc.last, acc.last_at) == (
             direct.first,
-            daily_direct[key].first_ms,
+            direct.first_at,
             direct.last,
-            daily_direct[key].last_ms,
+            direct.last_at,
         )
         assert math.isclose(acc.sum, direct.sum, rel_tol=1e-9, abs_tol=1e-6)
     everything = [v for _, vs in slots for v in vs]
-    assert sum(r.aggregate.count for r in hourly.values()) == len(everything)
+    assert sum(a.count for a in hourly.values()) == len(everything)
     first_window = min(windows, key=lambda w: w.start_ms)
-    assert any(r.aggregate.first == first_window.first for r in daily.values())
+    assert any(a.first == first_window.first for a in daily.values())
 
 
 def test_a_rollup_takes_first_and_last_by_window_start_whatever_the_order() -> None:
     base = NOW_MS - 3 * 60_000
     early, middle, late = (window(base + i * 60_000, values=(i, i + 10.0)) for i in range(3))
     (row,) = aggregate([(1, 2, w) for w in (middle, late, early)], bucket_s=3600).values()
-    assert (row.aggregate.first, row.aggregate.last) == (early.first, late.last)
-    assert (row.first_ms, row.last_ms, row.windows) == (early.start_ms, late.start_ms, 3)
+    assert (row.first, row.last) == (early.first, late.last)
+    assert (row.first_at, row.last_at, row.parts) == (early.start_ms, late.start_ms, 3)
 
 
 def test_to_datetime_is_exact_to_the_millisecond() -> None:

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from millrace.wire import Aggregate, Batch, Window, encode_batch, merge_all
-from millrace.wire.aggregate import AGGREGATE_FIELDS, MERGE_RULES
+from millrace.wire.aggregate import AGGREGATE_FIELDS, MERGE_RULES, Merging
 from millrace.wire.batch import WINDOW_FIELDS
 
 values = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False)
@@ -72,6 +72,17 @@ def test_merge_rules_say_what_merge_does(a_values: list[float], b_values: list[f
         *(_PYTHON_RULES[MERGE_RULES[f]](getattr(a, f), getattr(b, f)) for f in AGGREGATE_FIELDS)
     )
     assert a.merge(b) == by_rules
+
+
+def test_merging_by_time_takes_first_and_last_from_the_ends_and_ties_keep_the_earlier() -> None:
+    a, b, c = Aggregate.of([1.0, 2.0]), Aggregate.of([3.0, 4.0]), Aggregate.of([5.0, 6.0])
+    merging = Merging(b, 20, 20)
+    merging.add(c, 30, 30)
+    merging.add(a, 10, 10)  # late, but it began first
+    assert (merging.first, merging.last, merging.parts) == (1.0, 6.0, 3)
+    assert (merging.first_at, merging.last_at) == (10, 30)
+    merging.add(Aggregate.of([9.0]), 30, 30)  # a tie: the part merged earlier keeps `last`
+    assert merging.last == 6.0 and merging.result().count == 7
 
 
 def test_a_window_is_an_aggregate_and_travels_in_its_field_order() -> None:
