@@ -18,8 +18,8 @@ DEVICE_ROOT = f"{ROOT}/d"
 ALERTS_ROOT = f"{ROOT}/alerts"
 
 COMMAND_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-TopicKind = Literal["data", "state", "health", "cmd", "reply", "alert"]
-_PLAIN_KINDS = ("data", "state", "health")
+TopicKind = Literal["data", "state", "health", "receipt", "cmd", "reply", "alert"]
+_PLAIN_KINDS = ("data", "state", "health", "receipt")
 
 
 def _checked(device_id: str) -> str:
@@ -47,6 +47,11 @@ def state_topic(device_id: str) -> str:
 def health_topic(device_id: str) -> str:
     """Periodic heartbeat."""
     return f"{DEVICE_ROOT}/{_checked(device_id)}/health"
+
+
+def receipt_topic(device_id: str) -> str:
+    """Where the cloud tells a device which of its batches are committed (services only)."""
+    return f"{DEVICE_ROOT}/{_checked(device_id)}/receipt"
 
 
 def cmd_topic(device_id: str, name: str) -> str:

@@ -19,6 +19,7 @@ def test_device_topics_parse_back(device_id: str) -> None:
         ("data", topics.data_topic),
         ("state", topics.state_topic),
         ("health", topics.health_topic),
+        ("receipt", topics.receipt_topic),
     ):
         parsed = topics.parse_topic(build(device_id))
         assert (parsed.kind, parsed.device_id, parsed.command) == (kind, device_id, None)
