@@ -16,6 +16,20 @@ from millrace.ids import DEVICE_ID_RULE, is_device_id, is_metric_name
 
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_UNIT_CHARS = 32
+# Births and heartbeats reach the database: every text is capped and printable, every
+# number finite and in a range a real agent can report (docs/cloud.md, "Births").
+MAX_VERSION_CHARS = 64
+MAX_CONFIG_HASH_CHARS = 128
+MAX_UNITS = 1024
+MAX_DRIVER_ERROR_KEYS = 256
+MAX_DRIVER_NAME_CHARS = 64
+MAX_COUNTER = 2**63 - 1  # BIGINT: what the database stores counters in
+# 0 is allowed: a gateway whose clock reset to 1970 must still be able to say so.
+MAX_TS_MS = 4_102_444_800_000  # 2100-01-01
+MAX_AGE_SECONDS = 100 * 365 * 86_400.0
+MAX_CPU_PERCENT = 100_000.0  # 1000 cores at 100 %
+MAX_CERT_DAYS = 100 * 366.0
+BOOT_ID_HEX_CHARS = 32
 DeviceStatus = Literal["online", "offline"]
 AlertState = Literal["active", "cleared"]
 Severity = Literal["info", "warning", "critical"]
@@ -57,6 +71,36 @@ def _need(what: str, name: str, value: object, kind: type | tuple[type, ...]) ->
         raise WireError(f"{what}.{name}: not finite")
 
 
+def _need_text(what: str, name: str, value: object, max_chars: int) -> None:
+    """A string PostgreSQL can store and a person can read: no NUL, control or surrogate."""
+    _need(what, name, value, str)
+    assert isinstance(value, str)
+    if len(value) > max_chars:
+        raise WireError(f"{what}.{name}: longer than {max_chars} chars")
+    if not value.isprintable():
+        raise WireError(f"{what}.{name}: holds non-printable characters (NUL, control, surrogate)")
+
+
+def _need_number(what: str, name: str, value: object, low: float, high: float) -> None:
+    """An int or float (never a bool), finite, within [low, high]."""
+    _need(what, name, value, (int, float))
+    assert isinstance(value, int | float)
+    if not low <= value <= high:
+        raise WireError(f"{what}.{name}: {value!r} is outside [{low:g}, {high:g}]")
+
+
+def _need_boot_id(what: str, value: object, *, allow_empty: bool) -> None:
+    _need(what, "boot_id", value, str)
+    if allow_empty and value == "":
+        return
+    if not (
+        isinstance(value, str)
+        and len(value) == BOOT_ID_HEX_CHARS
+        and all(c in "0123456789abcdef" for c in value)
+    ):
+        raise WireError(f"{what}.boot_id: expected {BOOT_ID_HEX_CHARS} lowercase hex characters")
+
+
 def _need_device(what: str, value: object) -> None:
     if not is_device_id(value):
         raise WireError(f"{what}.device: {value!r} is not a device id ({DEVICE_ID_RULE})")
@@ -78,17 +122,20 @@ class DeviceState:
     def __post_init__(self) -> None:
         _need_device("state", self.device)
         _need("state", "units", self.units, dict)
+        if len(self.units) > MAX_UNITS:
+            raise WireError(f"state.units: more than {MAX_UNITS} metrics")
         for metric, unit in self.units.items():
             if not is_metric_name(metric):
                 raise WireError(f"state.units: {metric!r} is not a metric name")
-            _need("state", f"units[{metric!r}]", unit, str)
-            if len(unit) > MAX_UNIT_CHARS:
-                raise WireError(f"state.units[{metric!r}]: longer than {MAX_UNIT_CHARS} chars")
+            _need_text("state", f"units[{metric!r}]", unit, MAX_UNIT_CHARS)
         if self.status not in ("online", "offline"):
             raise WireError(f"state.status: {self.status!r} is not online or offline")
         _need("state", "ts_ms", self.ts_ms, int)
-        for name in ("boot_id", "agent_version", "config_hash"):
-            _need("state", name, getattr(self, name), str)
+        _need_number("state", "ts_ms", self.ts_ms, 0, MAX_TS_MS)
+        # Empty: a will or birth from an agent that has no boot yet (older agents, tools).
+        _need_boot_id("state", self.boot_id, allow_empty=True)
+        _need_text("state", "agent_version", self.agent_version, MAX_VERSION_CHARS)
+        _need_text("state", "config_hash", self.config_hash, MAX_CONFIG_HASH_CHARS)
 
     def to_json(self) -> bytes:
         return _dumps(self)
@@ -130,14 +177,21 @@ class Heartbeat:
             "disk_free_bytes",
         ):
             _need("health", name, getattr(self, name), int)
-        for name in ("outbox_oldest_age_s", "cpu_percent", "cert_days_left"):
-            _need("health", name, getattr(self, name), (int, float))
-        _need("health", "boot_id", self.boot_id, str)
+            high = MAX_TS_MS if name == "ts_ms" else MAX_COUNTER
+            _need_number("health", name, getattr(self, name), 0, high)
+        _need_number("health", "outbox_oldest_age_s", self.outbox_oldest_age_s, 0, MAX_AGE_SECONDS)
+        _need_number("health", "cpu_percent", self.cpu_percent, 0, MAX_CPU_PERCENT)
+        _need_number("health", "cert_days_left", self.cert_days_left, -MAX_CERT_DAYS, MAX_CERT_DAYS)
+        _need_boot_id("health", self.boot_id, allow_empty=False)
         _need("health", "clock_synced", self.clock_synced, bool)
-        _need("health", "agent_version", self.agent_version, str)
+        _need_text("health", "agent_version", self.agent_version, MAX_VERSION_CHARS)
         _need("health", "driver_errors", self.driver_errors, dict)
+        if len(self.driver_errors) > MAX_DRIVER_ERROR_KEYS:
+            raise WireError(f"health.driver_errors: more than {MAX_DRIVER_ERROR_KEYS} drivers")
         for key, count in self.driver_errors.items():
+            _need_text("health", "driver_errors key", key, MAX_DRIVER_NAME_CHARS)
             _need("health", f"driver_errors[{key!r}]", count, int)
+            _need_number("health", f"driver_errors[{key!r}]", count, 0, MAX_COUNTER)
 
     def to_json(self) -> bytes:
         return _dumps(self)

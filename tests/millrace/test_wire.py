@@ -18,6 +18,7 @@ from millrace.wire import (
     Batch,
     DeviceState,
     Event,
+    Heartbeat,
     Rejection,
     Window,
     decode_batch,
@@ -218,3 +219,98 @@ def test_birth_carries_units_and_rejects_bad_ones() -> None:
         DeviceState("dev-a", "online", 1, units={"a b": "x"})
     with pytest.raises(WireError, match="longer than"):
         DeviceState("dev-a", "online", 1, units={"t": "x" * 33})
+
+
+# -- births and heartbeats: validated like batches, before they can reach the database ----
+
+_BOOT = "ab" * 16
+_GOOD_BIRTH: dict[str, object] = {
+    "device": "dev-a",
+    "status": "online",
+    "ts_ms": 1_700_000_000_000,
+    "boot_id": _BOOT,
+    "agent_version": "1.2.0",
+    "config_hash": "0123abcd",
+    "units": {"t": "degC", "flow": "m³/h"},
+}
+_GOOD_HEARTBEAT: dict[str, object] = {
+    "device": "dev-a",
+    "boot_id": _BOOT,
+    "ts_ms": 1_700_000_000_000,
+    "outbox_batches": 3,
+    "outbox_bytes": 4096,
+    "outbox_oldest_age_s": 1.5,
+    "dropped_batches": 0,
+    "rejected_readings": 2,
+    "driver_errors": {"modbus": 1},
+    "cpu_percent": 4.5,
+    "rss_bytes": 40_000_000,
+    "disk_free_bytes": 10**9,
+    "cert_days_left": -2.0,
+    "clock_synced": False,
+    "agent_version": "1.2.0",
+}
+
+
+def _json(base: dict[str, object], **changes: object) -> bytes:
+    return json.dumps({**base, **changes}).encode()
+
+
+def test_good_births_and_heartbeats_pass_the_contract() -> None:
+    state = DeviceState.from_json(_json(_GOOD_BIRTH))
+    assert DeviceState.from_json(state.to_json()) == state
+    # A will from a tool without a boot, and a gateway whose clock reset to 1970.
+    assert DeviceState.from_json(_json(_GOOD_BIRTH, boot_id="", ts_ms=0)).boot_id == ""
+    hb = Heartbeat.from_json(_json(_GOOD_HEARTBEAT))
+    assert Heartbeat.from_json(hb.to_json()) == hb
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"agent_version": "1.0\x00evil"}, "agent_version: holds non-printable"),
+        ({"agent_version": "1.0\ud800"}, "agent_version: holds non-printable"),
+        ({"agent_version": "1.0\x1b[31m"}, "agent_version: holds non-printable"),
+        ({"agent_version": "v" * 65}, "agent_version: longer than 64"),
+        ({"config_hash": "a\x00b"}, "config_hash: holds non-printable"),
+        ({"config_hash": "h" * 129}, "config_hash: longer than 128"),
+        ({"units": {"t": "deg\x00C"}}, "units\\['t'\\]: holds non-printable"),
+        ({"units": {f"m{i}": "x" for i in range(1025)}}, "more than 1024 metrics"),
+        ({"boot_id": "not-hex"}, "boot_id: expected 32 lowercase hex"),
+        ({"boot_id": "AB" * 16}, "boot_id: expected 32 lowercase hex"),
+        ({"ts_ms": 10**30}, "ts_ms: .* is outside"),
+        ({"ts_ms": -1}, "ts_ms: .* is outside"),
+    ],
+)
+def test_birth_with_unstorable_fields_is_refused_with_a_reason(
+    change: dict[str, object], reason: str
+) -> None:
+    with pytest.raises(WireError, match=reason):
+        DeviceState.from_json(_json(_GOOD_BIRTH, **change))
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"agent_version": "x\x00"}, "agent_version: holds non-printable"),
+        ({"agent_version": "\udfff"}, "agent_version: holds non-printable"),
+        ({"boot_id": ""}, "boot_id: expected 32 lowercase hex"),
+        ({"boot_id": "ab" * 15 + "zz"}, "boot_id: expected 32 lowercase hex"),
+        ({"outbox_batches": 10**30}, "outbox_batches: .* is outside"),
+        ({"outbox_bytes": -1}, "outbox_bytes: .* is outside"),
+        ({"disk_free_bytes": 2**63}, "disk_free_bytes: .* is outside"),
+        ({"cpu_percent": 1e30}, "cpu_percent: .* is outside"),
+        ({"outbox_oldest_age_s": -0.5}, "outbox_oldest_age_s: .* is outside"),
+        ({"cert_days_left": 1e30}, "cert_days_left: .* is outside"),
+        ({"ts_ms": 10**30}, "ts_ms: .* is outside"),
+        ({"driver_errors": {"mod\x00bus": 1}}, "driver_errors key: holds non-printable"),
+        ({"driver_errors": {"modbus": 10**30}}, "driver_errors\\['modbus'\\]: .* is outside"),
+        ({"driver_errors": {f"d{i}": 1 for i in range(257)}}, "more than 256 drivers"),
+        ({"cpu_percent": True}, "cpu_percent: wrong type bool"),
+    ],
+)
+def test_heartbeat_with_unstorable_fields_is_refused_with_a_reason(
+    change: dict[str, object], reason: str
+) -> None:
+    with pytest.raises(WireError, match=reason):
+        Heartbeat.from_json(_json(_GOOD_HEARTBEAT, **change))
