@@ -32,6 +32,11 @@ Encoding = Literal["msgpack", "json"]
 DEFAULT_BROKER_PORT: Final = configfile.DEFAULT_BROKER_PORT
 DEFAULT_MODBUS_PORT: Final = 502
 DEFAULT_LOCAL_MQTT_PORT: Final = 1883
+# How long the local broker keeps the agent's session (and queues QoS 1 readings for it)
+# while the agent is away: a restart or upgrade takes seconds, a day covers a crash that
+# needs a person. Capped at a week: readings queued longer are stale.
+DEFAULT_LOCAL_MQTT_SESSION_EXPIRY_SECONDS: Final = 86_400
+MAX_LOCAL_MQTT_SESSION_EXPIRY_SECONDS: Final = 7 * 86_400
 DEFAULT_PERIOD_SECONDS: Final = 10
 DEFAULT_GRACE_SECONDS: Final = 2.0
 # A week of 10 s windows for 100 metrics is ~40 MB; 100 MB leaves headroom on any SD card.
@@ -97,6 +102,7 @@ class LocalMqtt:
     host: str
     port: int = DEFAULT_LOCAL_MQTT_PORT
     client_id: str = ""
+    session_expiry_s: int = DEFAULT_LOCAL_MQTT_SESSION_EXPIRY_SECONDS
     username: str = ""
     password_file: Path | None = None
     ca: Path | None = None
@@ -304,6 +310,12 @@ def _local_mqtt(root: Table) -> dict[str, LocalMqtt]:
             host=t.text("host"),
             port=t.integer("port", DEFAULT_LOCAL_MQTT_PORT, low=1, high=65535),
             client_id=t.text("client_id", ""),
+            session_expiry_s=t.integer(
+                "session_expiry_s",
+                DEFAULT_LOCAL_MQTT_SESSION_EXPIRY_SECONDS,
+                low=0,
+                high=MAX_LOCAL_MQTT_SESSION_EXPIRY_SECONDS,
+            ),
             username=t.text("username", ""),
             password_file=t.optional_path("password_file"),
             ca=t.optional_path("ca"),

@@ -1,6 +1,10 @@
 """Signals pushed by field nodes (ESPHome, Tasmota) to a local MQTT broker.
 
 Every message on a signal's topic is one reading, timestamped on arrival.
+The agent keeps a persistent MQTT 5 session on the local broker (clean_start
+False, a session expiry interval, a client id stable across restarts:
+`<device_id>-<source name>`) with QoS 1 subscriptions, so what a node publishes
+at QoS 1 while the agent restarts is queued by the broker and delivered after.
 paho's network thread runs the callback, which only parses and hands the
 value to the pipeline; nothing here waits on the plant broker.
 """
@@ -25,6 +29,7 @@ MAX_PAYLOAD_BYTES = 64 * 1024
 RECONNECT_MIN_SECONDS = 1
 RECONNECT_MAX_SECONDS = 30
 KEEPALIVE_SECONDS = 30
+SUBSCRIBE_QOS = 1
 
 
 def compile_field(path: str) -> tuple[str | int, ...]:
@@ -88,7 +93,7 @@ class LocalMqttSource:
         client = paho.Client(
             paho.CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            protocol=paho.MQTTProtocolVersion.MQTTv311,
+            protocol=paho.MQTTProtocolVersion.MQTTv5,
         )
         src = self.source
         if src.username:
@@ -110,7 +115,19 @@ class LocalMqttSource:
         return client
 
     def start(self) -> None:
-        self._client.connect_async(self.source.host, self.source.port, KEEPALIVE_SECONDS)
+        """Connect resuming our session: what nodes sent at QoS 1 meanwhile is delivered now."""
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = self.source.session_expiry_s
+        self._client.connect_async(
+            self.source.host,
+            self.source.port,
+            KEEPALIVE_SECONDS,
+            clean_start=False,
+            properties=properties,
+        )
         self._client.loop_start()
 
     def stop(self) -> None:
@@ -124,7 +141,9 @@ class LocalMqttSource:
             return
         self._connected = True
         log.info("connected to local broker %s", self.source.name)
-        client.subscribe([(topic, 0) for topic in self._routes])
+        # QoS 1: the local broker queues a node's QoS 1 readings in our session while we
+        # are away (a QoS 0 subscription would downgrade them and drop them instead).
+        client.subscribe([(topic, SUBSCRIBE_QOS) for topic in self._routes])
 
     def _on_disconnect(
         self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any

@@ -13,6 +13,7 @@ import pytest
 from millrace.edge.config import parse_config
 from millrace.edge.pipeline import Pipeline
 from millrace.edge.sampler import Sampler
+from millrace.errors import ConfigError
 
 pytestmark = pytest.mark.integration
 
@@ -118,3 +119,58 @@ def test_pipeline_turns_pushed_state_into_events(local_mqtt: int) -> None:
         sampler.stop()
     events = pipe.drain(int(time.time() * 1000)).events
     assert [e.value for e in events] == [True, False]
+
+
+def _subscribed(sampler_sink: Sink, node: paho.Client) -> None:
+    """Publish a marker until the agent's subscription delivers it (the session exists)."""
+    deadline = time.monotonic() + 10
+    while not sampler_sink.readings and time.monotonic() < deadline:
+        node.publish("stat/plug/POWER", b"READY", qos=1).wait_for_publish(2)
+        sampler_sink.event.wait(0.2)
+    assert sampler_sink.readings, "the agent never subscribed"
+
+
+def test_qos1_readings_published_while_the_agent_is_down_arrive_after_restart(
+    local_mqtt: int,
+) -> None:
+    """The agent's session outlives its restart: the local broker queues QoS 1 readings."""
+    config = parse_config(CONFIG.format(port=local_mqtt), base=Path("/"))
+    assert config.local_mqtt["nodes"].session_expiry_s > 0
+    node = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="node-q", protocol=paho.MQTTv5)
+    node.connect("127.0.0.1", local_mqtt)
+    node.loop_start()
+    first = Sink()
+    sampler = Sampler(config, first)
+    sampler.start()
+    try:
+        _subscribed(first, node)
+        sampler.stop()
+        count = 25
+        for i in range(count):
+            payload = f'{{"ENERGY":{{"Power":{i}}}}}'.encode()
+            node.publish("tele/plug/SENSOR", payload, qos=1).wait_for_publish(2)
+        second = Sink()
+        sampler = Sampler(parse_config(CONFIG.format(port=local_mqtt), base=Path("/")), second)
+        sampler.start()
+        deadline = time.monotonic() + 10
+        while len(second.readings) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        sampler.stop()
+        node.loop_stop()
+        node.disconnect()
+    assert sorted(raw for index, raw in second.readings if index == 0) == [
+        float(i) for i in range(count)
+    ]
+
+
+def test_local_mqtt_session_expiry_is_validated() -> None:
+    with pytest.raises(ConfigError, match="session_expiry_s"):
+        parse_config(
+            CONFIG.format(port=1883).replace(
+                "port = 1883\n", "port = 1883\nsession_expiry_s = -1\n", 1
+            ),
+            base=Path("/"),
+        )
+    text = CONFIG.format(port=1883).replace("port = 1883\n", "port = 1883\nsession_expiry_s = 0\n")
+    assert parse_config(text, base=Path("/")).local_mqtt["nodes"].session_expiry_s == 0
