@@ -44,6 +44,8 @@ BROKER_VALIDITY_DAYS = 825
 CLIENT_VALIDITY_DAYS = 1095
 # The broker refuses every client once the CRL is past nextUpdate; renew well before.
 CRL_VALIDITY_DAYS = 30
+# Renew (and alert) once fewer days than this are left: two weekly chances before lock-out.
+CRL_RENEW_BELOW_DAYS = 14
 # Tolerate gateways whose clocks run a few minutes behind the CA's.
 BACKDATE_SECONDS = 600
 DEFAULT_BROKER_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
@@ -674,6 +676,30 @@ def renew_crl(pki_dir: Path | str, *, days: int = CRL_VALIDITY_DAYS) -> Path:
         )
         _save_index(paths, index)
     return paths.crl
+
+
+def renew_crl_if_below(
+    pki_dir: Path | str,
+    *,
+    below_days: float = CRL_RENEW_BELOW_DAYS,
+    days: int = CRL_VALIDITY_DAYS,
+) -> bool:
+    """Renew crl.pem when fewer than `below_days` days are left; True when it was renewed.
+
+    Safe to run as often as wanted (timers, `millrace up`'s supervision loop): a fresh
+    CRL is left alone, so the broker is only reloaded when something changed.
+    """
+    if below_days >= days:
+        raise PKIError(
+            f"--if-below {below_days:g} must be less than --days {days}, "
+            "or every run would renew again"
+        )
+    left = crl_days_left(pki_dir)
+    if left >= below_days:
+        return False
+    renew_crl(pki_dir, days=days)
+    log.info("renewed crl.pem in %s (%.1f days were left)", pki_dir, left)
+    return True
 
 
 def crl_days_left(pki_dir: Path | str) -> float:

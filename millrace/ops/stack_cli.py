@@ -9,6 +9,10 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from millrace.ops.stack.plant import Plant
 
 DEFAULT_ROOT = Path(".millrace")
 
@@ -46,7 +50,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 def _up(args: argparse.Namespace) -> int:
     from millrace.errors import MillraceError
-    from millrace.ops.stack.plant import Plant, PlantOptions, read_state, running_services
+    from millrace.ops.stack.plant import (
+        CRL_CHECK_INTERVAL_SECONDS,
+        Plant,
+        PlantOptions,
+        read_state,
+        running_services,
+    )
 
     if args.devices < 1 or args.devices > 500:
         raise MillraceError("--devices: expected 1..500 simulated gateways")
@@ -96,8 +106,12 @@ def _up(args: argparse.Namespace) -> int:
         return 0
     print("Ctrl-C stops the plant.", flush=True)
     try:
+        next_crl_check = time.monotonic() + CRL_CHECK_INTERVAL_SECONDS
         while not stopping:
             time.sleep(1.0)
+            if time.monotonic() >= next_crl_check:
+                next_crl_check = time.monotonic() + CRL_CHECK_INTERVAL_SECONDS
+                _keep_crl_fresh(plant)
     except KeyboardInterrupt:
         pass
     finally:
@@ -105,6 +119,17 @@ def _up(args: argparse.Namespace) -> int:
         plant.stop()
         print("stopped.")
     return 0
+
+
+def _keep_crl_fresh(plant: Plant) -> None:
+    """Renew the CRL if it runs short; a failure is reported, the plant keeps running."""
+    from millrace.errors import MillraceError
+
+    try:
+        if plant.keep_crl_fresh():
+            print("  renewed the CRL and reloaded the broker", flush=True)
+    except (MillraceError, OSError) as exc:
+        print(f"millrace: warning: could not renew the CRL: {exc}", file=sys.stderr, flush=True)
 
 
 def _down(args: argparse.Namespace) -> int:

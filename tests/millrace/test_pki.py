@@ -372,3 +372,61 @@ def test_cli_issue_refuses_to_change_the_role_of_an_identity_in_one_line(tmp_pat
     assert "millrace pki revoke" in result.stderr
     assert "Traceback" not in result.stderr
     assert _files(tmp_path, "ingest") == before
+
+
+def test_renew_crl_if_below_renews_only_a_crl_running_short(tmp_path: Path) -> None:
+    pki.init_pki(tmp_path)
+    before = (tmp_path / "crl.pem").read_bytes()
+    assert pki.renew_crl_if_below(tmp_path) is False
+    assert (tmp_path / "crl.pem").read_bytes() == before  # fresh: not even re-signed
+    pki.renew_crl(tmp_path, days=2)
+    assert pki.renew_crl_if_below(tmp_path) is True
+    assert pki.CRL_VALIDITY_DAYS - 0.1 < pki.crl_days_left(tmp_path) <= pki.CRL_VALIDITY_DAYS
+    with pytest.raises(PKIError, match="--if-below 30 must be less than --days 30"):
+        pki.renew_crl_if_below(tmp_path, below_days=30)
+
+
+def test_cli_crl_status_prints_days_left_and_fails_below_the_threshold(tmp_path: Path) -> None:
+    pki.init_pki(tmp_path)
+    fresh = _cli("pki", "crl-status", "--pki", str(tmp_path))
+    assert fresh.returncode == 0, fresh.stderr
+    assert fresh.stdout.startswith("crl_days_left=")
+    assert 29.9 < float(fresh.stdout.strip().split("=")[1]) <= 30
+
+    pki.renew_crl(tmp_path, days=2)
+    short = _cli("pki", "crl-status", "--pki", str(tmp_path))
+    assert short.returncode == 1
+    assert 1.9 < float(short.stdout.strip().split("=")[1]) <= 2
+    assert len(short.stderr.strip().splitlines()) == 1
+    assert f"millrace pki renew-crl --pki {tmp_path}" in short.stderr
+    assert _cli("pki", "crl-status", "--pki", str(tmp_path), "--warn-below", "1").returncode == 0
+    prom = tmp_path / "crl.prom"
+    _cli("pki", "crl-status", "--pki", str(tmp_path), "--textfile", str(prom))
+    gauge = [line for line in prom.read_text().splitlines() if not line.startswith("#")]
+    assert len(gauge) == 1 and gauge[0].startswith("millrace_crl_days_left ")
+    assert 1.9 < float(gauge[0].split()[1]) <= 2
+
+    missing = _cli("pki", "crl-status", "--pki", str(tmp_path / "nope"))
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
+        f"millrace: error: no CA in {tmp_path / 'nope'}: "
+        f"run 'millrace pki init --pki {tmp_path / 'nope'}' first"
+    ]
+
+
+def test_cli_renew_crl_if_below_renews_only_when_short(tmp_path: Path) -> None:
+    pki.init_pki(tmp_path)
+    kept = _cli("pki", "renew-crl", "--pki", str(tmp_path), "--if-below", "14")
+    assert kept.returncode == 0, kept.stderr
+    assert "not renewed" in kept.stdout
+
+    pki.renew_crl(tmp_path, days=2)
+    renewed = _cli("pki", "renew-crl", "--pki", str(tmp_path), "--if-below", "14")
+    assert renewed.returncode == 0, renewed.stderr
+    assert renewed.stdout.splitlines()[0] == str(tmp_path / "crl.pem")
+    assert pki.crl_days_left(tmp_path) > 29.9
+
+    bad = _cli("pki", "renew-crl", "--pki", str(tmp_path), "--if-below", "40")
+    assert bad.returncode == 2
+    assert len(bad.stderr.strip().splitlines()) == 1
+    assert "--if-below 40 must be less than --days 30" in bad.stderr

@@ -42,6 +42,8 @@ GATEWAY_PREFIX = "gw"
 START_TIMEOUT_SECONDS = 60.0
 # How long every service must survive after start before the plant counts as up.
 SETTLE_SECONDS = 3.0
+# How often a running `millrace up` checks the CRL; nextUpdate is days away, an hour is plenty.
+CRL_CHECK_INTERVAL_SECONDS = 3600.0
 DEFAULT_ALERT_RULES = """\
 # Installed by `millrace up`; edit and re-run `millrace up` to change them.
 [[rule]]
@@ -150,6 +152,22 @@ class Plant:
         for gateway in _gateway_ids(self.options.devices):
             if gateway not in have:
                 pki.issue(self.layout.pki, gateway, role="device")
+        # A plant restarted after weeks would otherwise start a broker that refuses everyone.
+        pki.renew_crl_if_below(self.layout.pki)
+
+    def keep_crl_fresh(self) -> bool:
+        """Renew the CRL when it runs short and make the running broker re-read it.
+
+        mosquitto 2.0 re-reads crlfile on SIGHUP (docs/security.md); open connections
+        stay. Returns True when the CRL was renewed.
+        """
+        if not pki.renew_crl_if_below(self.layout.pki):
+            return False
+        for service in self.services:
+            if service.name == "broker" and procs.is_running(service.pid):
+                os.kill(service.pid, signal.SIGHUP)
+                log.info("renewed the CRL; broker (pid %s) reloaded", service.pid)
+        return True
 
     # -- broker ------------------------------------------------------------------------------
 
