@@ -35,6 +35,9 @@ DEFAULT_AGES_DAYS: Final[Mapping[str, float]] = MappingProxyType(
         "rollup_daily": 10 * 365,
         "dead_letters": 30,
         "ingest_ledger": 30,
+        # Sequence bookkeeping: a boot silent this long is over, a gap this old is history.
+        "ingest_streams": 30,
+        "sequence_gaps": 30,
         "device_health_history": 30,
     }
 )
@@ -73,6 +76,8 @@ class PlainTableRule:
 RETAINED_TABLES: Final[Mapping[str, PlainTableRule]] = MappingProxyType(
     {
         "ingest_ledger": PlainTableRule("received_at"),
+        # Both keep ingest_streams.open_gaps true: see _delete_streams and _delete_gaps.
+        "ingest_streams": PlainTableRule("last_at"),
         "sequence_gaps": PlainTableRule("detected_at"),
         "alerts": PlainTableRule("raised_at", "state = 'cleared'"),
         "audit_log": PlainTableRule("at"),
@@ -193,7 +198,54 @@ def run_retention(
     return done
 
 
+# Stream rows are locked first, in key order, as the ingest writer locks them
+# (cloud/ingest/streams.py), so retention and ingest never wait on each other in a cycle.
+_LOCK_OLD_STREAMS: Final = """
+SELECT device_id, boot_id FROM ingest_streams WHERE last_at < %s
+ORDER BY device_id, boot_id FOR UPDATE
+"""
+_DELETE_GAPS_OF_OLD_STREAMS: Final = """
+DELETE FROM sequence_gaps g USING ingest_streams s
+WHERE s.last_at < %s AND g.device_id = s.device_id AND g.boot_id = s.boot_id
+"""
+_LOCK_STREAMS_WITH_OLD_GAPS: Final = """
+SELECT s.device_id, s.boot_id FROM ingest_streams s
+WHERE EXISTS (SELECT 1 FROM sequence_gaps g
+              WHERE g.device_id = s.device_id AND g.boot_id = s.boot_id AND g.detected_at < %s)
+ORDER BY s.device_id, s.boot_id FOR UPDATE OF s
+"""
+_DELETE_OLD_GAPS: Final = """
+WITH gone AS (
+    DELETE FROM sequence_gaps WHERE detected_at < %s RETURNING device_id, boot_id
+), per_stream AS (
+    SELECT device_id, boot_id, count(*) AS n FROM gone GROUP BY device_id, boot_id
+), recounted AS (
+    UPDATE ingest_streams s SET open_gaps = greatest(s.open_gaps - p.n, 0)
+    FROM per_stream p WHERE s.device_id = p.device_id AND s.boot_id = p.boot_id
+)
+SELECT count(*) FROM gone
+"""
+
+
+def _delete_streams(conn: psycopg.Connection[Any], cutoff: datetime) -> int:
+    """Streams (boots) silent since `cutoff`, with their gaps: a gap never outlives its stream."""
+    conn.execute(_LOCK_OLD_STREAMS, (cutoff,))
+    conn.execute(_DELETE_GAPS_OF_OLD_STREAMS, (cutoff,))
+    return conn.execute("DELETE FROM ingest_streams WHERE last_at < %s", (cutoff,)).rowcount
+
+
+def _delete_gaps(conn: psycopg.Connection[Any], cutoff: datetime) -> int:
+    """Gaps detected before `cutoff`; their streams' `open_gaps` counts go down with them."""
+    conn.execute(_LOCK_STREAMS_WITH_OLD_GAPS, (cutoff,))
+    row = conn.execute(_DELETE_OLD_GAPS, (cutoff,)).fetchone()
+    return int(row[0]) if row else 0
+
+
 def _delete_rows(conn: psycopg.Connection[Any], table: str, cutoff: datetime) -> int:
+    if table == "ingest_streams":
+        return _delete_streams(conn, cutoff)
+    if table == "sequence_gaps":
+        return _delete_gaps(conn, cutoff)
     rule = RETAINED_TABLES[table]
     predicate = sql.SQL("{} < %s").format(sql.Identifier(rule.time_column))
     if rule.extra_condition:

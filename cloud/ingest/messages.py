@@ -85,6 +85,7 @@ class WriteResult:
     gaps_opened: int
     windows: tuple[tuple[str, Window], ...]  # (device, window), for the alert engine
     stored_keys: frozenset[Key]
+    gaps_dropped: int = 0  # old gaps forgotten over the per-stream cap
 
     def __add__(self, other: WriteResult) -> WriteResult:
         """Both results, as if one write had stored them (message-by-message retries)."""
@@ -97,4 +98,5 @@ class WriteResult:
             gaps_opened=self.gaps_opened + other.gaps_opened,
             windows=self.windows + other.windows,
             stored_keys=self.stored_keys | other.stored_keys,
+            gaps_dropped=self.gaps_dropped + other.gaps_dropped,
         )

@@ -6,6 +6,14 @@ crash), so a late seq shrinks or splits an open gap instead of being an error.
 `advance` is the pure bookkeeping; `record_streams` applies it to `ingest_streams`
 and `sequence_gaps` inside the batch transaction, locking each stream's row so two
 workers taking turns on one device see one high-water mark.
+
+The work per late seq is constant: it looks up only the gap that holds it (an index
+probe on `(device_id, boot_id, seq_from)`) and rewrites only that gap's rows, so a
+stream with thousands of open gaps costs no more per late batch than one with a
+single gap. A stream keeps at most `max_gaps` open gaps (`ingest_streams.open_gaps`
+counts them); beyond the cap its oldest (lowest) gaps are forgotten and counted in
+`ingest_streams.gaps_dropped`, so one device sending every other seq cannot make
+its bookkeeping grow without end.
 """
 
 from __future__ import annotations
@@ -26,8 +34,12 @@ from millrace.cloud.ingest.messages import Incoming
 log = logging.getLogger(__name__)
 
 Gap = tuple[int, int]
+StreamKey = tuple[int, uuid.UUID]
 # Sorts after every (seq, high) pair with the same seq; seqs are at most 2**63 - 1.
 _ABOVE_ANY_SEQ = 2**64
+# Open gaps kept per (device, boot): far above what a healthy agent shows (a gap is a
+# lost batch), low enough that a hostile or broken one stays cheap.
+DEFAULT_MAX_GAPS_PER_STREAM: Final = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +50,14 @@ class StreamUpdate:
     gaps: tuple[Gap, ...]
     changed_gaps: bool
     opened: int  # gaps newly opened by seqs above the old high-water mark
+
+
+@dataclass(frozen=True, slots=True)
+class StreamsResult:
+    """What `record_streams` did: gaps opened, and old gaps forgotten over the cap."""
+
+    opened: int
+    dropped: int
 
 
 def _remove(gaps: list[Gap], seq: int) -> bool:
@@ -81,16 +101,17 @@ def advance(prev_max: int | None, gaps: Sequence[Gap], new_seqs: Iterable[int]) 
 
 
 _STREAMS_INSERT: Final = """
-INSERT INTO ingest_streams (device_id, boot_id, first_seq, max_seq, batches, first_at, last_at)
-SELECT d, b, f, m, n, t, t FROM unnest(
-    %b::int4[], %b::uuid[], %b::int8[], %b::int8[], %b::int8[], %b::timestamptz[])
-    AS u(d, b, f, m, n, t)
+INSERT INTO ingest_streams (
+    device_id, boot_id, first_seq, max_seq, batches, first_at, last_at, open_gaps)
+SELECT d, b, f, m, n, t, t, g FROM unnest(
+    %b::int4[], %b::uuid[], %b::int8[], %b::int8[], %b::int8[], %b::timestamptz[], %b::int4[])
+    AS u(d, b, f, m, n, t, g)
 ON CONFLICT DO NOTHING
 RETURNING device_id, boot_id
 """
 
 _STREAMS_LOCK: Final = """
-SELECT s.device_id, s.boot_id, s.max_seq
+SELECT s.device_id, s.boot_id, s.max_seq, s.open_gaps
 FROM ingest_streams s
 JOIN unnest(%b::int4[], %b::uuid[]) AS u(d, b) ON s.device_id = u.d AND s.boot_id = u.b
 ORDER BY s.device_id, s.boot_id
@@ -100,98 +121,147 @@ FOR UPDATE OF s
 _STREAMS_UPDATE: Final = """
 UPDATE ingest_streams s SET
     first_seq = least(s.first_seq, u.f), max_seq = u.m, batches = s.batches + u.n,
-    last_at = greatest(s.last_at, u.t)
-FROM unnest(%b::int4[], %b::uuid[], %b::int8[], %b::int8[], %b::int8[], %b::timestamptz[])
-    AS u(d, b, f, m, n, t)
+    last_at = greatest(s.last_at, u.t), open_gaps = u.g
+FROM unnest(
+    %b::int4[], %b::uuid[], %b::int8[], %b::int8[], %b::int8[], %b::timestamptz[], %b::int4[])
+    AS u(d, b, f, m, n, t, g)
 WHERE s.device_id = u.d AND s.boot_id = u.b
 """
 
-_GAPS_SELECT: Final = """
-SELECT g.device_id, g.boot_id, g.seq_from, g.seq_to
-FROM sequence_gaps g
-JOIN unnest(%b::int4[], %b::uuid[]) AS u(d, b) ON g.device_id = u.d AND g.boot_id = u.b
+# The one gap that may hold each late seq: the last gap starting at or below it.
+_GAPS_HOLDING: Final = """
+SELECT DISTINCT g.device_id, g.boot_id, g.seq_from, g.seq_to, g.detected_at
+FROM unnest(%b::int4[], %b::uuid[], %b::int8[]) AS u(d, b, s)
+CROSS JOIN LATERAL (
+    SELECT * FROM sequence_gaps x
+    WHERE x.device_id = u.d AND x.boot_id = u.b AND x.seq_from <= u.s
+    ORDER BY x.seq_from DESC LIMIT 1
+) g
+WHERE u.s <= g.seq_to
+ORDER BY g.device_id, g.boot_id, g.seq_from
 """
 
 _GAPS_DELETE: Final = """
 DELETE FROM sequence_gaps g
-USING unnest(%b::int4[], %b::uuid[]) AS u(d, b)
-WHERE g.device_id = u.d AND g.boot_id = u.b
+USING unnest(%b::int4[], %b::uuid[], %b::int8[]) AS u(d, b, f)
+WHERE g.device_id = u.d AND g.boot_id = u.b AND g.seq_from = u.f
 """
 
-_GAPS_INSERT: Final = """
+# New gaps, and the pieces of split gaps; a piece keeping its gap's start updates it in place.
+_GAPS_UPSERT: Final = """
 INSERT INTO sequence_gaps (device_id, boot_id, seq_from, seq_to, detected_at)
 SELECT * FROM unnest(%b::int4[], %b::uuid[], %b::int8[], %b::int8[], %b::timestamptz[])
+ORDER BY 1, 2, 3
 ON CONFLICT (device_id, boot_id, seq_from) DO UPDATE SET seq_to = excluded.seq_to
 """
 
+# Forget each stream's oldest gaps beyond the cap (n per stream, lowest seqs first).
+_GAPS_TRIM: Final = """
+DELETE FROM sequence_gaps g
+USING unnest(%b::int4[], %b::uuid[], %b::int4[]) AS u(d, b, n)
+CROSS JOIN LATERAL (
+    SELECT x.seq_from FROM sequence_gaps x
+    WHERE x.device_id = u.d AND x.boot_id = u.b
+    ORDER BY x.seq_from LIMIT u.n
+) o
+WHERE g.device_id = u.d AND g.boot_id = u.b AND g.seq_from = o.seq_from
+"""
+
+_STREAMS_DROPPED: Final = """
+UPDATE ingest_streams s SET gaps_dropped = s.gaps_dropped + u.n
+FROM unnest(%b::int4[], %b::uuid[], %b::int4[]) AS u(d, b, n)
+WHERE s.device_id = u.d AND s.boot_id = u.b
+"""
+
+
+def _columns(rows: Sequence[Sequence[object]], width: int) -> list[list[object]]:
+    """Row tuples as the column arrays an unnest() statement takes."""
+    return [[r[i] for r in rows] for i in range(width)]
+
 
 def record_streams(
-    cur: psycopg.Cursor[Any], device_ids: Mapping[str, int], fresh: Sequence[Incoming]
-) -> int:
-    """Advance each (device, boot_id) high-water mark and record gaps; returns gaps opened."""
-    seqs: dict[tuple[int, uuid.UUID], list[int]] = defaultdict(list)
-    last_at: dict[tuple[int, uuid.UUID], datetime] = {}
+    cur: psycopg.Cursor[Any],
+    device_ids: Mapping[str, int],
+    fresh: Sequence[Incoming],
+    *,
+    max_gaps: int = DEFAULT_MAX_GAPS_PER_STREAM,
+) -> StreamsResult:
+    """Advance each (device, boot_id) high-water mark and record gaps, at most `max_gaps` each."""
+    if max_gaps < 1:
+        raise ValueError(f"max_gaps must be >= 1, got {max_gaps}")
+    seqs: dict[StreamKey, list[int]] = defaultdict(list)
+    last_at: dict[StreamKey, datetime] = {}
     for item in fresh:
         b = item.batch
         key = (device_ids[b.device], uuid.UUID(hex=b.boot_id))
         seqs[key].append(b.seq)
         last_at[key] = max(last_at.get(key, item.received_at), item.received_at)
     keys = sorted(seqs)
+    now = max(last_at.values())
+    # The stream's open gaps after this batch, before the cap is applied.
+    counts: dict[StreamKey, int] = {}
+    upserts: list[tuple[int, uuid.UUID, int, int, datetime]] = []
+    deletes: list[tuple[int, uuid.UUID, int]] = []
+    opened = 0
 
-    def columns(ks: list[tuple[int, uuid.UUID]], maxes: dict[object, int]) -> list[object]:
-        return [
-            [k[0] for k in ks],
-            [k[1] for k in ks],
-            [min(seqs[k]) for k in ks],
-            [maxes[k] for k in ks],
-            [len(seqs[k]) for k in ks],
-            [last_at[k] for k in ks],
+    def stream_rows(ks: list[StreamKey], maxes: Mapping[StreamKey, int]) -> list[list[object]]:
+        rows = [
+            (k[0], k[1], min(seqs[k]), maxes[k], len(seqs[k]), last_at[k], min(counts[k], max_gaps))
+            for k in ks
         ]
+        return _columns(rows, 7)
 
-    updates: dict[tuple[int, uuid.UUID], StreamUpdate] = {
-        k: advance(None, (), seqs[k]) for k in keys
-    }
-    cur.execute(_STREAMS_INSERT, columns(keys, {k: u.max_seq for k, u in updates.items()}))
+    first = {k: advance(None, (), seqs[k]) for k in keys}
+    for k, update in first.items():
+        counts[k] = update.opened
+    cur.execute(_STREAMS_INSERT, stream_rows(keys, {k: u.max_seq for k, u in first.items()}))
     inserted = {(d, b) for d, b in cur.fetchall()}
+    for k in inserted:
+        opened += first[k].opened
+        upserts.extend((k[0], k[1], low, high, now) for low, high in first[k].gaps)
     existing = [k for k in keys if k not in inserted]
-    late: set[tuple[int, uuid.UUID]] = set()
+    maxes = {k: first[k].max_seq for k in inserted}
     if existing:
-        cur.execute(_STREAMS_LOCK, [[k[0] for k in existing], [k[1] for k in existing]])
-        prev_max = {(d, b): m for d, b, m in cur.fetchall()}
-        late = {k for k in existing if min(seqs[k]) <= prev_max[k]}
-        open_gaps: dict[tuple[int, uuid.UUID], list[Gap]] = defaultdict(list)
+        cur.execute(_STREAMS_LOCK, _columns(existing, 2))
+        prev = {(d, b): (m, n) for d, b, m, n in cur.fetchall()}
+        late = [(k, s) for k in existing for s in seqs[k] if s <= prev[k][0]]
+        holding: dict[StreamKey, list[tuple[int, int, datetime]]] = defaultdict(list)
         if late:
-            ordered = sorted(late)
-            cur.execute(_GAPS_SELECT, [[k[0] for k in ordered], [k[1] for k in ordered]])
-            for device_id, boot, low, high in cur.fetchall():
-                open_gaps[(device_id, boot)].append((low, high))
+            late.sort()
+            cur.execute(_GAPS_HOLDING, _columns([(k[0], k[1], s) for k, s in late], 3))
+            for d, b, low, high, detected in cur.fetchall():
+                holding[(d, b)].append((low, high, detected))
         for k in existing:
-            updates[k] = advance(prev_max[k], open_gaps.get(k, ()), seqs[k])
-        cur.execute(_STREAMS_UPDATE, columns(existing, {k: updates[k].max_seq for k in existing}))
-        # Streams whose stored gaps shrank: rewrite their gap rows from the new state.
-        rewrite = sorted(k for k in late if updates[k].changed_gaps)
-        if rewrite:
-            cur.execute(_GAPS_DELETE, [[k[0] for k in rewrite], [k[1] for k in rewrite]])
-    # Late streams hold all their gaps in the update, the others only the new ones.
-    rows = [
-        (k[0], k[1], low, high)
-        for k in keys
-        if updates[k].changed_gaps
-        for low, high in updates[k].gaps
-    ]
-    opened = sum(u.opened for u in updates.values())
-    if rows:
-        now = max(last_at.values())
-        cur.execute(
-            _GAPS_INSERT,
-            [
-                [r[0] for r in rows],
-                [r[1] for r in rows],
-                [r[2] for r in rows],
-                [r[3] for r in rows],
-                [now] * len(rows),
-            ],
+            prev_max, prev_count = prev[k]
+            held = holding.get(k, [])
+            update = advance(prev_max, [(low, high) for low, high, _ in held], seqs[k])
+            maxes[k] = update.max_seq
+            opened += update.opened
+            # Pieces of the gaps held keep their gap's detection time; new gaps get now.
+            pieces = sorted(update.gaps)
+            starts = {low for low, _ in pieces}
+            unchanged = {(low, high) for low, high, _ in held}
+            for low, high in pieces:
+                if (low, high) in unchanged:
+                    continue
+                i = bisect.bisect_right(held, (low, _ABOVE_ANY_SEQ)) - 1
+                detected = held[i][2] if i >= 0 and held[i][1] >= low else now
+                upserts.append((k[0], k[1], low, high, detected))
+            deletes.extend((k[0], k[1], low) for low, _, _ in held if low not in starts)
+            counts[k] = prev_count - len(held) + len(pieces)
+        cur.execute(_STREAMS_UPDATE, stream_rows(existing, maxes))
+    if deletes:
+        cur.execute(_GAPS_DELETE, _columns(sorted(deletes), 3))
+    if upserts:
+        cur.execute(_GAPS_UPSERT, _columns(sorted(upserts), 5))
+    over = [(k[0], k[1], counts[k] - max_gaps) for k in keys if counts[k] > max_gaps]
+    dropped = sum(n for _, _, n in over)
+    if over:
+        cur.execute(_GAPS_TRIM, _columns(over, 3))
+        cur.execute(_STREAMS_DROPPED, _columns(over, 3))
+        log.warning(
+            "sequence gaps over the cap of %s per stream: forgot the %s oldest", max_gaps, dropped
         )
     if opened:
         log.warning("sequence gaps opened=%s", opened)
-    return opened
+    return StreamsResult(opened=opened, dropped=dropped)

@@ -25,7 +25,7 @@ from sqlalchemy.dialects import postgresql
 from millrace.cloud import rollups
 from millrace.cloud.ingest.idcache import IdCache
 from millrace.cloud.ingest.messages import DeadLetter, Incoming, Key, WriteResult
-from millrace.cloud.ingest.streams import record_streams
+from millrace.cloud.ingest.streams import DEFAULT_MAX_GAPS_PER_STREAM, record_streams
 from millrace.cloud.schema import core as schema
 from millrace.wire import Aggregate, Batch, EventValue, Window, merge_all
 from millrace.wire.aggregate import AGGREGATE_FIELDS, MERGE_RULES
@@ -217,8 +217,9 @@ def _event_row(
 class BatchWriter:
     """Writes validated batches; one instance per worker (it owns the id cache)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_gaps: int = DEFAULT_MAX_GAPS_PER_STREAM) -> None:
         self.ids = IdCache()
+        self.max_gaps = max_gaps
 
     def prepare(self, conn: psycopg.Connection[Any], batches: Iterable[Batch]) -> None:
         """Make sure every device and metric of `batches` has an id (call outside the batch tx)."""
@@ -253,7 +254,7 @@ class BatchWriter:
                 return WriteResult(0, len(incoming), 0, 0, 0, 0, (), frozenset())
             readings, events, hourly, stored = self._copy(cur, fresh, report)
             rollup_rows = rollups.write_rollups(cur, hourly)
-            opened = record_streams(cur, self.ids.devices, fresh)
+            gaps = record_streams(cur, self.ids.devices, fresh, max_gaps=self.max_gaps)
             self._devices_seen(cur, fresh)
         return WriteResult(
             stored_batches=len(fresh),
@@ -261,9 +262,10 @@ class BatchWriter:
             readings=readings,
             events=events,
             rollup_rows=rollup_rows,
-            gaps_opened=opened,
+            gaps_opened=gaps.opened,
             windows=tuple(stored),
             stored_keys=frozenset(claimed),
+            gaps_dropped=gaps.dropped,
         )
 
     def _claim(self, cur: psycopg.Cursor[Any], unique: dict[Key, Incoming]) -> set[Key]:

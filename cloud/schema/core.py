@@ -213,7 +213,18 @@ ingest_streams = Table(
     Column("batches", BigInteger, nullable=False),
     timestamptz("first_at", nullable=False),
     timestamptz("last_at", nullable=False),
+    Column(
+        "open_gaps", Integer, nullable=False, server_default="0", comment="its sequence_gaps rows"
+    ),
+    Column(
+        "gaps_dropped",
+        BigInteger,
+        nullable=False,
+        server_default="0",
+        comment="oldest gaps forgotten over the per-stream cap",
+    ),
     PrimaryKeyConstraint("device_id", "boot_id", name="pk_ingest_streams"),
+    Index("ix_ingest_streams_last_at", "last_at"),
 )
 
 # Open gaps: seq_from..seq_to (inclusive) not yet received. Late arrivals shrink them.
