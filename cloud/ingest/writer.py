@@ -23,7 +23,7 @@ from sqlalchemy import Table
 from sqlalchemy.dialects import postgresql
 
 from millrace.cloud import rollups
-from millrace.cloud.ingest.idcache import IdCache
+from millrace.cloud.ingest.idcache import DEFAULT_ID_CACHE_NAMES, IdCache
 from millrace.cloud.ingest.messages import DeadLetter, Incoming, Key, WriteResult
 from millrace.cloud.ingest.streams import DEFAULT_MAX_GAPS_PER_STREAM, record_streams
 from millrace.cloud.schema import core as schema
@@ -217,8 +217,13 @@ def _event_row(
 class BatchWriter:
     """Writes validated batches; one instance per worker (it owns the id cache)."""
 
-    def __init__(self, *, max_gaps: int = DEFAULT_MAX_GAPS_PER_STREAM) -> None:
-        self.ids = IdCache()
+    def __init__(
+        self,
+        *,
+        max_gaps: int = DEFAULT_MAX_GAPS_PER_STREAM,
+        id_cache_names: int = DEFAULT_ID_CACHE_NAMES,
+    ) -> None:
+        self.ids = IdCache(id_cache_names)
         self.max_gaps = max_gaps
 
     def prepare(self, conn: psycopg.Connection[Any], batches: Iterable[Batch]) -> None:
@@ -287,7 +292,7 @@ class BatchWriter:
                 [b.clock_synced for b in batches],
             ],
         )
-        names = {v: k for k, v in self.ids.devices.items()}
+        names = {self.ids.devices[k[0]]: k[0] for k in keys}  # not the whole cache
         return {(names[d], boot.hex, seq) for d, boot, seq in cur.fetchall()}
 
     def _copy(
