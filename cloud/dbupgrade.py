@@ -40,6 +40,8 @@ INGEST_PRIVILEGES: Final[Mapping[str, tuple[str, ...]]] = {
     "rollup_hourly": ("SELECT", "INSERT", "UPDATE"),
     "rollup_daily": ("SELECT", "INSERT", "UPDATE"),
     "dead_letters": ("INSERT",),
+    "dead_letter_overflow": ("SELECT", "INSERT", "UPDATE"),
+    "device_metrics": ("SELECT", "INSERT"),
     "ingest_ledger": ("SELECT", "INSERT"),
     "ingest_streams": ("SELECT", "INSERT", "UPDATE"),
     "sequence_gaps": ("SELECT", "INSERT", "UPDATE", "DELETE"),

@@ -86,6 +86,7 @@ class WriteResult:
     windows: tuple[tuple[str, Window], ...]  # (device, window), for the alert engine
     stored_keys: frozenset[Key]
     gaps_dropped: int = 0  # old gaps forgotten over the per-stream cap
+    metrics_refused: int = 0  # batches filed in part as too_many_metrics dead letters
 
     def __add__(self, other: WriteResult) -> WriteResult:
         """Both results, as if one write had stored them (message-by-message retries)."""
@@ -99,4 +100,5 @@ class WriteResult:
             windows=self.windows + other.windows,
             stored_keys=self.stored_keys | other.stored_keys,
             gaps_dropped=self.gaps_dropped + other.gaps_dropped,
+            metrics_refused=self.metrics_refused + other.metrics_refused,
         )

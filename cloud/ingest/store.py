@@ -212,7 +212,7 @@ class BatchStore:
                 out.result = self.writer.write(conn, incoming, report=_watched(engine))
             if dead:
                 with conn.cursor() as cur:
-                    write_dead_letters(cur, dead)
+                    self.writer.write_dead_letters(cur, dead)
             for item in items:
                 if isinstance(item, StateItem):
                     registry.apply_state(conn, item.state, received_at=item.received_at)

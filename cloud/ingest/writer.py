@@ -11,6 +11,7 @@ concurrent workers take row locks in one order (docs/guarantees.md).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -22,12 +23,23 @@ from psycopg.postgres import types as pg_types
 from sqlalchemy import Table
 from sqlalchemy.dialects import postgresql
 
+from millrace import topics
 from millrace.cloud import rollups
 from millrace.cloud.ingest.idcache import DEFAULT_ID_CACHE_NAMES, IdCache
+from millrace.cloud.ingest.letterlimit import DeadLetterLimiter
 from millrace.cloud.ingest.messages import DeadLetter, Incoming, Key, WriteResult
+from millrace.cloud.ingest.metriccap import MetricCap
 from millrace.cloud.ingest.streams import DEFAULT_MAX_GAPS_PER_STREAM, record_streams
 from millrace.cloud.schema import core as schema
-from millrace.wire import Aggregate, Batch, EventValue, Window, merge_all
+from millrace.wire import (
+    CONTENT_TYPE_MSGPACK,
+    Aggregate,
+    Batch,
+    EventValue,
+    Window,
+    encode_batch,
+    merge_all,
+)
 from millrace.wire.aggregate import AGGREGATE_FIELDS, MERGE_RULES
 
 log = logging.getLogger(__name__)
@@ -37,6 +49,10 @@ _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 # client can make us store.
 DEAD_LETTER_PAYLOAD_MAX_BYTES: Final = 64 * 1024
 DEAD_LETTER_TEXT_MAX_CHARS: Final = 2000
+# Metric names one device may use: a plant signal list is tens to hundreds; a client
+# inventing names must not grow the metrics table (and every worker's cache) without end.
+DEFAULT_MAX_METRICS_PER_DEVICE: Final = 1000
+TOO_MANY_METRICS: Final = "too_many_metrics"
 
 
 def copy_layout(table: Table, *, server_fills: Collection[str]) -> tuple[tuple[str, ...], ...]:
@@ -184,10 +200,39 @@ def _clean_text(value: str | None, limit: int = DEAD_LETTER_TEXT_MAX_CHARS) -> s
     return cleaned.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def write_dead_letters(cur: psycopg.Cursor[Any], letters: Sequence[DeadLetter]) -> None:
-    """Store refused messages (payload capped) for the data-quality view."""
+_OVERFLOW_UPSERT: Final = """
+INSERT INTO dead_letter_overflow AS o (device, suppressed, first_at, last_at)
+SELECT d, n, t, t FROM unnest(%b::text[], %b::int8[], %b::timestamptz[]) AS u(d, n, t)
+ORDER BY d
+ON CONFLICT (device) DO UPDATE SET
+    suppressed = o.suppressed + excluded.suppressed, last_at = greatest(o.last_at, excluded.last_at)
+"""
+
+
+def write_dead_letters(
+    cur: psycopg.Cursor[Any],
+    letters: Sequence[DeadLetter],
+    *,
+    limiter: DeadLetterLimiter | None = None,
+) -> int:
+    """Store refused messages (payload capped) for the data-quality view.
+
+    With a `limiter`, letters over their device's rate are only counted, per device, in
+    `dead_letter_overflow`. Returns how many letters were suppressed.
+    """
+    suppressed: dict[str, int] = {}
+    if limiter is not None and letters:
+        last = {d.device or "": d.received_at for d in letters}
+        letters, suppressed = limiter.admit(letters)
+        if suppressed:
+            devices = sorted(suppressed)
+            cur.execute(
+                _OVERFLOW_UPSERT,
+                [devices, [suppressed[d] for d in devices], [last[d] for d in devices]],
+            )
+            log.warning("dead letters over their rate, counted not stored: %s", suppressed)
     if not letters:
-        return
+        return sum(suppressed.values())
     rows = [
         (
             d.received_at,
@@ -202,6 +247,7 @@ def write_dead_letters(cur: psycopg.Cursor[Any], letters: Sequence[DeadLetter]) 
         for d in letters
     ]
     copy_rows(cur, "dead_letters", _DEAD_LETTER_COLUMNS, _DEAD_LETTER_TYPES, rows)
+    return sum(suppressed.values())
 
 
 def _event_row(
@@ -222,19 +268,66 @@ class BatchWriter:
         *,
         max_gaps: int = DEFAULT_MAX_GAPS_PER_STREAM,
         id_cache_names: int = DEFAULT_ID_CACHE_NAMES,
+        max_metrics_per_device: int = DEFAULT_MAX_METRICS_PER_DEVICE,
+        letters: DeadLetterLimiter | None = None,
     ) -> None:
         self.ids = IdCache(id_cache_names)
         self.max_gaps = max_gaps
+        self.cap = MetricCap(max_metrics_per_device)
+        self.letters = letters if letters is not None else DeadLetterLimiter()
 
     def prepare(self, conn: psycopg.Connection[Any], batches: Iterable[Batch]) -> None:
-        """Make sure every device and metric of `batches` has an id (call outside the batch tx)."""
-        devices: set[str] = set()
-        metrics: set[str] = set()
+        """Give every device and metric of `batches` an id and decide the per-device metric
+        cap for them (call outside the batch transaction)."""
+        names: dict[str, set[str]] = {}
         for batch in batches:
-            devices.add(batch.device)
+            metrics = names.setdefault(batch.device, set())
             metrics.update(w.metric for w in batch.windows)
             metrics.update(e.metric for e in batch.events)
-        self.ids.ensure(conn, devices, metrics)
+        self.ids.ensure(conn, set(names), set().union(*names.values()) if names else set())
+        devices, metric_ids = self.ids.devices, self.ids.metrics
+        self.cap.check(
+            conn, {devices[d]: {metric_ids[m] for m in ms} for d, ms in names.items() if ms}
+        )
+
+    def write_dead_letters(self, cur: psycopg.Cursor[Any], letters: Sequence[DeadLetter]) -> int:
+        """`write_dead_letters` with this worker's per-device rate limit; returns suppressed."""
+        return write_dead_letters(cur, letters, limiter=self.letters)
+
+    def _over_cap(self, item: Incoming) -> tuple[Incoming, DeadLetter | None]:
+        """`item` without the windows and events of metrics over its device's cap, and a dead
+        letter holding those (None when all may be stored)."""
+        b = item.batch
+        device_id, metric_ids, admitted = self.ids.devices[b.device], self.ids.metrics, self.cap
+        if device_id not in admitted.refusing:
+            return item, None  # the common case: one set lookup per batch
+        if all(admitted.admitted((device_id, metric_ids[w.metric])) for w in b.windows) and all(
+            admitted.admitted((device_id, metric_ids[e.metric])) for e in b.events
+        ):
+            return item, None
+        split: dict[bool, Any] = {True: ([], []), False: ([], [])}
+        for w in b.windows:
+            split[admitted.admitted((device_id, metric_ids[w.metric]))][0].append(w)
+        for e in b.events:
+            split[admitted.admitted((device_id, metric_ids[e.metric]))][1].append(e)
+        refused = dataclasses.replace(
+            b, windows=tuple(split[False][0]), events=tuple(split[False][1])
+        )
+        kept = dataclasses.replace(b, windows=tuple(split[True][0]), events=tuple(split[True][1]))
+        metrics = sorted({w.metric for w in refused.windows} | {e.metric for e in refused.events})
+        letter = DeadLetter(
+            topic=topics.data_topic(b.device),
+            device=b.device,
+            code=TOO_MANY_METRICS,
+            reason=(
+                f"device {b.device!r} already has {self.cap.limit} metrics (the cap):"
+                f" {len(metrics)} refused: {', '.join(map(repr, metrics[:20]))}"
+            ),
+            content_type=CONTENT_TYPE_MSGPACK,
+            payload=encode_batch(refused),
+            received_at=item.received_at,
+        )
+        return Incoming(kept, item.received_at), letter
 
     def write(
         self,
@@ -249,14 +342,22 @@ class BatchWriter:
         alert rules; None returns all. Most metrics have no rule: the engine skips them unseen.
         """
         unique: dict[Key, Incoming] = {}
+        over_cap: dict[Key, DeadLetter] = {}
         for item in incoming:
             b = item.batch
-            unique.setdefault((b.device, b.boot_id, b.seq), item)
+            key = (b.device, b.boot_id, b.seq)
+            if key not in unique:
+                unique[key], letter = self._over_cap(item)
+                if letter is not None:
+                    over_cap[key] = letter
         with conn.cursor() as cur:
             claimed = self._claim(cur, unique)
             fresh = [unique[k] for k in sorted(claimed)]
             if not fresh:
                 return WriteResult(0, len(incoming), 0, 0, 0, 0, (), frozenset())
+            # Only a batch stored now files its refused metrics: a redelivery files nothing.
+            refused = [over_cap[k] for k in sorted(claimed) if k in over_cap]
+            self.write_dead_letters(cur, refused)
             readings, events, hourly, stored = self._copy(cur, fresh, report)
             rollup_rows = rollups.write_rollups(cur, hourly)
             gaps = record_streams(cur, self.ids.devices, fresh, max_gaps=self.max_gaps)
@@ -271,6 +372,7 @@ class BatchWriter:
             windows=tuple(stored),
             stored_keys=frozenset(claimed),
             gaps_dropped=gaps.dropped,
+            metrics_refused=len(refused),
         )
 
     def _claim(self, cur: psycopg.Cursor[Any], unique: dict[Key, Incoming]) -> set[Key]:

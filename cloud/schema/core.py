@@ -241,11 +241,34 @@ sequence_gaps = Table(
     Index("ix_sequence_gaps_detected_at", "detected_at"),
 )
 
+# The metrics each device has sent: the per-device metric cap counts these rows.
+device_metrics = Table(
+    "device_metrics",
+    metadata,
+    Column("device_id", Integer, ForeignKey("devices.id"), nullable=False),
+    Column("metric_id", Integer, ForeignKey("metrics.id"), nullable=False),
+    timestamptz("first_at", nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("device_id", "metric_id", name="pk_device_metrics"),
+)
+
+# Dead letters not stored because their device was over its rate, counted per device.
+dead_letter_overflow = Table(
+    "dead_letter_overflow",
+    metadata,
+    Column("device", Text, nullable=False, comment="topic device id; '' when none"),
+    Column("suppressed", BigInteger, nullable=False),
+    timestamptz("first_at", nullable=False),
+    timestamptz("last_at", nullable=False),
+    PrimaryKeyConstraint("device", name="pk_dead_letter_overflow"),
+)
+
 __all__ = [
     "DEVICE_STATUSES",
     "EVENT_KINDS",
     "HypertableSpec",
+    "dead_letter_overflow",
     "dead_letters",
+    "device_metrics",
     "devices",
     "events",
     "ingest_ledger",
