@@ -2,17 +2,21 @@
 secrets, otherwise local accounts from the users file (dashboards.users).
 
 Roles: viewer < operator < admin; acknowledging alerts needs operator. The
-logged-in user lives in the session; its role is re-read from the users file
-on every run, so removing or demoting an account takes effect at once.
+logged-in user lives in the session; it is re-checked against the users file
+(or the single sign-on allow-list) on every run, fragment reruns included
+(`ui.live_fragment`), so removing or demoting an account takes effect at once.
+
+Password guessing is bounded before any hashing: a login first reserves an
+attempt slot for its user name and for its source address (dashboards.throttle),
+and scrypt runs only while holding one.
 """
 
 from __future__ import annotations
 
+import enum
 import importlib.util
 import logging
-import threading
-import time
-from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -21,18 +25,19 @@ from typing import Final, Literal
 import streamlit as st
 from streamlit.errors import StreamlitSecretNotFoundError
 
-from millrace.dashboards.config import DashboardConfig, Role
+from millrace.dashboards.config import AuthSettings, DashboardConfig, Role
+from millrace.dashboards.throttle import LoginThrottle
 from millrace.dashboards.users import UserRecord, authenticate, load_users
 from millrace.errors import MillraceError
 
 logger = logging.getLogger(__name__)
 
 SESSION_KEY: Final = "millrace_user"
+REFUSED_KEY: Final = "millrace_sso_refused"
 ACK_ROLES: Final = frozenset({"operator", "admin"})
-# Online guessing: at most this many failures per user name per window, then wait.
-MAX_FAILURES: Final = 5
-FAILURE_WINDOW_SECONDS: Final = 300.0
-MAX_TRACKED_NAMES: Final = 10_000
+# The source of a login from loopback (Streamlit reports no address for it).
+LOCAL_SOURCE: Final = "local"
+MAX_SOURCE_CHARS: Final = 64
 
 Method = Literal["local", "oidc"]
 
@@ -83,35 +88,49 @@ def users(path: Path) -> dict[str, UserRecord]:
     return _users_at(str(path), stat.st_mtime_ns, stat.st_size)
 
 
-class _Throttle:
-    """Failed logins per user name in a sliding window, shared by all sessions."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._failures: dict[str, deque[float]] = {}
-
-    def _recent(self, name: str, now: float) -> deque[float]:
-        times = self._failures.setdefault(name, deque())
-        while times and times[0] <= now - FAILURE_WINDOW_SECONDS:
-            times.popleft()
-        return times
-
-    def blocked(self, name: str) -> bool:
-        with self._lock:
-            return len(self._recent(name, time.monotonic())) >= MAX_FAILURES
-
-    def failed(self, name: str) -> None:
-        with self._lock:
-            if len(self._failures) >= MAX_TRACKED_NAMES:
-                self._failures.clear()
-            self._recent(name, time.monotonic()).append(time.monotonic())
-
-    def succeeded(self, name: str) -> None:
-        with self._lock:
-            self._failures.pop(name, None)
+# Shared by every session of this server process.
+_THROTTLE: Final = LoginThrottle()
 
 
-_THROTTLE: Final = _Throttle()
+class LoginOutcome(enum.Enum):
+    OK = "ok"
+    WRONG = "wrong"
+    THROTTLED = "throttled"
+
+
+def check_login(
+    accounts: dict[str, UserRecord], name: str, password: str, *, source: str
+) -> tuple[LoginOutcome, UserRecord | None]:
+    """Verify a password only after reserving an attempt slot for `name` and `source`."""
+    slot = _THROTTLE.reserve(name, source)
+    if slot is None:
+        return LoginOutcome.THROTTLED, None
+    try:
+        record = authenticate(accounts, name, password)
+    except BaseException:
+        slot.failed()
+        raise
+    if record is None:
+        slot.failed()
+        return LoginOutcome.WRONG, None
+    slot.succeeded()
+    return LoginOutcome.OK, record
+
+
+def client_source(settings: AuthSettings) -> str:
+    """Where this session connects from: the proxy's header when configured, else the peer.
+
+    Behind a reverse proxy the peer is the proxy, so without `client_address_header`
+    every visitor shares one source and its limit.
+    """
+    address: str | None = None
+    if settings.client_address_header:
+        value = st.context.headers.get(settings.client_address_header) or ""
+        # X-Forwarded-For lists hops left to right; the proxy appended the last one.
+        address = value.split(",")[-1].strip() or None
+    else:
+        address = st.context.ip_address
+    return (address or LOCAL_SOURCE)[:MAX_SOURCE_CHARS]
 
 
 def require_user(config: DashboardConfig) -> AuthUser | None:
@@ -132,16 +151,45 @@ def require_user(config: DashboardConfig) -> AuthUser | None:
     return user
 
 
+def oidc_refusal(settings: AuthSettings, claims: Mapping[str, object]) -> str | None:
+    """Why an identity may not enter (None when it may): a verified, allowed email only."""
+    email = str(claims.get("email") or "").strip().lower()
+    if not email:
+        return "Your identity provider did not share an email address."
+    if claims.get("email_verified") is not True:
+        return f"{email} is not verified at your identity provider."
+    domain = email.rpartition("@")[2]
+    if email in settings.oidc_allowed_emails or domain in settings.oidc_allowed_domains:
+        return None
+    if _oidc_record(settings, email) is not None:
+        return None
+    return f"{email} has no access to this dashboard. Ask an administrator to add it."
+
+
+def _oidc_record(settings: AuthSettings, email: str) -> UserRecord | None:
+    accounts = users(settings.users_file)
+    return accounts.get(email) or next((r for n, r in accounts.items() if n.lower() == email), None)
+
+
 def _oidc_user(config: DashboardConfig) -> AuthUser | None:
     if not st.user.is_logged_in:
         st.session_state.pop(SESSION_KEY, None)
+        st.session_state.pop(REFUSED_KEY, None)
         return None
-    name = str(st.user.get("email") or st.user.get("sub") or "").strip()
-    if not name:
+    claims = {key: st.user.get(key) for key in ("email", "email_verified")}
+    refusal = oidc_refusal(config.auth, claims)
+    if refusal is not None:
+        if st.session_state.pop(SESSION_KEY, None) is not None or (
+            st.session_state.get(REFUSED_KEY) != refusal
+        ):
+            logger.warning("single sign-on refused: %s", refusal)
+        st.session_state[REFUSED_KEY] = refusal
         return None
-    record = users(config.auth.users_file).get(name)
+    st.session_state.pop(REFUSED_KEY, None)
+    email = str(claims["email"]).strip().lower()
+    record = _oidc_record(config.auth, email)
     role: Role = record.role if record else config.auth.oidc_default_role
-    user = AuthUser(name=name, role=role, method="oidc")
+    user = AuthUser(name=email, role=role, method="oidc")
     st.session_state[SESSION_KEY] = user
     return user
 
@@ -156,6 +204,11 @@ def login_page(config: DashboardConfig) -> None:
                 "Single sign-on is configured but the Authlib package is missing on the "
                 "dashboard server: install it (pip install 'Authlib>=1.3.2')."
             )
+            return
+        refused = st.session_state.get(REFUSED_KEY)
+        if isinstance(refused, str):
+            st.error(refused)
+            st.button("Sign in with another account", type="primary", on_click=st.logout)
             return
         st.write("This dashboard uses your organisation's single sign-on.")
         st.button("Sign in with single sign-on", type="primary", on_click=st.login)
@@ -183,18 +236,17 @@ def _try_login(config: DashboardConfig, name: str, password: str) -> None:
     if not name or not password:
         st.warning("Enter a user name and a password.")
         return
-    if _THROTTLE.blocked(name):
-        logger.warning("login throttled: user=%s", name)
+    source = client_source(config.auth)
+    outcome, record = check_login(users(config.auth.users_file), name, password, source=source)
+    if outcome is LoginOutcome.THROTTLED:
+        logger.warning("login throttled: user=%s source=%s", name, source)
         st.error("Too many failed sign-ins for this user. Wait a few minutes and try again.")
         return
-    record = authenticate(users(config.auth.users_file), name, password)
     if record is None:
-        _THROTTLE.failed(name)
-        logger.warning("login failed: user=%s", name)
+        logger.warning("login failed: user=%s source=%s", name, source)
         st.error("Wrong user name or password.")
         return
-    _THROTTLE.succeeded(name)
-    logger.info("login: user=%s role=%s", record.name, record.role)
+    logger.info("login: user=%s role=%s source=%s", record.name, record.role, source)
     st.session_state[SESSION_KEY] = AuthUser(name=record.name, role=record.role, method="local")
     st.rerun()
 

@@ -7,6 +7,7 @@ Inputs are DataFrames whose time column already holds naive local times
 
 from __future__ import annotations
 
+import csv
 from datetime import datetime
 from typing import Final
 from zoneinfo import ZoneInfo
@@ -204,6 +205,28 @@ CSV_COLUMNS: Final = (
 )
 
 
+# OWASP CSV injection rule: a cell starting with one of these is a formula to a spreadsheet.
+FORMULA_PREFIXES: Final = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise_cell(value: object) -> object:
+    """A text cell a spreadsheet would run as a formula, prefixed with a quote; others as is."""
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
+def safe_csv(frame: pd.DataFrame) -> bytes:
+    """`frame` as UTF-8 CSV with every text cell neutralised: the one way the dashboard exports."""
+    out = frame.copy()
+    for column in out.columns:
+        if out[column].dtype == object or pd.api.types.is_string_dtype(out[column]):
+            out[column] = out[column].map(neutralise_cell)
+    out.columns = [str(neutralise_cell(str(c))) for c in out.columns]
+    # Every text cell quoted: pandas leaves a bare CR unquoted, which starts a new row.
+    return out.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC).encode("utf-8")
+
+
 def series_csv(parts: list[pd.DataFrame], tz: ZoneInfo) -> bytes:
     """The drawn points as CSV: ISO times in `tz` with their UTC offset, one row per point.
 
@@ -211,4 +234,4 @@ def series_csv(parts: list[pd.DataFrame], tz: ZoneInfo) -> bytes:
     """
     frame = pd.concat(parts, ignore_index=True)
     frame["time"] = [t.isoformat() for t in pd.to_datetime(frame["ts"], utc=True).dt.tz_convert(tz)]
-    return frame[list(CSV_COLUMNS)].to_csv(index=False).encode("utf-8")
+    return safe_csv(frame[list(CSV_COLUMNS)])

@@ -15,6 +15,9 @@ environment variable MILLRACE_DASH_DSN) supplies the DSN instead.
 
     [auth]
     users_file = "users.toml"      # local accounts (millrace dash add-user)
+    oidc_allowed_emails = ["ada@example.com"]   # single sign-on: who may enter, besides
+    oidc_allowed_domains = ["example.com"]      # the users file's password-less accounts
+    client_address_header = "X-Real-IP"         # behind a proxy that sets it (login limits)
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from millrace.configfile import Table, read_dsn, read_toml
+from millrace.configfile import Table, describe, read_dsn, read_toml
 
 Role = Literal["viewer", "operator", "admin"]
 ROLES: Final[tuple[Role, ...]] = get_args(Role)
@@ -64,6 +67,12 @@ class AuthSettings:
     users_file: Path
     oidc_secrets: Path | None = None  # a Streamlit secrets.toml holding an [auth] table
     oidc_default_role: Role = "viewer"
+    # Single sign-on admits only verified emails listed here, in these domains, or in the
+    # users file; an identity provider's other accounts are refused.
+    oidc_allowed_emails: frozenset[str] = frozenset()
+    oidc_allowed_domains: frozenset[str] = frozenset()
+    # The header a trusted reverse proxy sets to the client's address; None = the socket peer.
+    client_address_header: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +116,35 @@ def _server(t: Table) -> ServerSettings:
     )
 
 
+def _lowercase_strings(t: Table, name: str, *, domain: bool) -> frozenset[str]:
+    """An array of emails (or domains), lower-cased; a malformed entry is named by index."""
+    raw = t.raw(name)
+    if raw is None:
+        return frozenset()
+    if not isinstance(raw, list):
+        raise t.error(name, f"expected an array of strings, got {describe(raw)}")
+    out: set[str] = set()
+    for i, item in enumerate(raw):
+        text = item.strip().lower() if isinstance(item, str) else ""
+        parts = text.split("@")
+        ok = len(parts) == 1 if domain else len(parts) == 2 and all(parts)
+        if not text or not ok or any(c.isspace() for c in text):
+            what = "a domain such as example.com" if domain else "an email such as ada@example.com"
+            raise t.error(f"{name}[{i}]", f"expected {what}, got {describe(item)}")
+        out.add(text)
+    return frozenset(out)
+
+
+def _header(t: Table) -> str | None:
+    if not t.has("client_address_header"):
+        t.mark_used("client_address_header")
+        return None
+    name = t.text("client_address_header")
+    if not all(c.isalnum() or c == "-" for c in name):
+        raise t.error("client_address_header", f"not an HTTP header name: {name!r}")
+    return name
+
+
 def parse_config(
     data: Mapping[str, Any], *, base: Path, source: str = "<config>"
 ) -> DashboardConfig:
@@ -123,6 +161,9 @@ def parse_config(
             users_file=auth.path("users_file"),
             oidc_secrets=auth.optional_path("oidc_secrets", must_exist=True),
             oidc_default_role=auth.choice("oidc_default_role", ROLES, "viewer"),
+            oidc_allowed_emails=_lowercase_strings(auth, "oidc_allowed_emails", domain=False),
+            oidc_allowed_domains=_lowercase_strings(auth, "oidc_allowed_domains", domain=True),
+            client_address_header=_header(auth),
         ),
         title=dash.text("title", DEFAULT_TITLE),
         timezone=_timezone(dash),

@@ -2,16 +2,24 @@
 
 Every page starts with `page()`, which stops the script unless someone is
 logged in, so no page can render data on its own even if reached directly.
+Every auto-refreshing part is a `live_fragment`, which re-checks the session's
+user before each rerun: a fragment rerun does not run the page's script, so
+without it an open tab of a deleted account would keep receiving data.
+Strings a device supplies (units, names) go through `device_text` and, inside
+Markdown, `md_escape`: they are shown as text, never interpreted.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterator, Sequence
+import string
+import unicodedata
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Final
+from typing import Final, ParamSpec
 from zoneinfo import ZoneInfo
 
 import pandas as pd
@@ -23,6 +31,13 @@ from millrace.dashboards.auth import AuthUser
 from millrace.dashboards.config import DashboardConfig
 
 logger = logging.getLogger(__name__)
+P = ParamSpec("P")
+
+# Device-supplied text shown on screen: letters, digits, spaces and these symbols only
+# (enough for units such as "°C", "m³/h", "µS/cm", "%"); anything else becomes "?".
+DEVICE_TEXT_SYMBOLS: Final = frozenset(" %/.,°µ³²·^'+-")
+MAX_DEVICE_TEXT_CHARS: Final = 64
+_MD_SPECIAL: Final = frozenset(string.punctuation)
 
 # Relative ranges offered on time-based pages, by label.
 RANGES_S: Final = {
@@ -72,6 +87,41 @@ def page(title: str, purpose: str) -> PageContext:
     st.title(title)
     st.caption(purpose)
     return PageContext(config=config, user=user)
+
+
+def live_fragment(run_every_s: int) -> Callable[[Callable[P, None]], Callable[P, None]]:
+    """st.fragment(run_every=...) that first re-checks the user; gone or disabled -> login."""
+
+    def wrap(body: Callable[P, None]) -> Callable[P, None]:
+        @functools.wraps(body)
+        def checked(*args: P.args, **kwargs: P.kwargs) -> None:
+            if auth.require_user(data.settings()) is None:
+                logger.info("fragment rerun stopped: the session has no valid user")
+                st.rerun(scope="app")  # the full run shows the login; nothing renders here
+            body(*args, **kwargs)
+
+        fragment: Callable[P, None] = st.fragment(run_every=run_every_s)(checked)
+        return fragment
+
+    return wrap
+
+
+def device_text(value: object, *, max_chars: int = MAX_DEVICE_TEXT_CHARS) -> str | None:
+    """A device-supplied string limited to a safe character set for display (None if empty)."""
+    if not isinstance(value, str):
+        return None
+    text = unicodedata.normalize("NFC", value)[:max_chars]
+    shown = "".join(
+        c if c.isalnum() or c in DEVICE_TEXT_SYMBOLS else "?"
+        for c in text
+        if unicodedata.category(c)[0] != "C"  # controls, format marks (bidi overrides)
+    )
+    return shown.strip() or None
+
+
+def md_escape(text: str) -> str:
+    """`text` for a Markdown-rendering element: every ASCII punctuation mark backslash-escaped."""
+    return "".join("\\" + c if c in _MD_SPECIAL else c for c in text)
 
 
 def freshness_line(ctx: PageContext, now: datetime) -> None:

@@ -46,7 +46,7 @@ def _table(frame: pd.DataFrame, columns: list[str]) -> None:
     )
 
 
-@st.fragment(run_every=ctx.config.refresh_s)
+@ui.live_fragment(ctx.config.refresh_s)
 def active() -> None:
     now = data.refresh_now()
     with ui.database_errors():

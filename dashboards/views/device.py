@@ -37,8 +37,8 @@ def _controls() -> tuple[str, str, int, list[str]]:
     metrics = data.device_metrics(device=device)
     if metrics.empty:
         ui.empty(
-            f"{device} has not delivered any numeric metric yet. Check its signals with "
-            "`millrace edge check` and its health on the Fleet page."
+            f"{ui.md_escape(device)} has not delivered any numeric metric yet. Check its "
+            "signals with `millrace edge check` and its health on the Fleet page."
         )
         st.stop()
     chosen = st.multiselect(
@@ -68,7 +68,7 @@ def _events_for_chart(frame: pd.DataFrame) -> pd.DataFrame:
     return shown
 
 
-@st.fragment(run_every=ctx.config.refresh_s)
+@ui.live_fragment(ctx.config.refresh_s)
 def device_charts(device: str, chosen: list[str], range_label: str, range_s: int) -> None:
     now = data.refresh_now()
     start, end = ui.window(ctx, now, range_s)
@@ -85,16 +85,18 @@ def device_charts(device: str, chosen: list[str], range_label: str, range_s: int
             if metric not in info.index:
                 continue
             row = info.loc[metric]
-            unit = row["unit"] if isinstance(row["unit"], str) else None
+            stored_unit = row["unit"] if isinstance(row["unit"], str) else None
+            unit = ui.device_text(stored_unit)  # device-supplied: safe characters on screen
             resolution = pick_resolution(range_s=range_s, period_s=int(row["period_s"]))
             frame = data.series(
                 device=device, metric=metric, resolution=resolution, start=start, end=end
             )
-            st.subheader(f"{metric} ({unit})" if unit else metric)
+            st.subheader(ui.md_escape(f"{metric} ({unit})" if unit else metric))
             if frame.empty:
                 last = pd.Timestamp(row["last_ts"]).tz_convert(ctx.tz)
                 ui.empty(
-                    f"No {metric} data from {device} in the last {range_label}. The newest "
+                    f"No {ui.md_escape(metric)} data from {ui.md_escape(device)} in the last "
+                    f"{range_label}. The newest "
                     f"stored window is from {last:%Y-%m-%d %H:%M} ({ctx.tz_name}); pick a "
                     "longer range or check the device on the Fleet page."
                 )
@@ -115,7 +117,10 @@ def device_charts(device: str, chosen: list[str], range_label: str, range_s: int
                 width="stretch",
             )
             exported.append(
-                frame.assign(device=device, metric=metric, unit=unit, resolution=resolution.label)
+                # The export keeps the stored unit; series_csv neutralises formula cells.
+                frame.assign(
+                    device=device, metric=metric, unit=stored_unit, resolution=resolution.label
+                )
             )
         if exported:
             st.download_button(
@@ -129,7 +134,10 @@ def device_charts(device: str, chosen: list[str], range_label: str, range_s: int
             )
         with st.expander(f"Events ({len(raw_events)})", expanded=False):
             if raw_events.empty:
-                st.caption(f"No state or enum changes from {device} in the last {range_label}.")
+                st.caption(
+                    f"No state or enum changes from {ui.md_escape(device)} "
+                    f"in the last {range_label}."
+                )
             else:
                 st.dataframe(
                     events[["ts", "metric", "shown"]].assign(

@@ -41,7 +41,7 @@ def _cert_style(value: object) -> str:
     return ""
 
 
-@st.fragment(run_every=ctx.config.refresh_s)
+@ui.live_fragment(ctx.config.refresh_s)
 def fleet_table(statuses: list[str], search: str, sort_label: str) -> None:
     now = data.refresh_now()
     with ui.database_errors():

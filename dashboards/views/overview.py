@@ -29,7 +29,7 @@ def _alert_counts(frame: pd.DataFrame) -> tuple[dict[str, int], int]:
     return by_severity, int(frame["unacknowledged"].sum()) if not frame.empty else 0
 
 
-@st.fragment(run_every=ctx.config.refresh_s)
+@ui.live_fragment(ctx.config.refresh_s)
 def overview() -> None:
     now = data.refresh_now()
     with ui.database_errors():

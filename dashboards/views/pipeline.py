@@ -35,7 +35,7 @@ def _series_chart(
     )
 
 
-@st.fragment(run_every=ctx.config.refresh_s)
+@ui.live_fragment(ctx.config.refresh_s)
 def pipeline(range_label: str, range_s: int) -> None:
     now = data.refresh_now()
     start, end = ui.window(ctx, now, range_s)

@@ -18,7 +18,7 @@ ctx = ui.page(
 range_label, range_s = ui.range_picker("quality_range", labels=RANGE_LABELS, default="24 h")
 
 
-@st.fragment(run_every=ctx.config.refresh_s)
+@ui.live_fragment(ctx.config.refresh_s)
 def quality(range_label: str, range_s: int) -> None:
     now = data.refresh_now()
     start, end = ui.window(ctx, now, range_s)

@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from millrace.cloud.dbupgrade import upgrade
+from millrace.dashboards import auth
 from millrace.dashboards.users import add_user
 from tests.dashboards.plant import Truth, dashboard_dsn, fill_plant
 from tests.fixtures.fix_postgres import PostgresServer, database_name_for
@@ -63,8 +64,16 @@ def users_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def write_config(directory: Path, *, dsn: str, users: Path, refresh_s: int = 5) -> Path:
-    """A dashboard config pointing at `dsn` through a 0600 DSN file."""
+@pytest.fixture(autouse=True)
+def fresh_login_throttle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with no failed logins (the throttle is shared by the process)."""
+    monkeypatch.setattr(auth, "_THROTTLE", type(auth._THROTTLE)())
+
+
+def write_config(
+    directory: Path, *, dsn: str, users: Path, refresh_s: int = 5, auth_extra: str = ""
+) -> Path:
+    """A dashboard config pointing at `dsn` through a 0600 DSN file; `auth_extra`: [auth] lines."""
     dsn_file = directory / "dashboard.dsn"
     dsn_file.write_text(dsn + "\n", encoding="utf-8")
     dsn_file.chmod(0o600)
@@ -81,6 +90,7 @@ dsn_file = "dashboard.dsn"
 
 [auth]
 users_file = "{users}"
+{auth_extra}
 """,
         encoding="utf-8",
     )

@@ -6,16 +6,20 @@ is simulated.
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Callable
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
+import pandas as pd
 import psycopg
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from millrace.dashboards import data
+from millrace.dashboards import charts, data
 from millrace.dashboards.auth import AuthUser, PermissionDenied
-from millrace.dashboards.users import add_user
+from millrace.dashboards.users import add_user, load_users, save_users
 from tests.dashboards.conftest import PASSWORDS, Plant, write_config
 
 APP = Path(__file__).resolve().parents[2] / "dashboards" / "app.py"
@@ -201,42 +205,128 @@ def test_demoting_a_logged_in_user_takes_effect_on_the_next_run(
     _shows_only_login(at)
 
 
+SSO = {
+    "redirect_uri": "http://localhost:8501/oauth2callback",
+    "cookie_secret": "test-cookie-secret",
+    "client_id": "millrace",
+    "client_secret": "secret",
+    "server_metadata_url": "https://idp.example.com/.well-known/openid-configuration",
+}
+
+
+def _sso_app(identity: dict[str, object]) -> AppTest:
+    at = _app()
+    at.secrets["auth"] = SSO
+    at.user = identity
+    return at.run()
+
+
 @pytest.mark.security
 def test_single_sign_on_replaces_local_passwords(
     tmp_path: Path, plant: Plant, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     users = tmp_path / "users.toml"
     add_user(users, "ada@example.com", role="admin", password=None)
-    config = write_config(tmp_path, dsn=plant.dash_dsn, users=users)
+    config = write_config(
+        tmp_path,
+        dsn=plant.dash_dsn,
+        users=users,
+        auth_extra='oidc_allowed_domains = ["example.com"]',
+    )
     monkeypatch.setenv("MILLRACE_DASH_CONFIG", str(config))
-    sso = {
-        "redirect_uri": "http://localhost:8501/oauth2callback",
-        "cookie_secret": "test-cookie-secret",
-        "client_id": "millrace",
-        "client_secret": "secret",
-        "server_metadata_url": "https://idp.example.com/.well-known/openid-configuration",
-    }
-    at = _app()
-    at.secrets["auth"] = sso
-    at.user = {"is_logged_in": False}
-    at.run()
+    at = _sso_app({"is_logged_in": False})
     assert [b.label for b in at.button] == ["Sign in with single sign-on"]
     assert len(at.text_input) == 0  # no local password form next to single sign-on
 
-    at = _app()
-    at.secrets["auth"] = sso
-    at.user = {"is_logged_in": True, "email": "ada@example.com"}
-    at.run()
+    at = _sso_app({"is_logged_in": True, "email": "ada@example.com", "email_verified": True})
     _no_errors(at)
     assert at.sidebar.markdown[0].value.startswith("**ada@example.com**")
     assert "admin" in at.sidebar.markdown[0].value
 
-    at = _app()
-    at.secrets["auth"] = sso
-    at.user = {"is_logged_in": True, "email": "someone@example.com"}
-    at.run()
+    at = _sso_app({"is_logged_in": True, "email": "someone@example.com", "email_verified": True})
     at.switch_page("views/alerts.py").run()
-    assert "Acknowledge" not in [b.label for b in at.button]  # unknown identity: a viewer
+    assert "Acknowledge" not in [b.label for b in at.button]  # allowed domain: a viewer
+
+
+def _shows_only_sso_refusal(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert [b.label for b in at.button] == ["Sign in with another account"]
+    assert len(at.error) == 1
+    assert len(at.dataframe) == 0
+    assert len(at.metric) == 0
+    assert len(at.sidebar.children) == 0
+
+
+@pytest.mark.security
+@pytest.mark.parametrize(
+    "identity",
+    [
+        # The provider's other customers: verified, but neither listed nor in an allowed domain.
+        {"email": "mallory@evil.example", "email_verified": True},
+        {"email": "mallory@example.com.evil.example", "email_verified": True},
+        # An allowed address the provider has not verified (anyone can type it at sign-up).
+        {"email": "someone@example.com"},
+        {"email": "someone@example.com", "email_verified": False},
+        {"email": "someone@example.com", "email_verified": "false"},
+        {"email": "ada@example.com", "email_verified": False},
+        {"sub": "no-email-claim", "email_verified": True},
+    ],
+    ids=[
+        "other-domain",
+        "suffix-domain",
+        "unverified",
+        "verified-false",
+        "string",
+        "listed",
+        "sub",
+    ],
+)
+def test_single_sign_on_refuses_unverified_or_unlisted_identities(
+    tmp_path: Path, plant: Plant, monkeypatch: pytest.MonkeyPatch, identity: dict[str, object]
+) -> None:
+    users = tmp_path / "users.toml"
+    add_user(users, "ada@example.com", role="admin", password=None)
+    config = write_config(
+        tmp_path,
+        dsn=plant.dash_dsn,
+        users=users,
+        auth_extra='oidc_allowed_domains = ["example.com"]',
+    )
+    monkeypatch.setenv("MILLRACE_DASH_CONFIG", str(config))
+    at = _sso_app({"is_logged_in": True, **identity})
+    _shows_only_sso_refusal(at)
+    with pytest.raises(ValueError, match="Could not find a navigation page"):
+        at.switch_page("views/alerts.py")
+
+
+@pytest.mark.security
+def test_single_sign_on_without_an_allow_list_admits_only_the_users_file(
+    tmp_path: Path, plant: Plant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    users = tmp_path / "users.toml"
+    add_user(users, "ada@example.com", role="admin", password=None)
+    add_user(users, "eve@example.org", role="viewer", password=None)
+    config = write_config(
+        tmp_path,
+        dsn=plant.dash_dsn,
+        users=users,
+        auth_extra='oidc_allowed_emails = ["Bob@Example.net"]',
+    )
+    monkeypatch.setenv("MILLRACE_DASH_CONFIG", str(config))
+    _shows_only_sso_refusal(
+        _sso_app({"is_logged_in": True, "email": "carol@example.com", "email_verified": True})
+    )
+    at = _sso_app({"is_logged_in": True, "email": "bob@example.net", "email_verified": True})
+    _no_errors(at)
+    assert at.sidebar.markdown[0].value.startswith("**bob@example.net**")
+    # Removing the account ends its single sign-on session at the next run.
+    at = _sso_app({"is_logged_in": True, "email": "eve@example.org", "email_verified": True})
+    _no_errors(at)
+    remaining = load_users(users)
+    del remaining["eve@example.org"]
+    save_users(users, remaining)
+    at.run()
+    _shows_only_sso_refusal(at)
 
 
 def test_database_down_shows_a_message_not_a_traceback(
@@ -252,3 +342,45 @@ def test_database_down_shows_a_message_not_a_traceback(
         assert not at.exception, (view, [e.value for e in at.exception])
         assert any("The database did not answer" in e.value for e in at.error), view
         assert len(at.dataframe) == 0
+
+
+@pytest.mark.security
+def test_device_supplied_units_are_neither_markdown_nor_spreadsheet_formulas(
+    plant_factory: Callable[..., Plant],
+    users_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    private = plant_factory(hours=1.0)
+    hostile = {
+        "temperature": '=HYPERLINK("http://e.x","x")',
+        "pressure": "[bar](http://e.x) **:red[x]**",
+    }
+    with psycopg.connect(private.dsn) as conn:
+        for metric, unit in hostile.items():
+            conn.execute("UPDATE metrics SET unit = %s WHERE name = %s", (unit, metric))
+    config = write_config(tmp_path, dsn=private.dash_dsn, users=users_file)
+    monkeypatch.setenv("MILLRACE_DASH_CONFIG", str(config))
+    exported: list[bytes] = []
+    real_csv = charts.series_csv
+
+    def capture(parts: list[pd.DataFrame], tz: ZoneInfo) -> bytes:
+        exported.append(real_csv(parts, tz))
+        return exported[-1]
+
+    monkeypatch.setattr(charts, "series_csv", capture)
+    at = _login(_app(), "vera")
+    at.switch_page("views/device.py").run()
+    _no_errors(at)
+    headings = [h.value for h in at.subheader if "temperature" in h.value or "pressure" in h.value]
+    assert headings, [h.value for h in at.subheader]
+    for heading in headings:
+        # Nothing of the unit is left for Markdown to interpret: no link, no emphasis, no color.
+        assert "](" not in heading and "**" not in heading and ":red[" not in heading
+        assert "http://e.x" not in heading
+    rows = list(csv.DictReader(io.StringIO(exported[-1].decode("utf-8"))))
+    units = {row["metric"]: row["unit"] for row in rows}
+    assert units["temperature"] == "'" + hostile["temperature"], units
+    assert not any(
+        cell.startswith(("=", "+", "-", "@", "\t", "\r")) for row in rows for cell in row.values()
+    )

@@ -7,6 +7,7 @@ import io
 from zoneinfo import ZoneInfo
 
 import pandas as pd
+import pytest
 
 from millrace.dashboards.charts import CSV_COLUMNS, series_csv
 
@@ -46,3 +47,28 @@ def test_csv_has_local_times_with_offsets_and_every_point() -> None:
         "2.0",
         "10",
     )
+
+
+HOSTILE_CELLS = (
+    '=HYPERLINK("http://evil.example","x")',
+    "+1+cmd|' /C calc'!A0",
+    "-2+3",
+    "@SUM(A1)",
+)
+
+
+@pytest.mark.security
+@pytest.mark.parametrize("unit", [*HOSTILE_CELLS, "\tx", "\rx"])
+def test_csv_export_neutralises_formula_cells(unit: str) -> None:
+    part = _part("temperature", unit, ["2026-01-15T11:00:00Z"]).assign(mean=[-3.5], min=[-4.0])
+    rows = list(csv.DictReader(io.StringIO(series_csv([part], ZoneInfo("UTC")).decode())))
+    assert rows[0]["unit"] == "'" + unit
+    # Numbers stay numbers: a negative mean is a value, not a formula.
+    assert (rows[0]["mean"], rows[0]["min"]) == ("-3.5", "-4.0")
+
+
+@pytest.mark.parametrize("unit", ["°C", "kW", "m³/h", "x=1", "1-2"])
+def test_csv_export_leaves_plain_cells_alone(unit: str) -> None:
+    part = _part("temperature", unit, ["2026-01-15T11:00:00Z"])
+    rows = list(csv.DictReader(io.StringIO(series_csv([part], ZoneInfo("UTC")).decode())))
+    assert rows[0]["unit"] == unit

@@ -134,3 +134,38 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
         load_config(tmp_path)  # a directory
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(_write(tmp_path, "[dashboard"))
+
+
+def test_single_sign_on_allow_list_and_client_address_header(tmp_path: Path) -> None:
+    config = load_config(
+        _write(
+            tmp_path,
+            MINIMAL
+            + 'oidc_allowed_emails = ["Ada@Example.com"]\n'
+            + 'oidc_allowed_domains = ["plant.example"]\n'
+            + 'client_address_header = "X-Real-IP"\n',
+        )
+    )
+    assert config.auth.oidc_allowed_emails == frozenset({"ada@example.com"})
+    assert config.auth.oidc_allowed_domains == frozenset({"plant.example"})
+    assert config.auth.client_address_header == "X-Real-IP"
+    defaults = load_config(_write(tmp_path, MINIMAL))
+    assert defaults.auth.oidc_allowed_emails == defaults.auth.oidc_allowed_domains == frozenset()
+    assert defaults.auth.client_address_header is None
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ('oidc_allowed_emails = "ada@example.com"', "auth.oidc_allowed_emails"),
+        ('oidc_allowed_emails = ["ada"]', "auth.oidc_allowed_emails[0]"),
+        ('oidc_allowed_emails = ["a@b.c", "x@"]', "auth.oidc_allowed_emails[1]"),
+        ('oidc_allowed_domains = ["@example.com"]', "auth.oidc_allowed_domains[0]"),
+        ('oidc_allowed_domains = [""]', "auth.oidc_allowed_domains[0]"),
+        ('client_address_header = "X Real IP"', "auth.client_address_header"),
+    ],
+)
+def test_bad_single_sign_on_keys_are_named(tmp_path: Path, line: str, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, MINIMAL + line + "\n"))
+    assert err.value.key == key
