@@ -13,7 +13,7 @@ from typing import Final
 
 import streamlit as st
 
-from millrace.dashboards import auth, data
+from millrace.dashboards import auth, data, ui
 from millrace.errors import MillraceError
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,8 @@ PAGES: Final = (
 
 def _sidebar(user: auth.AuthUser, timezone: str, refresh_s: int) -> None:
     with st.sidebar:
-        st.markdown(f"**{user.name}**  \n{user.role}")
+        # An SSO email is chosen at the identity provider: shown as text, not Markdown.
+        st.markdown(f"**{ui.md_escape(user.name)}**  \n{user.role}")
         st.caption(f"Times in {timezone} · refresh {refresh_s} s")
         st.button("Log out", icon=":material/logout:", on_click=auth.logout)
 

@@ -240,7 +240,7 @@ def test_single_sign_on_replaces_local_passwords(
 
     at = _sso_app({"is_logged_in": True, "email": "ada@example.com", "email_verified": True})
     _no_errors(at)
-    assert at.sidebar.markdown[0].value.startswith("**ada@example.com**")
+    assert at.sidebar.markdown[0].value.startswith("**ada\\@example\\.com**")
     assert "admin" in at.sidebar.markdown[0].value
 
     at = _sso_app({"is_logged_in": True, "email": "someone@example.com", "email_verified": True})
@@ -318,7 +318,7 @@ def test_single_sign_on_without_an_allow_list_admits_only_the_users_file(
     )
     at = _sso_app({"is_logged_in": True, "email": "bob@example.net", "email_verified": True})
     _no_errors(at)
-    assert at.sidebar.markdown[0].value.startswith("**bob@example.net**")
+    assert at.sidebar.markdown[0].value.startswith("**bob\\@example\\.net**")
     # Removing the account ends its single sign-on session at the next run.
     at = _sso_app({"is_logged_in": True, "email": "eve@example.org", "email_verified": True})
     _no_errors(at)
