@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from millrace import configfile
+from millrace.cloud.ingest.limits import IngestLimits
 from millrace.cloud.retention import DEFAULT_AGES_DAYS, RETAINED_TABLES, RetentionPolicy
 from millrace.configfile import BrokerConnection, Table, optional_dsn, read_dsn, read_toml
 from millrace.errors import ConfigError
@@ -102,6 +103,7 @@ class IngestConfig:
     alert_refresh_s: int = DEFAULT_ALERT_REFRESH_SECONDS
     no_data_check_s: int = DEFAULT_NO_DATA_CHECK_SECONDS
     retention: RetentionSettings = RetentionSettings()
+    limits: IngestLimits = field(default_factory=IngestLimits)
     source: Path | None = None
 
 
@@ -155,6 +157,28 @@ def _retention(t: Table) -> RetentionSettings:
     return RetentionSettings(enabled=enabled, interval_s=interval_s, dsn=dsn, days=days)
 
 
+def _limits(t: Table) -> IngestLimits:
+    """`[limits]`: the per-device bounds (docs/cloud.md "Bounds per device")."""
+    d = IngestLimits()
+    limits = IngestLimits(
+        max_gaps_per_stream=t.integer(
+            "max_gaps_per_stream", d.max_gaps_per_stream, low=1, high=1_000_000
+        ),
+        max_metrics_per_device=t.integer(
+            "max_metrics_per_device", d.max_metrics_per_device, low=1, high=1_000_000
+        ),
+        id_cache_names=t.integer("id_cache_names", d.id_cache_names, low=1000, high=10_000_000),
+        dead_letters_per_minute=t.number(
+            "dead_letters_per_minute", d.dead_letters_per_minute, low=0.0, low_open=True
+        ),
+        dead_letter_burst=t.integer(
+            "dead_letter_burst", d.dead_letter_burst, low=1, high=1_000_000
+        ),
+    )
+    t.check_unknown()
+    return limits
+
+
 def parse_config(data: Mapping[str, Any], *, base: Path, source: str = "<config>") -> IngestConfig:
     """Build an IngestConfig from parsed TOML; paths are relative to `base`."""
     root = Table(data, base=base, source=source)
@@ -190,6 +214,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: str = "<config>
         "no_data_check_s", DEFAULT_NO_DATA_CHECK_SECONDS, low=1, high=86400
     )
     retention = _retention(root.table("retention"))
+    limits = _limits(root.table("limits"))
     for table in (root, database, broker, batch, validation, http, status, alerts):
         table.check_unknown()
     return IngestConfig(
@@ -202,6 +227,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: str = "<config>
         alert_refresh_s=alert_refresh_s,
         no_data_check_s=no_data_check_s,
         retention=retention,
+        limits=limits,
         source=None,
     )
 

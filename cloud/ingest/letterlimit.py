@@ -44,6 +44,7 @@ class DeadLetterLimiter:
         per_minute: float = DEFAULT_DEAD_LETTERS_PER_MINUTE,
         burst: int = DEFAULT_DEAD_LETTER_BURST,
         clock: Callable[[], float] = time.monotonic,
+        on_suppressed: Callable[[int], object] | None = None,
     ) -> None:
         if per_minute <= 0 or burst < 1:
             raise ValueError(f"need per_minute > 0 and burst >= 1, got {per_minute}, {burst}")
@@ -52,6 +53,7 @@ class DeadLetterLimiter:
         self._clock = clock
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
         self.suppressed_total = 0
+        self._on_suppressed = on_suppressed  # e.g. a Prometheus counter's inc
 
     def admit(self, letters: Sequence[DeadLetter]) -> tuple[list[DeadLetter], dict[str, int]]:
         """(letters to store, {device: letters suppressed}) for one write."""
@@ -66,7 +68,10 @@ class DeadLetterLimiter:
                 kept.append(letter)
             else:
                 suppressed[device] = suppressed.get(device, 0) + 1
-        self.suppressed_total += sum(suppressed.values())
+        count = sum(suppressed.values())
+        self.suppressed_total += count
+        if count and self._on_suppressed is not None:
+            self._on_suppressed(count)
         return kept, suppressed
 
     def _bucket(self, device: str, now: float) -> _Bucket:

@@ -20,6 +20,9 @@ import psycopg
 log = logging.getLogger(__name__)
 
 Pair = tuple[int, int]  # (device_id, metric_id)
+# Metric names one device may use: a plant signal list is tens to hundreds; a client
+# inventing names must not grow the metrics table (and every worker's cache) without end.
+DEFAULT_MAX_METRICS_PER_DEVICE: Final = 1000
 # Pairs cached: a large fleet's devices times their metrics, with room to spare.
 DEFAULT_PAIR_CACHE: Final = 1_000_000
 

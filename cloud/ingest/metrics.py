@@ -60,6 +60,21 @@ class IngestMetrics:
             "millrace_ingest_duplicates", "batches already stored (skipped)", registry=r
         )
         self.gaps = Counter("millrace_ingest_sequence_gaps", "sequence gaps opened", registry=r)
+        self.gaps_dropped = Counter(
+            "millrace_ingest_sequence_gaps_dropped",
+            "oldest gaps forgotten over the per-stream cap",
+            registry=r,
+        )
+        self.metrics_refused = Counter(
+            "millrace_ingest_metrics_refused",
+            "batches with metrics over their device's cap (filed as too_many_metrics)",
+            registry=r,
+        )
+        self.dead_letters_suppressed = Counter(
+            "millrace_ingest_dead_letters_suppressed",
+            "dead letters over their device's rate: counted, not stored",
+            registry=r,
+        )
         self.lag_seconds = Histogram(
             "millrace_ingest_lag_seconds",
             "from a batch's sent_at to its commit",

@@ -25,11 +25,12 @@ from sqlalchemy.dialects import postgresql
 
 from millrace import topics
 from millrace.cloud import rollups
-from millrace.cloud.ingest.idcache import DEFAULT_ID_CACHE_NAMES, IdCache
+from millrace.cloud.ingest.idcache import IdCache
 from millrace.cloud.ingest.letterlimit import DeadLetterLimiter
+from millrace.cloud.ingest.limits import IngestLimits
 from millrace.cloud.ingest.messages import DeadLetter, Incoming, Key, WriteResult
 from millrace.cloud.ingest.metriccap import MetricCap
-from millrace.cloud.ingest.streams import DEFAULT_MAX_GAPS_PER_STREAM, record_streams
+from millrace.cloud.ingest.streams import record_streams
 from millrace.cloud.schema import core as schema
 from millrace.wire import (
     CONTENT_TYPE_MSGPACK,
@@ -49,9 +50,6 @@ _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 # client can make us store.
 DEAD_LETTER_PAYLOAD_MAX_BYTES: Final = 64 * 1024
 DEAD_LETTER_TEXT_MAX_CHARS: Final = 2000
-# Metric names one device may use: a plant signal list is tens to hundreds; a client
-# inventing names must not grow the metrics table (and every worker's cache) without end.
-DEFAULT_MAX_METRICS_PER_DEVICE: Final = 1000
 TOO_MANY_METRICS: Final = "too_many_metrics"
 
 
@@ -265,16 +263,21 @@ class BatchWriter:
 
     def __init__(
         self,
+        limits: IngestLimits | None = None,
         *,
-        max_gaps: int = DEFAULT_MAX_GAPS_PER_STREAM,
-        id_cache_names: int = DEFAULT_ID_CACHE_NAMES,
-        max_metrics_per_device: int = DEFAULT_MAX_METRICS_PER_DEVICE,
         letters: DeadLetterLimiter | None = None,
+        on_suppressed: Callable[[int], object] | None = None,
     ) -> None:
-        self.ids = IdCache(id_cache_names)
-        self.max_gaps = max_gaps
-        self.cap = MetricCap(max_metrics_per_device)
-        self.letters = letters if letters is not None else DeadLetterLimiter()
+        """`on_suppressed(n)` hears of dead letters over their rate (the worker's counter)."""
+        limits = limits or IngestLimits()
+        self.ids = IdCache(limits.id_cache_names)
+        self.max_gaps = limits.max_gaps_per_stream
+        self.cap = MetricCap(limits.max_metrics_per_device)
+        self.letters = letters or DeadLetterLimiter(
+            per_minute=limits.dead_letters_per_minute,
+            burst=limits.dead_letter_burst,
+            on_suppressed=on_suppressed,
+        )
 
     def prepare(self, conn: psycopg.Connection[Any], batches: Iterable[Batch]) -> None:
         """Give every device and metric of `batches` an id and decide the per-device metric

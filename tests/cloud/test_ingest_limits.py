@@ -4,15 +4,20 @@ end at the broker", item 4)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
+from millrace.cloud.config import parse_config
 from millrace.cloud.ingest.idcache import IdCache
 from millrace.cloud.ingest.letterlimit import DeadLetterLimiter
+from millrace.cloud.ingest.limits import IngestLimits
 from millrace.cloud.ingest.messages import DeadLetter, Incoming, WriteResult
+from millrace.cloud.ingest.worker import Worker
 from millrace.cloud.ingest.writer import BatchWriter
+from millrace.errors import ConfigError
 from millrace.wire import CONTENT_TYPE_MSGPACK, Batch, Window, decode_batch
 from tests.cloud.ingest_support import IngestDb, ingest_db, query  # noqa: F401  (fixture)
 
@@ -62,7 +67,7 @@ def _write(dsn: str, writer: BatchWriter, *items: Incoming) -> WriteResult:
 def test_metrics_over_a_devices_cap_are_dead_lettered_and_the_rest_stored(
     ingest_db: IngestDb,  # noqa: F811
 ) -> None:
-    writer = BatchWriter(max_metrics_per_device=2)
+    writer = BatchWriter(IngestLimits(max_metrics_per_device=2))
     result = _write(ingest_db.ingest_dsn, writer, _batch("press-1", 1, "a", "b"))
     assert result.metrics_refused == 0
     # A third metric is over press-1's cap; another device has its own room.
@@ -88,9 +93,17 @@ def test_metrics_over_a_devices_cap_are_dead_lettered_and_the_rest_stored(
     refused = decode_batch(bytes(payload), content_type=CONTENT_TYPE_MSGPACK)
     assert isinstance(refused, Batch) and [w.metric for w in refused.windows] == ["c", "d"]
     # A redelivered batch is a duplicate: no second letter. A fresh worker decides alike.
-    _write(ingest_db.ingest_dsn, BatchWriter(max_metrics_per_device=2), _batch("press-1", 2, "c"))
+    _write(
+        ingest_db.ingest_dsn,
+        BatchWriter(IngestLimits(max_metrics_per_device=2)),
+        _batch("press-1", 2, "c"),
+    )
     assert len(query(ingest_db.owner_dsn, "SELECT 1 FROM dead_letters")) == 1
-    _write(ingest_db.ingest_dsn, BatchWriter(max_metrics_per_device=2), _batch("press-1", 3, "c"))
+    _write(
+        ingest_db.ingest_dsn,
+        BatchWriter(IngestLimits(max_metrics_per_device=2)),
+        _batch("press-1", 3, "c"),
+    )
     assert len(query(ingest_db.owner_dsn, "SELECT 1 FROM dead_letters")) == 2
 
 
@@ -127,3 +140,34 @@ def test_dead_letters_over_the_rate_are_counted_per_device_not_stored(
     assert query(ingest_db.owner_dsn, "SELECT device, suppressed FROM dead_letter_overflow") == [
         ("dev-a", 6)
     ]
+
+
+def _config(tmp_path: Path, limits: dict[str, object]) -> dict[str, object]:
+    for name in ("ca.crt", "w.crt", "w.key"):
+        (tmp_path / name).write_text("x")
+    broker = {"host": "b", "ca": "ca.crt", "cert": "w.crt", "key": "w.key", "client_id": "w-1"}
+    return {"database": {"dsn": "postgresql://i@db/m"}, "broker": broker, "limits": limits}
+
+
+def test_limits_come_from_the_config_and_reach_the_worker(tmp_path: Path) -> None:
+    assert parse_config(_config(tmp_path, {}), base=tmp_path).limits == IngestLimits()
+    config = parse_config(
+        _config(
+            tmp_path,
+            {
+                "max_gaps_per_stream": 10,
+                "max_metrics_per_device": 20,
+                "id_cache_names": 5000,
+                "dead_letters_per_minute": 6,
+                "dead_letter_burst": 7,
+            },
+        ),
+        base=tmp_path,
+    )
+    assert config.limits == IngestLimits(10, 20, 5000, 6.0, 7)
+    writer = Worker(config)._store.writer
+    assert (writer.max_gaps, writer.cap.limit, writer.ids.metrics.limit) == (10, 20, 5000)
+    assert (writer.letters.burst, writer.letters.rate_per_s) == (7, 0.1)
+    for key, bad in (("max_metrics_per_device", 0), ("dead_letters_per_minute", 0), ("x", 1)):
+        with pytest.raises(ConfigError, match=rf"limits\.{key}"):
+            parse_config(_config(tmp_path, {key: bad}), base=tmp_path)
