@@ -143,6 +143,20 @@ def dead_letter(msg: Inbound, device: str | None, code: str, reason: str) -> Dea
     )
 
 
+def failed_too_often(msg: Inbound, failures: int, last_failure: str) -> DeadLetter:
+    """`msg` failed `failures` deliveries without a commit: dead-letter it, do not try again."""
+    try:
+        device: str | None = topics.parse_topic(msg.topic).device_id
+    except WireError:
+        device = None
+    return dead_letter(
+        msg,
+        device,
+        "redelivered",
+        f"{failures} deliveries failed without a commit; last failure: {last_failure}",
+    )
+
+
 def classify(msg: Inbound, *, limits: Limits, now_ms: int) -> Classified:
     """Decode and validate one message; anything unusable becomes a dead letter."""
     try:

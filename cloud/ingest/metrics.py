@@ -44,6 +44,17 @@ class IngestMetrics:
         )
         self.rows = Counter("millrace_ingest_rows", "rows written", ["table"], registry=r)
         self.batches = Counter("millrace_ingest_batches", "commit batches", registry=r)
+        self.transactions = Counter(
+            "millrace_ingest_transactions",
+            "database transactions of the store (a bisected batch takes several)",
+            ["outcome"],
+            registry=r,
+        )
+        self.failed_deliveries = Counter(
+            "millrace_ingest_failed_deliveries",
+            "deliveries charged to their message after an unexplained failure",
+            registry=r,
+        )
         self.commit_seconds = Histogram(
             "millrace_ingest_commit_seconds",
             "write + commit time of one batch",

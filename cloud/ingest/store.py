@@ -2,12 +2,20 @@
 
 `BatchStore.store` writes a commit batch's items (batches, dead letters, device
 state, heartbeats) and evaluates alert rules on the stored windows, all in one
-transaction. Database errors are sorted by what they blame:
-- the data of one message (SQLSTATE class 22/23/54) -> the batch is retried one
-  message per transaction, and only the offending message is dead-lettered;
+transaction. Database errors are sorted by what they blame (`error_kind`):
+- the data of one message (SQLSTATE class 22/23/54, or a client-side `DataError`
+  such as a NUL in a text, which has no SQLSTATE) -> the batch is bisected: each
+  half is tried in its own transaction, so one refused message among n costs
+  about log2(n) rolled-back and log2(n) committed transactions, and only the
+  offending message is dead-lettered (`db_poison`);
 - contention (deadlock, serialization, lock or statement timeout) -> retried;
-- the database itself (down, privileges, schema missing) -> `DatabaseDown`: the
-  worker stops consuming and recovers, and the broker redelivers (docs/cloud.md).
+- the connection or the server (connection lost, class 08/53/57P/58, or the
+  database unusable for everyone: privileges, schema missing, class 28/3D/3F/42)
+  -> `DatabaseDown(outage=True)`: the worker stops consuming and recovers, and
+  the broker redelivers (docs/cloud.md);
+- anything else (an unknown SQLSTATE, a bug) -> `DatabaseDown(outage=False)`:
+  recovered like an outage, but the messages of the batch are charged a failed
+  delivery, and one that keeps failing is dead-lettered (worker.py, deliveries.py).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from millrace.cloud.ingest.messages import (
     StateItem,
     WriteResult,
 )
-from millrace.cloud.ingest.writer import BatchWriter, write_dead_letters
+from millrace.cloud.ingest.writer import BatchWriter
 from millrace.wire import CONTENT_TYPE_MSGPACK, AlertMessage, encode_batch
 
 log = logging.getLogger(__name__)
@@ -40,12 +48,30 @@ log = logging.getLogger(__name__)
 TRANSIENT_RETRIES: Final = 5
 # SQLSTATE classes that blame the data of one message, not the database.
 POISON_SQLSTATE_CLASSES: Final = frozenset({"22", "23", "54"})
+# Connection exception, insufficient resources, operator intervention (57P: admin or
+# crash shutdown), system error; and a database nobody can use (authorization, catalog,
+# schema, privileges): the message is not to blame, everyone waits.
+DOWN_SQLSTATE_CLASSES: Final = frozenset({"08", "53", "57", "58", "28", "3D", "3F", "42"})
+# Python errors raised while adapting one message's values (encoding, overflow).
+POISON_PYTHON_ERRORS: Final = (UnicodeError, OverflowError, ValueError)
+# Contention: transaction rollback (deadlock, serialization; psycopg files 40001 under
+# OperationalError, not TransactionRollback), statement timeout, lock not available.
+TRANSIENT_SQLSTATE_CLASSES: Final = frozenset({"40"})
+TRANSIENT_SQLSTATES: Final = frozenset({"57014", "55P03"})
 
-ErrorKind = Literal["down", "transient", "poison"]
+ErrorKind = Literal["down", "transient", "poison", "unexplained"]
 
 
 class DatabaseDown(Exception):
-    """The database cannot be used right now; the worker must back off."""
+    """The database cannot be used right now; the worker must back off.
+
+    `outage` is True when the connection or the server is to blame; False when the
+    failure is unexplained and the batch's messages may be (they are charged).
+    """
+
+    def __init__(self, reason: str, *, outage: bool = True) -> None:
+        super().__init__(reason)
+        self.outage = outage
 
 
 @dataclass(slots=True)
@@ -58,10 +84,12 @@ class Stored:
     refused: dict[int, DeadLetter] = field(default_factory=dict)
 
 
-def error_kind(conn: psycopg.Connection[Any] | None, exc: psycopg.Error) -> ErrorKind:
-    """What a database error blames: the connection, contention, or one message's data."""
+def error_kind(conn: psycopg.Connection[Any] | None, exc: BaseException) -> ErrorKind:
+    """What an error while storing blames: the connection, contention, one message, or unknown."""
     if conn is None or conn.closed or conn.broken:
         return "down"
+    if not isinstance(exc, psycopg.Error):
+        return "poison" if isinstance(exc, POISON_PYTHON_ERRORS) else "unexplained"
     if isinstance(
         exc,
         psycopg.errors.TransactionRollback
@@ -69,9 +97,24 @@ def error_kind(conn: psycopg.Connection[Any] | None, exc: psycopg.Error) -> Erro
         | psycopg.errors.LockNotAvailable,
     ):
         return "transient"
-    if (exc.sqlstate or "")[:2] in POISON_SQLSTATE_CLASSES:
+    state = exc.sqlstate
+    if state is not None and (
+        state[:2] in TRANSIENT_SQLSTATE_CLASSES or state in TRANSIENT_SQLSTATES
+    ):
+        return "transient"
+    if state is None:
+        # Raised by psycopg itself: a value it cannot send (NUL in a text, an unencodable
+        # string) is the message's fault; a lost connection is not.
+        if isinstance(exc, psycopg.DataError):
+            return "poison"
+        if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+            return "down"
+        return "unexplained"
+    if state[:2] in POISON_SQLSTATE_CLASSES:
         return "poison"
-    return "down"  # privileges, missing schema, disk full: not the message's fault
+    if state[:2] in DOWN_SQLSTATE_CLASSES:
+        return "down"
+    return "unexplained"
 
 
 def describe(exc: BaseException) -> str:
@@ -124,12 +167,29 @@ def _require(conn: psycopg.Connection[Any] | None) -> psycopg.Connection[Any]:
     return conn
 
 
-class BatchStore:
-    """Stores commit batches for one worker; `count_error(kind)` counts each database error."""
+class _Refused(Exception):
+    """One attempt failed for the data of its messages: bisect."""
 
-    def __init__(self, count_error: Callable[[str], None]) -> None:
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class BatchStore:
+    """Stores commit batches for one worker.
+
+    `count_error(kind)` counts each database error; `count_transaction(outcome)` each
+    transaction, "committed" or "rolled_back" (the poison tests read it).
+    """
+
+    def __init__(
+        self,
+        count_error: Callable[[str], None],
+        count_transaction: Callable[[str], None] | None = None,
+    ) -> None:
         self.writer = BatchWriter()
         self._count_error = count_error
+        self._count_transaction = count_transaction or (lambda _outcome: None)
 
     def store(
         self,
@@ -137,11 +197,47 @@ class BatchStore:
         items: Sequence[Classified],
         engine: AlertEngine | None,
     ) -> Stored:
-        """Write `items` in one transaction, retrying transient errors, isolating poison."""
+        """Write `items` in one transaction; if the data is refused, bisect to isolate it."""
+        total = Stored()
+        self._bisect(conn, list(items), engine, total)
+        return total
+
+    def _bisect(
+        self,
+        conn: psycopg.Connection[Any] | None,
+        items: list[Classified],
+        engine: AlertEngine | None,
+        total: Stored,
+    ) -> None:
+        """Store `items`; on refusal store each half alone, down to the one refused message."""
+        try:
+            one = self._attempt(conn, items, engine)
+        except _Refused as refused:
+            if len(items) == 1:
+                total.refused[id(items[0])] = self._refused(
+                    conn, items[0], "db_poison", refused.reason
+                )
+                return
+            log.warning("%s messages refused (%s); bisecting", len(items), refused.reason)
+            middle = len(items) // 2
+            self._bisect(conn, items[:middle], engine, total)
+            self._bisect(conn, items[middle:], engine, total)
+            return
+        if one.result is not None:
+            total.result = one.result if total.result is None else total.result + one.result
+        total.alerts.extend(one.alerts)
+
+    def _attempt(
+        self,
+        conn: psycopg.Connection[Any] | None,
+        items: Sequence[Classified],
+        engine: AlertEngine | None,
+    ) -> Stored:
+        """One transaction, retried while the error is contention; `_Refused` on poison."""
         for attempt in range(TRANSIENT_RETRIES):
             try:
                 return self._once(conn, items, engine)
-            except psycopg.Error as exc:
+            except Exception as exc:
                 kind = error_kind(conn, exc)
                 self._count_error(kind)
                 if kind == "transient":
@@ -149,39 +245,11 @@ class BatchStore:
                     time.sleep(0.05 * (attempt + 1))
                     continue
                 if kind == "poison":
-                    log.warning("batch refused (%s); storing message by message", describe(exc))
-                    return self._isolated(conn, items, engine)
-                raise DatabaseDown(describe(exc)) from exc
-            except Exception:
-                log.exception("unexpected error writing a batch; storing message by message")
-                return self._isolated(conn, items, engine)
+                    raise _Refused(describe(exc)) from exc
+                if kind == "unexplained":
+                    log.error("unexplained error storing a batch", exc_info=exc)
+                raise DatabaseDown(describe(exc), outage=kind == "down") from exc
         raise DatabaseDown("transient errors did not clear")
-
-    def _isolated(
-        self,
-        conn: psycopg.Connection[Any] | None,
-        items: Sequence[Classified],
-        engine: AlertEngine | None,
-    ) -> Stored:
-        """One transaction per message; a message that still fails is dead-lettered."""
-        total = Stored()
-        for item in items:
-            try:
-                one = self._once(conn, [item], engine)
-            except psycopg.Error as exc:
-                kind = error_kind(conn, exc)
-                if kind == "down":
-                    raise DatabaseDown(describe(exc)) from exc
-                total.refused[id(item)] = self._refused(conn, item, f"db_{kind}", describe(exc))
-                continue
-            except Exception as exc:
-                log.exception("unexpected error storing one message")
-                total.refused[id(item)] = self._refused(conn, item, "internal_error", repr(exc))
-                continue
-            if one.result is not None:
-                total.result = one.result if total.result is None else total.result + one.result
-            total.alerts.extend(one.alerts)
-        return total
 
     def _refused(
         self, conn: psycopg.Connection[Any] | None, item: Classified, code: str, reason: str
@@ -191,9 +259,11 @@ class BatchStore:
         conn = _require(conn)
         try:
             with conn.transaction(), conn.cursor() as cur:
-                write_dead_letters(cur, [letter])
+                self.writer.write_dead_letters(cur, [letter])
         except psycopg.Error as exc:
-            raise DatabaseDown(describe(exc)) from exc
+            self._count_transaction("rolled_back")
+            raise DatabaseDown(describe(exc), outage=error_kind(conn, exc) == "down") from exc
+        self._count_transaction("committed")
         return letter
 
     def _once(
@@ -207,6 +277,23 @@ class BatchStore:
         dead = [i for i in items if isinstance(i, DeadLetter)]
         self.writer.prepare(conn, (i.batch for i in incoming))
         out = Stored()
+        try:
+            self._transaction(conn, items, incoming, dead, engine, out)
+        except BaseException:
+            self._count_transaction("rolled_back")
+            raise
+        self._count_transaction("committed")
+        return out
+
+    def _transaction(
+        self,
+        conn: psycopg.Connection[Any],
+        items: Sequence[Classified],
+        incoming: list[Incoming],
+        dead: list[DeadLetter],
+        engine: AlertEngine | None,
+        out: Stored,
+    ) -> None:
         with conn.transaction():
             if incoming:
                 out.result = self.writer.write(conn, incoming, report=_watched(engine))
@@ -220,7 +307,6 @@ class BatchStore:
                     registry.apply_heartbeat(conn, item.heartbeat, received_at=item.received_at)
             if out.result is not None and out.result.windows and engine is not None:
                 out.alerts = self._evaluate_alerts(conn, engine, out.result)
-        return out
 
     def _evaluate_alerts(
         self, conn: psycopg.Connection[Any], engine: AlertEngine, result: WriteResult

@@ -33,12 +33,12 @@ from millrace import topics
 from millrace.cloud.alerts.engine import AlertEngine
 from millrace.cloud.config import IngestConfig
 from millrace.cloud.ingest.batcher import Batcher
-from millrace.cloud.ingest.classify import Limits, classify, kind_label
+from millrace.cloud.ingest.classify import Limits, classify, failed_too_often, kind_label
 from millrace.cloud.ingest.consumer import Consumer
+from millrace.cloud.ingest.deliveries import MAX_FAILED_DELIVERIES, FailedDeliveries
 from millrace.cloud.ingest.messages import Classified, DeadLetter, Inbound, Incoming
 from millrace.cloud.ingest.metrics import HealthServer, IngestMetrics, loop_health
 from millrace.cloud.ingest.store import BatchStore, DatabaseDown, Stored, describe, error_kind
-from millrace.cloud.ingest.writer import BatchWriter
 from millrace.cloud.retention import RetentionPolicy, RetentionScheduler
 from millrace.errors import IngestError
 
@@ -123,11 +123,11 @@ class Worker:
         self._stop = threading.Event()
         self._conn: psycopg.Connection[Any] | None = None
         self._consumer: Consumer | None = None
-        self._store = BatchStore(lambda kind: self.metrics.db_errors.labels(kind).inc())
-        # Per-device bounds from [limits]; dead letters over their rate are counted here.
-        self._store.writer = BatchWriter(
-            config.limits, on_suppressed=self.metrics.dead_letters_suppressed.inc
+        self._store = BatchStore(
+            lambda kind: self.metrics.db_errors.labels(kind).inc(),
+            lambda outcome: self.metrics.transactions.labels(outcome).inc(),
         )
+        self._failed = FailedDeliveries()
         self._engine: AlertEngine | None = None
         self._last_turn = time.monotonic()
         self._next_no_data = time.monotonic() + config.no_data_check_s
@@ -325,12 +325,22 @@ class Worker:
                 else:
                     self._check_no_data()
             except DatabaseDown as exc:
+                if not exc.outage:
+                    self._charge(task, str(exc))
                 self._fail(str(exc))
             except Exception as exc:  # a bug: recover like an outage, nothing is acked
                 log.exception("committer failed")
+                self._charge(task, repr(exc))
                 self._fail(repr(exc))
             finally:
                 self._handoff.task_done()
+
+    def _charge(self, task: _Task | None, why: str) -> None:
+        """An unexplained failure may be a message's fault: count it against each of them."""
+        if task is None:
+            return
+        charged = self._failed.charge((p.inbound for p in task.pending), why)
+        self.metrics.failed_deliveries.inc(charged)
 
     def _fail(self, why: str) -> None:
         self._db_failure = why
@@ -346,8 +356,20 @@ class Worker:
     def _add(self, msg: Inbound, now_ms: int) -> None:
         if msg.dup:
             self.metrics.redeliveries.inc()
-        item = classify(msg, limits=self._limits, now_ms=now_ms)
+        failures, last_failure = self._failed.failures(msg)
+        if failures >= MAX_FAILED_DELIVERIES:
+            log.warning("dead-lettering a message after %s failed deliveries", failures)
+            item: Classified = failed_too_often(msg, failures, last_failure)
+        else:
+            item = classify(msg, limits=self._limits, now_ms=now_ms)
         pending = _Pending(msg, item)
+        if failures:
+            # Alone in its transaction: batch-mates of a culprit commit on their next
+            # delivery, and only the culprit is charged again.
+            if len(self._batcher):
+                self._hand_over(_Task("batch", self._epoch, self._batcher.take()))
+            self._hand_over(_Task("batch", self._epoch, [pending]))
+            return
         self._batcher.add(pending, rows=pending.rows, now=msg.received_mono)
 
     def _drain_on_stop(self) -> None:
@@ -377,6 +399,7 @@ class Worker:
         commit_s = time.monotonic() - started
         consumer = self._consumer
         acked = consumer.ack([p.inbound for p in pending]) if consumer else 0
+        self._failed.clear(p.inbound for p in pending)
         self._account(pending, stored, commit_s, acked)
         if consumer is not None:
             for alert in stored.alerts:
@@ -408,8 +431,6 @@ class Worker:
             m.rows.labels("events").inc(result.events)
             m.duplicates.inc(result.duplicate_batches)
             m.gaps.inc(result.gaps_opened)
-            m.gaps_dropped.inc(result.gaps_dropped)
-            m.metrics_refused.inc(result.metrics_refused)
         if acked < len(pending):
             log.info(
                 "committed %s messages, acked %s (the rest belong to a closed connection"

@@ -291,3 +291,156 @@ def test_state_heartbeat_and_alerts_go_through_the_worker(
         ("online", hot.boot_id)
     ]
     assert query(ingest_db.owner_dsn, "SELECT outbox_batches FROM device_health") == [(3,)]
+
+
+def test_a_refused_message_is_isolated_by_bisection_and_the_rest_commits_in_few_transactions(
+    broker_factory: Callable[..., Any],
+    ingest_db: IngestDb,
+    publishers: Callable[..., Publisher],
+    tmp_path: Path,
+) -> None:
+    """One refused message (class 23) among 16 costs about log2(16) transactions for the
+    others, not one commit each (the issue "The guarantee must not end at the broker")."""
+    server = broker_factory()
+    config = make_config(
+        tmp_path,
+        server=server,
+        dsn=ingest_db.ingest_dsn,
+        client_id="w1",
+        group=_group(),
+        max_delay_ms=1500,
+    )
+    good = make_batches("bisect-a", batches=16, windows_per_batch=3, seed=33)
+    with psycopg.connect(ingest_db.owner_dsn, autocommit=True) as conn:
+        conn.execute(REFUSE_POISON_EVENTS)
+    clash = Batch(
+        device="bisect-a",
+        boot_id=good[0].boot_id,
+        seq=16,
+        sent_at_ms=good[0].sent_at_ms,
+        events=(Event("poison.event", good[0].sent_at_ms, 1.0),),
+    )
+    with running_worker(config) as runner:
+        pub = publishers(server, "bisect-a")
+        pub.publish(good[:1])  # devices and metrics exist before the measured batch
+        wait_ledger(ingest_db.owner_dsn, 1)
+        pub.publish([*good[1:4], clash, *good[4:]])
+        wait_ledger(ingest_db.owner_dsn, len(good))
+        wait_for(
+            lambda: runner.counter("millrace_ingest_dead_letters_total", code="db_poison") == 1,
+            what="the refused batch's dead letter",
+        )
+        rolled_back = runner.counter("millrace_ingest_transactions_total", outcome="rolled_back")
+    assert_stored_exactly(ingest_db.owner_dsn, good)
+    # Each transaction that stored ledger rows leaves its own xmin on them.
+    transactions = scalar(
+        ingest_db.owner_dsn,
+        "SELECT count(DISTINCT l.xmin::text) FROM ingest_ledger l WHERE l.seq > 0",
+    )
+    # log2(16) = 4 halves committed (plus one if the batcher split the 16 by time);
+    # message by message would take 15.
+    assert 1 <= transactions <= 6, transactions
+    assert 1 <= rolled_back <= 8, rolled_back
+    code, reason = query(ingest_db.owner_dsn, "SELECT code, reason FROM dead_letters")[0]
+    assert code == "db_poison" and "refused by the test trigger" in reason
+
+
+STUCK_EVENTS = """
+CREATE FUNCTION refuse_stuck() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.metric_id = (SELECT id FROM metrics WHERE name = 'stuck.event') THEN
+        RAISE EXCEPTION 'the test trigger fails this one every time';  -- P0001: unexplained
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER refuse_stuck BEFORE INSERT ON events
+    FOR EACH ROW EXECUTE FUNCTION refuse_stuck();
+"""
+
+
+def test_a_message_that_keeps_failing_is_dead_lettered_after_n_deliveries(
+    broker_factory: Callable[..., Any],
+    ingest_db: IngestDb,
+    publishers: Callable[..., Publisher],
+    tmp_path: Path,
+) -> None:
+    """An error nobody classified (SQLSTATE P0001) is recovered like an outage, but each
+    failed delivery is charged to the messages of the batch; the culprit is dead-lettered
+    after MAX_FAILED_DELIVERIES, its batch-mates commit on their own."""
+    from millrace.cloud.ingest.deliveries import MAX_FAILED_DELIVERIES
+
+    server = broker_factory()
+    config = make_config(
+        tmp_path,
+        server=server,
+        dsn=ingest_db.ingest_dsn,
+        client_id="w1",
+        group=_group(),
+        max_delay_ms=1500,
+    )
+    good = make_batches("stuck-a", batches=5, windows_per_batch=3, seed=35)
+    with psycopg.connect(ingest_db.owner_dsn, autocommit=True) as conn:
+        conn.execute(STUCK_EVENTS)
+    stuck = Batch(
+        device="stuck-a",
+        boot_id=good[0].boot_id,
+        seq=5,
+        sent_at_ms=good[0].sent_at_ms,
+        events=(Event("stuck.event", good[0].sent_at_ms, 1.0),),
+    )
+    with running_worker(config) as runner:
+        pub = publishers(server, "stuck-a")
+        pub.publish(good[:1])
+        wait_ledger(ingest_db.owner_dsn, 1)
+        pub.publish([*good[1:3], stuck, *good[3:]])
+        wait_ledger(ingest_db.owner_dsn, len(good))
+        wait_for(
+            lambda: runner.counter("millrace_ingest_dead_letters_total", code="redelivered") == 1,
+            what="the stuck message's dead letter",
+        )
+        failed = runner.counter("millrace_ingest_failed_deliveries_total")
+    assert_stored_exactly(ingest_db.owner_dsn, good)
+    (code, reason, topic), *others = query(
+        ingest_db.owner_dsn, "SELECT code, reason, topic FROM dead_letters"
+    )
+    assert others == []
+    assert code == "redelivered" and topic == "millrace/v1/d/stuck-a/data"
+    assert f"{MAX_FAILED_DELIVERIES} deliveries failed" in reason
+    assert "the test trigger fails this one every time" in reason
+    # The culprit's failures, plus one each for the batch-mates it took down once.
+    assert MAX_FAILED_DELIVERIES <= failed <= MAX_FAILED_DELIVERIES + len(good), failed
+
+
+def test_a_value_psycopg_cannot_send_is_poison_not_an_outage(ingest_db: IngestDb) -> None:
+    """A NUL in a text raises a client-side DataError without SQLSTATE: it blames the
+    message (dead-lettered alone), never the database (which made the worker loop)."""
+    from datetime import UTC, datetime
+
+    from millrace.cloud.ingest.messages import StateItem
+    from millrace.cloud.ingest.store import BatchStore
+    from millrace.wire import DeviceState
+
+    def unchecked_birth(device: str, version: str) -> DeviceState:
+        # What a device with a valid certificate could send before the contract checked it.
+        state = DeviceState(device, "online", 1_700_000_000_000, "ab" * 16, "1.0", "cfg")
+        object.__setattr__(state, "agent_version", version)
+        return state
+
+    now = datetime.now(UTC)
+    items = [
+        StateItem(unchecked_birth("nul-ok-1", "1.0"), now),
+        StateItem(unchecked_birth("nul-bad", "1.0\x00evil"), now),
+        StateItem(unchecked_birth("nul-ok-2", "2.0"), now),
+    ]
+    outcomes: list[str] = []
+    with psycopg.connect(ingest_db.ingest_dsn, autocommit=True) as conn:
+        stored = BatchStore(lambda _kind: None, outcomes.append).store(conn, items, None)
+    assert list(stored.refused) == [id(items[1])]
+    letter = stored.refused[id(items[1])]
+    assert letter.code == "db_poison" and "NUL" in letter.reason
+    assert query(ingest_db.owner_dsn, "SELECT name, agent_version FROM devices ORDER BY 1") == [
+        ("nul-ok-1", "1.0"),
+        ("nul-ok-2", "2.0"),
+    ]
+    assert scalar(ingest_db.owner_dsn, "SELECT count(*) FROM dead_letters") == 1
+    assert outcomes.count("committed") == 3  # two halves and the dead letter

@@ -277,3 +277,108 @@ def test_identity_mismatch_and_oversize_payloads_are_refused_with_reasons(
     assert letters[1][0] == "oversize"
     assert letters[1][3] == 64 * 1024 and letters[1][4] > 600 * 1024
     assert query(dsn, "SELECT name FROM devices ORDER BY name") == [("mallory-a",)]
+
+
+def _raw_birth(device: str, boot_id: str, **changes: object) -> bytes:
+    """A birth as a device could send it, built by hand: the contract would refuse to build it."""
+    fields: dict[str, object] = {
+        "device": device,
+        "status": "online",
+        "ts_ms": aligned_now_ms(1),
+        "boot_id": boot_id,
+        "agent_version": "1.0.0",
+        "config_hash": "cfg",
+        "units": {},
+    }
+    return json.dumps({**fields, **changes}).encode()
+
+
+def _raw_heartbeat(device: str, boot_id: str, **changes: object) -> bytes:
+    fields: dict[str, object] = {
+        "device": device,
+        "boot_id": boot_id,
+        "ts_ms": aligned_now_ms(1),
+        "outbox_batches": 0,
+        "outbox_bytes": 0,
+        "outbox_oldest_age_s": 0.0,
+        "dropped_batches": 0,
+        "rejected_readings": 0,
+    }
+    return json.dumps({**fields, **changes}).encode()
+
+
+def test_nul_birth_nul_heartbeat_and_huge_heartbeat_field_are_dead_lettered_while_others_commit(
+    broker_factory: Callable[..., Any],
+    ingest_db: IngestDb,
+    publishers: Callable[..., Publisher],
+    tmp_path: Path,
+) -> None:
+    """One device's unstorable birth or heartbeat must not stop the plant (the issue "The
+    guarantee must not end at the broker": a NUL agent_version made every worker loop)."""
+    server = broker_factory()
+    config = make_config(
+        tmp_path,
+        server=server,
+        dsn=ingest_db.ingest_dsn,
+        client_id="nul-w1",
+        group=f"g{uuid.uuid4().hex[:8]}",
+        max_delay_ms=200,
+    )
+    dsn = ingest_db.owner_dsn
+    boot = uuid.uuid4().hex
+    gateways = {
+        name: make_batches(name, batches=6, windows_per_batch=3, seed=i)
+        for i, name in enumerate(("gw-good-1", "gw-good-2"), start=70)
+    }
+    hostile = {
+        "nul_birth": (
+            topics.state_topic("gw-evil"),
+            _raw_birth("gw-evil", boot, agent_version="1.0\u0000evil"),
+            "state.agent_version",
+        ),
+        "nul_heartbeat": (
+            topics.health_topic("gw-evil"),
+            _raw_heartbeat("gw-evil", boot, agent_version="x\u0000"),
+            "health.agent_version",
+        ),
+        "huge_heartbeat": (
+            topics.health_topic("gw-evil"),
+            _raw_heartbeat("gw-evil", boot, outbox_batches=10**30),
+            "health.outbox_batches",
+        ),
+    }
+    with running_worker(config) as runner:
+        good_pubs = {name: publishers(server, name) for name in gateways}
+        evil = publishers(server, "gw-evil")
+        for name, batches in gateways.items():
+            good_pubs[name].publish(batches[:2])
+        for topic, payload, _field in hostile.values():
+            evil.publish_raw(payload, topic=topic)
+        for name, batches in gateways.items():
+            good_pubs[name].publish(batches[2:])
+        wait_for(
+            lambda: scalar(dsn, "SELECT count(*) FROM dead_letters") == len(hostile),
+            what="a dead letter for each hostile message",
+        )
+        wait_for(
+            lambda: scalar(dsn, "SELECT count(*) FROM ingest_ledger") == 12,
+            what="every batch of the good gateways",
+        )
+        assert runner.counter("millrace_ingest_db_errors_total", kind="down") == 0
+    letters = query(dsn, "SELECT topic, code, reason, device FROM dead_letters")
+    assert sorted(code for _t, code, _r, _d in letters) == ["invalid"] * 3
+    assert {d for *_rest, d in letters} == {"gw-evil"}
+    reasons = " | ".join(r for _t, _c, r, _d in letters)
+    for _topic, _payload, field_name in hostile.values():
+        assert field_name in reasons, reasons
+    assert "non-printable" in reasons and "outside" in reasons
+    per_device = dict(
+        query(
+            dsn,
+            "SELECT d.name, count(*) FROM readings r JOIN devices d ON d.id = r.device_id"
+            " GROUP BY d.name",
+        )
+    )
+    assert per_device == {"gw-good-1": 18, "gw-good-2": 18}
+    # The evil device's registry row was never touched by the refused messages.
+    assert query(dsn, "SELECT count(*) FROM device_health") == [(0,)]

@@ -8,6 +8,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psycopg
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -16,8 +17,10 @@ from millrace.cloud.config import DSN_ENV, load_config, parse_config
 from millrace.cloud.ingest import streams
 from millrace.cloud.ingest.batcher import Batcher
 from millrace.cloud.ingest.classify import Limits, classify, kind_label, validate_batch
+from millrace.cloud.ingest.deliveries import FailedDeliveries
 from millrace.cloud.ingest.messages import DeadLetter, HealthItem, Inbound, Incoming, StateItem
 from millrace.cloud.ingest.metrics import LOOP_STALL_SECONDS, loop_health
+from millrace.cloud.ingest.store import error_kind
 from millrace.cloud.ingest.writer import to_datetime
 from millrace.cloud.rollups import aggregate, rebucket
 from millrace.configfile import BrokerConnection
@@ -358,3 +361,63 @@ def test_health_needs_database_broker_and_a_turning_loop() -> None:
     assert not down.ok and "database" in down.detail
     stuck = loop_health(db=True, broker=True, last_turn_mono=now - LOOP_STALL_SECONDS - 1)
     assert not stuck.ok and "stalled" in stuck.detail
+
+
+# -- what a storing error blames, and failed deliveries ----------------------------------
+
+
+class _Conn:
+    """Only what `error_kind` reads of a connection: whether it is still usable."""
+
+    def __init__(self, *, broken: bool = False) -> None:
+        self.closed = False
+        self.broken = broken
+
+
+def _pg_error(cls: type[Exception], sqlstate: str | None) -> Exception:
+    exc = cls("test")
+    if sqlstate is not None:
+        exc.sqlstate = sqlstate  # type: ignore[attr-defined]
+    return exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        # The issue's loop: psycopg refuses a NUL itself, so there is no SQLSTATE.
+        (_pg_error(psycopg.DataError, None), "poison"),
+        (_pg_error(psycopg.errors.CheckViolation, "23514"), "poison"),
+        (_pg_error(psycopg.errors.NumericValueOutOfRange, "22003"), "poison"),
+        (_pg_error(psycopg.errors.SerializationFailure, "40001"), "transient"),
+        (_pg_error(psycopg.errors.QueryCanceled, "57014"), "transient"),
+        (_pg_error(psycopg.errors.AdminShutdown, "57P01"), "down"),
+        (_pg_error(psycopg.errors.TooManyConnections, "53300"), "down"),
+        (_pg_error(psycopg.errors.InsufficientPrivilege, "42501"), "down"),
+        (_pg_error(psycopg.OperationalError, None), "down"),
+        (_pg_error(psycopg.errors.RaiseException, "P0001"), "unexplained"),
+        (OverflowError("date value out of range"), "poison"),
+        (UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"), "poison"),
+        (KeyError("a bug"), "unexplained"),
+    ],
+)
+def test_storing_errors_blame_the_message_only_for_its_data(exc: Exception, kind: str) -> None:
+    assert error_kind(_Conn(), exc) == kind  # type: ignore[arg-type]
+    # Whatever the error, a broken connection is an outage.
+    assert error_kind(_Conn(broken=True), exc) == "down"  # type: ignore[arg-type]
+
+
+def test_failed_deliveries_count_per_topic_and_payload_and_clear_on_commit() -> None:
+    failed = FailedDeliveries(max_tracked=2)
+    a, b, c = (inbound("millrace/v1/d/dev-a/data", p) for p in (b"a", b"b", b"c"))
+    assert failed.failures(a) == (0, "")
+    failed.charge([a, b], "boom")
+    failed.charge([a], "boom again")
+    # A redelivery is another Inbound (new packet id, DUP set) with the same content.
+    again = Inbound(a.topic, a.payload, 1, 99, None, True, 2, a.received_at, 0.0)
+    assert failed.failures(again) == (2, "boom again")
+    assert failed.failures(b) == (1, "boom")
+    failed.clear([b])
+    assert failed.failures(b) == (0, "")
+    failed.charge([b, c], "x")  # over the cap: the oldest (a) is forgotten
+    assert failed.failures(a) == (0, "")
+    assert failed.failures(c) == (1, "x")
