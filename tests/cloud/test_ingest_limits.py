@@ -165,9 +165,13 @@ def test_limits_come_from_the_config_and_reach_the_worker(tmp_path: Path) -> Non
         base=tmp_path,
     )
     assert config.limits == IngestLimits(10, 20, 5000, 6.0, 7)
-    writer = Worker(config)._store.writer
+    worker = Worker(config)
+    writer = worker._store.writer
     assert (writer.max_gaps, writer.cap.limit, writer.ids.metrics.limit) == (10, 20, 5000)
     assert (writer.letters.burst, writer.letters.rate_per_s) == (7, 0.1)
+    writer.letters.admit([_letter("dev-a")] * 9)  # 7 pass, 2 over: the worker counts them
+    suppressed = "millrace_ingest_dead_letters_suppressed_total"
+    assert worker.metrics.registry.get_sample_value(suppressed) == 2
     for key, bad in (("max_metrics_per_device", 0), ("dead_letters_per_minute", 0), ("x", 1)):
         with pytest.raises(ConfigError, match=rf"limits\.{key}"):
             parse_config(_config(tmp_path, {key: bad}), base=tmp_path)
