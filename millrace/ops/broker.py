@@ -1,4 +1,4 @@
-"""Render the broker's mosquitto.conf and ACL from the project's one template set.
+"""Render the broker's mosquitto.conf and dynamic-security roles from the one template set.
 
 The templates (millrace/ops/templates/*.tmpl) are rendered by millrace.ops.templating,
 with the options of Ansible's template lookup, so the broker role renders the very same
@@ -8,6 +8,7 @@ files to the very same bytes.
 from __future__ import annotations
 
 import getpass
+import glob
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 from millrace.errors import ConfigError, PKIError
 from millrace.ops import pki
 from millrace.ops.templating import render_packaged
+from millrace.wire import MAX_PAYLOAD_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +26,22 @@ DEFAULT_PORT = 8883
 MAX_INFLIGHT_MESSAGES = 1000
 # About an hour of backlog for a worker that is down, at 20 devices x 1 batch per 2 s each.
 MAX_QUEUED_MESSAGES = 50_000
-# Far above any sensible batch; a client sending more is disconnected.
-MAX_PACKET_SIZE_BYTES = 8 * 1024 * 1024
+# The ingest worker refuses payloads above MAX_PAYLOAD_BYTES; the rest is room for the
+# fixed header, topic and MQTT v5 properties. A client sending more is disconnected.
+PACKET_OVERHEAD_BYTES = 4 * 1024
+MAX_PACKET_SIZE_BYTES = MAX_PAYLOAD_BYTES + PACKET_OVERHEAD_BYTES
 AUTOSAVE_INTERVAL_SECONDS = 10
 PERSISTENT_CLIENT_EXPIRATION = "14d"
 CONF_TEMPLATE = "mosquitto.conf.tmpl"
-ACL_TEMPLATE = "acl.tmpl"
+DYNSEC_TEMPLATE = "dynsec.json.tmpl"
+DYNSEC_PLUGIN_NAME = "mosquitto_dynamic_security.so"
+# Where Debian and upstream builds install the plugin (multiarch first).
+DYNSEC_PLUGIN_GLOBS = (
+    "/usr/lib/*-linux-gnu/" + DYNSEC_PLUGIN_NAME,
+    "/usr/lib/" + DYNSEC_PLUGIN_NAME,
+)
+# The replies a device may send: edge/commands.py COMMAND_NAMES (a test keeps them equal).
+DEVICE_COMMAND_NAMES = ("ping", "set", "flush", "rebirth")
 
 
 # -- broker configuration --------------------------------------------------------------
@@ -52,19 +64,20 @@ def _check_token(key: str, value: str) -> str:
 def render_mosquitto_conf(
     *,
     pki_dir: Path,
-    acl_file: Path,
+    dynsec_file: Path,
     persistence_dir: Path,
     port: int = DEFAULT_PORT,
     bind_address: str | None = None,
     user: str | None = None,
     log_file: Path | None = None,
-    clientid_from_certificate: bool = False,
+    clientid_from_certificate: bool = True,
+    dynsec_plugin: Path | None = None,
     max_inflight_messages: int = MAX_INFLIGHT_MESSAGES,
     max_queued_messages: int = MAX_QUEUED_MESSAGES,
     max_packet_size_bytes: int = MAX_PACKET_SIZE_BYTES,
     autosave_interval_seconds: int = AUTOSAVE_INTERVAL_SECONDS,
 ) -> str:
-    """mosquitto.conf text: one TLS listener on `port`, the PKI in `pki_dir`, the ACL file.
+    """mosquitto.conf text: one TLS listener on `port`, the PKI in `pki_dir`, dynsec roles.
 
     `log_file` None logs to stdout (systemd's journal); `user` None leaves mosquitto's
     default (it drops root to the `mosquitto` user).
@@ -73,7 +86,8 @@ def render_mosquitto_conf(
         raise ConfigError("port", f"must be 1-65535, got {port}")
     paths = pki.pki_paths(pki_dir)
     context = {
-        "acl_file": _config_path("acl_file", acl_file),
+        "dynsec_plugin": _config_path("dynsec_plugin", dynsec_plugin or find_dynsec_plugin()),
+        "dynsec_file": _config_path("dynsec_file", dynsec_file),
         "user": _check_token("user", user) if user else "",
         "port": port,
         "bind_address": _check_token("bind", bind_address) if bind_address else "",
@@ -94,10 +108,53 @@ def render_mosquitto_conf(
     return render_packaged(CONF_TEMPLATE, context)
 
 
-def render_acl(*, service_ids: Iterable[str]) -> str:
-    """ACL text: %u patterns for every client, one `user` block per service identity."""
-    services = [pki.validate_id(s) for s in service_ids]
-    return render_packaged(ACL_TEMPLATE, {"service_ids": services})
+def find_dynsec_plugin() -> Path:
+    """The installed dynamic security plugin (mosquitto 2.0 ships it in the mosquitto package)."""
+    for pattern in DYNSEC_PLUGIN_GLOBS:
+        found = sorted(glob.glob(pattern))
+        if found:
+            return Path(found[0])
+    raise ConfigError(
+        "dynsec_plugin", f"{DYNSEC_PLUGIN_NAME} not found: install mosquitto 2.0 or pass its path"
+    )
+
+
+def render_dynsec(
+    *, device_ids: Iterable[str], service_ids: Iterable[str], admin_ids: Iterable[str] = ()
+) -> str:
+    """The plugin's JSON: one role per device (its own topics), one shared service role.
+
+    Mosquitto 2.0's dynamic security has no %u patterns, hence a role per device.
+    `admin_ids` (service identities) may also change the roles over $CONTROL.
+    """
+    devices = sorted({pki.validate_id(d) for d in device_ids})
+    services = sorted({pki.validate_id(s) for s in service_ids})
+    admins = sorted({pki.validate_id(a) for a in admin_ids})
+    for admin in admins:
+        if admin not in services:
+            raise ConfigError("admin", f"{admin!r} holds no valid service certificate: issue one")
+    context = {
+        "device_ids": devices,
+        "service_ids": services,
+        "admin_ids": admins,
+        "command_names": list(DEVICE_COMMAND_NAMES),
+    }
+    return render_packaged(DYNSEC_TEMPLATE, context)
+
+
+def device_ids(pki_dir: Path | str) -> list[str]:
+    """Ids whose newest certificate is a valid device certificate, sorted."""
+    current: dict[str, pki.IssuedRecord] = {}
+    for record in pki.issued_records(pki_dir):
+        current[record.ident] = record  # the newest certificate of an id wins
+    return sorted(i for i, r in current.items() if r.role == "device" and not r.revoked)
+
+
+def render_dynsec_for(pki_dir: Path | str, admin_ids: Iterable[str] = ()) -> str:
+    """`render_dynsec` for every valid identity of the PKI in `pki_dir`."""
+    return render_dynsec(
+        device_ids=device_ids(pki_dir), service_ids=pki.service_ids(pki_dir), admin_ids=admin_ids
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +162,7 @@ class BrokerFiles:
     """What `write_broker_config` wrote."""
 
     conf: Path
-    acl: Path
+    dynsec: Path
     persistence_dir: Path
 
 
@@ -118,13 +175,15 @@ def write_broker_config(
     persistence_dir: Path | str | None = None,
     user: str | None = None,
     log_file: Path | str | None = None,
-    clientid_from_certificate: bool = False,
+    clientid_from_certificate: bool = True,
+    admin_ids: Iterable[str] = (),
 ) -> BrokerFiles:
-    """Write OUT/mosquitto.conf and OUT/acl for the PKI in `pki_dir`.
+    """Write OUT/mosquitto.conf and OUT/dynsec.json for the PKI in `pki_dir`.
 
-    The ACL lists the service identities issued so far, so run this again (and
-    reload the broker) after issuing a service certificate. `user` defaults to
-    the current user, which suits a local stack; deployments pass `mosquitto`.
+    The roles list the identities issued so far. Mosquitto reads dynsec.json only at
+    start (not on SIGHUP), so a running broker is updated with `sync_running_broker`
+    (`millrace broker sync`). `user` defaults to the current user, which suits a local
+    stack; deployments pass `mosquitto`.
     """
     paths = pki.pki_path_checked(pki_dir)
     for needed in (paths.broker_cert, paths.broker_key, paths.crl):
@@ -134,11 +193,13 @@ def write_broker_config(
     out.mkdir(parents=True, exist_ok=True)
     data_dir = Path(persistence_dir) if persistence_dir else out / "data"
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    files = BrokerFiles(conf=out / "mosquitto.conf", acl=out / "acl", persistence_dir=data_dir)
-    acl_text = render_acl(service_ids=pki.service_ids(paths.dir))
+    files = BrokerFiles(
+        conf=out / "mosquitto.conf", dynsec=out / "dynsec.json", persistence_dir=data_dir
+    )
+    dynsec_text = render_dynsec_for(paths.dir, admin_ids)
     conf_text = render_mosquitto_conf(
         pki_dir=paths.dir,
-        acl_file=files.acl,
+        dynsec_file=files.dynsec,
         persistence_dir=data_dir,
         port=port,
         bind_address=bind_address,
@@ -146,8 +207,9 @@ def write_broker_config(
         log_file=Path(log_file) if log_file else None,
         clientid_from_certificate=clientid_from_certificate,
     )
-    # The ACL first: a broker reloading in between sees the new users with the old config.
-    pki.write_atomic(files.acl, acl_text.encode(), mode=0o644)
+    # The roles first: a broker starting in between finds the file its config names.
+    # 0600: mosquitto rewrites it and it names every identity.
+    pki.write_atomic(files.dynsec, dynsec_text.encode(), mode=0o600)
     pki.write_atomic(files.conf, conf_text.encode(), mode=0o644)
-    log.info("wrote %s and %s", files.conf, files.acl)
+    log.info("wrote %s and %s", files.conf, files.dynsec)
     return files

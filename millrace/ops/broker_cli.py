@@ -1,4 +1,4 @@
-"""`millrace broker config`: write mosquitto.conf and the ACL for a PKI directory."""
+"""`millrace broker config | sync`: write the broker's files; update a running broker's roles."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `broker config` to the millrace CLI."""
+    """Add `broker config` and `broker sync` to the millrace CLI."""
     broker = subparsers.add_parser("broker", help="MQTT broker (mosquitto) configuration")
     sub = broker.add_subparsers(dest="broker_command", metavar="ACTION", required=True)
 
     config = sub.add_parser(
         "config",
-        help="write OUT/mosquitto.conf and OUT/acl (re-run after issuing a service cert)",
+        help="write OUT/mosquitto.conf and OUT/dynsec.json (roles of every valid identity)",
     )
     config.add_argument("--pki", type=Path, required=True, metavar="DIR")
     config.add_argument("--out", type=Path, required=True, metavar="DIR")
@@ -29,11 +29,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--log-file", type=Path, default=None, metavar="FILE", help="default: stdout"
     )
     config.add_argument(
-        "--clientid-from-cert",
+        "--admin",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="service identity allowed to change the roles (for `broker sync`); repeatable",
+    )
+    config.add_argument(
+        "--any-clientid",
         action="store_true",
-        help="force the MQTT client id to the certificate CN (one cert per connection)",
+        help="do NOT force the client id to the certificate CN (tests only: allows takeovers)",
     )
     config.set_defaults(func=_config)
+
+    sync = sub.add_parser(
+        "sync",
+        help="add new and delete revoked identities on the running broker (no restart)",
+    )
+    sync.add_argument("--pki", type=Path, required=True, metavar="DIR")
+    sync.add_argument("--host", default="localhost")
+    sync.add_argument("--port", type=int, default=8883)
+    sync.add_argument(
+        "--admin", required=True, metavar="ID", help="an identity passed to `config --admin`"
+    )
+    sync.set_defaults(func=_sync)
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -47,8 +66,20 @@ def _config(args: argparse.Namespace) -> int:
         persistence_dir=args.persistence_dir,
         user=args.user,
         log_file=args.log_file,
-        clientid_from_certificate=args.clientid_from_cert,
+        clientid_from_certificate=not args.any_clientid,
+        admin_ids=args.admin,
     )
     print(files.conf)
-    print(files.acl)
+    print(files.dynsec)
+    return 0
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from millrace.ops.broker_sync import sync_running_broker
+
+    result = sync_running_broker(args.pki, host=args.host, port=args.port, admin_id=args.admin)
+    for name in result.added:
+        print(f"added {name}")
+    for name in result.removed:
+        print(f"removed {name}")
     return 0

@@ -1,5 +1,5 @@
 """The broker role: it renders millrace's own broker templates, and mosquitto started from
-its output enforces the same ACL as `millrace broker config`.
+its output enforces the same dynamic-security roles as `millrace broker config`.
 
 The module overrides the `broker` fixture with a mosquitto whose config the role wrote
 (cloud.yml against localhost, into a temporary prefix, service management off), then runs
@@ -9,21 +9,29 @@ collects them here too and they resolve `broker` to this module's fixture.
 
 from __future__ import annotations
 
+import json
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from millrace.ops import broker as broker_config
 from millrace.ops import pki
-from millrace.ops.broker import render_acl, render_mosquitto_conf
+from millrace.ops.broker import (
+    DEVICE_COMMAND_NAMES,
+    device_ids,
+    render_dynsec,
+    render_mosquitto_conf,
+)
 from tests.ansible.rollout_support import PlaybookRun, local_inventory, run_playbook
-from tests.fixtures.fix_broker import BIND_ADDRESS, MosquittoServer, PKIFixture
+from tests.fixtures.fix_broker import ADMIN_ID, BIND_ADDRESS, MosquittoServer, PKIFixture
 from tests.millrace.test_broker_acl import (  # noqa: F401 - collected here against the role
     test_certificate_from_another_ca_is_refused,
     test_device_cannot_publish_outside_its_own_topics,
     test_device_cannot_read_plant_data_or_other_devices_commands,
     test_device_publishes_own_topics_and_services_receive_plain_and_shared,
+    test_device_subscribe_is_refused_in_the_suback,
     test_plain_tcp_to_the_tls_port_is_refused,
     test_service_cannot_forge_device_data_but_may_command_and_alert,
     test_tls_without_client_certificate_is_refused,
@@ -36,7 +44,7 @@ HOST = "mqtt-test"
 
 
 class RoleBroker(MosquittoServer):
-    """A MosquittoServer whose mosquitto.conf and ACL come from the broker role."""
+    """A MosquittoServer whose mosquitto.conf and dynsec roles come from the broker role."""
 
     runs: list[PlaybookRun]
 
@@ -56,6 +64,10 @@ class RoleBroker(MosquittoServer):
             "broker_group": "root",
             "broker_install_packages": False,
             "broker_manage_service": False,
+            "broker_admin_ids": [ADMIN_ID],
+            "broker_dynsec_plugin": str(broker_config.find_dynsec_plugin()),
+            # The imported tests run several clients per certificate, as the fixture does.
+            "broker_clientid_from_certificate": self.clientid_from_certificate,
         }
 
     def _write_config(self) -> Path:
@@ -81,19 +93,38 @@ def broker(test_pki: PKIFixture, tmp_path_factory: pytest.TempPathFactory) -> It
 
 def test_role_renders_what_millrace_broker_config_renders(broker: RoleBroker) -> None:
     etc = broker.root / "etc" / "mosquitto"
+    data = broker.root / "var" / "lib" / "mosquitto"
     expected_conf = render_mosquitto_conf(
         pki_dir=etc / "millrace-pki",
-        acl_file=etc / "millrace.acl",
-        persistence_dir=broker.root / "var" / "lib" / "mosquitto",
+        dynsec_file=data / "dynamic-security.json",
+        dynsec_plugin=broker_config.find_dynsec_plugin(),
+        persistence_dir=data,
         port=broker.port,
         bind_address=BIND_ADDRESS,
         user="root",
         log_file=broker.log_path,
+        clientid_from_certificate=False,
     )
     assert (etc / "mosquitto.conf").read_text() == expected_conf
     services = pki.service_ids(broker.pki.dir)
     assert "svc-test" in services
-    assert (etc / "millrace.acl").read_text() == render_acl(service_ids=services)
+    expected = render_dynsec(
+        device_ids=device_ids(broker.pki.dir), service_ids=services, admin_ids=[ADMIN_ID]
+    )
+    # Parsed: mosquitto may have saved the same roles back in its own layout.
+    assert (
+        json.loads((data / "dynamic-security.json").read_text())["roles"]
+        == (json.loads(expected)["roles"])
+        or (data / "dynamic-security.json").read_text() == expected
+    )
+
+
+def test_role_command_names_are_the_edge_agents() -> None:
+    from millrace.edge.commands import COMMAND_NAMES
+
+    assert DEVICE_COMMAND_NAMES == COMMAND_NAMES
+    vars_text = Path("ansible/roles/broker/vars/main.yml").read_text()
+    assert f"__broker_command_names: [{', '.join(COMMAND_NAMES)}]" in vars_text
 
 
 def test_role_is_idempotent_and_keeps_the_key_private(broker: RoleBroker) -> None:

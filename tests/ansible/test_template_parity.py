@@ -68,19 +68,28 @@ def _packaged_cases(
 
     monkeypatch.setattr(broker, "render_packaged", recording)
     monkeypatch.setattr(provision, "render_packaged", recording)
-    for services in ([], ["svc-1", "svc-2"]):
-        broker.render_acl(service_ids=services)
-    pki_dir, acl, data = tmp_path / "pki", tmp_path / "acl", tmp_path / "data"
-    broker.render_mosquitto_conf(pki_dir=pki_dir, acl_file=acl, persistence_dir=data)
+    for devices, services, admins in (
+        ([], [], []),
+        (["dev-1"], [], []),
+        ([], ["svc-1"], []),
+        (["dev-1", "dev-2"], ["svc-1", "svc-2"], ["svc-2"]),
+    ):
+        broker.render_dynsec(device_ids=devices, service_ids=services, admin_ids=admins)
+    pki_dir, dynsec, data = tmp_path / "pki", tmp_path / "dynsec.json", tmp_path / "data"
+    plugin = tmp_path / "plugin.so"
+    broker.render_mosquitto_conf(
+        pki_dir=pki_dir, dynsec_file=dynsec, dynsec_plugin=plugin, persistence_dir=data
+    )
     broker.render_mosquitto_conf(
         pki_dir=pki_dir,
-        acl_file=acl,
+        dynsec_file=dynsec,
+        dynsec_plugin=plugin,
         persistence_dir=data,
         port=18883,
         bind_address="0.0.0.0",
         user="mosquitto",
         log_file=tmp_path / "mosquitto.log",
-        clientid_from_certificate=True,
+        clientid_from_certificate=False,
     )
     provision.render_agent_config(
         None, provision.agent_config_context("gw-1", broker_host="mqtt.example")

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from millrace import topics
-from millrace.wire import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, encode_batch
+from millrace.wire import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, MAX_PAYLOAD_BYTES, encode_batch
 from tests.cloud.ingest_support import (
     IngestDb,
     Publisher,
@@ -263,7 +263,9 @@ def test_identity_mismatch_and_oversize_payloads_are_refused_with_reasons(
         pub = publishers(server, "mallory-a")
         # mallory's certificate may only publish on mallory's topic: claim victim's data there.
         pub.publish_raw(encode_batch(theirs), content_type=CONTENT_TYPE_MSGPACK)
-        pub.publish_raw(b"\x81" + b"\xa1v" * 1 + b"\x01" + b"x" * (600 * 1024))
+        # Just over the worker's limit and still under the broker's max_packet_size
+        # (MAX_PAYLOAD_BYTES + 4 KiB), so it reaches the worker to be refused there.
+        pub.publish_raw(b"\x81" + b"\xa1v" * 1 + b"\x01" + b"x" * (MAX_PAYLOAD_BYTES + 1024))
         pub.publish(ours)
         wait_for(lambda: scalar(dsn, "SELECT count(*) FROM dead_letters") == 2, what="2 letters")
         wait_for(lambda: scalar(dsn, "SELECT count(*) FROM ingest_ledger") == 2, what="ours")
@@ -275,7 +277,7 @@ def test_identity_mismatch_and_oversize_payloads_are_refused_with_reasons(
     assert letters[0][0] == "identity_mismatch"
     assert "victim-b" in letters[0][1] and letters[0][2] == "mallory-a"
     assert letters[1][0] == "oversize"
-    assert letters[1][3] == 64 * 1024 and letters[1][4] > 600 * 1024
+    assert letters[1][3] == 64 * 1024 and letters[1][4] > MAX_PAYLOAD_BYTES
     assert query(dsn, "SELECT name FROM devices ORDER BY name") == [("mallory-a",)]
 
 

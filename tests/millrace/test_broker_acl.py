@@ -10,6 +10,7 @@ The first tests are pure unit tests of the templates and the client builder.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import socket
 import ssl
 import subprocess
@@ -28,11 +29,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from paho.mqtt.reasoncodes import ReasonCode
 
+from millrace.edge.commands import COMMAND_NAMES
 from millrace.errors import ConfigError, PKIError
 from millrace.mqtt import tls_client
 from millrace.ops import broker as broker_config
 from millrace.ops import pki
-from tests.fixtures.fix_broker import BIND_ADDRESS, MosquittoServer, PKIFixture
+from millrace.wire import MAX_PAYLOAD_BYTES
+from tests.fixtures.fix_broker import ADMIN_ID, BIND_ADDRESS, MosquittoServer, PKIFixture
 
 WAIT_SECONDS = 10.0
 NOT_AUTHORIZED = 0x87
@@ -189,7 +192,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def _conf(tmp_path: Path, **options: Any) -> str:
     return broker_config.render_mosquitto_conf(
         pki_dir=tmp_path / "pki",
-        acl_file=tmp_path / "acl",
+        dynsec_file=tmp_path / "dynsec.json",
+        dynsec_plugin=tmp_path / "plugin.so",
         persistence_dir=tmp_path / "data",
         **options,
     )
@@ -209,12 +213,16 @@ def test_conf_has_one_tls_listener_and_no_anonymous_access(tmp_path: Path) -> No
     assert settings["use_identity_as_username"] == ["true"]
     assert settings["tls_version"] == ["tlsv1.2"]
     assert settings["crlfile"] == [str((tmp_path / "pki" / "crl.pem").resolve())]
-    assert settings["acl_file"] == [str((tmp_path / "acl").resolve())]
+    assert "acl_file" not in settings  # mosquitto's acl_file never checks SUBSCRIBE
+    assert settings["plugin"] == [str((tmp_path / "plugin.so").resolve())]
+    assert settings["plugin_opt_config_file"] == [str((tmp_path / "dynsec.json").resolve())]
+    assert settings["use_username_as_clientid"] == ["true"]
+    assert int(settings["max_packet_size"][0]) == MAX_PAYLOAD_BYTES + 4096
+    assert "memory_limit" not in settings  # breaks 2.0.11 with dynsec: see the template
     assert settings["persistence"] == ["true"]
     assert settings["persistence_location"][0].endswith("/")
     assert int(settings["max_inflight_messages"][0]) >= 1000
     assert settings["user"] == ["mosquitto"]
-    assert "use_username_as_clientid" not in settings
     for insecure in ("password_file", "psk_hint", "allow_zero_length_clientid"):
         assert insecure not in settings
 
@@ -225,19 +233,22 @@ def test_conf_options_bind_log_file_and_clientid(tmp_path: Path) -> None:
             tmp_path,
             bind_address="10.0.0.1",
             log_file=tmp_path / "m.log",
-            clientid_from_certificate=True,
+            clientid_from_certificate=False,
         )
     )
     assert ["listener", "8883", "10.0.0.1"] in conf
     assert ["log_dest", "file", str((tmp_path / "m.log").resolve())] in conf
-    assert ["use_username_as_clientid", "true"] in conf
+    assert not any(d[0] == "use_username_as_clientid" for d in conf)
     assert not any(d[0] == "user" for d in conf)
 
 
 def test_conf_refuses_values_mosquitto_would_misread(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="whitespace"):
         broker_config.render_mosquitto_conf(
-            pki_dir=tmp_path / "my pki", acl_file=tmp_path / "acl", persistence_dir=tmp_path
+            pki_dir=tmp_path / "my pki",
+            dynsec_file=tmp_path / "dynsec.json",
+            dynsec_plugin=tmp_path / "plugin.so",
+            persistence_dir=tmp_path,
         )
     with pytest.raises(ConfigError, match="bind"):
         _conf(tmp_path, bind_address="1.2.3.4\nallow_anonymous true")
@@ -245,20 +256,41 @@ def test_conf_refuses_values_mosquitto_would_misread(tmp_path: Path) -> None:
         _conf(tmp_path, port=70000)
 
 
-def test_acl_scopes_devices_by_username_and_lists_services(tmp_path: Path) -> None:
-    acl = broker_config.render_acl(service_ids=["svc-a", "svc-b"])
-    lines = _directives(acl)
-    patterns = [d for d in lines if d[0] == "pattern"]
-    assert patterns and all("/%u/" in d[2] for d in patterns)
-    assert not any("#" in d[2] or d[2].startswith("millrace/v1/d/+") for d in patterns)
-    first_user = next(i for i, d in enumerate(lines) if d[0] == "user")
-    assert all(d[0] == "pattern" for d in lines[:first_user]), "no topic line outside a user"
-    assert [d[1] for d in lines if d[0] == "user"] == ["svc-a", "svc-b"]
-    assert ["topic", "write", "millrace/v1/d/+/cmd/+"] in lines
-    assert ["topic", "read", "millrace/v1/d/+/data"] in lines
-    assert [d for d in lines if d[0] == "topic" and d[1] == "readwrite"] == []
+def _acls(doc: dict[str, Any], rolename: str) -> set[tuple[str, str]]:
+    role = next(r for r in doc["roles"] if r["rolename"] == rolename)
+    assert all(a["allow"] for a in role["acls"])
+    return {(a["acltype"], a["topic"]) for a in role["acls"]}
+
+
+def test_dynsec_gives_each_device_its_own_topics_and_services_one_role() -> None:
+    doc = json.loads(
+        broker_config.render_dynsec(
+            device_ids=["dev-b", "dev-a"], service_ids=["svc-a", "adm"], admin_ids=["adm"]
+        )
+    )
+    assert doc["defaultACLAccess"]["subscribe"] is False
+    assert doc["defaultACLAccess"]["publishClientSend"] is False
+    clients = {c["username"]: [r["rolename"] for r in c["roles"]] for c in doc["clients"]}
+    assert clients == {
+        "dev-a": ["device-dev-a"],
+        "dev-b": ["device-dev-b"],
+        "adm": ["service", "broker-admin"],
+        "svc-a": ["service"],
+    }
+    device = _acls(doc, "device-dev-a")
+    assert ("subscribePattern", "millrace/v1/d/dev-a/cmd/+") in device
+    assert ("subscribeLiteral", "millrace/v1/d/dev-a/receipt") in device
+    replies = {t for kind, t in device if t.endswith("/reply")}
+    assert replies == {f"millrace/v1/d/dev-a/cmd/{n}/reply" for n in COMMAND_NAMES}
+    assert all("dev-a" in t and "#" not in t and "$" not in t for _, t in device)
+    service = _acls(doc, "service")
+    assert ("subscribePattern", "$share/+/millrace/v1/d/+/data") in service
+    assert ("publishClientSend", "millrace/v1/d/+/receipt") in service
+    assert not any(kind == "publishClientSend" and t.endswith("/data") for kind, t in service)
     with pytest.raises(PKIError, match="invalid id"):
-        broker_config.render_acl(service_ids=["svc a\ntopic readwrite #"])
+        broker_config.render_dynsec(device_ids=['x", "roles": ['], service_ids=[])
+    with pytest.raises(ConfigError, match="service certificate"):
+        broker_config.render_dynsec(device_ids=[], service_ids=[], admin_ids=["dev-a"])
 
 
 def test_broker_config_cli_writes_both_files(test_pki: PKIFixture, tmp_path: Path) -> None:
@@ -266,9 +298,10 @@ def test_broker_config_cli_writes_both_files(test_pki: PKIFixture, tmp_path: Pat
     result = run_cli(
         "broker", "config", "--pki", str(test_pki.dir), "--out", str(out), "--port", "18999"
     )
-    assert result.stdout.split() == [str(out / "mosquitto.conf"), str(out / "acl")]
+    assert result.stdout.split() == [str(out / "mosquitto.conf"), str(out / "dynsec.json")]
     assert "listener 18999\n" in (out / "mosquitto.conf").read_text()
-    assert "user svc-test\n" in (out / "acl").read_text()
+    users = {c["username"] for c in json.loads((out / "dynsec.json").read_text())["clients"]}
+    assert {"svc-test", "dev-a", "dev-b"} <= users
 
 
 def test_tls_client_verifies_the_broker_and_speaks_mqtt5(test_pki: PKIFixture) -> None:
@@ -305,9 +338,13 @@ def test_device_publishes_own_topics_and_services_receive_plain_and_shared(
     plain = mqtt_connect(_unique("svc-plain"), "svc-test")
     shared = mqtt_connect(_unique("svc-shared"), "svc-test")
     plain_inbox, shared_inbox = Inbox(plain), Inbox(shared)
-    granted = Acks(plain).subscribe("millrace/v1/d/+/data")
-    assert not granted.is_failure
-    assert not Acks(plain).subscribe("millrace/v1/d/dev-a/#").is_failure
+    for topic_filter in (
+        "millrace/v1/d/+/data",
+        "millrace/v1/d/+/state",
+        "millrace/v1/d/dev-a/health",
+        "millrace/v1/d/+/cmd/+/reply",
+    ):
+        assert not Acks(plain).subscribe(topic_filter).is_failure, topic_filter
     group = _unique("ingest")
     assert not Acks(shared).subscribe(f"$share/{group}/millrace/v1/d/+/data").is_failure
 
@@ -317,11 +354,11 @@ def test_device_publishes_own_topics_and_services_receive_plain_and_shared(
     plain_inbox.wait_for(payload)
     shared_inbox.wait_for(payload)
 
-    for suffix in ("state", "health", "cmd/restart/reply"):
+    for suffix in ("state", "health", "cmd/ping/reply"):
         marker = _unique(suffix).encode()
         assert not device.publish(f"millrace/v1/d/dev-a/{suffix}", marker).is_failure
         plain_inbox.wait_for(marker)
-    assert "millrace/v1/d/dev-a/cmd/restart/reply" in plain_inbox.topics
+    assert "millrace/v1/d/dev-a/cmd/ping/reply" in plain_inbox.topics
 
 
 @pytest.mark.security
@@ -343,7 +380,8 @@ def test_device_cannot_publish_outside_its_own_topics(
         "millrace/v1/d/dev-b/data",
         "millrace/v1/d/dev-b/state",
         "millrace/v1/d/dev-b/health",
-        "millrace/v1/d/dev-b/cmd/open/reply",
+        "millrace/v1/d/dev-b/cmd/ping/reply",
+        "millrace/v1/d/dev-a/cmd/open/reply",
         "millrace/v1/d/dev-b/cmd/open",
         "millrace/v1/d/dev-a/cmd/open",
         "millrace/v1/alerts/dev-a",
@@ -367,7 +405,7 @@ def test_device_cannot_publish_outside_its_own_topics(
 def test_device_cannot_read_plant_data_or_other_devices_commands(
     broker: MosquittoServer, mqtt_connect: Connect
 ) -> None:
-    """mosquitto 2.0.11's acl_file grants every SUBSCRIBE; the ACL bites at delivery."""
+    """Refused at SUBSCRIBE (dynsec), and nothing is delivered either."""
     snoop_client = mqtt_connect(_unique("dev-a"), "dev-a")
     snoop, snoop_acks = Inbox(snoop_client), Acks(snoop_client)
     for topic_filter in (
@@ -378,7 +416,8 @@ def test_device_cannot_read_plant_data_or_other_devices_commands(
         "millrace/v1/alerts/#",
         f"$share/{_unique('grp')}/millrace/v1/d/+/data",
     ):
-        snoop_acks.subscribe(topic_filter)  # granted or not: nothing may arrive
+        assert snoop_acks.subscribe(topic_filter).value == NOT_AUTHORIZED, topic_filter
+    assert not snoop_acks.subscribe("millrace/v1/d/dev-a/cmd/+").is_failure
 
     service_client = mqtt_connect(_unique("svc"), "svc-test")
     service, service_acks = Inbox(service_client), Acks(service_client)
@@ -502,35 +541,122 @@ def test_expired_crl_locks_everyone_out_until_renewed(
 
 
 @pytest.mark.security
-def test_service_identity_changes_need_broker_config_and_reload(
+def test_issue_and_revoke_take_effect_on_the_running_broker_without_restart(
     broker_factory: Callable[..., MosquittoServer], mqtt_connect: Connect
 ) -> None:
     server = broker_factory()
+    pid = server.pid
     ident = _unique("svc-new")
-    server.pki.issue(ident, role="service")
+    server.pki.issue(ident, role="service")  # the fixture runs `broker sync` at once
     listener = mqtt_connect(_unique(ident), ident, server=server)
     inbox, acks = Inbox(listener), Acks(listener)
-    acks.subscribe("millrace/v1/d/+/data")
-    device = Acks(mqtt_connect(_unique("dev-a"), "dev-a", server=server))
+    assert not acks.subscribe("millrace/v1/d/+/data").is_failure
+    device_id = _unique("dev-new")
+    server.pki.issue(device_id)
+    device = Acks(mqtt_connect(_unique(device_id), device_id, server=server))
     before = _unique("before").encode()
-    assert not device.publish("millrace/v1/d/dev-a/data", before).is_failure
-    # Not yet in the ACL: only the %u patterns apply to it, like to any device.
-    barrier = _unique("barrier").encode()
-    assert not acks.publish(f"millrace/v1/d/{ident}/cmd/x/reply", barrier).is_failure
-    assert acks.publish("millrace/v1/d/dev-a/cmd/x", barrier).value == NOT_AUTHORIZED
+    assert not device.publish(f"millrace/v1/d/{device_id}/data", before).is_failure
+    inbox.wait_for(before)
+    assert not acks.publish(f"millrace/v1/d/{device_id}/cmd/ping", b"{}").is_failure
 
-    server.reconfigure()  # `millrace broker config` + SIGHUP
-    assert f"user {ident}\n" in (server.workdir / "acl").read_text()
-    after = _unique("after").encode()
-    assert not device.publish("millrace/v1/d/dev-a/data", after).is_failure
-    inbox.wait_for(after)
-    assert before not in inbox.payloads
-    assert not acks.publish("millrace/v1/d/dev-a/cmd/x", barrier).is_failure
+    for revoked in (ident, device_id):
+        run_cli("pki", "revoke", "--pki", str(server.pki.dir), revoked)
+    result = run_cli(
+        "broker",
+        "sync",
+        "--pki",
+        str(server.pki.dir),
+        "--host",
+        server.host,
+        "--port",
+        str(server.port),
+        "--admin",
+        ADMIN_ID,
+    )
+    assert set(result.stdout.split()) >= {"removed", ident, device_id}
+    assert server.pid == pid  # no restart, no reload: the CRL still lets them in
+    assert "been disconnected by administrative action" in server.log_text()
+    # Connected again with the revoked certificates: no rights left at all.
+    device_again = Acks(mqtt_connect(_unique(device_id), device_id, server=server))
+    assert device_again.publish(f"millrace/v1/d/{device_id}/data", b"x").value == NOT_AUTHORIZED
+    assert device_again.subscribe(f"millrace/v1/d/{device_id}/cmd/+").value == NOT_AUTHORIZED
+    service_again = Acks(mqtt_connect(_unique(ident), ident, server=server))
+    assert service_again.subscribe("millrace/v1/d/+/data").value == NOT_AUTHORIZED
+    assert (
+        service_again.publish(f"millrace/v1/d/{device_id}/cmd/ping", b"x").value == NOT_AUTHORIZED
+    )
+    # Everyone else is untouched.
+    watcher = Acks(mqtt_connect(_unique("svc-w"), "svc-test", server=server))
+    assert not watcher.subscribe("millrace/v1/d/+/data").is_failure
+    assert not watcher.publish("millrace/v1/d/dev-a/cmd/ping", b"{}").is_failure
 
-    run_cli("pki", "revoke", "--pki", str(server.pki.dir), ident)
-    server.reconfigure()  # its user block is gone; the open connection loses service rights
-    assert f"user {ident}\n" not in (server.workdir / "acl").read_text()
-    assert acks.publish("millrace/v1/d/dev-a/cmd/x", barrier).value == NOT_AUTHORIZED
+
+@pytest.mark.security
+@pytest.mark.parametrize(
+    "topic_filter",
+    [
+        "$share/ingest/millrace/v1/d/+/data",
+        "$share/x7/millrace/v1/#",
+        "millrace/v1/d/dev-b/data",
+        "millrace/v1/d/dev-b/cmd/+",
+        "#",
+        "millrace/v1/#",
+        "millrace/v1/d/+/receipt",
+    ],
+)
+def test_device_subscribe_is_refused_in_the_suback(
+    broker: MosquittoServer, mqtt_connect: Connect, topic_filter: str
+) -> None:
+    device = Acks(mqtt_connect(_unique("dev-a"), "dev-a"))
+    assert device.subscribe(topic_filter).value == NOT_AUTHORIZED
+    assert not device.subscribe("millrace/v1/d/dev-a/receipt").is_failure
+
+
+@pytest.mark.security
+def test_mosquitto_sub_sees_the_same_suback_refusals(broker: MosquittoServer) -> None:
+    cert, key = broker.pki.files("dev-a")
+    base = [
+        "mosquitto_sub", "-V", "5", "-h", broker.host, "-p", str(broker.port),
+        "--cafile", str(broker.ca), "--cert", str(cert), "--key", str(key),
+        "-i", _unique("dev-a"), "-E", "-d",
+    ]  # fmt: skip
+    for topic_filter, refused in (
+        ("$share/ingest/millrace/v1/d/+/data", True),
+        ("millrace/v1/#", True),
+        ("millrace/v1/d/dev-a/cmd/+", False),
+    ):
+        done = subprocess.run(
+            [*base, "-t", topic_filter], capture_output=True, text=True, timeout=WAIT_SECONDS
+        )
+        out = done.stdout + done.stderr
+        assert "SUBACK" in out, out
+        assert ("Subscribed (mid: 1): 135" in out) == refused, out  # 135: not authorized
+
+
+@pytest.mark.security
+def test_device_using_a_service_client_id_neither_kicks_it_nor_strands_data(
+    broker_factory: Callable[..., MosquittoServer], mqtt_connect: Connect
+) -> None:
+    server = broker_factory(clientid_from_certificate=True)
+    worker_cert = _unique("ingest")
+    server.pki.issue(worker_cert, role="service")
+    disconnects: list[Any] = []
+    worker = mqtt_connect(worker_cert, worker_cert, server=server, clean_start=False)
+    worker.on_disconnect = lambda *args: disconnects.append(args)
+    inbox, acks = Inbox(worker), Acks(worker)
+    assert not acks.subscribe("millrace/v1/d/+/data").is_failure
+
+    # The device asks for the worker's client id and a persistent session ...
+    thief = mqtt_connect(worker_cert, "dev-a", server=server, clean_start=False)
+    thief_inbox = Inbox(thief)
+    payload = _unique("data").encode()
+    device = Acks(mqtt_connect(_unique("dev-b"), "dev-b", server=server))
+    assert not device.publish("millrace/v1/d/dev-b/data", payload).is_failure
+    inbox.wait_for(payload)  # ... the worker still has its session and gets the data,
+    assert worker.is_connected() and disconnects == []
+    assert thief.is_connected()  # ... and the device is connected as itself.
+    assert payload not in thief_inbox.payloads
+    assert "as dev-a (p5, c0" in server.log_text()  # connected under its own CN
 
 
 # -- flow control and sessions (what ingest and edge rely on) --------------------------------

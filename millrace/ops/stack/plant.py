@@ -1,7 +1,7 @@
 """`millrace up | down | status`: the whole plant on this machine, under one directory.
 
-Order matters: identities first (the broker's ACL lists the service
-identities), then the broker and the database, the schema, the cloud
+Order matters: identities first (the broker's roles list every identity),
+then the broker and the database, the schema, the cloud
 services, the simulated field devices, one edge agent per simulated gateway,
 and the dashboard. Every process runs in its own process group and is listed
 in plant.json, so `down` can stop a detached plant completely.
@@ -180,6 +180,8 @@ class Plant:
             port=self.options.broker_port,
             bind_address="127.0.0.1",
             user=getpass.getuser(),
+            # `millrace broker sync --admin operator` updates the running broker's roles.
+            admin_ids=[OPERATOR_SERVICE_ID],
         )
         service = self._spawn("broker", ["mosquitto", "-c", str(files.conf)])
         procs.wait_for_port(
@@ -272,8 +274,8 @@ class Plant:
         _write_secret(dsn_file, self.dsn_for(INGEST_LOGIN) + "\n")
         retention_dsn = self.layout.secrets / "retention.dsn"
         _write_secret(retention_dsn, self.superuser_dsn + "\n")
-        # A share group nobody can guess: a device that joined a known group would be handed
-        # (and drop) its share of other devices' data (docs/security.md).
+        # A generated share group: devices cannot subscribe to $share at all (dynsec roles),
+        # the name only keeps plants that share a broker apart (docs/security.md).
         share_group_file = self.layout.secrets / "share-group"
         if not share_group_file.exists() or not is_device_id(share_group_file.read_text().strip()):
             _write_secret(share_group_file, f"ingest-{secrets.token_hex(8)}\n")
@@ -283,7 +285,7 @@ class Plant:
             f'[database]\ndsn_file = "{dsn_file}"\n\n'
             f'[broker]\nhost = "localhost"\nport = {self.options.broker_port}\n'
             f'ca = "{paths.ca_cert}"\ncert = "{paths.cert_for(INGEST_SERVICE_ID)}"\n'
-            f'key = "{paths.key_for(INGEST_SERVICE_ID)}"\nclient_id = "ingest-1"\n'
+            f'key = "{paths.key_for(INGEST_SERVICE_ID)}"\nclient_id = "{INGEST_SERVICE_ID}"\n'
             f'share_group = "{group}"\n\n'
             f'[http]\nhost = "127.0.0.1"\nport = {self.options.ingest_http_port}\n\n'
             f'[retention]\ndsn_file = "{retention_dsn}"\n'
