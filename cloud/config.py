@@ -8,6 +8,7 @@ variable MILLRACE_INGEST_DSN) supplies the DSN instead.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,7 +23,11 @@ from millrace.ids import is_device_id
 
 DSN_ENV: Final = "MILLRACE_INGEST_DSN"
 DEFAULT_BROKER_PORT: Final = configfile.DEFAULT_BROKER_PORT
-DEFAULT_SHARE_GROUP: Final = "ingest"
+# No fixed default group: omitted, it is derived from the CA certificate (SHARE_GROUP_PREFIX
+# + a hash), the same for every worker of one plant. Not a secret: the broker refuses
+# $share subscriptions to devices (docs/security.md).
+SHARE_GROUP_PREFIX: Final = "ingest-"
+SHARE_GROUP_HASH_CHARS: Final = 16
 # A week: a worker may be down over a long weekend and still find its session and queue.
 DEFAULT_SESSION_EXPIRY_SECONDS: Final = 7 * 24 * 3600
 # Unacknowledged messages the broker may send us; bounds one commit's messages and memory.
@@ -50,7 +55,7 @@ class BrokerSettings(BrokerConnection):
     """Where the worker subscribes (mutual TLS), as whom, and its persistent session."""
 
     client_id: str
-    share_group: str = DEFAULT_SHARE_GROUP
+    share_group: str
     session_expiry_s: int = DEFAULT_SESSION_EXPIRY_SECONDS
     receive_maximum: int = DEFAULT_RECEIVE_MAXIMUM
 
@@ -111,19 +116,31 @@ def _broker(t: Table) -> BrokerSettings:
     client_id = t.text("client_id")
     if len(client_id) > 64 or any(c in client_id for c in "/+#") or not client_id.isprintable():
         raise t.error("client_id", "1-64 printable characters without / + #")
-    group = t.text("share_group", DEFAULT_SHARE_GROUP)
-    if not is_device_id(group):
+    group = t.text("share_group", "")
+    if group and not is_device_id(group):
         raise t.error("share_group", "a-z 0-9 . _ - only (it becomes a topic level)")
-    return BrokerSettings.read(
+    settings = BrokerSettings.read(
         t,
         files_must_exist=True,
         client_id=client_id,
-        share_group=group,
+        share_group=group or SHARE_GROUP_PREFIX,
         session_expiry_s=t.integer(
             "session_expiry_s", DEFAULT_SESSION_EXPIRY_SECONDS, low=60, high=2**32 - 1
         ),
         receive_maximum=t.integer("receive_maximum", DEFAULT_RECEIVE_MAXIMUM, low=1, high=65535),
     )
+    if group:
+        return settings
+    return replace(settings, share_group=derived_share_group(settings.ca))
+
+
+def derived_share_group(ca: Path) -> str:
+    """The group of workers whose config omits `broker.share_group`: one per CA (plant)."""
+    try:
+        digest = hashlib.sha256(ca.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise ConfigError("broker.share_group", f"not set and {ca} is unreadable: {exc}") from exc
+    return SHARE_GROUP_PREFIX + digest[:SHARE_GROUP_HASH_CHARS]
 
 
 def _periods(t: Table) -> frozenset[int]:

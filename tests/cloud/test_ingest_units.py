@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import time
@@ -78,9 +79,20 @@ def minimal(**overrides: object) -> dict[str, object]:
     return data
 
 
+def test_share_group_is_derived_from_the_ca_never_a_fixed_word(tls_files: Path) -> None:
+    config = parse_config(minimal(), base=tls_files)
+    digest = hashlib.sha256(b"x").hexdigest()[:16]  # tls_files writes "x" as ca.crt
+    assert config.broker.share_group == f"ingest-{digest}" != "ingest"
+    (tls_files / "ca.crt").write_text("another plant's CA")
+    assert parse_config(minimal(), base=tls_files).broker.share_group != config.broker.share_group
+    explicit = minimal()
+    explicit["broker"]["share_group"] = "g1"  # type: ignore[index]
+    assert parse_config(explicit, base=tls_files).broker.share_group == "g1"
+
+
 def test_config_defaults_and_relative_paths(tls_files: Path) -> None:
     config = parse_config(minimal(), base=tls_files)
-    assert config.broker.port == 8883 and config.broker.share_group == "ingest"
+    assert config.broker.port == 8883
     assert config.broker.ca == tls_files / "ca.crt"
     assert isinstance(config.broker, BrokerConnection)  # the edge agent's type too
     assert config.batch.max_rows == 20_000 and config.batch.max_delay_ms == 200
