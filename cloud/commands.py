@@ -212,7 +212,10 @@ def _exchange(
         client.subscribe(reply_topic, qos=1)
         granted = _wait_for(events, "subscribe", CONNECT_TIMEOUT_SECONDS)
         if granted is None or any(code.is_failure for code in granted):
-            raise CommandError(f"cannot subscribe to {reply_topic}: {granted} (check the ACL)")
+            raise CommandError(
+                f"the broker refused the reply subscription {reply_topic}: {granted}"
+                " (send commands with a service certificate)"
+            )
         props = Properties(PacketTypes.PUBLISH)
         props.MessageExpiryInterval = max(1, math.ceil(timeout_s))
         props.ContentType = "application/json"

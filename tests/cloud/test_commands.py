@@ -66,14 +66,18 @@ def run(argv: list[str]) -> tuple[int, str, str]:
 def start_responder(
     mqtt_connect: Callable[..., paho.Client], device: str, seen: list[Command]
 ) -> paho.Client:
-    """A device that replies ok (echoing its args), or an error for the command `fail`."""
+    """A device that replies ok (echoing its args), or an error when asked to `lockout`.
+
+    Only real command names (edge/commands.py) have reply topics the broker lets a device
+    publish on, so the failure is an argument, not an invented command.
+    """
     client = mqtt_connect(f"{device}-responder", device)
     subscribed = threading.Event()
 
     def on_message(c: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
         command = Command.from_json(msg.payload)
         seen.append(command)
-        if command.name == "fail":
+        if command.args.get("lockout"):
             reply = CommandReply(id=command.id, ok=False, error="valve is locked out")
         else:
             reply = CommandReply(id=command.id, ok=True, result={"echo": command.args})
@@ -141,7 +145,7 @@ def test_reply_ok_and_device_error(broker: Any, mqtt_connect: Callable[..., paho
     assert [c.name for c in seen] == ["set"]
     assert reply.id == seen[0].id and len(seen[0].id) == 32
 
-    code, out, _ = run(["dev-a", "fail", *tls_flags(broker)])
+    code, out, _ = run(["dev-a", "set", "lockout=true", *tls_flags(broker)])
     assert code == EXIT_DEVICE_ERROR
     assert json.loads(out)["error"] == "valve is locked out"
     assert seen[1].id != seen[0].id  # a fresh id per invocation
@@ -176,9 +180,10 @@ def test_broker_settings_from_the_ingest_config(
 
 @pytest.mark.integration
 def test_device_certificate_cannot_send_commands(broker: Any) -> None:
-    # A device certificate may not command another device: the broker refuses the publish.
+    # A device certificate may not command another device: the broker already refuses
+    # the subscription to the reply topic (SUBACK 0x87), before anything is published.
     cert, key = broker.pki.files("dev-b")
     argv = ["dev-a", "ping", "--broker-host", broker.host, "--port", str(broker.port)]
     argv += ["--ca", str(broker.ca), "--cert", str(cert), "--key", str(key), "--timeout", "1"]
-    with pytest.raises(CommandError, match=r"refused the command.*service certificate"):
+    with pytest.raises(CommandError, match=r"refused the reply subscription.*service cert"):
         run(argv)
