@@ -25,11 +25,13 @@ from millrace.wire.messages import (
     DeviceState,
     Heartbeat,
 )
+from millrace.wire.receipt import MAX_RECEIPT_RANGES, Receipt, receipts_for
 
 __all__ = [
     "CONTENT_TYPE_JSON",
     "CONTENT_TYPE_MSGPACK",
     "MAX_PAYLOAD_BYTES",
+    "MAX_RECEIPT_RANGES",
     "SCHEMA_VERSION",
     "Aggregate",
     "AlertMessage",
@@ -41,10 +43,12 @@ __all__ = [
     "Event",
     "EventValue",
     "Heartbeat",
+    "Receipt",
     "Rejection",
     "Window",
     "content_type_for",
     "decode_batch",
     "encode_batch",
     "merge_all",
+    "receipts_for",
 ]
