@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final
 
 from millrace.cloud.ingest.messages import Inbound
@@ -25,6 +26,9 @@ MAX_FAILED_DELIVERIES: Final = 5
 # Bounds the memory when charged messages are never delivered here again (another
 # worker of the share group took them); the oldest are forgotten first.
 MAX_TRACKED_MESSAGES: Final = 100_000
+# A message not seen again within this long went elsewhere (or its device gave up):
+# forgotten, so stale entries do not make every later message pay for a digest.
+FORGET_AFTER_SECONDS: Final = 3600.0
 
 MessageKey = tuple[str, bytes]
 
@@ -37,21 +41,35 @@ def message_key(msg: Inbound) -> MessageKey:
 class FailedDeliveries:
     """Thread-safe counts: the committer charges and clears, the main thread reads."""
 
-    def __init__(self, max_tracked: int = MAX_TRACKED_MESSAGES) -> None:
+    def __init__(
+        self,
+        max_tracked: int = MAX_TRACKED_MESSAGES,
+        *,
+        forget_after_s: float = FORGET_AFTER_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._lock = threading.Lock()
-        self._counts: OrderedDict[MessageKey, tuple[int, str]] = OrderedDict()
+        # key -> (failed deliveries, last failure, monotonic time of the last charge);
+        # in charge order, so the stalest entries are first.
+        self._counts: OrderedDict[MessageKey, tuple[int, str, float]] = OrderedDict()
         self._max_tracked = max_tracked
+        self._forget_after_s = forget_after_s
+        self._clock = clock
 
     def charge(self, messages: Iterable[Inbound], why: str) -> int:
         """One more failed delivery for each message; returns how many were charged."""
         charged = 0
+        now = self._clock()
         with self._lock:
             for msg in messages:
                 key = message_key(msg)
-                count, _ = self._counts.pop(key, (0, ""))
-                self._counts[key] = (count + 1, why)
+                count, _, _ = self._counts.pop(key, (0, "", now))
+                self._counts[key] = (count + 1, why, now)
                 charged += 1
-            while len(self._counts) > self._max_tracked:
+            while self._counts and (
+                len(self._counts) > self._max_tracked
+                or next(iter(self._counts.values()))[2] < now - self._forget_after_s
+            ):
                 self._counts.popitem(last=False)
         return charged
 
@@ -68,4 +86,10 @@ class FailedDeliveries:
         with self._lock:
             if not self._counts:
                 return 0, ""
-            return self._counts.get(message_key(msg), (0, ""))
+            stale = self._clock() - self._forget_after_s
+            while self._counts and next(iter(self._counts.values()))[2] < stale:
+                self._counts.popitem(last=False)
+            if not self._counts:
+                return 0, ""
+            count, why, _ = self._counts.get(message_key(msg), (0, "", 0.0))
+            return count, why

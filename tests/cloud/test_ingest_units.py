@@ -433,3 +433,15 @@ def test_failed_deliveries_count_per_topic_and_payload_and_clear_on_commit() -> 
     failed.charge([b, c], "x")  # over the cap: the oldest (a) is forgotten
     assert failed.failures(a) == (0, "")
     assert failed.failures(c) == (1, "x")
+
+
+def test_failed_deliveries_are_forgotten_when_the_message_does_not_come_back() -> None:
+    now = [0.0]
+    failed = FailedDeliveries(forget_after_s=60.0, clock=lambda: now[0])
+    a, b = (inbound("millrace/v1/d/dev-a/data", p) for p in (b"a", b"b"))
+    failed.charge([a], "boom")
+    now[0] = 30.0
+    failed.charge([b], "boom")
+    assert failed.failures(a) == (1, "boom")
+    now[0] = 61.0  # a went to another worker of the group: forgotten, b not yet
+    assert failed.failures(a) == (0, "") and failed.failures(b) == (1, "boom")
