@@ -20,15 +20,18 @@ MAX_UNIT_CHARS = 32
 # number finite and in a range a real agent can report (docs/cloud.md, "Births").
 MAX_VERSION_CHARS = 64
 MAX_CONFIG_HASH_CHARS = 128
-MAX_UNITS = 1024
-MAX_DRIVER_ERROR_KEYS = 256
-MAX_DRIVER_NAME_CHARS = 64
+# Counts: generous (the 64 KiB payload cap binds first); a gateway keys driver errors
+# by metric name (<= 100 chars) or `local_mqtt.<source>`.
+MAX_UNITS = 4096
+MAX_DRIVER_ERROR_KEYS = 4096
+MAX_DRIVER_NAME_CHARS = 128
 MAX_COUNTER = 2**63 - 1  # BIGINT: what the database stores counters in
 # 0 is allowed: a gateway whose clock reset to 1970 must still be able to say so.
 MAX_TS_MS = 4_102_444_800_000  # 2100-01-01
 MAX_AGE_SECONDS = 100 * 365 * 86_400.0
 MAX_CPU_PERCENT = 100_000.0  # 1000 cores at 100 %
-MAX_CERT_DAYS = 100 * 366.0
+# X.509 times run from 1950 to 9999-12-31: any certificate an operator can issue fits.
+MAX_CERT_DAYS = 3_000_000.0
 BOOT_ID_HEX_CHARS = 32
 DeviceStatus = Literal["online", "offline"]
 AlertState = Literal["active", "cleared"]

@@ -263,6 +263,8 @@ def test_good_births_and_heartbeats_pass_the_contract() -> None:
     assert DeviceState.from_json(_json(_GOOD_BIRTH, boot_id="", ts_ms=0)).boot_id == ""
     hb = Heartbeat.from_json(_json(_GOOD_HEARTBEAT))
     assert Heartbeat.from_json(hb.to_json()) == hb
+    # A certificate valid until 9999-12-31 (the end of X.509 time) is still reportable.
+    assert Heartbeat.from_json(_json(_GOOD_HEARTBEAT, cert_days_left=2_900_000.0))
 
 
 @pytest.mark.parametrize(
@@ -275,7 +277,7 @@ def test_good_births_and_heartbeats_pass_the_contract() -> None:
         ({"config_hash": "a\x00b"}, "config_hash: holds non-printable"),
         ({"config_hash": "h" * 129}, "config_hash: longer than 128"),
         ({"units": {"t": "deg\x00C"}}, "units\\['t'\\]: holds non-printable"),
-        ({"units": {f"m{i}": "x" for i in range(1025)}}, "more than 1024 metrics"),
+        ({"units": {f"m{i}": "x" for i in range(4097)}}, "more than 4096 metrics"),
         ({"boot_id": "not-hex"}, "boot_id: expected 32 lowercase hex"),
         ({"boot_id": "AB" * 16}, "boot_id: expected 32 lowercase hex"),
         ({"ts_ms": 10**30}, "ts_ms: .* is outside"),
@@ -305,7 +307,8 @@ def test_birth_with_unstorable_fields_is_refused_with_a_reason(
         ({"ts_ms": 10**30}, "ts_ms: .* is outside"),
         ({"driver_errors": {"mod\x00bus": 1}}, "driver_errors key: holds non-printable"),
         ({"driver_errors": {"modbus": 10**30}}, "driver_errors\\['modbus'\\]: .* is outside"),
-        ({"driver_errors": {f"d{i}": 1 for i in range(257)}}, "more than 256 drivers"),
+        ({"driver_errors": {f"d{i}": 1 for i in range(4097)}}, "more than 4096 drivers"),
+        ({"driver_errors": {"d" * 129: 1}}, "driver_errors key: longer than 128"),
         ({"cpu_percent": True}, "cpu_percent: wrong type bool"),
     ],
 )
