@@ -39,6 +39,7 @@ from millrace.cloud.ingest.deliveries import MAX_FAILED_DELIVERIES, FailedDelive
 from millrace.cloud.ingest.messages import Classified, DeadLetter, Inbound, Incoming
 from millrace.cloud.ingest.metrics import HealthServer, IngestMetrics, loop_health
 from millrace.cloud.ingest.store import BatchStore, DatabaseDown, Stored, describe, error_kind
+from millrace.cloud.ingest.writer import BatchWriter
 from millrace.cloud.retention import RetentionPolicy, RetentionScheduler
 from millrace.errors import IngestError
 
@@ -126,6 +127,10 @@ class Worker:
         self._store = BatchStore(
             lambda kind: self.metrics.db_errors.labels(kind).inc(),
             lambda outcome: self.metrics.transactions.labels(outcome).inc(),
+        )
+        # Per-device bounds from [limits]; dead letters over their rate are counted here.
+        self._store.writer = BatchWriter(
+            config.limits, on_suppressed=self.metrics.dead_letters_suppressed.inc
         )
         self._failed = FailedDeliveries()
         self._engine: AlertEngine | None = None
@@ -431,6 +436,8 @@ class Worker:
             m.rows.labels("events").inc(result.events)
             m.duplicates.inc(result.duplicate_batches)
             m.gaps.inc(result.gaps_opened)
+            m.gaps_dropped.inc(result.gaps_dropped)
+            m.metrics_refused.inc(result.metrics_refused)
         if acked < len(pending):
             log.info(
                 "committed %s messages, acked %s (the rest belong to a closed connection"
