@@ -240,7 +240,10 @@ def _try_login(config: DashboardConfig, name: str, password: str) -> None:
     outcome, record = check_login(users(config.auth.users_file), name, password, source=source)
     if outcome is LoginOutcome.THROTTLED:
         logger.warning("login throttled: user=%s source=%s", name, source)
-        st.error("Too many failed sign-ins for this user. Wait a few minutes and try again.")
+        st.error(
+            "Too many failed sign-ins for this user or from this address. "
+            "Wait a few minutes and try again."
+        )
         return
     if record is None:
         logger.warning("login failed: user=%s source=%s", name, source)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from millrace.dashboards.throttle import MAX_FAILURES_PER_SOURCE
 from millrace.dashboards.users import add_user, load_users, save_users
 from tests.dashboards.conftest import Plant, write_config
 from tests.dashboards.test_browser import (
@@ -105,5 +106,52 @@ def test_deleted_account_gets_no_data_on_the_next_fragment_rerun(dashboard: Dash
             assert page.locator('[data-testid="stMetric"]').count() == 0
             assert page.locator(FRESHNESS).count() == 0
             assert page.locator('[data-testid="stTopNavLink"]').count() == 0
+        finally:
+            browser.close()
+
+
+def _sign_in(browser, url: str, name: str, password: str, *, source: str) -> str:  # type: ignore[no-untyped-def]
+    """One sign-in from a fresh tab whose requests carry X-Forwarded-For: `source`."""
+    from playwright.sync_api import expect
+
+    context = browser.new_context(viewport=VIEWPORT, extra_http_headers={"X-Forwarded-For": source})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(PAGE_TIMEOUT_MS)
+        page.goto(f"{url}/")
+        expect(page.get_by_role("button", name="Sign in")).to_be_visible()
+        _settle(page)
+        page.get_by_role("textbox", name="User name").fill(name)
+        page.get_by_role("textbox", name="Password").fill(password)
+        page.get_by_role("button", name="Sign in").click()
+        outcome = page.locator(
+            '[data-testid="stAlertContentError"], [data-testid="stHeading"]:has-text("Overview")'
+        ).first
+        expect(outcome).to_be_visible()
+        return outcome.inner_text()
+    finally:
+        context.close()
+
+
+def test_one_source_is_refused_after_its_limit_of_failed_names(dashboard: Dashboard) -> None:
+    """The dashboard sits behind a proxy on loopback: the X-Forwarded-For client is the source."""
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=PAGE_TIMEOUT_MS)
+    attacker, other = "203.0.113.5", "198.51.100.9"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            for i in range(MAX_FAILURES_PER_SOURCE):
+                shown = _sign_in(
+                    browser, dashboard.url, f"guess{i}", "wrong-guess", source=attacker
+                )
+                assert shown == "Wrong user name or password.", (i, shown)
+            # The right password of a real account: refused unchecked from that source ...
+            shown = _sign_in(browser, dashboard.url, NAME, PASSWORD, source=attacker)
+            assert shown.startswith("Too many failed sign-ins"), shown
+            # ... while the same account signs in from another address.
+            shown = _sign_in(browser, dashboard.url, NAME, PASSWORD, source=other)
+            assert shown == "Overview", shown
         finally:
             browser.close()
