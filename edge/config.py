@@ -58,6 +58,12 @@ class BrokerConfig(BrokerConnection):
     reconnect_max_s: float = 60.0
     backlog_batches_per_s: float = 20.0
     max_inflight: int = 20
+    # A batch the broker took but the cloud has not receipted is sent again after a wait
+    # drawn from [receipt_wait_s, 2 * receipt_wait_s] (30-60 s by default).
+    receipt_wait_s: float = 30.0
+    # PUBACK "no matching subscribers" pauses and resends at once (an optimisation: the
+    # receipt wait alone keeps those batches too). Off only to test that.
+    resend_unrouted: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +263,8 @@ def _broker(root: Table) -> BrokerConfig:
             "backlog_batches_per_s", 20.0, low=0.0, low_open=True, high=100_000.0
         ),
         max_inflight=t.integer("max_inflight", 20, low=1, high=65535),
+        receipt_wait_s=t.number("receipt_wait_s", 30.0, low=0.0, low_open=True, high=86400.0),
+        resend_unrouted=t.boolean("resend_unrouted", True),
     )
     if broker.reconnect_max_s < broker.reconnect_min_s:
         raise t.error("reconnect_max_s", "must be >= reconnect_min_s")

@@ -1,4 +1,4 @@
-"""The durable outbox: batches wait in SQLite (WAL) until the broker acknowledges them.
+"""The durable outbox: batches wait in SQLite (WAL) until the cloud receipts them.
 
 One transaction per flush, one per group of acknowledgements; nothing per
 reading (SD cards wear out). Ids only grow (AUTOINCREMENT), so the publisher
@@ -306,6 +306,49 @@ class Outbox:
             self._count -= removed
             self._bytes -= size
         return removed
+
+    def apply_receipt(
+        self, boot_id: str, watermark: int, ranges: Sequence[tuple[int, int]]
+    ) -> list[int]:
+        """Delete the batches a cloud receipt covers (one transaction); return their ids.
+
+        Only a receipt deletes: it says the database has the batch, where a PUBACK
+        only says the broker has it (docs/guarantees.md).
+        """
+        removed: list[int] = []
+        size = 0
+        with self._lock:
+            with self._transaction() as db:
+                spans = [(-1, watermark), *ranges]
+                for low, high in spans:
+                    for row_id, row_size in db.execute(
+                        "DELETE FROM batches WHERE boot_id = ? AND seq BETWEEN ? AND ?"
+                        " RETURNING id, size",
+                        (boot_id, low, high),
+                    ).fetchall():
+                        removed.append(int(row_id))
+                        size += row_size
+            self._count -= len(removed)
+            self._bytes -= size
+        return removed
+
+    def rows_by_ids(self, ids: Iterable[int]) -> list[Row]:
+        """The stored batches among `ids`, oldest first (receipted ones are gone)."""
+        wanted = sorted(set(ids))
+        if not wanted:
+            return []
+        with self._lock:
+            out: list[Row] = []
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                cur = self._db.execute(
+                    "SELECT id, boot_id, seq, encoding, payload FROM batches"
+                    f" WHERE id IN ({marks}) ORDER BY id",
+                    chunk,
+                )
+                out.extend(Row(*row) for row in cur.fetchall())
+            return out
 
     def rows_after(self, after_id: int, *, limit: int, upto_id: int | None = None) -> list[Row]:
         """Stored batches with after_id < id (<= upto_id), oldest first."""

@@ -1,8 +1,10 @@
 """The publisher: drains the outbox to the plant broker over mutual TLS, QoS 1.
 
 It runs on its own thread, so sampling never waits on the network. paho's
-callbacks only enqueue (acks, commands); this thread deletes acknowledged
-batches from the outbox. After a (re)connect, batches already stored are
+callbacks only enqueue (acks, receipts, commands). A PUBACK only says the broker
+took a batch: it stays in the outbox until the cloud's receipt (committed in the
+database) deletes it, and is sent again after a jittered wait if none comes
+(edge/receipts.py; docs/guarantees.md). After a (re)connect, batches already stored are
 backlog and drain at a bounded rate, oldest first; batches written while
 connected are live and go out at once, so a long backlog never delays fresh
 data. Each connection is a fresh paho client; reconnects use jittered
@@ -24,10 +26,11 @@ from millrace.edge.config import AgentConfig
 from millrace.edge.health import will_message
 from millrace.edge.outbox import Outbox, Row
 from millrace.edge.pacing import Backoff, TokenBucket
+from millrace.edge.receipts import Unreceipted
 from millrace.errors import MillraceError, WireError
 from millrace.mqtt import tls_client
-from millrace.topics import cmd_filter, data_topic, parse_topic, state_topic
-from millrace.wire import CONTENT_TYPE_JSON, content_type_for
+from millrace.topics import cmd_filter, data_topic, parse_topic, receipt_topic, state_topic
+from millrace.wire import CONTENT_TYPE_JSON, Receipt, content_type_for
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ class PublisherStats:
     acked: int = 0
     refused: int = 0
     unrouted: int = 0  # PUBACKs saying nobody subscribes: the batch stays in the outbox
+    receipted: int = 0  # batches deleted from the outbox on a cloud receipt
+    resent: int = 0  # batches sent again because no receipt came in time
 
 
 class Publisher:
@@ -81,6 +86,8 @@ class Publisher:
         self._goodbye_said = False
         self._unthrottled = False
         self._acks: queue.SimpleQueue[tuple[int, bool, bool, str]] = queue.SimpleQueue()
+        self._receipts: queue.SimpleQueue[Receipt] = queue.SimpleQueue()
+        self._receipt_topic = receipt_topic(config.device_id)
         self._client: Any = None
         self._client_lock = threading.Lock()
         self._connected = threading.Event()
@@ -195,6 +202,7 @@ class Publisher:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         self._connack.clear()
         self._connack_error = "no CONNACK from the broker"
         try:
@@ -259,14 +267,35 @@ class Publisher:
         self._acks.put((mid, failed, unrouted, str(reason)))
         self._wake.set()
 
+    def _on_subscribe(self, client: Any, userdata: Any, mid: Any, reasons: Any, props: Any) -> None:
+        refused = [str(r) for r in reasons if getattr(r, "is_failure", False)]
+        if refused:
+            log.error(
+                "broker refused a subscription (%s): without %s no batch leaves the outbox;"
+                " the broker ACL must let a device read its own receipt topic",
+                ", ".join(refused),
+                self._receipt_topic,
+            )
+
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
         try:
             topic = parse_topic(message.topic)
         except WireError:
             log.warning("ignoring message on unexpected topic %s", message.topic)
             return
-        if topic.kind == "cmd" and topic.device_id == self.config.device_id and topic.command:
+        if topic.device_id != self.config.device_id:
+            return
+        if topic.kind == "cmd" and topic.command:
             self.on_command(topic.command, bytes(message.payload))
+        elif topic.kind == "receipt":
+            try:
+                receipt = Receipt.from_json(bytes(message.payload))
+            except WireError as exc:
+                log.warning("ignoring an invalid receipt: %s", exc)
+                return
+            if receipt.device == self.config.device_id:
+                self._receipts.put(receipt)
+                self._wake.set()
 
     # ---------------------------------------------------------------- the publish loop
 
@@ -276,7 +305,7 @@ class Publisher:
         )
         if birth.rc != 0:
             return
-        client.subscribe(cmd_filter(self.config.device_id), qos=1)
+        client.subscribe([(cmd_filter(self.config.device_id), 1), (self._receipt_topic, 1)])
         broker = self.config.broker
         boundary = self.outbox.max_id()  # stored before this connection: backlog
         backlog_cursor, live_cursor = 0, boundary
@@ -291,10 +320,12 @@ class Publisher:
             min_s=UNROUTED_RETRY_MIN_SECONDS, max_s=UNROUTED_RETRY_MAX_SECONDS
         )
         resend_at: float | None = None
+        waiting = Unreceipted(wait_s=broker.receipt_wait_s)
         while self.connected:
             self._wake.clear()
             acked_before = self.stats.acked
-            unrouted = self._take_acks(inflight)
+            unrouted = self._take_acks(inflight, waiting, time.monotonic())
+            self._take_receipts(waiting)
             if self.stats.acked > acked_before and not unrouted:
                 unrouted_backoff.reset()
             if unrouted and resend_at is None:
@@ -315,6 +346,7 @@ class Publisher:
                 resend_at = None
                 boundary = self.outbox.max_id()
                 backlog_cursor, live_cursor, backlog_done = 0, boundary, False
+                waiting.clear()  # all of the outbox goes again as backlog
             room = broker.max_inflight - len(inflight)
             if room > 0:
                 for row in self.outbox.rows_after(live_cursor, limit=room):
@@ -336,8 +368,13 @@ class Publisher:
                 if not self._send(client, rows[0], inflight):
                     return
                 backlog_cursor = rows[0].id
+            if not self._resend_due(client, inflight, waiting, bucket):
+                return
+            next_due = waiting.next_due()
+            if next_due is not None:
+                wait = min(wait, max(0.001, next_due - time.monotonic()))
             if self._final_deadline is not None:
-                idle = backlog_done and not inflight
+                idle = backlog_done and not inflight and not waiting
                 caught_up = not self.outbox.rows_after(live_cursor, limit=1)
                 if (idle and caught_up) or time.monotonic() >= self._final_deadline:
                     self._say_goodbye(client)
@@ -356,9 +393,42 @@ class Publisher:
         self.stats.published += 1
         return True
 
-    def _take_acks(self, inflight: dict[int, int]) -> int:
-        """Delete acknowledged batches from the outbox; returns how many nobody received."""
-        done: list[int] = []
+    def _resend_due(
+        self, client: Any, inflight: dict[int, int], waiting: Unreceipted, bucket: TokenBucket
+    ) -> bool:
+        """Send again, paced like the backlog, the batches whose receipt is overdue.
+
+        False if a publish failed (the caller reconnects).
+        """
+        broker = self.config.broker
+        while len(inflight) < broker.max_inflight:
+            now = time.monotonic()
+            next_due = waiting.next_due()
+            if next_due is None or next_due > now:
+                return True
+            if not self._unthrottled and not bucket.take(now):
+                return True
+            due = waiting.due(now, limit=1)
+            for row in self.outbox.rows_by_ids(due):  # empty if receipted meanwhile
+                log.info("no receipt for batch %s/%d yet; sending it again", row.boot_id, row.seq)
+                if not self._send(client, row, inflight):
+                    return False
+                self.stats.resent += 1
+        return True
+
+    def _take_receipts(self, waiting: Unreceipted) -> None:
+        """Delete the batches the cloud's receipts cover; only this deletes sent batches."""
+        while True:
+            try:
+                receipt = self._receipts.get_nowait()
+            except queue.Empty:
+                return
+            removed = self.outbox.apply_receipt(receipt.boot_id, receipt.watermark, receipt.ranges)
+            waiting.forget(removed)
+            self.stats.receipted += len(removed)
+
+    def _take_acks(self, inflight: dict[int, int], waiting: Unreceipted, now: float) -> int:
+        """Note what the broker took (kept until receipted); returns how many nobody received."""
         unrouted_batches = 0
         while True:
             try:
@@ -369,18 +439,17 @@ class Publisher:
             if row_id is None:
                 continue  # a birth, health or reply message
             if unrouted:
-                unrouted_batches += 1
                 self.stats.unrouted += 1
-                continue
+                if self.config.broker.resend_unrouted:
+                    unrouted_batches += 1
+                    continue
             if failed:
-                # Kept in the outbox: resent after the next reconnect, dropped by the age cap.
+                # Kept in the outbox: resent after the receipt wait, dropped by the age cap.
                 self.stats.refused += 1
                 log.error("broker refused batch %d: %s", row_id, reason)
-                continue
-            done.append(row_id)
-        if done:
-            self.outbox.ack(done)
-            self.stats.acked += len(done)
+            else:
+                self.stats.acked += 1
+            waiting.sent(row_id, now)
         return unrouted_batches
 
     def _say_goodbye(self, client: Any) -> None:

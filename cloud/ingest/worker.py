@@ -38,6 +38,7 @@ from millrace.cloud.ingest.consumer import Consumer
 from millrace.cloud.ingest.deliveries import MAX_FAILED_DELIVERIES, FailedDeliveries
 from millrace.cloud.ingest.messages import Classified, DeadLetter, Inbound, Incoming
 from millrace.cloud.ingest.metrics import HealthServer, IngestMetrics, loop_health
+from millrace.cloud.ingest.receipts import ReceiptReader, streams_of
 from millrace.cloud.ingest.store import BatchStore, DatabaseDown, Stored, describe, error_kind
 from millrace.cloud.ingest.writer import BatchWriter
 from millrace.cloud.retention import RetentionPolicy, RetentionScheduler
@@ -133,6 +134,7 @@ class Worker:
             config.limits, on_suppressed=self.metrics.dead_letters_suppressed.inc
         )
         self._failed = FailedDeliveries()
+        self._receipts = ReceiptReader()
         self._engine: AlertEngine | None = None
         self._last_turn = time.monotonic()
         self._next_no_data = time.monotonic() + config.no_data_check_s
@@ -410,6 +412,30 @@ class Worker:
             for alert in stored.alerts:
                 if consumer.publish(topics.alert_topic(alert.device), alert.to_json()):
                     self.metrics.alerts.inc()
+            self._send_receipts(consumer, pending, stored)
+
+    def _send_receipts(self, consumer: Consumer, pending: list[_Pending], stored: Stored) -> None:
+        """Tell each device what is committed (after COMMIT; read from the ledger).
+
+        A receipt that is not sent is no loss: the edge sends the batch again and the
+        duplicate is receipted then.
+        """
+        batches = [
+            p.item.batch
+            for p in pending
+            if isinstance(p.item, Incoming) and id(p.item) not in stored.refused
+        ]
+        if not batches or self._conn is None:
+            return
+        try:
+            receipts = self._receipts.receipts(self._conn, streams_of(batches))
+        except psycopg.Error as exc:
+            self.metrics.db_errors.labels(error_kind(self._conn, exc)).inc()
+            log.warning("receipts not sent (edges will resend): %s", describe(exc))
+            return
+        for receipt in receipts:
+            if not consumer.publish(topics.receipt_topic(receipt.device), receipt.to_json()):
+                log.info("receipt for %s not sent: broker not connected", receipt.device)
 
     def _account(
         self, pending: list[_Pending], stored: Stored, commit_s: float, acked: int

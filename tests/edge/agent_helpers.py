@@ -17,8 +17,8 @@ from typing import Any
 
 from millrace.edge.agent import Agent
 from millrace.edge.config import AgentConfig, load_config
-from millrace.topics import data_topic, health_topic, state_topic
-from millrace.wire import Batch, CommandReply, DeviceState, Heartbeat, decode_batch
+from millrace.topics import data_topic, health_topic, receipt_topic, state_topic
+from millrace.wire import Batch, CommandReply, DeviceState, Heartbeat, Receipt, decode_batch
 
 MILLRACE = Path(sys.executable).with_name("millrace")
 SERVICE_CERT = "svc-test"
@@ -89,12 +89,17 @@ class Received:
 
 
 class Collector:
-    """Everything a service identity sees of one device (data, state, health, replies)."""
+    """Everything a service identity sees of one device (data, state, health, replies).
 
-    def __init__(self, device: str) -> None:
+    Stands in for the cloud: with `receipts` it receipts every batch it receives, as an
+    ingest worker does after its commit, so the agent empties its outbox.
+    """
+
+    def __init__(self, device: str, *, receipts: bool = True) -> None:
         self.device = device
         self.messages: list[Received] = []
         self._cond = threading.Condition()
+        self.receipts = receipts
 
     @property
     def filters(self) -> list[tuple[str, int]]:
@@ -112,6 +117,11 @@ class Collector:
         with self._cond:
             self.messages.append(item)
             self._cond.notify_all()
+        if self.receipts and msg.topic.endswith("/data"):
+            batch = decode_batch(item.payload, content_type=ctype)
+            if isinstance(batch, Batch):
+                receipt = Receipt(batch.device, batch.boot_id, -1, ((batch.seq, batch.seq),))
+                client.publish(receipt_topic(batch.device), receipt.to_json(), qos=1)
 
     def attach(self, mqtt_connect: Callable[..., Any], server: Any, client_id: str) -> Any:
         """Connect with a persistent session (so nothing is missed across broker restarts)."""

@@ -189,13 +189,27 @@ def test_outbox_cap_drops_oldest_and_reports_the_exact_count(
         )
         collector.wait(lambda c: not agent.outbox.stats().batches, 30, "the outbox to drain")
         collector.wait(lambda c: len(c.of("/data")) >= 3 + 5, 10, "more data")
+        # Batches leave on receipts, a round trip after the PUBACK, so the last drop of the
+        # drain may be newer than the last heartbeat and batch: wait until both carry it.
+        settled = agent.outbox.dropped_total
+        collector.wait(
+            lambda c: (
+                any(h.dropped_batches >= settled for h in c.heartbeats())
+                and any(b.dropped >= settled for b in c.batches())
+            ),
+            30,
+            "the final drop count reported",
+        )
         boot_id = agent.boot_id
         final_dropped = agent.outbox.dropped_total
 
     batches = first_arrivals(collector.batches())
     seqs = sorted(b.seq for b in batches if b.boot_id == boot_id)
     missing = sorted(set(range(seqs[-1] + 1)) - set(seqs))
-    assert len(missing) == final_dropped > 0
+    # A batch leaves the outbox on a receipt, so the cap may drop one that was already sent
+    # and is only waiting for its receipt: the count bounds the loss, the cloud's gaps
+    # (not the edge) tell the exact loss.
+    assert 0 < len(missing) <= final_dropped
     assert missing == list(range(missing[0], missing[-1] + 1)), "drops were not the oldest"
     beat = [h for h in collector.heartbeats() if h.dropped_batches][-1]
     assert beat.dropped_batches == final_dropped

@@ -1,0 +1,109 @@
+"""Receipts: after a commit, tell each device which of its batches the database holds.
+
+An edge deletes a batch from its outbox only on a receipt (docs/guarantees.md), so
+receipts are read back from the ingest ledger after COMMIT, never from what this
+worker remembers: a batch that is already in the ledger (a duplicate, resent because
+its receipt was lost) is receipted again, and a restarted worker answers the same.
+One query per (device, boot_id) stream touched by the commit batch, one receipt per
+stream (split only past MAX_RECEIPT_RANGES ranges). The watermark is the end of the
+stream's run of seqs contiguous from 0; this worker caches it per stream (the ledger
+only grows within its retention), so each query reads only the seqs above it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any, Final
+
+import psycopg
+
+from millrace.wire import Batch, Receipt, receipts_for
+from millrace.wire.receipt import NO_WATERMARK
+
+log = logging.getLogger(__name__)
+
+# Seqs read above the cached watermark per stream and commit; a stream with a hole
+# (batches its outbox cap dropped) keeps its ranges from these plus the commit's own.
+MAX_SEQS_READ: Final = 4096
+# Streams whose watermark is cached; the oldest is forgotten first (it is re-read).
+MAX_CACHED_STREAMS: Final = 100_000
+
+_SEQS_ABOVE: Final = """
+SELECT l.seq FROM ingest_ledger l JOIN devices d ON d.id = l.device_id
+WHERE d.name = %s AND l.boot_id = %s AND l.seq > %s
+ORDER BY l.seq LIMIT %s
+"""
+
+Stream = tuple[str, str]  # device, boot_id
+
+
+def streams_of(batches: Iterable[Batch]) -> dict[Stream, set[int]]:
+    """The seqs of each (device, boot_id) stream in a commit batch."""
+    out: dict[Stream, set[int]] = defaultdict(set)
+    for batch in batches:
+        out[(batch.device, batch.boot_id)].add(batch.seq)
+    return dict(out)
+
+
+def advance_watermark(watermark: int, seqs_above: Iterable[int]) -> int:
+    """The end of the contiguous run from `watermark` + 1 through sorted `seqs_above`."""
+    for seq in seqs_above:
+        if seq != watermark + 1:
+            break
+        watermark = seq
+    return watermark
+
+
+class ReceiptReader:
+    """Builds receipts from the ledger for one worker (committer thread only)."""
+
+    def __init__(self) -> None:
+        self._watermarks: dict[Stream, int] = {}
+
+    def receipts(
+        self, conn: psycopg.Connection[Any], streams: dict[Stream, set[int]]
+    ) -> list[Receipt]:
+        """Receipts for `streams` (seqs just committed or found already committed).
+
+        Only seqs the ledger holds are receipted: a batch the database refused is not.
+        """
+        now_ms = time.time_ns() // 1_000_000
+        out: list[Receipt] = []
+        for (device, boot_id), committed in sorted(streams.items()):
+            old = self._watermarks.get((device, boot_id), NO_WATERMARK)
+            rows = conn.execute(
+                _SEQS_ABOVE, (device, uuid.UUID(hex=boot_id), old, MAX_SEQS_READ)
+            ).fetchall()
+            seqs = [int(r[0]) for r in rows]
+            watermark = advance_watermark(old, seqs)
+            self._remember((device, boot_id), watermark)
+            in_ledger = set(seqs)
+            # The commit's own seqs beyond what was read must be checked too (a long hole).
+            beyond = sorted(s for s in committed if s > watermark and s not in in_ledger)
+            if beyond and len(seqs) == MAX_SEQS_READ:
+                in_ledger |= self._present(conn, device, boot_id, beyond)
+            listed = [s for s in in_ledger if s > watermark]
+            out.extend(receipts_for(device, boot_id, watermark, listed, ts_ms=now_ms))
+        return out
+
+    def _present(
+        self, conn: psycopg.Connection[Any], device: str, boot_id: str, seqs: list[int]
+    ) -> set[int]:
+        rows = conn.execute(
+            "SELECT l.seq FROM ingest_ledger l JOIN devices d ON d.id = l.device_id"
+            " WHERE d.name = %s AND l.boot_id = %s AND l.seq = ANY(%s)",
+            (device, uuid.UUID(hex=boot_id), seqs),
+        ).fetchall()
+        return {int(r[0]) for r in rows}
+
+    def _remember(self, stream: Stream, watermark: int) -> None:
+        if watermark == NO_WATERMARK:
+            return
+        self._watermarks.pop(stream, None)
+        self._watermarks[stream] = watermark  # newest last
+        if len(self._watermarks) > MAX_CACHED_STREAMS:
+            del self._watermarks[next(iter(self._watermarks))]
