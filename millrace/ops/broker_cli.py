@@ -82,4 +82,6 @@ def _sync(args: argparse.Namespace) -> int:
         print(f"added {name}")
     for name in result.removed:
         print(f"removed {name}")
+    for name in result.changed:
+        print(f"changed {name}")
     return 0

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC = CONTROL_TOPIC + "/response"
 TIMEOUT_SECONDS = 10.0
+ADMIN_ROLE = "broker-admin"
 # Answers that mean "already as wanted" when re-applying the whole state.
 HARMLESS_ERRORS = (
     "Role already exists",
@@ -42,25 +43,46 @@ class SyncResult:
 
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+
+
+def _role_names(client: dict[str, Any]) -> set[str]:
+    return {r["rolename"] for r in client.get("roles", [])}
 
 
 def plan_commands(
-    desired: dict[str, Any], current_clients: Iterable[str]
+    desired: dict[str, Any], current_clients: Iterable[dict[str, Any]]
 ) -> tuple[list[dict[str, Any]], SyncResult]:
-    """Dynsec commands turning `current_clients` into the clients and roles of `desired`."""
+    """Dynsec commands turning `current_clients` (verbose listClients entries) into `desired`.
+
+    A client whose roles differ (an id revoked and re-issued in the other role without a
+    sync in between) is modified, which also disconnects it. Admin rights are only ever
+    granted by `broker config --admin`, so a sync neither adds nor removes ADMIN_ROLE.
+    """
     wanted = {c["username"]: c for c in desired["clients"]}
-    current = set(current_clients)
+    current = {c["username"]: c for c in current_clients}
     result = SyncResult()
     commands: list[dict[str, Any]] = [
         {"command": "createRole", "rolename": r["rolename"], "acls": r["acls"]}
         for r in desired["roles"]
     ]
-    for name in sorted(set(wanted) - current):
+    for name in sorted(set(wanted) - set(current)):
         result.added.append(name)
         commands.append(
             {"command": "createClient", "username": name, "roles": wanted[name]["roles"]}
         )
-    for name in sorted(current - set(wanted)):
+    for name in sorted(set(wanted) & set(current)):
+        have = _role_names(current[name])
+        if _role_names(wanted[name]) - {ADMIN_ROLE} == have - {ADMIN_ROLE}:
+            continue
+        roles = [r for r in wanted[name]["roles"] if r["rolename"] != ADMIN_ROLE]
+        if ADMIN_ROLE in have:
+            roles.append({"rolename": ADMIN_ROLE, "priority": 0})
+        result.changed.append(name)
+        commands.append({"command": "modifyClient", "username": name, "roles": roles})
+        if f"device-{name}" in have - _role_names(wanted[name]):
+            commands.append({"command": "deleteRole", "rolename": f"device-{name}"})
+    for name in sorted(set(current) - set(wanted)):
         result.removed.append(name)
         commands.append({"command": "deleteClient", "username": name})
         commands.append({"command": "deleteRole", "rolename": f"device-{name}"})
@@ -132,7 +154,7 @@ def sync_running_broker(
     desired = json.loads(render_dynsec_for(pki_dir, admins))
     control = _Control(host, port, Path(pki_dir), admin_id)
     try:
-        listed = control.run([{"command": "listClients", "count": -1}])
+        listed = control.run([{"command": "listClients", "verbose": True, "count": -1}])
         current = listed[0].get("data", {}).get("clients", [])
         commands, result = plan_commands(desired, current)
         for response in control.run(commands):
@@ -141,5 +163,10 @@ def sync_running_broker(
                 raise MillraceError(f"broker refused {response.get('command')}: {error}")
     finally:
         control.close()
-    log.info("broker roles synced: added %s, removed %s", result.added, result.removed)
+    log.info(
+        "broker roles synced: added %s, removed %s, changed %s",
+        result.added,
+        result.removed,
+        result.changed,
+    )
     return result

@@ -34,6 +34,7 @@ from millrace.errors import ConfigError, PKIError
 from millrace.mqtt import tls_client
 from millrace.ops import broker as broker_config
 from millrace.ops import pki
+from millrace.ops.broker_sync import plan_commands
 from millrace.wire import MAX_PAYLOAD_BYTES
 from tests.fixtures.fix_broker import ADMIN_ID, BIND_ADDRESS, MosquittoServer, PKIFixture
 
@@ -724,3 +725,46 @@ def test_tls_client_resumes_a_persistent_session(
     mqtt_connect(client_id, "svc-test", clean_start=False, on_message=on_message)
     assert arrived.wait(WAIT_SECONDS)
     assert got == [payload]
+
+
+def test_sync_plan_adds_deletes_and_fixes_a_changed_role_but_never_admin_rights() -> None:
+    desired = json.loads(
+        broker_config.render_dynsec(
+            device_ids=["dev-a", "flip"], service_ids=["svc-a", "adm"], admin_ids=["adm"]
+        )
+    )
+
+    def listed(name: str, *roles: str) -> dict[str, Any]:
+        return {"username": name, "roles": [{"rolename": r} for r in roles]}
+
+    current = [
+        listed("dev-a", "device-dev-a"),  # as wanted
+        listed("gone", "device-gone"),  # revoked
+        listed("flip", "service"),  # revoked as a service, re-issued as a device
+        listed("svc-a", "service", "broker-admin"),  # admin by an earlier config
+        listed("adm", "service", "broker-admin"),
+    ]
+    commands, result = plan_commands(desired, current)
+    assert (result.added, result.removed, result.changed) == ([], ["gone"], ["flip"])
+    by_kind = [(c["command"], c.get("username") or c.get("rolename")) for c in commands]
+    assert ("deleteClient", "gone") in by_kind and ("deleteRole", "device-gone") in by_kind
+    assert ("modifyClient", "flip") in by_kind
+    assert ("deleteRole", "device-flip") not in by_kind  # its new role stays
+    assert not any(kind == "modifyClient" and who == "svc-a" for kind, who in by_kind)
+    created = {c["rolename"] for c in commands if c["command"] == "createRole"}
+    assert {"device-dev-a", "device-flip", "service", "broker-admin"} <= created
+
+
+@pytest.mark.security
+def test_sync_gives_an_id_reissued_in_the_other_role_only_its_new_rights(
+    broker_factory: Callable[..., MosquittoServer], mqtt_connect: Connect
+) -> None:
+    server = broker_factory()
+    ident = _unique("flip")
+    server.pki.issue(ident, role="service")
+    pki.revoke(server.pki.dir, ident)  # no sync in between: the broker still has it
+    server.pki.issue(ident)  # a device now; the fixture syncs
+    device = Acks(mqtt_connect(_unique(ident), ident, server=server))
+    assert not device.publish(f"millrace/v1/d/{ident}/data", b"x").is_failure
+    assert device.subscribe("millrace/v1/d/+/data").value == NOT_AUTHORIZED
+    assert device.publish("millrace/v1/d/dev-a/cmd/ping", b"{}").value == NOT_AUTHORIZED
