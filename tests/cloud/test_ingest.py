@@ -431,16 +431,19 @@ def test_a_value_psycopg_cannot_send_is_poison_not_an_outage(ingest_db: IngestDb
         StateItem(unchecked_birth("nul-ok-1", "1.0"), now),
         StateItem(unchecked_birth("nul-bad", "1.0\x00evil"), now),
         StateItem(unchecked_birth("nul-ok-2", "2.0"), now),
+        StateItem(unchecked_birth("surrogate-bad", "1.0\ud800"), now),
     ]
     outcomes: list[str] = []
     with psycopg.connect(ingest_db.ingest_dsn, autocommit=True) as conn:
         stored = BatchStore(lambda _kind: None, outcomes.append).store(conn, items, None)
-    assert list(stored.refused) == [id(items[1])]
+    assert sorted(stored.refused) == sorted([id(items[1]), id(items[3])])
     letter = stored.refused[id(items[1])]
     assert letter.code == "db_poison" and "NUL" in letter.reason
+    assert stored.refused[id(items[3])].code == "db_poison"
     assert query(ingest_db.owner_dsn, "SELECT name, agent_version FROM devices ORDER BY 1") == [
         ("nul-ok-1", "1.0"),
         ("nul-ok-2", "2.0"),
     ]
-    assert scalar(ingest_db.owner_dsn, "SELECT count(*) FROM dead_letters") == 1
-    assert outcomes.count("committed") == 3  # two halves and the dead letter
+    assert scalar(ingest_db.owner_dsn, "SELECT count(*) FROM dead_letters") == 2
+    # [4] -> [2] -> ok-1 and the NUL's letter; [2] -> ok-2 and the surrogate's letter.
+    assert outcomes.count("committed") == 4
