@@ -319,3 +319,47 @@ def test_broker_restart_loses_nothing_without_the_no_subscribers_special_case(
             )
             checked = settle_and_check_exactly_once(ingest_db.owner_dsn, fleet)
     assert checked >= 2 * 4
+
+
+@pytest.mark.faults
+def test_a_shared_group_member_that_dies_for_good_loses_nothing(
+    broker_factory: Any, test_pki: Any, ingest_db: IngestDb, tmp_path: Path
+) -> None:
+    """The dead member's session keeps its share queued; the edges resend it to the living."""
+    server = broker_factory()
+    dead_path = write_config(
+        tmp_path / "dead.toml",
+        server=server,
+        dsn=ingest_db.ingest_dsn,
+        client_id="rcpt-dead",
+        group="rcpt-pair",
+    )
+    dead = WorkerProcess(dead_path, tmp_path / "dead.log")
+    dead.mark()
+    dead.start()
+    living = make_config(
+        tmp_path, server=server, dsn=ingest_db.ingest_dsn, client_id="rcpt-live", group="rcpt-pair"
+    )
+    try:
+        dead.wait_subscribed()
+        with running_worker(living), agents(server, test_pki, tmp_path, 2) as fleet:
+            wait_for(
+                lambda: all(
+                    len(keys_of(a.produced()) & ledger_keys(ingest_db.owner_dsn)) >= 2
+                    for a in fleet
+                ),
+                timeout_s=WAIT_SECONDS,
+                what="batches stored by the pair",
+            )
+            dead.kill()  # for good: its session (and its share of the batches) stays queued
+            base = [_acked_fresh(a) for a in fleet]
+            wait_for(
+                lambda: all(_acked_fresh(a) >= n + 4 for a, n in zip(fleet, base, strict=True)),
+                timeout_s=WAIT_SECONDS,
+                what="batches PUBACKed after the death",
+            )
+            checked = settle_and_check_exactly_once(ingest_db.owner_dsn, fleet)
+            assert sum(a.agent.publisher.stats.resent for a in fleet) >= 1
+    finally:
+        dead.close()
+    assert checked >= 2 * 6
