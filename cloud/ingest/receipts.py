@@ -8,6 +8,11 @@ One query per (device, boot_id) stream touched by the commit batch, one receipt 
 stream (split only past MAX_RECEIPT_RANGES ranges). The watermark is the end of the
 stream's run of seqs contiguous from 0; this worker caches it per stream (the ledger
 only grows within its retention), so each query reads only the seqs above it.
+
+A decodable batch the cloud refuses for good (dead-lettered: too old, in the future,
+poison) is receipted too, from its dead letter: it is kept in `dead_letters` for an
+operator, and resending it every 30-60 s for the outbox's lifetime would only add
+copies there. A batch claiming another device than its topic's is never receipted.
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ from typing import Any, Final
 
 import psycopg
 
-from millrace.wire import Batch, Receipt, receipts_for
+from millrace import topics
+from millrace.cloud.ingest.messages import DeadLetter
+from millrace.errors import WireError
+from millrace.wire import Batch, Receipt, decode_batch, receipts_for
 from millrace.wire.receipt import NO_WATERMARK
 
 log = logging.getLogger(__name__)
@@ -47,6 +55,25 @@ def streams_of(batches: Iterable[Batch]) -> dict[Stream, set[int]]:
     for batch in batches:
         out[(batch.device, batch.boot_id)].add(batch.seq)
     return dict(out)
+
+
+def dead_letter_receipts(letters: Iterable[DeadLetter], *, now_ms: int) -> list[Receipt]:
+    """Receipts for dead-lettered batches of the device that published them (see above)."""
+    streams: dict[Stream, set[int]] = defaultdict(set)
+    for letter in letters:
+        try:
+            topic = topics.parse_topic(letter.topic)
+        except WireError:
+            continue
+        if topic.kind != "data":
+            continue
+        batch = decode_batch(letter.payload, content_type=letter.content_type)
+        if isinstance(batch, Batch) and batch.device == topic.device_id:
+            streams[(batch.device, batch.boot_id)].add(batch.seq)
+    out: list[Receipt] = []
+    for (device, boot_id), seqs in sorted(streams.items()):
+        out.extend(receipts_for(device, boot_id, NO_WATERMARK, seqs, ts_ms=now_ms))
+    return out
 
 
 def advance_watermark(watermark: int, seqs_above: Iterable[int]) -> int:

@@ -38,7 +38,7 @@ from millrace.cloud.ingest.consumer import Consumer
 from millrace.cloud.ingest.deliveries import MAX_FAILED_DELIVERIES, FailedDeliveries
 from millrace.cloud.ingest.messages import Classified, DeadLetter, Inbound, Incoming
 from millrace.cloud.ingest.metrics import HealthServer, IngestMetrics, loop_health
-from millrace.cloud.ingest.receipts import ReceiptReader, streams_of
+from millrace.cloud.ingest.receipts import ReceiptReader, dead_letter_receipts, streams_of
 from millrace.cloud.ingest.store import BatchStore, DatabaseDown, Stored, describe, error_kind
 from millrace.cloud.ingest.writer import BatchWriter
 from millrace.cloud.retention import RetentionPolicy, RetentionScheduler
@@ -425,14 +425,15 @@ class Worker:
             for p in pending
             if isinstance(p.item, Incoming) and id(p.item) not in stored.refused
         ]
-        if not batches or self._conn is None:
-            return
-        try:
-            receipts = self._receipts.receipts(self._conn, streams_of(batches))
-        except psycopg.Error as exc:
-            self.metrics.db_errors.labels(error_kind(self._conn, exc)).inc()
-            log.warning("receipts not sent (edges will resend): %s", describe(exc))
-            return
+        letters = [p.item for p in pending if isinstance(p.item, DeadLetter)]
+        letters += stored.refused.values()
+        receipts = dead_letter_receipts(letters, now_ms=time.time_ns() // 1_000_000)
+        if batches and self._conn is not None:
+            try:
+                receipts += self._receipts.receipts(self._conn, streams_of(batches))
+            except psycopg.Error as exc:
+                self.metrics.db_errors.labels(error_kind(self._conn, exc)).inc()
+                log.warning("receipts not sent (edges will resend): %s", describe(exc))
         for receipt in receipts:
             if not consumer.publish(topics.receipt_topic(receipt.device), receipt.to_json()):
                 log.info("receipt for %s not sent: broker not connected", receipt.device)

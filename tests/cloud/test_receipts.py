@@ -8,6 +8,7 @@ appended); the database must hold each of their windows exactly once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sqlite3
 import threading
 import uuid
@@ -27,6 +28,7 @@ from tests.cloud.ingest_support import (
     IngestDb,
     Publisher,
     WorkerProcess,
+    aligned_now_ms,
     make_batches,
     make_config,
     prepare_database,
@@ -363,3 +365,37 @@ def test_a_shared_group_member_that_dies_for_good_loses_nothing(
     finally:
         dead.close()
     assert checked >= 2 * 6
+
+
+def test_a_batch_the_cloud_refuses_for_good_is_receipted_from_its_dead_letter(
+    broker: Any, test_pki: Any, ingest_db: IngestDb, tmp_path: Path
+) -> None:
+    """Else the edge would resend it every 30-60 s for a week (a gateway with a wrong clock)."""
+    device = f"rcpt-dl-{uuid.uuid4().hex[:6]}"
+    publisher = Publisher(broker, device)
+    receipts: list[Receipt] = []
+    publisher.client.on_message = lambda _c, _u, msg: receipts.append(
+        Receipt.from_json(bytes(msg.payload))
+    )
+    publisher.client.subscribe(topics.receipt_topic(device), qos=1)
+    future_ms = aligned_now_ms(60) + 10 * 86_400_000
+    (refused,) = make_batches(device, batches=1, windows_per_batch=2, end_ms=future_ms, seed=9)
+    (good,) = make_batches(device, batches=1, windows_per_batch=2, seed=9, first_seq=1)
+    good = dataclasses.replace(good, boot_id=refused.boot_id)
+    config = make_config(
+        tmp_path, server=broker, dsn=ingest_db.ingest_dsn, client_id="rcpt-dl", group="rcpt-dl"
+    )
+    with running_worker(config):
+        publisher.publish([refused, good])
+        wait_for(
+            lambda: all(
+                any(r.boot_id == refused.boot_id and r.covers(s) for r in list(receipts))
+                for s in (0, 1)
+            ),
+            timeout_s=WAIT_SECONDS,
+            what="receipts for the refused and the stored batch",
+        )
+    codes = query(ingest_db.owner_dsn, "SELECT code FROM dead_letters WHERE device = %s", [device])
+    assert codes == [("in_future",)]
+    assert ledger_keys(ingest_db.owner_dsn) == {(device, refused.boot_id, 1)}
+    publisher.close()
