@@ -87,6 +87,7 @@ def installed(
         check=False,
     )  # fmt: skip
     assert made.returncode == 0, made.stderr
+    broker.sync()  # the new identity's broker role (`millrace broker sync`)
     with tarfile.open(bundle) as tar:
         tar.extractall(work / "unpacked", filter="tar")
     unpacked = work / "unpacked" / f"millrace-{DEVICE}"
