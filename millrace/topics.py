@@ -1,7 +1,7 @@
 """The versioned topic scheme: one builder and one parser for every topic.
 
-Every device topic is rooted at `millrace/v1/d/<id>/` so a single ACL pattern
-with `%u` scopes a device to its own subtree.
+Every device topic is rooted at `millrace/v1/d/<id>/`, so the broker's role for a
+device (generated from the PKI, docs/security.md) scopes it to its own subtree.
 """
 
 from __future__ import annotations
