@@ -49,6 +49,23 @@ BASE_SETTINGS: dict[str, str] = {
 FAST_UNSAFE_SETTINGS: dict[str, str] = {"fsync": "off", "full_page_writes": "off"}
 
 
+# The superuser's password for initdb --pwfile, removed once initdb is done.
+INITDB_PASSWORD_FILE = ".initdb-pw"
+PRIVATE_FILE_MODE = 0o600
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Create `path` readable by its owner only from the first instant (never chmod after).
+
+    O_EXCL refuses a file (or symlink) someone left in its place; a stale one from a
+    crashed initdb is ours to replace.
+    """
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PRIVATE_FILE_MODE)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
 def find_bindir() -> Path:
     """Directory with initdb/pg_ctl: $MILLRACE_PG_BINDIR, pg_config's, else the newest server."""
     explicit = os.environ.get("MILLRACE_PG_BINDIR")
@@ -179,8 +196,8 @@ class PostgresCluster:
                 os.chown(path, entry.pw_uid, entry.pw_gid)
         auth = ["--auth=trust"]
         if self._password_file is not None:
-            pwfile = self._base / ".initdb-pw"
-            shutil.copyfile(self._password_file, pwfile)
+            pwfile = self._base / INITDB_PASSWORD_FILE
+            _write_private(pwfile, self._password_file.read_bytes())
             if self._os_user:
                 entry = pwd.getpwnam(self._os_user)
                 os.chown(pwfile, entry.pw_uid, entry.pw_gid)
@@ -200,7 +217,7 @@ class PostgresCluster:
             )
         finally:
             if self._password_file is not None:
-                (self._base / ".initdb-pw").unlink(missing_ok=True)
+                (self._base / INITDB_PASSWORD_FILE).unlink(missing_ok=True)
         if done.returncode != 0:
             raise MillraceError(f"initdb failed in {self.datadir}:\n{done.stdout}{done.stderr}")
         settings = {**self._settings, "unix_socket_directories": str(self.socket_dir)}
