@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 ADVISORY_LOCK_KEY: Final = 0x6D696C6C72616365
 INGEST_ROLE: Final = "millrace_ingest"
 DASHBOARD_ROLE: Final = "millrace_dashboard"
-MANAGED_ROLES: Final = (INGEST_ROLE, DASHBOARD_ROLE)
+RETENTION_ROLE: Final = "millrace_retention"
+MANAGED_ROLES: Final = (INGEST_ROLE, DASHBOARD_ROLE, RETENTION_ROLE)
 
 # What the ingest worker may do per table; a table not listed gets nothing.
 INGEST_PRIVILEGES: Final[Mapping[str, tuple[str, ...]]] = {
@@ -56,6 +57,26 @@ DASHBOARD_COLUMN_UPDATES: Final[Mapping[str, tuple[str, ...]]] = {
     "alerts": ("acknowledged_at", "acknowledged_by", "ack_comment"),
 }
 DASHBOARD_INSERTS: Final = ("audit_log",)
+# Retention (cloud/retention.py) prunes plain tables by DELETE; ingest_streams also needs
+# UPDATE (open_gaps, and the FOR UPDATE row locks it takes before deleting).
+RETENTION_PRIVILEGES: Final[Mapping[str, tuple[str, ...]]] = {
+    "ingest_ledger": ("SELECT", "DELETE"),
+    "ingest_streams": ("SELECT", "UPDATE", "DELETE"),
+    "sequence_gaps": ("SELECT", "DELETE"),
+    "alerts": ("SELECT", "DELETE"),
+    "audit_log": ("SELECT", "DELETE"),
+}
+# drop_chunks needs the hypertable's owner, so retention calls this SECURITY DEFINER
+# wrapper instead; it drops chunks of these hypertables only, nothing else.
+DROP_CHUNKS_FUNCTION: Final = "millrace_drop_chunks"
+RETENTION_HYPERTABLES: Final = (
+    "readings",
+    "events",
+    "rollup_hourly",
+    "rollup_daily",
+    "dead_letters",
+    "device_health_history",
+)
 _SKIP_TABLES: Final = frozenset({"alembic_version"})
 
 
@@ -175,12 +196,14 @@ def _desired(tables: list[str], sequences: dict[str, str]) -> tuple[Grants, Colu
         grants[(name, INGEST_ROLE)] = frozenset(INGEST_PRIVILEGES.get(name, ()))
         reads = {"SELECT"} | ({"INSERT"} if name in DASHBOARD_INSERTS else set())
         grants[(name, DASHBOARD_ROLE)] = frozenset(reads)
+        grants[(name, RETENTION_ROLE)] = frozenset(RETENTION_PRIVILEGES.get(name, ()))
     # Identity columns draw from sequences: whoever inserts needs USAGE on them.
     for sequence, owner in sequences.items():
         ingest = "INSERT" in INGEST_PRIVILEGES.get(owner, ())
         grants[(sequence, INGEST_ROLE)] = frozenset({"USAGE"} if ingest else ())
         dashboard = owner in DASHBOARD_INSERTS
         grants[(sequence, DASHBOARD_ROLE)] = frozenset({"USAGE"} if dashboard else ())
+        grants[(sequence, RETENTION_ROLE)] = frozenset()
     columns: ColumnGrants = {
         (table, column, DASHBOARD_ROLE): frozenset({"UPDATE"})
         for table, names in DASHBOARD_COLUMN_UPDATES.items()
@@ -272,6 +295,63 @@ def _grant(conn: psycopg.Connection[Any], tables: list[str]) -> list[str]:
     return sorted(stale)
 
 
+_DROP_CHUNKS_BODY: Final = """
+DECLARE
+    dropped integer;
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.oid = hypertable AND n.nspname = {schema} AND c.relname = ANY({allowed})
+    ) THEN
+        RAISE EXCEPTION 'millrace retention may not drop chunks of %', hypertable
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    SELECT count(*) INTO dropped FROM {ts_schema}.drop_chunks(hypertable, older_than => older_than);
+    RETURN dropped;
+END
+"""
+
+
+def _ensure_drop_chunks_function(conn: psycopg.Connection[Any], schema: str) -> bool:
+    """(Re)create the retention role's drop_chunks wrapper when missing or changed."""
+    row = conn.execute(
+        "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace"
+        " WHERE e.extname = 'timescaledb'"
+    ).fetchone()
+    if row is None:
+        raise IngestError("the timescaledb extension is missing; run millrace db upgrade")
+    body = sql.SQL(_DROP_CHUNKS_BODY).format(
+        schema=sql.Literal(schema),
+        allowed=sql.Literal(list(RETENTION_HYPERTABLES)),
+        ts_schema=sql.Identifier(row[0]),
+    )
+    body_text = body.as_string(conn)
+    function = sql.Identifier(schema, DROP_CHUNKS_FUNCTION)
+    existing = conn.execute(
+        "SELECT p.prosrc FROM pg_proc p WHERE p.proname = %s"
+        " AND p.pronamespace = current_schema()::regnamespace",
+        [DROP_CHUNKS_FUNCTION],
+    ).fetchone()
+    if existing is not None and existing[0] == body_text:
+        return False
+    conn.execute(
+        sql.SQL(
+            "CREATE OR REPLACE FUNCTION {}(hypertable regclass, older_than timestamptz)"
+            " RETURNS integer LANGUAGE plpgsql SECURITY DEFINER"
+            " SET search_path = pg_catalog, pg_temp AS {}"
+        ).format(function, sql.Literal(body_text))
+    )
+    conn.execute(
+        sql.SQL("REVOKE ALL ON FUNCTION {}(regclass, timestamptz) FROM PUBLIC").format(function)
+    )
+    conn.execute(
+        sql.SQL("GRANT EXECUTE ON FUNCTION {}(regclass, timestamptz) TO {}").format(
+            function, sql.Identifier(RETENTION_ROLE)
+        )
+    )
+    return True
+
+
 def _schema(cur: psycopg.Cursor[Any]) -> str:
     cur.execute("SELECT current_schema()")
     row = cur.fetchone()
@@ -328,6 +408,8 @@ def upgrade(dsn: str) -> UpgradeReport:
                     roles = _ensure_roles(cur)
                 with conn.transaction(), conn.cursor() as cur:
                     changed = _grant(conn, _tables(cur))
+                    if _ensure_drop_chunks_function(conn, _schema(cur)):
+                        changed.append(DROP_CHUNKS_FUNCTION)
             finally:
                 if not conn.broken:
                     conn.execute("SELECT pg_advisory_unlock(%s)", [ADVISORY_LOCK_KEY])

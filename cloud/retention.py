@@ -23,6 +23,7 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 
+from millrace.cloud.dbupgrade import DROP_CHUNKS_FUNCTION
 from millrace.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -153,8 +154,10 @@ def _hypertables(conn: psycopg.Connection[Any]) -> set[str]:
 
 
 def _existing_tables(conn: psycopg.Connection[Any]) -> set[str]:
+    # pg_tables, not information_schema: the retention role holds no privilege on the
+    # hypertables it prunes through the drop_chunks wrapper, and information_schema hides them.
     rows = conn.execute(
-        "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+        "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
     ).fetchall()
     return {r[0] for r in rows}
 
@@ -182,8 +185,11 @@ def run_retention(
                     sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT))
                 )
                 if table in hypertables:
+                    # The owner-only drop_chunks, through db upgrade's wrapper (least privilege).
                     cur = conn.execute(
-                        "SELECT count(*) FROM drop_chunks(%s::regclass, older_than => %s)",
+                        sql.SQL("SELECT {}(%s::regclass, %s)").format(
+                            sql.Identifier(DROP_CHUNKS_FUNCTION)
+                        ),
                         (table, cutoff),
                     )
                     row = cur.fetchone()

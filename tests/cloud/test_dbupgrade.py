@@ -156,7 +156,11 @@ def test_roles_are_least_privilege(fresh_db: str) -> None:
         "SELECT rolname, rolcanlogin FROM pg_roles WHERE rolname = ANY(%s) ORDER BY 1",
         [list(dbupgrade.MANAGED_ROLES)],
     )
-    assert roles == [("millrace_dashboard", False), ("millrace_ingest", False)]
+    assert roles == [
+        ("millrace_dashboard", False),
+        ("millrace_ingest", False),
+        ("millrace_retention", False),
+    ]
 
 
 def test_upgrade_while_a_worker_ingests(

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from millrace.cloud import dbupgrade
 from millrace.cloud.retention import (
     ADVISORY_LOCK_KEY,
     DEFAULT_AGES_DAYS,
+    RETAINED_TABLES,
     RetentionPolicy,
     RetentionScheduler,
     enable_compression_if_available,
@@ -178,3 +181,60 @@ def test_scheduler_survives_an_unreachable_database() -> None:
     assert scheduler.run_once() is None
     assert scheduler.last_error and "OperationalError" in scheduler.last_error
     assert scheduler.runs == 0
+
+
+@pytest.fixture
+def retention_conn(db: str) -> Iterator[psycopg.Connection]:
+    """A login in db upgrade's millrace_retention group, as the plant and Ansible make one."""
+    login = f"retention_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(db, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(
+                sql.Identifier(login), sql.Identifier(dbupgrade.RETENTION_ROLE)
+            )
+        )
+    with psycopg.connect(db, user=login, autocommit=True) as connection:
+        yield connection
+
+
+@pytest.mark.integration
+def test_retention_runs_as_its_least_privileged_role(
+    conn: psycopg.Connection, retention_conn: psycopg.Connection
+) -> None:
+    """Retention used to need the superuser (drop_chunks is owner-only); its role suffices."""
+    row = retention_conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+    assert row.fetchone() == (False,)
+    seed(conn, [200, 150, 5])
+    conn.execute(
+        "INSERT INTO alerts (rule_name, device_id, metric, severity, state, raised_at)"
+        " SELECT 'r', id, 'temp', 'warning', 'cleared', %s FROM devices",
+        (days_ago(400),),
+    )
+    every_table = {table: 30.0 for table in RETAINED_TABLES}
+    result = run_retention(retention_conn, RetentionPolicy.from_days(every_table), now=NOW)
+
+    assert result["readings"] == 2
+    assert result["alerts"] == 1
+    assert reading_ages(conn) == [5.0]
+    assert set(result) == set(RETAINED_TABLES)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "DROP TABLE readings",
+        "DROP TABLE ingest_ledger",
+        "SELECT rolpassword FROM pg_authid",
+        "SELECT * FROM devices",
+        "INSERT INTO audit_log (user_name, action, target) VALUES ('x', 'y', 'z')",
+        "TRUNCATE alerts",
+        "SELECT millrace_drop_chunks('devices'::regclass, now())",
+        "SELECT drop_chunks('readings'::regclass, older_than => now())",
+    ],
+)
+def test_retention_role_cannot_do_more_than_retention(
+    retention_conn: psycopg.Connection, statement: str
+) -> None:
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        retention_conn.execute(statement)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,6 +110,19 @@ def _readings_per_gateway(dsn: str) -> dict[str, int]:
     return {name: count for name, count in rows}
 
 
+def _assert_no_service_dsn_is_a_superuser(root: Path) -> None:
+    """Every DSN the ingest worker is handed (database, retention) is a non-superuser's, 0600."""
+    ingest = tomllib.loads((root / "ingest.toml").read_text())
+    dsn_files = [Path(ingest["database"]["dsn_file"]), Path(ingest["retention"]["dsn_file"])]
+    for dsn_file in dsn_files:
+        assert dsn_file.stat().st_mode & 0o777 == 0o600, dsn_file
+        with psycopg.connect(dsn_file.read_text().strip()) as conn:
+            row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+            assert row.fetchone() == (False,), dsn_file
+    for secret in (root / "secrets").iterdir():
+        assert secret.stat().st_mode & 0o777 == 0o600, secret
+
+
 def _wait_for_every_gateway(dsn: str) -> dict[str, int]:
     deadline = time.monotonic() + DATA_WAIT_SECONDS
     counts: dict[str, int] = {}
@@ -171,6 +185,7 @@ def test_up_status_down_leaves_nothing_and_reuses_state(plant_root: Path) -> Non
             assert conn.execute("SELECT count(*) FROM readings").fetchone()[0] > 0
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute("DELETE FROM readings")
+        _assert_no_service_dsn_is_a_superuser(root)
         ca_before = (root / "pki" / "ca.crt").read_bytes()
     finally:
         up.send_signal(signal.SIGINT)  # what Ctrl-C does

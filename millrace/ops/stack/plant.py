@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 DATABASE = "millrace"
 INGEST_LOGIN = "ingest"
 DASHBOARD_LOGIN = "dashboard"
+RETENTION_LOGIN = "retention"
 INGEST_SERVICE_ID = "ingest"
 OPERATOR_SERVICE_ID = "operator"
 ADMIN_USER = "admin"
@@ -215,22 +216,25 @@ class Plant:
         superuser_password = _secret(self.layout.pg_superuser_password)
         ingest_password = _secret(self.layout.secrets / "pg-ingest-password")
         dashboard_password = _secret(self.layout.secrets / "pg-dashboard-password")
+        retention_password = _secret(self.layout.secrets / "pg-retention-password")
         port = self.options.postgres_port
         lines = [
             f"127.0.0.1:{port}:*:postgres:{superuser_password}",
             f"127.0.0.1:{port}:*:{INGEST_LOGIN}:{ingest_password}",
             f"127.0.0.1:{port}:*:{DASHBOARD_LOGIN}:{dashboard_password}",
+            f"127.0.0.1:{port}:*:{RETENTION_LOGIN}:{retention_password}",
         ]
         _write_secret(self.layout.pgpass, "\n".join(lines) + "\n")
         if not self.cluster.initialized():
             self.cluster.init()
         self.cluster.start()
         self.cluster.create_database(DATABASE)
-        from millrace.cloud.dbupgrade import DASHBOARD_ROLE, INGEST_ROLE, upgrade
+        from millrace.cloud.dbupgrade import DASHBOARD_ROLE, INGEST_ROLE, RETENTION_ROLE, upgrade
 
         upgrade(self.superuser_dsn)
         self._login_role(INGEST_LOGIN, ingest_password, INGEST_ROLE)
         self._login_role(DASHBOARD_LOGIN, dashboard_password, DASHBOARD_ROLE)
+        self._login_role(RETENTION_LOGIN, retention_password, RETENTION_ROLE)
         self._install_alert_rules()
 
     def _login_role(self, name: str, password: str, group: str) -> None:
@@ -273,7 +277,8 @@ class Plant:
         dsn_file = self.layout.secrets / "ingest.dsn"
         _write_secret(dsn_file, self.dsn_for(INGEST_LOGIN) + "\n")
         retention_dsn = self.layout.secrets / "retention.dsn"
-        _write_secret(retention_dsn, self.superuser_dsn + "\n")
+        # No service gets the superuser: retention has its own role (cloud/dbupgrade.py).
+        _write_secret(retention_dsn, self.dsn_for(RETENTION_LOGIN) + "\n")
         # A generated share group: devices cannot subscribe to $share at all (dynsec roles),
         # the name only keeps plants that share a broker apart (docs/security.md).
         share_group_file = self.layout.secrets / "share-group"
