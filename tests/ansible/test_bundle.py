@@ -195,6 +195,18 @@ def test_rerun_after_a_local_change_repairs_it(installed: Installed) -> None:
     assert (config.parent / "agent.toml.previous").read_text().endswith("# edited by hand\n")
 
 
+@pytest.mark.security
+def test_a_replaced_device_key_leaves_no_previous_key_behind(installed: Installed) -> None:
+    """install.sh kept the old private key as device.key.previous for good (0644 here)."""
+    pki_dir = installed.root / "etc" / "millrace" / "pki"
+    (pki_dir / "device.key").chmod(0o644)  # install.sh replaces it: its mode differs
+    result = _install(installed.unpacked, "--root", str(installed.root))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "installed " + str(pki_dir / "device.key") in result.stdout
+    assert not (pki_dir / "device.key.previous").exists()
+    assert (pki_dir / "device.crt").exists()
+
+
 def test_a_bundle_whose_config_the_agent_rejects_is_rolled_back(
     installed: Installed,
     test_pki: PKIFixture,
@@ -205,6 +217,8 @@ def test_a_bundle_whose_config_the_agent_rejects_is_rolled_back(
     """Same release, new config with period_s = 0: `edge check` fails, the old config returns."""
     config = installed.root / "etc" / "millrace" / "agent.toml"
     good = config.read_text()
+    key = config.parent / "pki" / "device.key"
+    key.chmod(0o644)  # so this run replaces the key too, and the rollback must restore it
     bad_bundle = provision.build_bundle(
         DEVICE,
         pki_dir=test_pki.dir,
@@ -227,6 +241,9 @@ def test_a_bundle_whose_config_the_agent_rejects_is_rolled_back(
     assert "millrace edge check failed" in result.stderr
     assert "windows.period_s" in result.stderr
     assert config.read_text() == good
+    assert stat.S_IMODE(key.stat().st_mode) == 0o644  # the rolled-back key is the old one
+    assert not (key.parent / "device.key.previous").exists()
+    key.chmod(0o600)
 
 
 def _write(path: Path, text: str) -> Path:

@@ -126,7 +126,8 @@ relocate() {
 }
 
 # install_file SRC DEST MODE OWNER: replace DEST only when content, mode or owner differ;
-# the old file is kept as DEST.previous for a rollback.
+# the old file is kept as DEST.previous for a rollback. The old device key's copy lives
+# only until this run ends: rollback moves it back, success deletes it (forget_old_key).
 install_file() {
     want_owner=$4
     [ "$manage_user" = 1 ] || want_owner=$(id -un):$(id -gn)
@@ -270,6 +271,16 @@ if [ "$manage_service" = 1 ]; then
         say "systemd is not running here: enable and start $UNIT yourself"
     fi
 fi
+
+# The new certificate and key work: no old private key stays on the gateway (nor one an
+# older install.sh left behind). Old certificates stay; they are public.
+forget_old_key() {
+    if [ -e "$etc/pki/device.key.previous" ]; then
+        rm -f "$etc/pki/device.key.previous"
+        say "removed the previous device key"
+    fi
+}
+forget_old_key
 
 if [ "$changed" = 1 ]; then
     say "device $device_id: release $release_id installed"
