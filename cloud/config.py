@@ -87,7 +87,7 @@ class HttpSettings:
 
 @dataclass(frozen=True, slots=True)
 class RetentionSettings:
-    """The retention schedule; drop_chunks needs the tables' owner, hence its own DSN."""
+    """The retention schedule, with its own DSN: a login in millrace_retention (db upgrade)."""
 
     enabled: bool = True
     interval_s: int = DEFAULT_RETENTION_INTERVAL_SECONDS
@@ -159,7 +159,7 @@ def _periods(t: Table) -> frozenset[int]:
 def _retention(t: Table) -> RetentionSettings:
     enabled = t.boolean("enabled", True)
     interval_s = t.integer("interval_s", DEFAULT_RETENTION_INTERVAL_SECONDS, low=60, high=7 * 86400)
-    # Its own login (the tables' owner); without one the worker falls back to the ingest DSN.
+    # Its own login (millrace_retention); without one the worker falls back to the ingest DSN.
     dsn = optional_dsn(t)
     days_table = t.table("days")
     days_table.check_unknown(RETAINED_TABLES)

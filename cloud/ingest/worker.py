@@ -216,7 +216,7 @@ class Worker:
         if settings.dsn is None:
             log.warning(
                 "retention.dsn_file is not set: retention logs in as the ingest role, which"
-                " cannot drop chunks or delete rows; give it the schema owner's DSN"
+                " cannot drop chunks or delete rows; give it a login in millrace_retention"
             )
         dsn = settings.dsn or self.config.dsn
         self._retention = RetentionScheduler(
