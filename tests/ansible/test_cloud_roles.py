@@ -154,6 +154,7 @@ def test_passwords_are_generated_privately_and_never_printed(cloud: CloudRun) ->
         "db-dashboard.password",
         "db-ingest.password",
         "db-millrace_owner.password",
+        "db-retention.password",
     ]
     assert stat.S_IMODE(cloud.secrets.stat().st_mode) == 0o700
     for path in files:
@@ -161,7 +162,8 @@ def test_passwords_are_generated_privately_and_never_printed(cloud: CloudRun) ->
         secret = path.read_text().strip()
         assert len(secret) == 32
         assert secret not in cloud.first.output + cloud.second.output
-    for dsn in ("etc/millrace-ingest/ingest.dsn", "etc/millrace-dashboard/dashboard.dsn"):
+    dsns = ("ingest.dsn", "retention.dsn", "../millrace-dashboard/dashboard.dsn")
+    for dsn in (f"etc/millrace-ingest/{name}" for name in dsns):
         assert stat.S_IMODE((cloud.root / dsn).stat().st_mode) == 0o600
 
 
@@ -186,14 +188,21 @@ def test_owner_upgrades_the_schema_and_logins_get_least_privilege(cloud: CloudRu
             "SELECT pg_has_role('ingest', 'millrace_ingest', 'MEMBER'),"
             " pg_has_role('dashboard', 'millrace_dashboard', 'MEMBER'),"
             " pg_has_role('dashboard', 'millrace_ingest', 'MEMBER'),"
+            " pg_has_role('retention', 'millrace_retention', 'MEMBER'),"
+            " (SELECT rolsuper FROM pg_roles WHERE rolname = 'retention'),"
             " (SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = 'millrace_owner')"
         ).fetchone()
-        assert memberships == (True, True, False, False)
+        assert memberships == (True, True, False, True, False, False)
         passwords = conn.execute(
             "SELECT count(*) FROM pg_authid WHERE rolname IN"
             " ('ingest', 'dashboard', 'millrace_owner') AND rolpassword LIKE 'SCRAM-SHA-256$%%'"
         ).fetchone()
         assert passwords == (3,)
+    # Retention runs as its login: drop_chunks through the owner's SECURITY DEFINER wrapper.
+    from millrace.cloud.retention import DEFAULT_AGES_DAYS, RetentionPolicy, run_retention
+
+    with psycopg.connect(server.dsn_for(DB_NAME, user="retention"), autocommit=True) as conn:
+        assert set(run_retention(conn, RetentionPolicy())) == set(DEFAULT_AGES_DAYS)
 
 
 def test_rendered_configs_are_accepted_by_the_real_loaders(cloud: CloudRun) -> None:
@@ -207,6 +216,9 @@ def test_rendered_configs_are_accepted_by_the_real_loaders(cloud: CloudRun) -> N
     assert ingest.dsn.startswith("postgresql://ingest:")
     assert ingest.dsn.endswith(f"/{DB_NAME}?sslmode=disable")
     assert stat.S_IMODE(ingest.broker.key.stat().st_mode) == 0o600
+    # Retention logs in as its own least-privilege login, not the ingest role or an owner.
+    assert ingest.retention.dsn is not None
+    assert ingest.retention.dsn.startswith("postgresql://retention:")
     # Not the guessable default: a device joining the group would take a share of the data.
     group = ingest.broker.share_group
     assert group.startswith("ingest-") and len(group) == len("ingest-") + 16
