@@ -251,17 +251,13 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.security
-def test_a_key_that_does_not_match_the_certificate_is_refused(
-    installed: Installed, tmp_path: Path
-) -> None:
-    """install.sh checks key against certificate with the stdlib (no cryptography on gateways)."""
+def _bundle_with_a_stranger_key(installed: Installed, bundle: Path) -> None:
+    """A copy of the installed bundle whose key is not the certificate's (manifest fixed up)."""
     import shutil
 
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    bundle = tmp_path / "swapped"
     shutil.copytree(installed.unpacked, bundle)
     stranger = ec.generate_private_key(ec.SECP256R1()).private_bytes(
         serialization.Encoding.PEM,
@@ -277,6 +273,32 @@ def test_a_key_that_does_not_match_the_certificate_is_refused(
             for line in manifest.read_text().splitlines()
         )
     )
+
+
+@pytest.mark.security
+def test_a_key_that_does_not_match_the_certificate_is_refused(
+    installed: Installed, tmp_path: Path
+) -> None:
+    """install.sh checks key against certificate with the stdlib (no cryptography on gateways)."""
+    bundle = tmp_path / "swapped"
+    _bundle_with_a_stranger_key(installed, bundle)
     result = _install(bundle, "--root", str(tmp_path / "root"))
     assert result.returncode != 0, result.stdout
     assert "does not belong to the certificate in this bundle" in result.stderr
+
+
+@pytest.mark.security
+def test_a_refused_key_puts_the_old_one_back_and_keeps_no_copy(
+    installed: Installed, tmp_path: Path
+) -> None:
+    """The mismatch used to exit 1 with the stranger key installed and the old one as .previous."""
+    key = installed.root / "etc" / "millrace" / "pki" / "device.key"
+    good = key.read_bytes()
+    bundle = tmp_path / "swapped"
+    _bundle_with_a_stranger_key(installed, bundle)
+    result = _install(bundle, "--root", str(installed.root))
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "does not belong to the certificate in this bundle" in result.stderr
+    assert key.read_bytes() == good
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert not (key.parent / "device.key.previous").exists()

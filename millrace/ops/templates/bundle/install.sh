@@ -13,8 +13,8 @@
 #   /var/lib/millrace                        the agent's state: outbox, command log
 #
 # Exit status: 0 installed (or already installed), 1 failed, 2 usage,
-# 3 refused: the bundle does not match its manifest, 4 the new release failed its
-# check or did not start, and the previous release was restored.
+# 3 refused: the bundle does not match its manifest, 4 the new key, config or release
+# failed its check or did not start, and the previous files and release were restored.
 set -eu
 umask 022
 
@@ -191,41 +191,9 @@ if [ ! -f "$rel/.complete" ]; then
     changed=1
 fi
 
-# -- 5. config, certificates, unit ---------------------------------------------------------------
-relocate config/agent.toml "$work/agent.toml"
-install_file "$work/agent.toml" "$etc/agent.toml" 0640 "root:$AGENT_USER"
-install_file pki/ca.crt "$etc/pki/ca.crt" 0644 root:root
-install_file pki/device.crt "$etc/pki/device.crt" 0644 root:root
-if [ -f pki/device.key ]; then
-    install_file pki/device.key "$etc/pki/device.key" 0600 "$AGENT_USER:$AGENT_USER"
-fi
-"$rel/venv/bin/python" - "$etc/pki/device.crt" "$etc/pki/device.key" <<'EOF' \
-    || die "$etc/pki/device.key does not belong to the certificate in this bundle"
-import ssl
-import sys
-
-# OpenSSL refuses a key that does not match the certificate (KEY_VALUES_MISMATCH).
-try:
-    ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(sys.argv[1], sys.argv[2])
-except (ssl.SSLError, OSError) as exc:
-    sys.exit(f"install.sh: {exc}")
-EOF
-relocate "systemd/$UNIT" "$work/$UNIT"
-install_file "$work/$UNIT" "$units/$UNIT" 0644 root:root
-
-# -- 6. switch to the release, check it, start it ---------------------------------------------
-current=$(readlink "$opt/current" 2>/dev/null || true)
+# rollback REASON: put back every file this run replaced (the old key included, so no
+# DEST.previous of a key outlives the run) and the previous release, then exit 4.
 switched=0
-if [ "$current" != "releases/$release_id" ]; then
-    if [ -n "$current" ]; then
-        ln -sfn "$current" "$opt/previous.tmp" && mv -Tf "$opt/previous.tmp" "$opt/previous"
-    fi
-    ln -sfn "releases/$release_id" "$opt/current.tmp" && mv -Tf "$opt/current.tmp" "$opt/current"
-    switched=1
-    changed=1
-    say "current release is now $release_id (was ${current:-none})"
-fi
-
 rollback() {
     printf 'install.sh: %s\n' "$1" >&2
     while read -r file; do
@@ -242,6 +210,40 @@ rollback() {
     fi
     exit 4
 }
+
+# -- 5. config, certificates, unit ---------------------------------------------------------------
+relocate config/agent.toml "$work/agent.toml"
+install_file "$work/agent.toml" "$etc/agent.toml" 0640 "root:$AGENT_USER"
+install_file pki/ca.crt "$etc/pki/ca.crt" 0644 root:root
+install_file pki/device.crt "$etc/pki/device.crt" 0644 root:root
+if [ -f pki/device.key ]; then
+    install_file pki/device.key "$etc/pki/device.key" 0600 "$AGENT_USER:$AGENT_USER"
+fi
+"$rel/venv/bin/python" - "$etc/pki/device.crt" "$etc/pki/device.key" <<'EOF' \
+    || rollback "$etc/pki/device.key does not belong to the certificate in this bundle"
+import ssl
+import sys
+
+# OpenSSL refuses a key that does not match the certificate (KEY_VALUES_MISMATCH).
+try:
+    ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(sys.argv[1], sys.argv[2])
+except (ssl.SSLError, OSError) as exc:
+    sys.exit(f"install.sh: {exc}")
+EOF
+relocate "systemd/$UNIT" "$work/$UNIT"
+install_file "$work/$UNIT" "$units/$UNIT" 0644 root:root
+
+# -- 6. switch to the release, check it, start it ---------------------------------------------
+current=$(readlink "$opt/current" 2>/dev/null || true)
+if [ "$current" != "releases/$release_id" ]; then
+    if [ -n "$current" ]; then
+        ln -sfn "$current" "$opt/previous.tmp" && mv -Tf "$opt/previous.tmp" "$opt/previous"
+    fi
+    ln -sfn "releases/$release_id" "$opt/current.tmp" && mv -Tf "$opt/current.tmp" "$opt/current"
+    switched=1
+    changed=1
+    say "current release is now $release_id (was ${current:-none})"
+fi
 
 # `edge check` exits 1 when a signal cannot be read right now (a PLC switched off): that
 # is reported, not fatal; anything else (2: the config is invalid) rolls back.
