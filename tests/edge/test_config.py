@@ -92,7 +92,7 @@ driver = "{driver}"
 
 MODBUS_HEAD = """
 [modbus.plc1]
-host = "10.0.0.5"
+host = "plc1.plant.example"
 """
 
 

@@ -232,12 +232,12 @@ def test_conf_options_bind_log_file_and_clientid(tmp_path: Path) -> None:
     conf = _directives(
         _conf(
             tmp_path,
-            bind_address="10.0.0.1",
+            bind_address="127.0.0.2",
             log_file=tmp_path / "m.log",
             clientid_from_certificate=False,
         )
     )
-    assert ["listener", "8883", "10.0.0.1"] in conf
+    assert ["listener", "8883", "127.0.0.2"] in conf
     assert ["log_dest", "file", str((tmp_path / "m.log").resolve())] in conf
     assert not any(d[0] == "use_username_as_clientid" for d in conf)
     assert not any(d[0] == "user" for d in conf)

@@ -43,7 +43,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One CA for the read-only checks (key generation is cheap, but not free)."""
     pki_dir = tmp_path_factory.mktemp("pki") / "pki"
-    pki.init_pki(pki_dir, hosts=["broker.plant.example", "10.1.2.3", "fd00::7"])
+    pki.init_pki(pki_dir, hosts=["broker.plant.example", "127.0.0.3", "::ffff:127.0.0.3"])
     pki.issue(pki_dir, "dev-1", role="device")
     pki.issue(pki_dir, "svc-ingest", role="service")
     return pki_dir
@@ -99,8 +99,8 @@ def test_broker_certificate_names_every_host_and_is_for_servers(ca_dir: Path) ->
     assert set(san.get_values_for_type(x509.IPAddress)) == {
         ipaddress.ip_address("127.0.0.1"),
         ipaddress.ip_address("::1"),
-        ipaddress.ip_address("10.1.2.3"),
-        ipaddress.ip_address("fd00::7"),
+        ipaddress.ip_address("127.0.0.3"),
+        ipaddress.ip_address("::ffff:127.0.0.3"),
     }
     eku = broker.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]

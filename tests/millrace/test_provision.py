@@ -33,7 +33,7 @@ CLOUD_ONLY = ("psycopg", "sqlalchemy", "streamlit", "alembic", "pandas")
 @pytest.fixture(scope="module")
 def plant_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pki_dir = tmp_path_factory.mktemp("plant") / "pki"
-    pki.init_pki(pki_dir, hosts=["mqtt.plant.example", "10.20.0.5"])
+    pki.init_pki(pki_dir, hosts=["mqtt.plant.example", "127.0.0.5"])
     return pki_dir
 
 
@@ -421,14 +421,14 @@ def test_cli_writes_a_bundle_and_prints_no_secret(
         "--wheel",
         str(fake_wheel),
         "--broker",
-        "10.20.0.5:18883",
+        "127.0.0.5:18883",
     )
     assert result.returncode == 0, result.stderr
     assert f"bundle {out}" in result.stdout
     assert "key included (0600)" in result.stdout
     assert "PRIVATE KEY" not in result.stdout + result.stderr
     top = _extract(out, tmp_path / "x")
-    assert 'host = "10.20.0.5"' in (top / "config/agent.toml").read_text()
+    assert 'host = "127.0.0.5"' in (top / "config/agent.toml").read_text()
     assert "port = 18883" in (top / "config/agent.toml").read_text()
 
 
