@@ -62,8 +62,16 @@ from millrace.wire import (  # noqa: E402
     encode_batch,
 )
 from millrace.wire.aggregate import AGGREGATE_FIELDS  # noqa: E402
-from tests.fixtures.fix_broker import MosquittoServer, PKIFixture, free_port  # noqa: E402
-from tests.fixtures.fix_postgres import PostgresServer  # noqa: E402
+
+try:  # the test suite's service fixtures; bench/run.py (make bench) puts the checkout on the path
+    from tests.fixtures.fix_broker import MosquittoServer, PKIFixture, free_port
+    from tests.fixtures.fix_postgres import PostgresServer
+except ModuleNotFoundError as exc:
+    raise SystemExit(
+        "bench/ingest.py needs the checkout's tests package: run it with `make bench`, "
+        "`bench/run.py --only ingest`, or `PYTHONPATH=. python bench/ingest.py` from the "
+        f"repository root ({exc})"
+    ) from exc
 
 TARGET_RATIO_VS_FLOOR = 0.5
 TARGET_RATIO_VS_NAIVE = 50.0

@@ -19,6 +19,7 @@ Run: .venv/bin/python bench/run.py [--only NAME ...] [--timeout-s 1200] [--no-pl
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
 import subprocess
@@ -75,6 +76,8 @@ def run_one(name: str, *, timeout_s: float) -> Outcome:
     proc = subprocess.Popen(
         [sys.executable, str(path)],
         cwd=ROOT,
+        # Benchmarks reuse the test suite's service fixtures (tests.fixtures), as pytest does.
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,
         text=True,
         bufsize=1,
