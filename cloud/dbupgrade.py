@@ -43,6 +43,8 @@ INGEST_PRIVILEGES: Final[Mapping[str, tuple[str, ...]]] = {
     "dead_letters": ("INSERT",),
     "dead_letter_overflow": ("SELECT", "INSERT", "UPDATE"),
     "device_metrics": ("SELECT", "INSERT"),
+    # DELETE: a metric a device's birth stops naming, with no data of it, is forgotten.
+    "device_units": ("SELECT", "INSERT", "UPDATE", "DELETE"),
     "ingest_ledger": ("SELECT", "INSERT"),
     "ingest_streams": ("SELECT", "INSERT", "UPDATE"),
     "sequence_gaps": ("SELECT", "INSERT", "UPDATE", "DELETE"),

@@ -58,24 +58,39 @@ def _ms_to_datetime(ts_ms: int) -> datetime | None:
         return None
 
 
-def _record_units(conn: psycopg.Connection[Any], units: Mapping[str, str]) -> None:
-    """Register the birth's metrics with their units (the dashboard labels charts with them)."""
-    known = conn.execute(
-        "SELECT name, unit FROM metrics WHERE name = ANY(%s)", (list(units),)
-    ).fetchall()
-    changed = dict(sorted(set(units.items()) - set(known)))
-    if not changed:
-        return  # the usual rebirth: touch (and lock) nothing
-    names, labels = zip(*changed.items(), strict=True)
-    conn.execute(
-        """
-        INSERT INTO metrics (name, unit)
-        SELECT * FROM unnest(%(names)s::text[], %(units)s::text[])
-        ON CONFLICT (name) DO UPDATE SET unit = excluded.unit
-         WHERE metrics.unit IS DISTINCT FROM excluded.unit
-        """,
-        {"names": list(names), "units": list(labels)},
+def _record_units(conn: psycopg.Connection[Any], device_id: int, units: Mapping[str, str]) -> None:
+    """Keep the units of this device's birth (the dashboard labels its charts with them).
+
+    Per device: another device's birth never relabels this one's data. A metric the
+    birth no longer names keeps its unit while the device has data of it (history
+    stays labelled) and is forgotten otherwise, so a device's rows stay bounded.
+    """
+    known = dict(
+        conn.execute(
+            "SELECT metric, unit FROM device_units WHERE device_id = %s", (device_id,)
+        ).fetchall()
     )
+    changed = dict(sorted((m, u) for m, u in units.items() if known.get(m) != u))
+    gone = sorted(set(known) - set(units))
+    if changed:  # the usual rebirth changes nothing: touch (and lock) nothing
+        conn.execute(
+            """
+            INSERT INTO device_units (device_id, metric, unit)
+            SELECT %(device)s, * FROM unnest(%(metrics)s::text[], %(units)s::text[])
+            ON CONFLICT (device_id, metric) DO UPDATE SET unit = excluded.unit, updated_at = now()
+            """,
+            {"device": device_id, "metrics": list(changed), "units": list(changed.values())},
+        )
+    if gone:
+        conn.execute(
+            """
+            DELETE FROM device_units u
+             WHERE u.device_id = %(device)s AND u.metric = ANY(%(gone)s)
+               AND NOT EXISTS (SELECT 1 FROM device_metrics dm JOIN metrics m ON m.id = dm.metric_id
+                                WHERE dm.device_id = u.device_id AND m.name = u.metric)
+            """,
+            {"device": device_id, "gone": gone},
+        )
 
 
 def apply_state(
@@ -83,8 +98,6 @@ def apply_state(
 ) -> None:
     """Apply a birth (online) or last will (offline) from the device's state topic."""
     device_id = ensure_device(conn, state.device)
-    if state.units:
-        _record_units(conn, state.units)
     if state.status == "online":
         cur = conn.execute(
             """
@@ -105,6 +118,8 @@ def apply_state(
                 "hash": state.config_hash,
             },
         )
+        if cur.rowcount and state.units:  # an outdated birth does not relabel either
+            _record_units(conn, device_id, state.units)
     else:
         cur = conn.execute(
             """

@@ -33,6 +33,7 @@ from millrace.cloud import registry
 from millrace.cloud.alerts import lifecycle
 from millrace.cloud.schema.core import (
     dead_letters,
+    device_units,
     devices,
     events,
     ingest_ledger,
@@ -206,18 +207,24 @@ def device_metrics(conn: Connection, *, device: str) -> pd.DataFrame:
     however long the history.
     """
     h = rollup_hourly
+    u = device_units
+    device_id = _device_id(device)
     stmt = (
         select(
             metrics.c.name.label("metric"),
-            metrics.c.unit,
+            u.c.unit,  # this device's own birth's unit, never another device's
             func.min(h.c.period_s).label("period_s"),
             func.min(h.c.first_ts).label("first_ts"),
             func.max(h.c.last_ts).label("last_ts"),
             _big(func.sum(h.c.windows)).label("windows"),
         )
-        .select_from(h.join(metrics, metrics.c.id == h.c.metric_id))
-        .where(h.c.device_id == _device_id(device))
-        .group_by(metrics.c.name, metrics.c.unit)
+        .select_from(
+            h.join(metrics, metrics.c.id == h.c.metric_id).outerjoin(
+                u, and_(u.c.device_id == h.c.device_id, u.c.metric == metrics.c.name)
+            )
+        )
+        .where(h.c.device_id == device_id)
+        .group_by(metrics.c.name, u.c.unit)
         .order_by(metrics.c.name)
     )
     return _frame(conn, stmt, times=("first_ts", "last_ts"))

@@ -91,7 +91,6 @@ metrics = Table(
     metadata,
     Column("id", Integer, Identity(), primary_key=True),
     Column("name", Text, nullable=False, unique=True),
-    Column("unit", Text),
     timestamptz("created_at", nullable=False, server_default=func.now()),
 )
 
@@ -251,6 +250,18 @@ device_metrics = Table(
     PrimaryKeyConstraint("device_id", "metric_id", name="pk_device_metrics"),
 )
 
+# The unit each device's birth gives a metric: per device, since one device's birth must
+# never relabel another's data. Keyed by the metric's name (a birth creates no metric).
+device_units = Table(
+    "device_units",
+    metadata,
+    Column("device_id", Integer, ForeignKey("devices.id"), nullable=False),
+    Column("metric", Text, nullable=False),
+    Column("unit", Text, nullable=False, comment="as the device sent it; shown escaped"),
+    timestamptz("updated_at", nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("device_id", "metric", name="pk_device_units"),
+)
+
 # Dead letters not stored because their device was over its rate, counted per device.
 dead_letter_overflow = Table(
     "dead_letter_overflow",
@@ -269,6 +280,7 @@ __all__ = [
     "dead_letter_overflow",
     "dead_letters",
     "device_metrics",
+    "device_units",
     "devices",
     "events",
     "ingest_ledger",

@@ -193,9 +193,18 @@ def test_derive_status_matches_the_sql(
     assert got == expected
 
 
+def units_of(conn: psycopg.Connection, device: str) -> dict[str, str]:
+    return dict(
+        conn.execute(
+            "SELECT metric, unit FROM device_units JOIN devices ON devices.id = device_id"
+            " WHERE devices.name = %s",
+            (device,),
+        ).fetchall()
+    )
+
+
 @pytest.mark.integration
 def test_birth_units_label_metrics_and_follow_changes(conn: psycopg.Connection) -> None:
-    conn.execute("INSERT INTO metrics (name) VALUES ('oven.temp')")  # seen in data first
     state = DeviceState(
         "press-1",
         "online",
@@ -204,11 +213,40 @@ def test_birth_units_label_metrics_and_follow_changes(conn: psycopg.Connection) 
         units={"oven.temp": "degC", "line.speed": "m/min"},
     )
     apply_state(conn, state, received_at=T0)
-    units = dict(conn.execute("SELECT name, unit FROM metrics").fetchall())
-    assert units == {"oven.temp": "degC", "line.speed": "m/min"}
+    assert units_of(conn, "press-1") == {"oven.temp": "degC", "line.speed": "m/min"}
+    # A birth creates no metric: only data does (the metric cap counts those).
+    assert conn.execute("SELECT count(*) FROM metrics").fetchone() == (0,)
+    # line.speed has data; a birth that no longer names it keeps its label for that history.
+    device_id = ensure_device(conn, "press-1")
+    (metric_id,) = conn.execute(
+        "INSERT INTO metrics (name) VALUES ('line.speed') RETURNING id"
+    ).fetchone()  # type: ignore[misc]
+    conn.execute("INSERT INTO device_metrics VALUES (%s, %s)", (device_id, metric_id))
     changed = DeviceState(
         "press-1", "online", int(T0.timestamp() * 1000), boot_id=BOOT_2, units={"oven.temp": "K"}
     )
     apply_state(conn, changed, received_at=T0 + timedelta(seconds=5))
-    units = dict(conn.execute("SELECT name, unit FROM metrics").fetchall())
-    assert units == {"oven.temp": "K", "line.speed": "m/min"}
+    assert units_of(conn, "press-1") == {"oven.temp": "K", "line.speed": "m/min"}
+    # A metric named by no birth any more and without data is forgotten (bounded rows).
+    renamed = DeviceState(
+        "press-1", "online", int(T0.timestamp() * 1000), boot_id=BOOT_1, units={"oven.t": "K"}
+    )
+    apply_state(conn, renamed, received_at=T0 + timedelta(seconds=7))
+    assert units_of(conn, "press-1") == {"oven.t": "K", "line.speed": "m/min"}
+
+
+@pytest.mark.integration
+def test_units_are_kept_per_device_one_birth_never_relabels_another(
+    conn: psycopg.Connection,
+) -> None:
+    def born(device: str, unit: str, at: datetime) -> DeviceState:
+        ms = int(at.timestamp() * 1000)
+        return DeviceState(device, "online", ms, boot_id=BOOT_1, units={"oven.temp": unit})
+
+    apply_state(conn, born("oven-1", "degC", T0), received_at=T0)
+    apply_state(conn, born("oven-2", "K", T0), received_at=T0 + timedelta(seconds=1))
+    assert units_of(conn, "oven-1") == {"oven.temp": "degC"}
+    assert units_of(conn, "oven-2") == {"oven.temp": "K"}
+    # A birth older than the device's current one (delivered late) relabels nothing.
+    apply_state(conn, born("oven-1", "degF", T0), received_at=T0 - timedelta(seconds=30))
+    assert units_of(conn, "oven-1") == {"oven.temp": "degC"}

@@ -30,6 +30,8 @@ SLOW_WINDOW_S = 60
 BATCH_S = 60  # one batch per device per minute of windows
 READINGS_PER_WINDOW = 10
 UNITS = {"temperature": "°C", "pressure": "bar", "power": "kW"}
+# One device's birth gives temperature another unit: units are kept per device.
+KELVIN_DEVICE = "oven-02"
 DEVICES = ("oven-02", "press-01", "pump-03")
 OFFLINE_DEVICE = "pump-03"
 HOT_DEVICE = "press-01"  # its temperature crosses the alert threshold in the last hour
@@ -208,9 +210,12 @@ def fill_plant(
         for device in DEVICES:
             at = truth.start - timedelta(seconds=5)
             with conn.transaction():
+                units = {**UNITS, "temperature": "K"} if device == KELVIN_DEVICE else UNITS
                 registry.apply_state(
                     conn,
-                    DeviceState(device, "online", int(at.timestamp() * 1000), "", "0.1.0", "cfg1"),
+                    DeviceState(
+                        device, "online", int(at.timestamp() * 1000), "", "0.1.0", "cfg1", units
+                    ),
                     received_at=at,
                 )
             batches = _batches(device, truth, rng)
@@ -228,9 +233,6 @@ def fill_plant(
                 received_at=end,
             )
         _dead_letters(conn, truth)
-        with conn.transaction():
-            for metric, unit in UNITS.items():
-                conn.execute("UPDATE metrics SET unit = %s WHERE name = %s", (unit, metric))
     return truth
 
 

@@ -358,7 +358,7 @@ def test_device_supplied_units_are_neither_markdown_nor_spreadsheet_formulas(
     }
     with psycopg.connect(private.dsn) as conn:
         for metric, unit in hostile.items():
-            conn.execute("UPDATE metrics SET unit = %s WHERE name = %s", (unit, metric))
+            conn.execute("UPDATE device_units SET unit = %s WHERE metric = %s", (unit, metric))
     config = write_config(tmp_path, dsn=private.dash_dsn, users=users_file)
     monkeypatch.setenv("MILLRACE_DASH_CONFIG", str(config))
     exported: list[bytes] = []

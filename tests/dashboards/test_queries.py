@@ -25,6 +25,7 @@ from tests.dashboards.plant import (
     GAP_DEVICE,
     GAP_SEQS,
     HOT_DEVICE,
+    KELVIN_DEVICE,
     LATE_DEVICE,
     OFFLINE_DEVICE,
     UNSYNCED_DEVICE,
@@ -113,6 +114,15 @@ def test_device_metrics_lists_units_periods_and_spans(conn: Connection, plant: P
     )
     assert queries.device_names(conn) == sorted(DEVICES)
     assert queries.device_metrics(conn, device="no-such-device").empty
+
+
+def test_units_are_kept_per_device(conn: Connection) -> None:
+    """Births of two devices name temperature in °C and K: each device keeps its own."""
+    hot = queries.device_metrics(conn, device=HOT_DEVICE).set_index("metric")
+    kelvin = queries.device_metrics(conn, device=KELVIN_DEVICE).set_index("metric")
+    assert (hot.loc["temperature", "unit"], kelvin.loc["temperature", "unit"]) == ("°C", "K")
+    assert hot.loc["pressure", "unit"] == kelvin.loc["pressure", "unit"] == "bar"
+    assert len(kelvin) == len(set(kelvin.index)), "one row per metric"
 
 
 @pytest.mark.parametrize(
