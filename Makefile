@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup up down test lint unit bench clean
+.PHONY: setup up down test lint unit bench screenshots clean
 
 setup:
 	bash scripts/bootstrap
@@ -25,6 +25,11 @@ test: setup lint
 
 bench: setup
 	$(PY) bench/run.py
+
+# The dashboard pictures in README.md and docs/dashboards.md: the browser test, told to save
+# its screenshots into docs/img/ (under `make test` they go to a temporary folder).
+screenshots: setup
+	MILLRACE_SCREENSHOTS_DIR=docs/img $(PY) -m pytest tests/dashboards/test_browser.py -q
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache

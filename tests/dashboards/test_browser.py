@@ -1,6 +1,10 @@
 """The dashboard in a real browser: `millrace dash` against a filled database,
 Debian's headless Chromium driven by Playwright, login, every page, no error
-shown, and a screenshot of each page into docs/img/ (the README shows them).
+shown, and a screenshot of each page.
+
+Screenshots go to a temporary folder, so `make test` never rewrites the tracked
+docs/img/*.png; `make screenshots` runs this test with MILLRACE_SCREENSHOTS_DIR=docs/img
+to refresh the pictures the README shows.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-IMG_DIR = Path(__file__).resolve().parents[2] / "docs" / "img"
+DOCS_IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
+SCREENSHOTS_ENV = "MILLRACE_SCREENSHOTS_DIR"
 STARTUP_TIMEOUT_SECONDS = 60
 PAGE_TIMEOUT_MS = 30_000
 VIEWPORT = {"width": 1600, "height": 1000}
@@ -44,6 +49,25 @@ PAGES = [
     ("Pipeline", "Pipeline", "pipeline", '[data-testid="stVegaLiteChart"]'),
 ]
 ERROR_SELECTORS = '[data-testid="stException"], [data-testid="stAlertContentError"]'
+
+
+def screenshot_dir(tmp_path: Path) -> Path:
+    """Where the page screenshots go: `tmp_path`, unless MILLRACE_SCREENSHOTS_DIR names a folder."""
+    chosen = os.environ.get(SCREENSHOTS_ENV, "").strip()
+    return Path(chosen).resolve() if chosen else tmp_path / "screenshots"
+
+
+def _tracked_images() -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in DOCS_IMG.glob("*.png")}
+
+
+def test_screenshots_go_to_a_temporary_folder_unless_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(SCREENSHOTS_ENV, raising=False)
+    assert screenshot_dir(tmp_path) == tmp_path / "screenshots"
+    monkeypatch.setenv(SCREENSHOTS_ENV, str(DOCS_IMG))
+    assert screenshot_dir(tmp_path) == DOCS_IMG
 
 
 def _free_port() -> int:
@@ -106,11 +130,13 @@ def _settle(page) -> None:  # type: ignore[no-untyped-def]
     page.wait_for_timeout(1500)
 
 
-def test_every_page_renders_without_errors(dashboard: str) -> None:
+def test_every_page_renders_without_errors(dashboard: str, tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     expect.set_options(timeout=PAGE_TIMEOUT_MS)
-    IMG_DIR.mkdir(parents=True, exist_ok=True)
+    shots = screenshot_dir(tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    tracked_before = _tracked_images()
     name, (_, password) = "otto", PASSWORDS["otto"]
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -124,7 +150,7 @@ def test_every_page_renders_without_errors(dashboard: str) -> None:
             assert page.locator('[data-testid="stDataFrame"]').count() == 0
             assert page.locator('[data-testid="stTopNavLink"]').count() == 0
             _settle(page)
-            page.screenshot(path=str(IMG_DIR / "login.png"))
+            page.screenshot(path=str(shots / "login.png"))
             page.get_by_role("textbox", name="User name").fill(name)
             page.get_by_role("textbox", name="Password").fill(password)
             page.get_by_role("button", name="Sign in").click()
@@ -143,6 +169,11 @@ def test_every_page_renders_without_errors(dashboard: str) -> None:
                     .get_by_text("Times in Europe/Berlin")
                     .first
                 ).to_be_visible()
-                page.screenshot(path=str(IMG_DIR / f"{shot}.png"))
+                page.screenshot(path=str(shots / f"{shot}.png"))
         finally:
             browser.close()
+    assert sorted(p.stem for p in shots.glob("*.png")) == sorted(
+        ["login", *(shot for _, _, shot, _ in PAGES)]
+    )
+    if shots != DOCS_IMG:  # only `make screenshots` may touch the tracked pictures
+        assert _tracked_images() == tracked_before, "the test rewrote docs/img/*.png"
