@@ -20,6 +20,7 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 
+from millrace.cloud.dbprivileges import check_privileges
 from millrace.errors import IngestError
 
 log = logging.getLogger(__name__)
@@ -362,6 +363,13 @@ def _schema(cur: psycopg.Cursor[Any]) -> str:
     return str(row[0])
 
 
+def _owned_tables() -> tuple[str, ...]:
+    """Every table the upgrade creates or alters: the metadata's and Alembic's own."""
+    from millrace.cloud.schema import metadata
+
+    return (*sorted(metadata.tables), "alembic_version")
+
+
 def _tables(cur: psycopg.Cursor[Any]) -> list[str]:
     from millrace.cloud.schema import metadata
 
@@ -398,6 +406,8 @@ def upgrade(dsn: str) -> UpgradeReport:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
+            # Every missing privilege is said before the first change (cloud/dbprivileges.py).
+            check_privileges(conn, roles=MANAGED_ROLES, tables=_owned_tables())
             with conn.cursor() as cur:
                 _ensure_timescaledb(cur)
             # Held by this session for the whole upgrade; a second upgrader queues here.
