@@ -38,6 +38,7 @@ from millrace.edge.pipeline import Pipeline
 from millrace.edge.publisher import Publisher
 from millrace.edge.sampler import Sampler
 from millrace.edge.state import AgentState, StateStore
+from millrace.edge.status import AgentStatus, StatusFile
 from millrace.edge.systemd import Notifier
 from millrace.errors import ConfigError, MillraceError
 from millrace.topics import health_topic, reply_topic, state_topic
@@ -53,6 +54,10 @@ OUTBOX_EXPIRE_INTERVAL_SECONDS = 60.0
 FINAL_PUBLISH_SECONDS = 5.0
 # The first heartbeat follows start-up quickly so a new device shows its health at once.
 FIRST_HEARTBEAT_SECONDS = 2.0
+# A publish loop that has not turned for this long is stuck (a hung disk, a wedged socket):
+# the watchdog is no longer pinged and systemd restarts the agent. Its longest legitimate
+# pause is a connect attempt (TCP, TLS and the CONNACK wait, about 20 s).
+PUBLISHER_STALL_SECONDS = 45.0
 
 _STOP = ("", b"")
 LOCK_FILE = "agent.lock"
@@ -110,6 +115,10 @@ class Agent:
         self.config = apply_saved_settings(config, state)
         self.boot_id = uuid.uuid4().hex
         self.started = time.monotonic()
+        self.started_ms = now_ms()
+        self.exit_code = 0
+        self.publisher_stall_s = PUBLISHER_STALL_SECONDS
+        self.status_file = StatusFile(config.state_dir)
         self.notifier = notifier or Notifier()
         self.outbox = Outbox(
             config.outbox.path, max_bytes=config.outbox.max_bytes, max_age_s=config.outbox.max_age_s
@@ -160,6 +169,7 @@ class Agent:
             len(self.config.signals),
             pending.batches,
         )
+        self.write_status()
         self.sampler.start()
         self.publisher.start()
         self.notifier.ready(f"sampling {len(self.config.signals)} signal(s)")
@@ -167,7 +177,35 @@ class Agent:
             self._loop()
         finally:
             self._shutdown()
-        return 0
+        return self.exit_code
+
+    def write_status(self) -> None:
+        """status.json: this process's milestones, for a rollout's health gate."""
+        pub = self.publisher
+        self.status_file.update(
+            AgentStatus(
+                pid=self.status_file.pid,
+                boot_id=self.boot_id,
+                started_ms=self.started_ms,
+                connected_ms=pub.first_connected_ms,
+                connected=pub.connected,
+                receipted_ms=pub.first_own_receipt_ms,
+                last_error=pub.last_error,
+            )
+        )
+
+    def _threads_dead(self) -> str:
+        """What died among the worker threads ("" while all live)."""
+        dead = [] if self.publisher.alive else ["publisher"]
+        return ", ".join(dead + self.sampler.dead_threads())
+
+    def _watchdog_ok(self, mono: float) -> bool:
+        """The watchdog may be pinged: the publish loop made progress recently."""
+        stalled_s = mono - self.publisher.beat
+        if stalled_s <= self.publisher_stall_s:
+            return True
+        log.error("publisher stalled for %.0f s; not pinging the watchdog", stalled_s)
+        return False
 
     def _loop(self) -> None:
         mono = time.monotonic()
@@ -182,6 +220,13 @@ class Agent:
             except Exception:  # a failing disk or a bug must not stop sampling
                 log.exception("agent main loop error")
                 event_deadline = None
+            dead = self._threads_dead()
+            if dead:
+                # Sampling or sending has stopped for good: exit non-zero, systemd restarts us.
+                log.error("thread(s) died: %s; exiting so the agent is restarted", dead)
+                self.exit_code = 1
+                break
+            self._guarded(self.write_status)
             mono = time.monotonic()
             if mono >= next_heartbeat:
                 next_heartbeat = mono + self.config.heartbeat_s
@@ -190,7 +235,8 @@ class Agent:
                 next_expire = mono + OUTBOX_EXPIRE_INTERVAL_SECONDS
                 self._guarded(self.outbox.expire)
             if watchdog_s and mono >= next_watchdog:
-                self.notifier.watchdog()
+                if self._watchdog_ok(mono):
+                    self.notifier.watchdog()
                 next_watchdog = mono + watchdog_s
             wait_s = min(
                 MAIN_LOOP_MAX_WAIT_SECONDS,

@@ -55,6 +55,7 @@ class PublisherStats:
     refused: int = 0
     unrouted: int = 0  # PUBACKs saying nobody subscribes: the batch stays in the outbox
     receipted: int = 0  # batches deleted from the outbox on a cloud receipt
+    receipted_own: int = 0  # of those, batches this process (this boot id) wrote
     resent: int = 0  # batches sent again because no receipt came in time
 
 
@@ -95,6 +96,11 @@ class Publisher:
         self._connack_error = ""
         self._last_error = ""
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
+        # When the publish loop last turned (monotonic): the agent's watchdog checks it.
+        self.beat = time.monotonic()
+        # Wall clock (ms) of this process's first CONNACK, and of its first own receipt.
+        self.first_connected_ms: int | None = None
+        self.first_own_receipt_ms: int | None = None
         self._props: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- public API
@@ -105,6 +111,11 @@ class Publisher:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def alive(self) -> bool:
+        """The publisher thread is running (False once it died, or after shutdown)."""
+        return self._thread.is_alive()
 
     @property
     def last_error(self) -> str:
@@ -157,6 +168,7 @@ class Publisher:
     def _run(self) -> None:
         final_attempts = 0
         while not self._goodbye_said:
+            self.beat = time.monotonic()
             client = self._connect()
             if client is not None:
                 self._backoff.reset()
@@ -175,7 +187,10 @@ class Publisher:
                 continue
             delay = self._backoff.next_delay()
             log.debug("reconnecting in %.1f s", delay)
-            self._stop.wait(delay)
+            until = time.monotonic() + delay
+            while not self._stop.is_set() and (left := until - time.monotonic()) > 0:
+                self.beat = time.monotonic()  # waiting out a backoff is progress too
+                self._stop.wait(min(left, IDLE_WAIT_SECONDS))
 
     def _connect(self) -> Any:
         broker = self.config.broker
@@ -224,6 +239,8 @@ class Publisher:
             self._client = client
             self._connected.set()
         self.stats.connects += 1
+        if self.first_connected_ms is None:
+            self.first_connected_ms = time.time_ns() // 1_000_000
         self._last_error = ""
         log.info("connected to broker %s:%s", broker.host, broker.port)
         return client
@@ -322,6 +339,7 @@ class Publisher:
         resend_at: float | None = None
         waiting = Unreceipted(wait_s=broker.receipt_wait_s)
         while self.connected:
+            self.beat = time.monotonic()
             self._wake.clear()
             acked_before = self.stats.acked
             unrouted = self._take_acks(inflight, waiting, time.monotonic())
@@ -426,6 +444,10 @@ class Publisher:
             removed = self.outbox.apply_receipt(receipt.boot_id, receipt.watermark, receipt.ranges)
             waiting.forget(removed)
             self.stats.receipted += len(removed)
+            if removed and receipt.boot_id == self.boot_id:
+                self.stats.receipted_own += len(removed)
+                if self.first_own_receipt_ms is None:
+                    self.first_own_receipt_ms = time.time_ns() // 1_000_000
 
     def _take_acks(self, inflight: dict[int, int], waiting: Unreceipted, now: float) -> int:
         """Note what the broker took (kept until receipted); returns how many nobody received."""

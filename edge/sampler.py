@@ -174,6 +174,10 @@ class Sampler:
             source.stop()
         self._sources = []
 
+    def dead_threads(self) -> list[str]:
+        """Names of poller threads that died while they should be polling."""
+        return [t.name for t in self._threads if not t.is_alive() and not t.stopping.is_set()]
+
     def source_errors(self) -> dict[str, int]:
         """Connection failures of local MQTT sources, keyed `local_mqtt.<name>`."""
         return {f"local_mqtt.{s.source.name}": s.errors for s in self._sources if s.errors}
