@@ -86,6 +86,7 @@ class LocalMqttSource:
             self._routes.setdefault(signal.spec.topic, []).append(route)
         self._client = self._make_client(source.client_id or f"{device_id}-{source.name}")
         self._connected = False
+        self._stopping = False
 
     def _make_client(self, client_id: str) -> Any:
         import paho.mqtt.client as paho
@@ -131,6 +132,7 @@ class LocalMqttSource:
         self._client.loop_start()
 
     def stop(self) -> None:
+        self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
 
@@ -148,7 +150,9 @@ class LocalMqttSource:
     def _on_disconnect(
         self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
-        if self._connected:
+        if self._stopping:
+            log.info("disconnected from local broker %s", self.source.name)
+        elif self._connected:
             self.errors += 1
             log.warning("lost local broker %s: %s", self.source.name, reason)
         self._connected = False

@@ -174,3 +174,25 @@ def test_local_mqtt_session_expiry_is_validated() -> None:
         )
     text = CONFIG.format(port=1883).replace("port = 1883\n", "port = 1883\nsession_expiry_s = 0\n")
     assert parse_config(text, base=Path("/")).local_mqtt["nodes"].session_expiry_s == 0
+
+
+def test_clean_stop_logs_no_lost_local_broker_warning(
+    local_mqtt: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stopping on purpose is not "lost local broker ... Normal disconnection"."""
+    from millrace.edge.drivers.mqtt import LocalMqttSource
+
+    config = parse_config(CONFIG.format(port=local_mqtt), base=Path("/"))
+    sink = Sink()
+    items = list(enumerate(config.signals))
+    source = LocalMqttSource(config.local_mqtt["nodes"], items, device_id="dev-a", sink=sink)
+    with caplog.at_level("INFO", logger="millrace.edge.drivers.mqtt"):
+        source.start()
+        deadline = time.monotonic() + 10
+        while "connected to local broker" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "connected to local broker nodes" in caplog.text
+        source.stop()
+    assert "disconnected from local broker nodes" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= 30], caplog.text
+    assert source.errors == 0
