@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TextIO
 
-from millrace import topics
+from millrace import errors, topics
 from millrace.configfile import DEFAULT_BROKER_PORT, Table, read_toml
-from millrace.errors import ConfigError, MillraceError, WireError
+from millrace.errors import ConfigError, MillraceError, UnreachableError, WireError
 from millrace.wire import Command, CommandReply
 
 logger = logging.getLogger(__name__)
@@ -35,9 +35,10 @@ DEFAULT_TIMEOUT_SECONDS: Final = 10.0
 # Connecting and subscribing get their own budget so a slow TLS handshake does not eat
 # the device's reply time.
 CONNECT_TIMEOUT_SECONDS: Final = 10.0
-EXIT_OK: Final = 0
-EXIT_DEVICE_ERROR: Final = 1
-EXIT_TIMEOUT: Final = 3
+EXIT_OK: Final = errors.EXIT_OK
+EXIT_DEVICE_ERROR: Final = errors.EXIT_FAILED
+# No reply in time: the device (or the path to it) did not answer.
+EXIT_TIMEOUT: Final = errors.EXIT_UNREACHABLE
 
 
 class CommandError(MillraceError):
@@ -199,7 +200,7 @@ def _exchange(
     try:
         client.connect(target.host, target.port)
     except OSError as exc:
-        raise CommandError(
+        raise UnreachableError(
             f"cannot reach the broker at {target.host}:{target.port}: {exc}"
         ) from exc
     client.loop_start()

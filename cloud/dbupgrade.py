@@ -21,7 +21,7 @@ import psycopg
 from psycopg import sql
 
 from millrace.cloud.dbprivileges import check_privileges
-from millrace.errors import IngestError
+from millrace.errors import IngestError, UnreachableError
 
 log = logging.getLogger(__name__)
 
@@ -426,10 +426,10 @@ def upgrade(dsn: str) -> UpgradeReport:
                 if not conn.broken:
                     conn.execute("SELECT pg_advisory_unlock(%s)", [ADVISORY_LOCK_KEY])
     except psycopg.OperationalError as exc:
-        raise IngestError(f"cannot reach the database: {_first_line(exc)}") from exc
+        raise UnreachableError(f"cannot reach the database: {_first_line(exc)}") from exc
     except DBAPIError as exc:
         if isinstance(exc.orig, psycopg.OperationalError):
-            raise IngestError(f"cannot reach the database: {_first_line(exc.orig)}") from exc
+            raise UnreachableError(f"cannot reach the database: {_first_line(exc.orig)}") from exc
         raise
     if changed:
         log.info("privileges set on %s", ", ".join(changed))

@@ -9,11 +9,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from millrace.argtypes import number_in
+
 if TYPE_CHECKING:
     from millrace.edge.config import AgentConfig, SignalConfig
 
 # ESPHome/Tasmota nodes publish every 10-60 s; check waits this long for each.
 DEFAULT_MQTT_WAIT_SECONDS = 15.0
+MAX_MQTT_WAIT_SECONDS = 3600.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -26,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     check.add_argument("--config", required=True, type=Path, help="agent TOML file")
     check.add_argument(
         "--mqtt-wait",
-        type=float,
+        type=number_in(0.0, MAX_MQTT_WAIT_SECONDS),
         default=DEFAULT_MQTT_WAIT_SECONDS,
         metavar="SECONDS",
         help="how long to wait for a message on each mqtt signal (default %(default)s)",

@@ -5,6 +5,10 @@ and is imported only when named, so a gateway without the cloud extra can
 still run `millrace edge`. A group module exposes `register(subparsers)`,
 which adds its parser and sets `func` to a handler taking the parsed args and
 returning an exit code.
+
+Exit codes (docs/cli.md) are the constants in `millrace.errors`: 0 ok, 1 the
+command ran and found a failure, 2 usage or configuration error, 3 a service
+it needs did not answer, 70 a bug.
 """
 
 from __future__ import annotations
@@ -14,10 +18,19 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
-from millrace import __version__
-from millrace.errors import MillraceError
+from millrace import __version__, logsetup
+from millrace.errors import (
+    EXIT_FAILED,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    MillraceError,
+)
 
 # subcommand -> module holding its `register`; kept lazy (see module docstring).
 COMMAND_MODULES: dict[str, str] = {
@@ -36,13 +49,51 @@ COMMAND_MODULES: dict[str, str] = {
 }
 
 
+EXIT_CODES_EPILOG = f"""\
+exit codes:
+  {EXIT_OK:<4} success
+  {EXIT_FAILED:<4} the command ran and found a failure (edge check: a signal could not be read;
+       cmd: the device replied with an error)
+  {EXIT_USAGE:<4} usage or configuration error: fix the command line or the config file
+  {EXIT_UNREACHABLE:<4} a service it needs did not answer (database, broker, the device for cmd)
+  {EXIT_INTERNAL:<4} internal error (a bug; the traceback is printed)
+  {EXIT_INTERRUPTED:<4} interrupted
+"""
+LOG_LEVEL_HELP = "DEBUG, INFO, WARNING or ERROR (env MILLRACE_LOG_LEVEL; default INFO)"
+
+
+def _log_level(text: str) -> int:
+    try:
+        return logsetup.parse_level(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_log_level_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Accept `--log-level` after any subcommand too (`millrace edge run --log-level DEBUG`)."""
+    for action in parser._actions:  # argparse keeps subparsers only here
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                sub.add_argument(
+                    "--log-level",
+                    type=_log_level,
+                    default=argparse.SUPPRESS,
+                    metavar="LEVEL",
+                    help=LOG_LEVEL_HELP,
+                )
+                _add_log_level_everywhere(sub)
+
+
 def _build_parser(command: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="millrace", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="millrace",
+        description=__doc__.splitlines()[0],
+        epilog=EXIT_CODES_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"millrace {__version__}")
     parser.add_argument(
-        "--log-level",
-        default=os.environ.get("MILLRACE_LOG_LEVEL", "INFO"),
-        help="DEBUG, INFO, WARNING or ERROR (env MILLRACE_LOG_LEVEL)",
+        "--log-level", type=_log_level, default=None, metavar="LEVEL", help=LOG_LEVEL_HELP
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = [COMMAND_MODULES[command]] if command in COMMAND_MODULES else []
@@ -59,7 +110,16 @@ def _build_parser(command: str | None) -> argparse.ArgumentParser:
                 ) from exc
             continue
         module.register(subparsers)
+    _add_log_level_everywhere(parser)
     return parser
+
+
+def _env_log_level() -> int:
+    text = os.environ.get("MILLRACE_LOG_LEVEL", "").strip()
+    try:
+        return logsetup.parse_level(text) if text else logging.INFO
+    except ValueError as exc:
+        raise MillraceError(f"MILLRACE_LOG_LEVEL: {exc}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,22 +129,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = _build_parser(command)
         args = parser.parse_args(args_list)
-        logging.basicConfig(
-            level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+        level = args.log_level if args.log_level is not None else _env_log_level()
+        logsetup.configure(level, stream=sys.stderr)
         if not getattr(args, "func", None):
             parser.print_help()
-            return 2
+            return EXIT_USAGE
         return int(args.func(args) or 0)
     except MillraceError as exc:
         print(f"millrace: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # `millrace status | head`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except Exception:  # a bug: show it, and keep exit 1 meaning "the check found a failure"
+        traceback.print_exc()
+        print(
+            "millrace: internal error (a bug; please report the traceback above)", file=sys.stderr
+        )
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -184,3 +184,12 @@ def test_a_second_agent_on_the_same_state_directory_is_refused(tmp_path: Path) -
     finally:
         first.terminate()
         assert first.wait(20) == 0
+
+
+@pytest.mark.parametrize("wait", ["-1", "nan", "inf", "soon", "99999"])
+def test_mqtt_wait_nonsense_is_a_usage_error(wait: str, tmp_path: Path) -> None:
+    config = write(tmp_path, '[[signals]]\nmetric = "a"\ndriver = "sim"\n')
+    done = run("edge", "check", "--config", str(config), f"--mqtt-wait={wait}")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "argument --mqtt-wait" in done.stderr
+    assert "config ok" not in done.stdout
