@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.fixtures.fix_postgres",
     "tests.fixtures.fix_broker",
+    "tests.fixtures.fix_system",
 ]
