@@ -12,9 +12,12 @@ release next to the new one and switch back.
 
 A *bundle* is one release plus everything one device needs (agent config, CA
 chain, device certificate and key) plus a hardened systemd unit and an install
-script. `MANIFEST.sha256` lists the sha256 of every other file; `install.sh`
-refuses to install anything unless every file matches it and nothing else is
-present. The key is 0600 inside the tarball and the tarball itself is 0600.
+script. `MANIFEST.sha256` lists the sha256 of every other file and
+`MANIFEST.sha256.sig` is its Ed25519 signature by the PKI's release key
+(provision_signing); `install.sh` verifies that signature with the release public key
+the gateway already trusts (or is given by `--release-key FILE`) before it reads any
+other file, and refuses to install anything unless every file matches the manifest and
+nothing else is present. The key is 0600 inside the tarball and the tarball itself is 0600.
 
 Templates (millrace/ops/templates/bundle/) are rendered by millrace.ops.templating with
 the options of Ansible's template lookup, so the edge_agent role renders the very same
@@ -47,7 +50,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from millrace.errors import ConfigError, MillraceError, PKIError
-from millrace.ops import pki
+from millrace.ops import pki, provision_signing
 from millrace.ops.broker import DEFAULT_PORT
 from millrace.ops.templating import render_file, render_packaged
 
@@ -59,6 +62,10 @@ DIST_NAME = "millrace"
 GATEWAY_DIST_NAME = "millrace-edge"
 EDGE_EXTRA = "edge"
 MANIFEST_NAME = "MANIFEST.sha256"
+# The manifest's raw Ed25519 signature by the PKI's release key (provision_signing).
+SIGNATURE_NAME = MANIFEST_NAME + ".sig"
+# Where a gateway keeps the release public key it trusts (install.sh --release-key FILE).
+TRUSTED_RELEASE_KEY = "/etc/millrace/release.pub"
 RELEASE_JSON = "release.json"
 REQUIREMENTS_NAME = "requirements.txt"
 # Hex digits of the content hash in a release id: plenty to tell releases apart.
@@ -564,6 +571,7 @@ class Bundle:
     device_id: str
     release_id: str
     has_key: bool
+    release_pub: Path
 
 
 def _manifest(files: Mapping[str, bytes]) -> bytes:
@@ -681,12 +689,20 @@ def build_bundle(
         + "\n"
     ).encode()
     files[MANIFEST_NAME] = _manifest(files)
+    # Signed last: install.sh checks this signature before it reads any other file.
+    release_pub = provision_signing.ensure_release_key(pki_path)
+    files[SIGNATURE_NAME] = provision_signing.sign(pki_path, files[MANIFEST_NAME])
     modes = {"install.sh": _EXEC_MODE, "firstboot.sh": _EXEC_MODE, "pki/device.key": _KEY_MODE}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     _write_tarball(out_path, f"millrace-{ident}", files, modes)
     log.info("wrote bundle %s for %s (release %s)", out_path, ident, release.release_id)
     return Bundle(
-        out_path, _sha256(out_path), ident, release.release_id, credentials.key is not None
+        out_path,
+        _sha256(out_path),
+        ident,
+        release.release_id,
+        credentials.key is not None,
+        release_pub,
     )
 
 
@@ -707,7 +723,11 @@ class SdResult:
 
 
 def write_sd(
-    bundle: Path | str, target: Path | str, *, boot_mount: str = "/boot/firmware"
+    bundle: Path | str,
+    target: Path | str,
+    *,
+    release_key: Path | str | None = None,
+    boot_mount: str = "/boot/firmware",
 ) -> SdResult:
     """Put `bundle` on a mounted SD card with a first-boot service that installs it.
 
@@ -715,7 +735,9 @@ def write_sd(
     unit is installed and enabled directly) or its FAT boot partition (it has
     cmdline.txt: a one-shot kernel command line hook moves the bundle off the
     world-readable FAT partition, enables the unit and reboots). `boot_mount` is
-    where the gateway mounts the boot partition.
+    where the gateway mounts the boot partition. `release_key` (the PKI's release.pub)
+    becomes the key the gateway trusts, at /etc/millrace/release.pub, unless the card
+    already has one; without it the card must already have one.
     """
     source = Path(bundle)
     root = Path(target)
@@ -723,9 +745,17 @@ def write_sd(
         raise ConfigError("--sd", f"not a mounted directory: {root}")
     script = template_text("firstboot.sh").encode()
     unit = template_text(FIRSTBOOT_UNIT_NAME).encode()
+    pub = Path(release_key).read_bytes() if release_key is not None else None
     written: list[Path] = []
     systemd_dir = root / "etc" / "systemd" / "system"
     if systemd_dir.is_dir():
+        trusted = root / TRUSTED_RELEASE_KEY.lstrip("/")
+        if pub is not None and not trusted.is_file():
+            trusted.parent.mkdir(mode=_EXEC_MODE, parents=True, exist_ok=True)
+            pki.write_atomic(trusted, pub, mode=_FILE_MODE)
+            written.append(trusted)
+        elif not trusted.is_file():
+            raise ConfigError("--sd", f"{trusted} is missing: pass the PKI's release.pub")
         stage = root / "var" / "lib" / "millrace-firstboot"
         stage.mkdir(mode=0o700, parents=True, exist_ok=True)
         for name, data, mode in (
@@ -749,6 +779,9 @@ def write_sd(
         )
     folder = root / "millrace"
     folder.mkdir(exist_ok=True)
+    if pub is not None:  # firstboot.sh moves it to /etc/millrace/release.pub
+        pki.write_atomic(folder / "release.pub", pub, mode=_FILE_MODE)
+        written.append(folder / "release.pub")
     for name, data, mode in (
         ("bundle.tar.gz", source.read_bytes(), _KEY_MODE),
         ("firstboot.sh", script, _EXEC_MODE),

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from millrace.errors import ConfigError
+from millrace.ops import broker_live
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "provision",
         help="a device bundle for flashing (or --release-dir: an agent release for Ansible)",
         description="Write a device bundle: agent wheel and pinned requirements, config, CA, "
-        "device certificate and key (0600), systemd unit, install.sh and a sha256 manifest. "
+        "device certificate and key (0600), systemd unit, install.sh and a sha256 manifest "
+        "signed by the PKI's release key (made on first use: release.key 0600, release.pub). "
         "With --release-dir, write only the agent release that Ansible's edge_agent role ships.",
     )
     parser.add_argument("device_id", nargs="?", metavar="ID", help="the device id (cert CN)")
@@ -62,6 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="with --release-dir: the full millrace wheel for the cloud roles (default: built)",
     )
+    broker_live.add_arguments(parser)
     parser.set_defaults(func=_provision)
 
 
@@ -140,7 +143,9 @@ def _provision(args: argparse.Namespace) -> int:
     print(f"sha256 {bundle.sha256}")
     print(f"release {bundle.release_id}")
     print("key " + ("included (0600)" if bundle.has_key else "not included (signed from CSR)"))
+    print(f"signed by release key {bundle.release_pub} (first install: --release-key FILE)")
     if args.sd is not None:
-        result = provision.write_sd(bundle.path, args.sd)
+        result = provision.write_sd(bundle.path, args.sd, release_key=bundle.release_pub)
         print(f"sd {result.kind}: installs on first boot")
-    return 0
+    # The device's roles on the running broker, so it can connect as soon as it is flashed.
+    return broker_live.after_change(args, args.pki, revoked=False)

@@ -22,7 +22,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 
-from millrace.ops import provision
+from millrace.ops import provision, provision_signing
 from tests.ansible.rollout_support import (
     TEST_AGENT_TEMPLATE,
     BatchInbox,
@@ -46,6 +46,7 @@ class Installed:
     root: Path
     first: subprocess.CompletedProcess[str]
     second: subprocess.CompletedProcess[str]
+    pki_dir: Path
 
 
 def _install(
@@ -92,9 +93,10 @@ def installed(
         tar.extractall(work / "unpacked", filter="tar")
     unpacked = work / "unpacked" / f"millrace-{DEVICE}"
     root = work / "root"
-    first = _install(unpacked, "--root", str(root))
-    second = _install(unpacked, "--root", str(root))
-    return Installed(work, bundle, unpacked, root, first, second)
+    release_pub = provision_signing.release_pub_path(test_pki.dir)
+    first = _install(unpacked, "--root", str(root), "--release-key", str(release_pub))
+    second = _install(unpacked, "--root", str(root))  # trusts the key the first one installed
+    return Installed(work, bundle, unpacked, root, first, second, test_pki.dir)
 
 
 def test_install_script_installs_then_changes_nothing(installed: Installed) -> None:
@@ -103,6 +105,11 @@ def test_install_script_installs_then_changes_nothing(installed: Installed) -> N
     assert installed.second.returncode == 0, installed.second.stderr
     assert installed.second.stdout.strip().endswith("changed=0")
     assert "already installed, nothing changed" in installed.second.stdout
+    trusted = installed.root / "etc" / "millrace" / "release.pub"
+    assert (
+        trusted.read_bytes() == provision_signing.release_pub_path(installed.pki_dir).read_bytes()
+    )
+    assert "signature verified (" + str(trusted) in installed.second.stdout
 
 
 @pytest.mark.security
@@ -161,7 +168,11 @@ def test_first_boot_service_installs_the_staged_bundle_and_disables_itself(
     """What millrace-firstboot.service runs, pointed at the already installed root."""
     card_root = installed.work / "card"
     (card_root / "etc" / "systemd" / "system").mkdir(parents=True)
-    provision.write_sd(installed.bundle, card_root)
+    provision.write_sd(
+        installed.bundle,
+        card_root,
+        release_key=provision_signing.release_pub_path(installed.pki_dir),
+    )
     stage = card_root / "var" / "lib" / "millrace-firstboot"
     wants = card_root / "etc/systemd/system/multi-user.target.wants" / provision.FIRSTBOOT_UNIT_NAME
     assert wants.is_symlink()
@@ -252,7 +263,8 @@ def _write(path: Path, text: str) -> Path:
 
 
 def _bundle_with_a_stranger_key(installed: Installed, bundle: Path) -> None:
-    """A copy of the installed bundle whose key is not the certificate's (manifest fixed up)."""
+    """A copy of the installed bundle whose key is not the certificate's (manifest fixed up
+    and signed again with the release key: the operator's own mistake, not an attack)."""
     import shutil
 
     from cryptography.hazmat.primitives import serialization
@@ -273,6 +285,8 @@ def _bundle_with_a_stranger_key(installed: Installed, bundle: Path) -> None:
             for line in manifest.read_text().splitlines()
         )
     )
+    signature = provision_signing.sign(installed.pki_dir, manifest.read_bytes())
+    (bundle / provision.SIGNATURE_NAME).write_bytes(signature)
 
 
 @pytest.mark.security
@@ -282,7 +296,8 @@ def test_a_key_that_does_not_match_the_certificate_is_refused(
     """install.sh checks key against certificate with the stdlib (no cryptography on gateways)."""
     bundle = tmp_path / "swapped"
     _bundle_with_a_stranger_key(installed, bundle)
-    result = _install(bundle, "--root", str(tmp_path / "root"))
+    release_pub = str(provision_signing.release_pub_path(installed.pki_dir))
+    result = _install(bundle, "--root", str(tmp_path / "root"), "--release-key", release_pub)
     assert result.returncode != 0, result.stdout
     assert "does not belong to the certificate in this bundle" in result.stderr
 

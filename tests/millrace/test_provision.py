@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
 from millrace.errors import ConfigError, PKIError
-from millrace.ops import pki, provision
+from millrace.ops import pki, provision, provision_signing
 
 DEVICE = "press-07"
 FAKE_WHEEL_NAME = "millrace_edge-0.1.0-py3-none-any.whl"
@@ -61,14 +61,19 @@ def _extract(path: Path, into: Path) -> Path:
     return top
 
 
-def _install(bundle_dir: Path, root: Path) -> subprocess.CompletedProcess[str]:
+def _install(bundle_dir: Path, root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["sh", str(bundle_dir / "install.sh"), "--root", str(root)],
+        ["sh", str(bundle_dir / "install.sh"), "--root", str(root), *args],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+def _trust(plant_pki: Path) -> tuple[str, str]:
+    """install.sh's first-install option: trust the PKI's release public key."""
+    return ("--release-key", str(provision_signing.release_pub_path(plant_pki)))
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -93,6 +98,7 @@ def test_bundle_holds_everything_a_gateway_needs_with_private_modes(
         "install.sh",
         "firstboot.sh",
         "MANIFEST.sha256",
+        "MANIFEST.sha256.sig",
         "bundle.json",
         f"agent/{FAKE_WHEEL_NAME}",
         "agent/requirements.txt",
@@ -120,7 +126,8 @@ def test_manifest_lists_the_sha256_of_every_other_file(
         digest, name = line.split("  ", 1)
         listed[name] = digest
     files = {str(p.relative_to(top)) for p in top.rglob("*") if p.is_file()} - {
-        provision.MANIFEST_NAME
+        provision.MANIFEST_NAME,
+        provision.SIGNATURE_NAME,  # the manifest's signature, over the manifest
     }
     assert set(listed) == files
     for name, digest in listed.items():
@@ -217,7 +224,7 @@ def test_csr_bundle_carries_no_key_and_the_certificate_matches_the_device_key(
     assert not pki.pki_paths(plant_pki).key_for("csr-gw").exists()
 
     # Without the device's own key in place the install script stops before installing.
-    result = _install(top, tmp_path / "root")
+    result = _install(top, tmp_path / "root", *_trust(plant_pki))
     assert result.returncode == 1
     assert "carries no key" in result.stderr
     assert not (tmp_path / "root" / "opt").exists()
@@ -323,7 +330,7 @@ def test_install_refuses_a_tampered_bundle_and_touches_nothing(
     top = _extract(_bundle(plant_pki, fake_wheel, tmp_path / "b.tar.gz").path, tmp_path / "x")
     tamper(top)  # type: ignore[operator]
     root = tmp_path / "root"
-    result = _install(top, root)
+    result = _install(top, root, *_trust(plant_pki))
     assert result.returncode == 3, result.stdout + result.stderr
     assert "refusing to install" in result.stderr
     assert not root.exists()
@@ -335,10 +342,133 @@ def test_untampered_bundle_passes_the_manifest_check(
 ) -> None:
     """The baseline for the refusals: the same bundle gets past the check (then pip fails)."""
     top = _extract(_bundle(plant_pki, fake_wheel, tmp_path / "b.tar.gz").path, tmp_path / "x")
-    result = _install(top, tmp_path / "root")
+    result = _install(top, tmp_path / "root", *_trust(plant_pki))
+    assert "signature verified" in result.stdout
     assert "manifest verified" in result.stdout
     assert result.returncode == 1  # the stand-in wheel is not installable
     assert "pip could not install" in result.stderr
+
+
+# -- the install script's signature check -----------------------------------------------------
+
+
+def _fix_manifest(top: Path) -> None:
+    """Recompute the manifest for the files as they are now (what a tamperer would do)."""
+    files = {
+        str(p.relative_to(top)): p.read_bytes()
+        for p in top.rglob("*")
+        if p.is_file() and p.name not in (provision.MANIFEST_NAME, provision.SIGNATURE_NAME)
+    }
+    (top / provision.MANIFEST_NAME).write_bytes(provision._manifest(files))
+
+
+def _sig_changed_manifest(top: Path) -> None:
+    _tamper_modify(top)
+    _fix_manifest(top)
+
+
+def _sig_other_key(top: Path) -> None:
+    _tamper_modify(top)
+    _fix_manifest(top)
+    stranger = ed25519.Ed25519PrivateKey.generate()
+    manifest = (top / provision.MANIFEST_NAME).read_bytes()
+    (top / provision.SIGNATURE_NAME).write_bytes(stranger.sign(manifest))
+
+
+def _sig_missing(top: Path) -> None:
+    (top / provision.SIGNATURE_NAME).unlink()
+
+
+def _sig_garbled(top: Path) -> None:
+    sig = bytearray((top / provision.SIGNATURE_NAME).read_bytes())
+    sig[0] ^= 0x01
+    (top / provision.SIGNATURE_NAME).write_bytes(bytes(sig))
+
+
+@pytest.mark.security
+@pytest.mark.parametrize(
+    "tamper",
+    [_tamper_modify, _sig_changed_manifest, _sig_other_key, _sig_missing, _sig_garbled],
+    ids=["changed-file", "changed-manifest", "other-key", "missing-signature", "garbled"],
+)
+def test_bundle_signature_tamper_is_refused_and_nothing_installed(
+    plant_pki: Path, fake_wheel: Path, tmp_path: Path, tamper: object
+) -> None:
+    """The manifest alone gave integrity, not authenticity: a fixed-up manifest passed it."""
+    top = _extract(_bundle(plant_pki, fake_wheel, tmp_path / "b.tar.gz").path, tmp_path / "x")
+    tamper(top)  # type: ignore[operator]
+    root = tmp_path / "root"
+    result = _install(top, root, *_trust(plant_pki))
+    assert result.returncode == 3, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("install.sh: refusing to install: "), lines
+    assert not root.exists()
+
+
+@pytest.mark.security
+def test_bundle_signature_by_another_release_key_is_refused(
+    plant_pki: Path, fake_wheel: Path, tmp_path: Path
+) -> None:
+    """An untouched bundle of another PKI: its own key is not the one this gateway trusts."""
+    other = tmp_path / "other-pki"
+    pki.init_pki(other, hosts=["mqtt.other.example"])
+    top = _extract(_bundle(other, fake_wheel, tmp_path / "b.tar.gz").path, tmp_path / "x")
+    root = tmp_path / "root"
+    trusted = root / "etc" / "millrace" / "release.pub"
+    trusted.parent.mkdir(parents=True)
+    trusted.write_bytes(provision_signing.release_pub_path(plant_pki).read_bytes())
+    result = _install(top, root)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "signature does not verify with " + str(trusted) in result.stderr
+    assert sorted(p.name for p in root.rglob("*")) == ["etc", "millrace", "release.pub"]
+
+
+@pytest.mark.security
+def test_bundle_without_a_trusted_release_key_is_refused(
+    plant_pki: Path, fake_wheel: Path, tmp_path: Path
+) -> None:
+    top = _extract(_bundle(plant_pki, fake_wheel, tmp_path / "b.tar.gz").path, tmp_path / "x")
+    result = _install(top, tmp_path / "root")
+    assert result.returncode == 3
+    assert "no trusted release key" in result.stderr
+    assert "--release-key FILE" in result.stderr
+    assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.security
+def test_bundle_signature_is_checked_before_any_other_file_is_read(
+    plant_pki: Path, fake_wheel: Path, tmp_path: Path
+) -> None:
+    """With a bad signature the refusal names the signature, though other files are broken."""
+    top = _extract(_bundle(plant_pki, fake_wheel, tmp_path / "b.tar.gz").path, tmp_path / "x")
+    _sig_garbled(top)
+    (top / "bundle.json").unlink()
+    os.mkfifo(top / "bundle.json")  # reading it would block the install
+    (top / "agent" / "release.json").write_text("{not json")
+    result = _install(top, tmp_path / "root", *_trust(plant_pki))
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "signature does not verify" in result.stderr
+    assert "manifest verified" not in result.stdout
+
+
+@pytest.mark.security
+def test_release_key_is_private_from_creation(tmp_path: Path) -> None:
+    pki_dir = tmp_path / "pki"
+    pki.init_pki(pki_dir, hosts=["mqtt.plant.example"])
+    old = os.umask(0)
+    try:
+        pub = provision_signing.ensure_release_key(pki_dir)
+    finally:
+        os.umask(old)
+    key = provision_signing.release_key_path(pki_dir)
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(pub.stat().st_mode) == 0o644
+    assert b"PRIVATE" not in pub.read_bytes()
+    assert provision_signing.ensure_release_key(pki_dir) == pub  # kept, not replaced
+    assert key.read_bytes() == provision_signing.release_key_path(pki_dir).read_bytes()
+    key.chmod(0o644)
+    with pytest.raises(PKIError, match="chmod 600"):
+        provision_signing.sign(pki_dir, b"manifest")
 
 
 # -- SD cards -------------------------------------------------------------------------------------
@@ -351,8 +481,9 @@ def test_sd_boot_partition_stages_once_and_moves_the_key_off_fat(
     boot = tmp_path / "bootfs"
     boot.mkdir()
     (boot / "cmdline.txt").write_text("console=tty1 root=PARTUUID=1234-02 rootwait\n")
-    assert provision.write_sd(bundle.path, boot).kind == "boot"
-    provision.write_sd(bundle.path, boot)  # twice: still one hook
+    pub = bundle.release_pub
+    assert provision.write_sd(bundle.path, boot, release_key=pub).kind == "boot"
+    provision.write_sd(bundle.path, boot, release_key=pub)  # twice: still one hook
     cmdline = (boot / "cmdline.txt").read_text()
     assert cmdline.count("systemd.run=/boot/firmware/millrace/firstboot.sh") == 1
     assert cmdline.startswith("console=tty1 root=PARTUUID=1234-02 rootwait ")
@@ -375,6 +506,7 @@ def test_sd_boot_partition_stages_once_and_moves_the_key_off_fat(
     link = units / "multi-user.target.wants" / provision.FIRSTBOOT_UNIT_NAME
     assert os.readlink(link) == f"/etc/systemd/system/{provision.FIRSTBOOT_UNIT_NAME}"
     assert (units / provision.FIRSTBOOT_UNIT_NAME).is_file()
+    assert (rootfs / "etc/millrace/release.pub").read_bytes() == pub.read_bytes()
     assert not (boot / "millrace").exists()
     assert (boot / "cmdline.txt").read_text() == "console=tty1 root=PARTUUID=1234-02 rootwait\n"
 
@@ -385,8 +517,10 @@ def test_sd_root_filesystem_gets_the_enabled_first_boot_unit(
     bundle = _bundle(plant_pki, fake_wheel, tmp_path / "b.tar.gz")
     rootfs = tmp_path / "rootfs"
     (rootfs / "etc" / "systemd" / "system").mkdir(parents=True)
-    result = provision.write_sd(bundle.path, rootfs)
+    result = provision.write_sd(bundle.path, rootfs, release_key=bundle.release_pub)
     assert result.kind == "rootfs"
+    trusted = rootfs / "etc" / "millrace" / "release.pub"
+    assert trusted.read_bytes() == bundle.release_pub.read_bytes()
     staged = rootfs / "var" / "lib" / "millrace-firstboot" / "bundle.tar.gz"
     assert stat.S_IMODE(staged.stat().st_mode) == 0o600
     unit = (rootfs / "etc/systemd/system" / provision.FIRSTBOOT_UNIT_NAME).read_text()

@@ -30,6 +30,14 @@ do_stage() {
     mv -f "$stage/bundle.tar.gz.tmp" "$stage/bundle.tar.gz"
     cp "$boot_dir/firstboot.sh" "$stage/firstboot.sh"
     chmod 0755 "$stage/firstboot.sh"
+    # The release public key the card was written with: install.sh verifies the bundle
+    # with it. A key the gateway already trusts is kept.
+    if [ -f "$boot_dir/release.pub" ] && [ ! -f "$prefix/etc/millrace/release.pub" ]; then
+        mkdir -p "$prefix/etc/millrace"
+        chmod 0755 "$prefix/etc/millrace"
+        cp "$boot_dir/release.pub" "$prefix/etc/millrace/release.pub"
+        chmod 0644 "$prefix/etc/millrace/release.pub"
+    fi
     mkdir -p "$units/multi-user.target.wants"
     cp "$boot_dir/$UNIT" "$units/$UNIT"
     chmod 0644 "$units/$UNIT"

@@ -3,17 +3,21 @@
 #
 #   sudo ./install.sh                        install under /, as user millrace, start the service
 #   ./install.sh --root DIR                  a relocated trial install under DIR (no user, no systemd)
+#   sudo ./install.sh --release-key FILE     first install: trust this release public key
 #
-# Safe to run twice: the manifest is verified first, an installed release is reused,
+# Before anything else the manifest's signature is verified with the release public key
+# this gateway trusts (/etc/millrace/release.pub, or --release-key FILE), then every file
+# against the manifest. Safe to run twice: an installed release is reused,
 # unchanged files are left alone and the service restarts only when something changed.
 # Layout (the same as Ansible's edge_agent role):
 #   /opt/millrace/releases/<release>/venv   one virtual environment per release
 #   /opt/millrace/current, previous         symlinks; a failed start switches back
 #   /etc/millrace/agent.toml, pki/           config, CA, device certificate and key (0600)
+#   /etc/millrace/release.pub                the release public key bundles must be signed with
 #   /var/lib/millrace                        the agent's state: outbox, command log
 #
 # Exit status: 0 installed (or already installed), 1 failed, 2 usage,
-# 3 refused: the bundle does not match its manifest, 4 the new key, config or release
+# 3 refused: the signature, the manifest or the platform does not match, 4 the new key, config or release
 # failed its check or did not start, and the previous files and release were restored.
 set -eu
 umask 022
@@ -34,7 +38,9 @@ Options:
   --no-service    do not call systemctl (containers, image builds, tests)
   --skip-check    do not run `millrace edge check` before switching to the new release
   --python PATH   the Python 3.11+ to build the virtual environment with (python3)
-Environment: MILLRACE_PIP_ARGS extra pip options, e.g. --index-url of a local mirror.
+  --release-key FILE  verify with this release public key (the PKI's release.pub) and
+                  trust it from now on; needed on the first install only
+The install uses only the bundle's own wheels (pip --no-index --require-hashes).
 EOF
 }
 
@@ -42,6 +48,7 @@ root=/
 manage_user=1
 manage_service=1
 run_check=1
+release_key=
 python=${MILLRACE_PYTHON:-python3}
 while [ $# -gt 0 ]; do
     case $1 in
@@ -51,19 +58,47 @@ while [ $# -gt 0 ]; do
         --no-service) manage_service=0; shift ;;
         --skip-check) run_check=0; shift ;;
         --python) [ $# -ge 2 ] || { usage >&2; exit 2; }; python=$2; shift 2 ;;
+        --release-key) [ $# -ge 2 ] || { usage >&2; exit 2; }; release_key=$2; shift 2 ;;
+        --release-key=*) release_key=${1#--release-key=}; shift ;;
         -h | --help) usage; exit 0 ;;
         *) printf 'install.sh: unknown option %s\n' "$1" >&2; usage >&2; exit 2 ;;
     esac
 done
 
+case $root in
+    /) prefix='' ;;
+    /*[!/]*) prefix=${root%/} ;;
+    *) die "--root must be an absolute directory, got '$root'" ;;
+esac
+case $prefix in *[!A-Za-z0-9._/-]*) die "--root may only contain A-Z a-z 0-9 . _ - /" ;; esac
+if [ -n "$release_key" ]; then
+    case $release_key in /*) ;; *) release_key=$PWD/$release_key ;; esac
+    [ -f "$release_key" ] || die "--release-key $release_key: no such file"
+fi
 here=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd -P)
 cd "$here"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT INT TERM
 
-# -- 1. integrity, before anything is touched -------------------------------------------
-command -v sha256sum >/dev/null 2>&1 || die "sha256sum (coreutils) is required"
+# -- 1. authenticity, then integrity, before any other file is read or anything touched ----
+trusted=$prefix/etc/millrace/release.pub
+verify_key=${release_key:-$trusted}
+command -v openssl >/dev/null 2>&1 \
+    || die "openssl is required to verify the bundle's signature (Debian: apt-get install openssl)"
+[ -f "$verify_key" ] || refuse "no trusted release key at $trusted: \
+pass --release-key FILE (the PKI's release.pub) on the first install"
+[ -f MANIFEST.sha256.sig ] || refuse "MANIFEST.sha256.sig is missing: the bundle is not signed"
 [ -f MANIFEST.sha256 ] || refuse "MANIFEST.sha256 is missing"
+if [ -L MANIFEST.sha256 ] || [ -L MANIFEST.sha256.sig ]; then
+    refuse "MANIFEST.sha256 and its signature must be regular files"
+fi
+if ! openssl pkeyutl -verify -pubin -inkey "$verify_key" -rawin -in MANIFEST.sha256 \
+    -sigfile MANIFEST.sha256.sig >"$work/sig" 2>&1; then
+    refuse "the manifest's signature does not verify with $verify_key \
+(signed by another key, or changed since it was signed)"
+fi
+say "signature verified ($verify_key)"
+command -v sha256sum >/dev/null 2>&1 || die "sha256sum (coreutils) is required"
 odd=$(find . ! -type f ! -type d -print | head -n 1)
 [ -z "$odd" ] || refuse "$odd is not a regular file"
 if grep -qv '^[0-9a-f]\{64\}  [A-Za-z0-9._+/-]\{1,\}$' MANIFEST.sha256 \
@@ -71,7 +106,8 @@ if grep -qv '^[0-9a-f]\{64\}  [A-Za-z0-9._+/-]\{1,\}$' MANIFEST.sha256 \
     refuse "MANIFEST.sha256 has malformed lines"
 fi
 sed 's/^[0-9a-f]\{64\}  //' MANIFEST.sha256 | LC_ALL=C sort >"$work/listed"
-find . -type f ! -path ./MANIFEST.sha256 -print | sed 's#^\./##' | LC_ALL=C sort >"$work/present"
+find . -type f ! -path ./MANIFEST.sha256 ! -path ./MANIFEST.sha256.sig -print \
+    | sed 's#^\./##' | LC_ALL=C sort >"$work/present"
 if ! cmp -s "$work/listed" "$work/present"; then
     extra=$(LC_ALL=C comm -13 "$work/listed" "$work/present" | tr '\n' ' ')
     missing=$(LC_ALL=C comm -23 "$work/listed" "$work/present" | tr '\n' ' ')
@@ -94,12 +130,6 @@ device_id=$(json_field bundle.json device_id)
 case $release_id in '' | *[!A-Za-z0-9._+-]*) refuse "bad release id '$release_id'" ;; esac
 case $wheel in millrace_edge-*.whl) ;; *) refuse "bad wheel name '$wheel'" ;; esac
 
-case $root in
-    /) prefix='' ;;
-    /*[!/]*) prefix=${root%/} ;;
-    *) die "--root must be an absolute directory, got '$root'" ;;
-esac
-case $prefix in *[!A-Za-z0-9._/-]*) die "--root may only contain A-Z a-z 0-9 . _ - /" ;; esac
 if [ -n "$prefix" ]; then
     manage_user=0
     manage_service=0
@@ -232,6 +262,9 @@ except (ssl.SSLError, OSError) as exc:
 EOF
 relocate "systemd/$UNIT" "$work/$UNIT"
 install_file "$work/$UNIT" "$units/$UNIT" 0644 root:root
+if [ -n "$release_key" ]; then
+    install_file "$release_key" "$trusted" 0644 root:root
+fi
 
 # -- 6. switch to the release, check it, start it ---------------------------------------------
 current=$(readlink "$opt/current" 2>/dev/null || true)
