@@ -24,6 +24,7 @@ from typing import Any
 from millrace.edge.batching import SeqCounter, build_batches
 from millrace.edge.commands import CommandProcessor
 from millrace.edge.config import AgentConfig
+from millrace.edge.drivers.mqtt import client_credentials
 from millrace.edge.health import (
     CertClock,
     ClockState,
@@ -68,13 +69,22 @@ def now_ms() -> int:
 
 
 def check_files(config: AgentConfig) -> None:
-    """Fail early, naming the key, when a file the agent needs is missing."""
-    for key in ("ca", "cert", "key"):
-        path = getattr(config.broker, key)
+    """Fail early, naming the key, when a file the agent needs is missing or unreadable."""
+    needed: list[tuple[str, Path]] = [
+        (f"broker.{key}", getattr(config.broker, key)) for key in ("ca", "cert", "key")
+    ]
+    for name, source in config.local_mqtt.items():
+        for key in ("password_file", "ca", "cert", "key"):
+            path = getattr(source, key)
+            if path is not None:
+                needed.append((f"local_mqtt.{name}.{key}", path))
+    for key, path in needed:
         if not path.is_file():
-            raise ConfigError(f"broker.{key}", f"file not found: {path}", source=_src(config))
+            raise ConfigError(key, f"file not found: {path}", source=_src(config))
         if not os.access(path, os.R_OK):
-            raise ConfigError(f"broker.{key}", f"not readable: {path}", source=_src(config))
+            raise ConfigError(key, f"not readable: {path}", source=_src(config))
+    for source in config.local_mqtt.values():
+        client_credentials(source, config_file=_src(config))
 
 
 def _src(config: AgentConfig) -> str | None:

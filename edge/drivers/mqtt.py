@@ -21,6 +21,7 @@ from typing import Any
 
 from millrace.edge.config import LocalMqtt, MqttSpec, SignalConfig
 from millrace.edge.drivers.base import ReadFailure, ReadResult, Sink, text_or_number
+from millrace.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,31 @@ def extract(payload: bytes, path: tuple[str | int, ...], signal: SignalConfig) -
     return ReadFailure(f"field {signal.spec.field!r} is not a value")  # type: ignore[union-attr]
 
 
+def client_credentials(
+    src: LocalMqtt, *, config_file: str | None = None
+) -> tuple[str | None, ssl.SSLContext | None]:
+    """The password and TLS context for `src`; ConfigError naming the key if a file is bad."""
+    key = f"local_mqtt.{src.name}.password_file"
+    password = None
+    context = None
+    try:
+        if src.password_file is not None:
+            lines = src.password_file.read_text(encoding="utf-8").splitlines()
+            if not lines or not lines[0]:
+                raise ConfigError(key, f"{src.password_file} is empty", source=config_file)
+            password = lines[0]
+        if src.ca is not None:
+            key = f"local_mqtt.{src.name}.ca"
+            context = ssl.create_default_context(cafile=str(src.ca))
+            if src.cert is not None and src.key is not None:
+                key = f"local_mqtt.{src.name}.cert"
+                context.load_cert_chain(str(src.cert), str(src.key))
+            context.check_hostname = True
+    except (OSError, UnicodeDecodeError) as exc:  # ssl.SSLError is an OSError
+        raise ConfigError(key, f"cannot use it: {exc}", source=config_file) from exc
+    return password, context
+
+
 class LocalMqttSource:
     """One connection to a local broker, feeding every signal that names it."""
 
@@ -97,16 +123,10 @@ class LocalMqttSource:
             protocol=paho.MQTTProtocolVersion.MQTTv5,
         )
         src = self.source
+        password, context = client_credentials(src)
         if src.username:
-            password = None
-            if src.password_file is not None:
-                password = src.password_file.read_text().splitlines()[0]
             client.username_pw_set(src.username, password)
-        if src.ca is not None:
-            context = ssl.create_default_context(cafile=str(src.ca))
-            if src.cert is not None and src.key is not None:
-                context.load_cert_chain(str(src.cert), str(src.key))
-            context.check_hostname = True
+        if context is not None:
             client.tls_set_context(context)
         client.reconnect_delay_set(RECONNECT_MIN_SECONDS, RECONNECT_MAX_SECONDS)
         client.on_connect = self._on_connect

@@ -193,3 +193,42 @@ def test_mqtt_wait_nonsense_is_a_usage_error(wait: str, tmp_path: Path) -> None:
     assert done.returncode == 2, done.stdout + done.stderr
     assert "argument --mqtt-wait" in done.stderr
     assert "config ok" not in done.stdout
+
+
+LOCAL_MQTT = """
+[local_mqtt.nodes]
+host = "localhost"
+port = 1
+username = "gw"
+{extra}
+[[signals]]
+metric = "plug.power"
+driver = "mqtt"
+source = "nodes"
+topic = "tele/plug/SENSOR"
+"""
+
+
+@pytest.mark.parametrize("action", ["run", "check"])
+@pytest.mark.parametrize(
+    ("extra", "key", "problem"),
+    [
+        ('password_file = "nope.pw"', "local_mqtt.nodes.password_file", "file not found"),
+        ('ca = "nope-ca.crt"', "local_mqtt.nodes.ca", "file not found"),
+        ('password_file = "empty.pw"', "local_mqtt.nodes.password_file", "/empty.pw is empty"),
+        ('ca = "garbage.crt"', "local_mqtt.nodes.ca", "cannot use it"),
+    ],
+)
+def test_local_mqtt_missing_or_bad_file_is_a_one_line_config_error(
+    action: str, extra: str, key: str, problem: str, tmp_path: Path
+) -> None:
+    (tmp_path / "empty.pw").write_text("")
+    (tmp_path / "garbage.crt").write_text("not a certificate\n")
+    config = write(tmp_path, LOCAL_MQTT.format(extra=extra))
+    done = run("edge", action, "--config", str(config), timeout=30)
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"millrace: error: {config}: {key}: ")
+    assert problem in lines[0]
+    assert "Traceback" not in done.stderr
