@@ -1,5 +1,6 @@
 """Altair charts with the dashboard's conventions: local wall-clock x axis named
-with its time zone, units in the y title, min-max band under the mean.
+with its time zone (24-hour clock, the date where it changes), units in the y
+title, min-max band under the mean.
 
 Inputs are DataFrames whose time column already holds naive local times
 (ui.to_local), so the browser's own time zone never shifts what is drawn.
@@ -21,6 +22,30 @@ STATUS_COLORS: Final = {"online": "#2e7d32", "stale": "#f9a825", "offline": "#c6
 SEVERITY_COLORS: Final = {"critical": "#c62828", "warning": "#ef6c00", "info": "#1565c0"}
 MEAN_COLOR: Final = "#1565c0"
 EVENT_COLOR: Final = "#6a1b9a"
+
+
+# Tick labels of every time axis, by the coarsest unit a tick falls on (Vega's time
+# multi-format): times of day on the 24-hour clock, the date at midnight where the day
+# changes. Vega's default would write "12:25" for 00:25 and "03 PM" for 15:00.
+TIME_AXIS_FORMAT: Final = {
+    "year": "%Y",
+    "quarter": "%b %Y",
+    "month": "%b %Y",
+    "week": "%-d %b",
+    "date": "%-d %b",
+    "hours": "%H:%M",
+    "minutes": "%H:%M",
+    "seconds": "%H:%M:%S",
+    "milliseconds": "%H:%M:%S.%L",
+}
+FIRST_TICK_DATE_FORMAT: Final = "%-d %b %Y"
+# The first tick names its date under the time, so a range inside one day still says which
+# day it is (a first tick at midnight already is the date).
+TIME_AXIS_LABEL_EXPR: Final = (
+    "datum.index == 0 && "
+    "hours(datum.value) + minutes(datum.value) + seconds(datum.value) > 0"
+    f" ? [datum.label, timeFormat(datum.value, '{FIRST_TICK_DATE_FORMAT}')] : datum.label"
+)
 
 
 Domain = tuple[datetime, datetime] | None
@@ -45,9 +70,8 @@ def _time_axis(tz_name: str, domain: Domain = None, column: str = "ts") -> alt.X
         if domain
         else alt.Undefined
     )
-    return alt.X(
-        f"{column}:T", title=f"Time ({tz_name})", axis=alt.Axis(labelOverlap=True), scale=scale
-    )
+    axis = alt.Axis(labelOverlap=True, format=TIME_AXIS_FORMAT, labelExpr=TIME_AXIS_LABEL_EXPR)
+    return alt.X(f"{column}:T", title=f"Time ({tz_name})", axis=axis, scale=scale)
 
 
 def _y_title(name: str, unit: str | None) -> str:

@@ -10,6 +10,7 @@ to refresh the pictures the README shows.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -48,6 +49,17 @@ PAGES = [
     ("Data quality", "Data quality", "quality", '[data-testid="stVegaLiteChart"]'),
     ("Pipeline", "Pipeline", "pipeline", '[data-testid="stVegaLiteChart"]'),
 ]
+# The lines of every axis label of the Vega charts (SVG; a two-line label has one tspan a line).
+AXIS_LABELS_JS = """
+() => Array.from(
+  document.querySelectorAll('[data-testid="stVegaLiteChart"] .role-axis-label text')
+).flatMap(t => {
+  const lines = Array.from(t.querySelectorAll('tspan')).map(s => s.textContent);
+  return lines.length ? lines : [t.textContent];
+})
+"""
+TIME_LABEL = re.compile(r"^(\d{2}):(\d{2})(:\d{2})?$")
+DATE_LABEL = re.compile(r"^\d{1,2} [A-Z][a-z]{2}( \d{4})?$")
 ERROR_SELECTORS = '[data-testid="stException"], [data-testid="stAlertContentError"]'
 
 
@@ -130,6 +142,15 @@ def _settle(page) -> None:  # type: ignore[no-untyped-def]
     page.wait_for_timeout(1500)
 
 
+def _time_labels_are_24_hour(page_label: str, drawn: list[str]) -> None:
+    """The time axes drawn on a page: 24-hour times, a date, and no AM/PM anywhere."""
+    assert not [t for t in drawn if re.search(r"\b(AM|PM)\b", t)], (page_label, drawn)
+    times = [m for t in drawn if (m := TIME_LABEL.match(t))]
+    assert times, f"{page_label}: no time-of-day axis label drawn: {drawn}"
+    assert all(0 <= int(m[1]) <= 23 and 0 <= int(m[2]) <= 59 for m in times), drawn
+    assert any(DATE_LABEL.match(t) for t in drawn), f"{page_label}: no date label: {drawn}"
+
+
 def test_every_page_renders_without_errors(dashboard: str, tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
@@ -170,6 +191,8 @@ def test_every_page_renders_without_errors(dashboard: str, tmp_path: Path) -> No
                     .first
                 ).to_be_visible()
                 page.screenshot(path=str(shots / f"{shot}.png"))
+                if must_show.endswith('"stVegaLiteChart"]'):
+                    _time_labels_are_24_hour(label, page.evaluate(AXIS_LABELS_JS))
         finally:
             browser.close()
     assert sorted(p.stem for p in shots.glob("*.png")) == sorted(
