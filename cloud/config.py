@@ -20,6 +20,7 @@ from millrace.cloud.retention import DEFAULT_AGES_DAYS, RETAINED_TABLES, Retenti
 from millrace.configfile import BrokerConnection, Table, optional_dsn, read_dsn, read_toml
 from millrace.errors import ConfigError
 from millrace.ids import is_device_id
+from millrace.wire.periods import SECONDS_PER_HOUR, STANDARD_PERIODS_S, divides_hour
 
 DSN_ENV: Final = "MILLRACE_INGEST_DSN"
 DEFAULT_BROKER_PORT: Final = configfile.DEFAULT_BROKER_PORT
@@ -39,9 +40,9 @@ DEFAULT_BATCH_MAX_DELAY_MS: Final = 200
 # Edge outboxes keep up to a week by default; older data is a broken clock or a lost cause.
 DEFAULT_MAX_AGE_SECONDS: Final = 8 * 24 * 3600
 DEFAULT_MAX_SKEW_SECONDS: Final = 300
-# Every allowed period divides an hour, so a window always lies in one hourly bucket.
-DEFAULT_ALLOWED_PERIODS_S: Final = (1, 2, 5, 10, 15, 20, 30, 60, 120, 300, 600, 900, 1800, 3600)
-SECONDS_PER_HOUR: Final = 3600
+# Every allowed period divides an hour, so a window always lies in one hourly bucket; the
+# edge refuses the same periods (millrace.wire.periods, one rule for both sides).
+DEFAULT_ALLOWED_PERIODS_S: Final = STANDARD_PERIODS_S
 DEFAULT_HTTP_HOST: Final = "127.0.0.1"
 DEFAULT_HTTP_PORT: Final = 9464
 DEFAULT_STALE_AFTER_SECONDS: Final = 300
@@ -148,7 +149,7 @@ def _periods(t: Table) -> frozenset[int]:
         "allowed_periods_s", DEFAULT_ALLOWED_PERIODS_S, low=1, high=SECONDS_PER_HOUR, non_empty=True
     )
     for i, value in enumerate(periods):
-        if SECONDS_PER_HOUR % value:
+        if not divides_hour(value):
             raise t.error(
                 f"allowed_periods_s[{i}]",
                 f"{value} does not divide 3600 (every window must fall in one hourly rollup)",

@@ -43,6 +43,7 @@ from millrace.edge.status import AgentStatus, StatusFile
 from millrace.edge.systemd import Notifier
 from millrace.errors import ConfigError, MillraceError
 from millrace.topics import health_topic, reply_topic, state_topic
+from millrace.wire.periods import period_problem
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,9 @@ def apply_saved_settings(config: AgentConfig, state: AgentState) -> AgentConfig:
     period = state.period_s
     if period is not None and period <= config.windows.grace_s:
         log.warning("ignoring saved period_s=%s: not longer than grace_s", period)
+        period = None
+    if period is not None and (problem := period_problem(period)):
+        log.warning("ignoring saved period_s: %s", problem)
         period = None
     polls = {m: s for m, s in state.poll_s.items() if (sig := config.signal(m)) and sig.polled}
     return config.with_settings(period_s=period, poll_s=polls)

@@ -18,6 +18,7 @@ from millrace.edge.state import AgentState, StateStore
 from millrace.errors import WireError
 from millrace.wire import Command, CommandReply
 from millrace.wire.batch import MAX_PERIOD_SECONDS
+from millrace.wire.periods import period_problem
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,8 @@ class CommandProcessor:
                 period = int(period)
             if type(period) is not int or not 1 <= period <= MAX_PERIOD_SECONDS:
                 raise CommandError(f"period_s: expected an integer in [1, {MAX_PERIOD_SECONDS}]")
+            if problem := period_problem(period):
+                raise CommandError(f"period_s: {problem}")
             grace = self.config.windows.grace_s
             if period <= grace:
                 raise CommandError(f"period_s: must be longer than grace_s ({grace:g})")

@@ -19,6 +19,7 @@ from millrace import configfile
 from millrace.configfile import BrokerConnection, Table, parse_toml, read_text, suggest
 from millrace.ids import DEVICE_ID_RULE, METRIC_NAME_RULE, is_device_id, is_metric_name
 from millrace.wire.batch import MAX_PERIOD_SECONDS
+from millrace.wire.periods import period_problem
 
 DriverName = Literal["modbus", "mqtt", "file", "command", "sim"]
 SignalKind = Literal["numeric", "state", "enum"]
@@ -275,7 +276,12 @@ def _broker(root: Table) -> BrokerConfig:
 def _windows(root: Table) -> WindowsConfig:
     t = root.table("windows")
     period = t.integer("period_s", DEFAULT_PERIOD_SECONDS, low=1, high=MAX_PERIOD_SECONDS)
+    if problem := period_problem(period):
+        raise t.error("period_s", problem)
     extra = t.integers("extra_periods_s", (), low=1, high=MAX_PERIOD_SECONDS)
+    for i, value in enumerate(extra):
+        if problem := period_problem(value):
+            raise t.error(f"extra_periods_s[{i}]", problem)
     grace = t.number("grace_s", DEFAULT_GRACE_SECONDS, low=0.0, high=3600.0)
     if grace >= min((period, *extra)):
         raise t.error("grace_s", f"{grace:g} must be shorter than the shortest period")

@@ -11,6 +11,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from millrace.wire.periods import period_problem
+
 if TYPE_CHECKING:
     from millrace.ops.stack.plant import Plant
 
@@ -60,6 +62,8 @@ def _up(args: argparse.Namespace) -> int:
 
     if args.devices < 1 or args.devices > 500:
         raise MillraceError("--devices: expected 1..500 simulated gateways")
+    if problem := period_problem(args.period):
+        raise MillraceError(f"--period: {problem}")
     state = read_state(args.root)
     if state and running_services(state):
         raise MillraceError(
