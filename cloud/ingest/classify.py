@@ -130,8 +130,15 @@ def validate_batch(
     return None
 
 
-def dead_letter(msg: Inbound, device: str | None, code: str, reason: str) -> DeadLetter:
-    """`msg` refused with `code` and `reason`, payload kept for diagnosis."""
+def dead_letter(
+    msg: Inbound, device: str | None, code: str, reason: str, batch: Batch | None = None
+) -> DeadLetter:
+    """`msg` refused with `code` and `reason`, payload kept for diagnosis.
+
+    `batch` is the payload decoded, when it was; only a batch of the topic's own device
+    is keyed (and so receipted): one claiming another device is never answered.
+    """
+    key = (batch.device, batch.boot_id, batch.seq) if batch and batch.device == device else None
     return DeadLetter(
         topic=msg.topic,
         device=device,
@@ -140,20 +147,29 @@ def dead_letter(msg: Inbound, device: str | None, code: str, reason: str) -> Dea
         content_type=msg.content_type,
         payload=msg.payload,
         received_at=msg.received_at,
+        batch_key=key,
     )
 
 
 def failed_too_often(msg: Inbound, failures: int, last_failure: str) -> DeadLetter:
     """`msg` failed `failures` deliveries without a commit: dead-letter it, do not try again."""
+    device: str | None = None
+    batch: Batch | None = None
     try:
-        device: str | None = topics.parse_topic(msg.topic).device_id
+        topic = topics.parse_topic(msg.topic)
+        device = topic.device_id
     except WireError:
-        device = None
+        pass
+    else:
+        if topic.kind == "data":
+            decoded = decode_batch(msg.payload, content_type=msg.content_type)
+            batch = decoded if isinstance(decoded, Batch) else None
     return dead_letter(
         msg,
         device,
         "redelivered",
         f"{failures} deliveries failed without a commit; last failure: {last_failure}",
+        batch,
     )
 
 
@@ -170,7 +186,7 @@ def classify(msg: Inbound, *, limits: Limits, now_ms: int) -> Classified:
             return dead_letter(msg, device, decoded.code, decoded.reason)
         problem = validate_batch(decoded, topic_device=device, now_ms=now_ms, limits=limits)
         if problem is not None:
-            return dead_letter(msg, device, problem.code, problem.reason)
+            return dead_letter(msg, device, problem.code, problem.reason, decoded)
         return Incoming(decoded, msg.received_at)
     if topic.kind in ("state", "health"):
         try:

@@ -68,6 +68,9 @@ class DeadLetter:
     content_type: str | None
     payload: bytes
     received_at: datetime
+    # The batch's ledger key when the payload decoded as a batch of the topic's own
+    # device: receipts answer it from here without decoding the payload again.
+    batch_key: Key | None = None
 
 
 Classified = Incoming | StateItem | HealthItem | DeadLetter

@@ -4,8 +4,8 @@ An edge deletes a batch from its outbox only on a receipt (docs/guarantees.md), 
 receipts are read back from the ingest ledger after COMMIT, never from what this
 worker remembers: a batch that is already in the ledger (a duplicate, resent because
 its receipt was lost) is receipted again, and a restarted worker answers the same.
-One query per (device, boot_id) stream touched by the commit batch, one receipt per
-stream (split only past MAX_RECEIPT_RANGES ranges). The watermark is the end of the
+One query for all (device, boot_id) streams touched by the commit batch, one receipt
+per stream (split only past MAX_RECEIPT_RANGES ranges). The watermark is the end of the
 stream's run of seqs contiguous from 0; this worker caches it per stream (the ledger
 only grows within its retention), so each query reads only the seqs above it.
 
@@ -26,10 +26,8 @@ from typing import Any, Final
 
 import psycopg
 
-from millrace import topics
 from millrace.cloud.ingest.messages import DeadLetter
-from millrace.errors import WireError
-from millrace.wire import Batch, Receipt, decode_batch, receipts_for
+from millrace.wire import Batch, Receipt, receipts_for
 from millrace.wire.receipt import NO_WATERMARK
 
 log = logging.getLogger(__name__)
@@ -40,10 +38,19 @@ MAX_SEQS_READ: Final = 4096
 # Streams whose watermark is cached; the oldest is forgotten first (it is re-read).
 MAX_CACHED_STREAMS: Final = 100_000
 
+# The first MAX_SEQS_READ seqs above each stream's cached watermark, all streams of a
+# commit batch in one round trip (the committer thread runs it after every COMMIT).
 _SEQS_ABOVE: Final = """
-SELECT l.seq FROM ingest_ledger l JOIN devices d ON d.id = l.device_id
-WHERE d.name = %s AND l.boot_id = %s AND l.seq > %s
-ORDER BY l.seq LIMIT %s
+SELECT s.i, l.seq
+FROM unnest(%(names)s::text[], %(boots)s::uuid[], %(above)s::bigint[])
+     WITH ORDINALITY AS s(name, boot_id, above, i)
+JOIN devices d ON d.name = s.name
+CROSS JOIN LATERAL (
+    SELECT seq FROM ingest_ledger
+    WHERE device_id = d.id AND boot_id = s.boot_id AND seq > s.above
+    ORDER BY seq LIMIT %(limit)s
+) l
+ORDER BY s.i, l.seq
 """
 
 Stream = tuple[str, str]  # device, boot_id
@@ -58,18 +65,16 @@ def streams_of(batches: Iterable[Batch]) -> dict[Stream, set[int]]:
 
 
 def dead_letter_receipts(letters: Iterable[DeadLetter], *, now_ms: int) -> list[Receipt]:
-    """Receipts for dead-lettered batches of the device that published them (see above)."""
+    """Receipts for dead-lettered batches of the device that published them (see above).
+
+    Only letters keyed by classify or the store are answered: their payload decoded as a
+    batch of the topic's own device.
+    """
     streams: dict[Stream, set[int]] = defaultdict(set)
     for letter in letters:
-        try:
-            topic = topics.parse_topic(letter.topic)
-        except WireError:
-            continue
-        if topic.kind != "data":
-            continue
-        batch = decode_batch(letter.payload, content_type=letter.content_type)
-        if isinstance(batch, Batch) and batch.device == topic.device_id:
-            streams[(batch.device, batch.boot_id)].add(batch.seq)
+        if letter.batch_key is not None:
+            device, boot_id, seq = letter.batch_key
+            streams[(device, boot_id)].add(seq)
     out: list[Receipt] = []
     for (device, boot_id), seqs in sorted(streams.items()):
         out.extend(receipts_for(device, boot_id, NO_WATERMARK, seqs, ts_ms=now_ms))
@@ -99,13 +104,24 @@ class ReceiptReader:
         Only seqs the ledger holds are receipted: a batch the database refused is not.
         """
         now_ms = time.time_ns() // 1_000_000
+        ordered = sorted(streams.items())
+        olds = [self._watermarks.get(stream, NO_WATERMARK) for stream, _ in ordered]
+        read: dict[int, list[int]] = defaultdict(list)
+        rows = conn.execute(
+            _SEQS_ABOVE,
+            {
+                "names": [device for (device, _), _ in ordered],
+                "boots": [uuid.UUID(hex=boot_id) for (_, boot_id), _ in ordered],
+                "above": olds,
+                "limit": MAX_SEQS_READ,
+            },
+        ).fetchall()
+        for index, seq in rows:
+            read[int(index) - 1].append(int(seq))
         out: list[Receipt] = []
-        for (device, boot_id), committed in sorted(streams.items()):
-            old = self._watermarks.get((device, boot_id), NO_WATERMARK)
-            rows = conn.execute(
-                _SEQS_ABOVE, (device, uuid.UUID(hex=boot_id), old, MAX_SEQS_READ)
-            ).fetchall()
-            seqs = [int(r[0]) for r in rows]
+        for index, ((device, boot_id), committed) in enumerate(ordered):
+            old = olds[index]
+            seqs = read.get(index, [])
             watermark = advance_watermark(old, seqs)
             self._remember((device, boot_id), watermark)
             in_ledger = set(seqs)

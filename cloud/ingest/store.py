@@ -20,6 +20,7 @@ transaction. Database errors are sorted by what they blame (`error_kind`):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -130,9 +131,7 @@ def describe(exc: BaseException) -> str:
 def refusal_letter(item: Classified, code: str, reason: str) -> DeadLetter:
     """A dead letter for a decoded message the database refused (payload re-encoded)."""
     if isinstance(item, DeadLetter):
-        return DeadLetter(
-            item.topic, item.device, code, reason, item.content_type, item.payload, item.received_at
-        )
+        return dataclasses.replace(item, code=code, reason=reason)
     if isinstance(item, Incoming):
         b = item.batch
         return DeadLetter(
@@ -143,6 +142,7 @@ def refusal_letter(item: Classified, code: str, reason: str) -> DeadLetter:
             CONTENT_TYPE_MSGPACK,
             encode_batch(b),
             item.received_at,
+            batch_key=(b.device, b.boot_id, b.seq),
         )
     if isinstance(item, StateItem):
         s = item.state
