@@ -131,3 +131,30 @@ def test_db_upgrade_by_a_non_superuser_without_the_extension_asks_a_superuser(
         refused.stderr
     )
     assert _tables(dsn) == []
+
+
+@pytest.mark.integration
+def test_db_upgrade_by_an_owner_without_createrole_uses_roles_made_beforehand(
+    pg_factory: Callable[..., PostgresServer],
+) -> None:
+    """The Ansible way (docs/rollout.md): a superuser makes the groups, the owner upgrades."""
+    server = pg_factory()
+    owner = f"owner_{uuid.uuid4().hex[:8]}"
+    dsn = server.create_database("plant")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION timescaledb")
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(owner)))
+        conn.execute(sql.SQL("ALTER DATABASE plant OWNER TO {}").format(sql.Identifier(owner)))
+        for role in MANAGED_ROLES:
+            conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
+
+    done = _upgrade(server.dsn_for("plant", user=owner))
+
+    assert done.returncode == 0, done.stderr
+    assert "roles created: none" in done.stdout
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT has_table_privilege('millrace_ingest', 'readings', 'INSERT'),"
+            " has_table_privilege('millrace_dashboard', 'readings', 'INSERT')"
+        ).fetchone()
+    assert row == (True, False)
