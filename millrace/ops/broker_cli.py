@@ -52,6 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sync.add_argument(
         "--admin", required=True, metavar="ID", help="an identity passed to `config --admin`"
     )
+    sync.add_argument(
+        "--remember",
+        action="store_true",
+        help="record this broker in the PKI (broker-admin.json): `pki issue|revoke` and "
+        "`provision` then apply their changes to it themselves",
+    )
     sync.set_defaults(func=_sync)
 
 
@@ -78,6 +84,11 @@ def _sync(args: argparse.Namespace) -> int:
     from millrace.ops.broker_sync import sync_running_broker
 
     result = sync_running_broker(args.pki, host=args.host, port=args.port, admin_id=args.admin)
+    if args.remember:
+        from millrace.ops import broker_live
+
+        target = broker_live.BrokerTarget(host=args.host, port=args.port, admin=args.admin)
+        print(f"remembered in {broker_live.remember(args.pki, target)}")
     for name in result.added:
         print(f"added {name}")
     for name in result.removed:

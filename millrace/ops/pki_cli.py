@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from millrace.ops import broker_live
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `pki init|issue|revoke|renew-crl|crl-status` to the millrace CLI."""
@@ -37,11 +39,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     issue.add_argument(
         "--force", action="store_true", help="issue even if ID holds a valid certificate"
     )
+    broker_live.add_arguments(issue)
     issue.set_defaults(func=_issue)
 
     revoke = sub.add_parser("revoke", help="revoke ID's certificates and rewrite crl.pem")
     revoke.add_argument("--pki", type=Path, required=True, metavar="DIR")
     revoke.add_argument("id", metavar="ID")
+    broker_live.add_arguments(revoke)
     revoke.set_defaults(func=_revoke)
 
     renew = sub.add_parser("renew-crl", help="re-sign crl.pem with a new nextUpdate")
@@ -94,7 +98,7 @@ def _issue(args: argparse.Namespace) -> int:
     issued = pki.issue(args.pki, args.id, role=args.role, days=days, force=args.force)
     print(issued.cert)
     print(issued.key)
-    return 0
+    return broker_live.after_change(args, args.pki, revoked=False)
 
 
 def _revoke(args: argparse.Namespace) -> int:
@@ -104,8 +108,7 @@ def _revoke(args: argparse.Namespace) -> int:
     paths = pki.pki_paths(args.pki)
     print(f"revoked {args.id}: serial(s) {', '.join(format(s, 'x') for s in serials)}")
     print(paths.crl)
-    print("reload the broker to apply (see docs/security.md)")
-    return 0
+    return broker_live.after_change(args, args.pki, revoked=True)
 
 
 def _renew_crl(args: argparse.Namespace) -> int:

@@ -149,6 +149,23 @@ def plant_root() -> Iterator[Path]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def _assert_issue_and_revoke_reach_the_running_broker(root: Path, status: dict) -> None:
+    """`millrace up` records its broker in the PKI: issue and revoke sync it themselves."""
+    pki_dir = str(root / "pki")
+    where = "localhost:" + status["broker"].rsplit(":", 1)[1]
+    issued = subprocess.run(
+        _millrace("pki", "issue", "--pki", pki_dir, "late-gw"), capture_output=True, text=True
+    )
+    assert issued.returncode == 0, issued.stderr
+    assert f"broker: {where} added late-gw" in issued.stdout, issued.stdout + issued.stderr
+    revoked = subprocess.run(
+        _millrace("pki", "revoke", "--pki", pki_dir, "late-gw"), capture_output=True, text=True
+    )
+    assert revoked.returncode == 0, revoked.stderr
+    assert f"broker: {where} removed late-gw" in revoked.stdout, revoked.stdout + revoked.stderr
+    assert "reloaded" in revoked.stdout
+
+
 def test_up_status_down_leaves_nothing_and_reuses_state(plant_root: Path) -> None:
     root = plant_root
     ports = _port_args()
@@ -186,6 +203,7 @@ def test_up_status_down_leaves_nothing_and_reuses_state(plant_root: Path) -> Non
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute("DELETE FROM readings")
         _assert_no_service_dsn_is_a_superuser(root)
+        _assert_issue_and_revoke_reach_the_running_broker(root, status)
         ca_before = (root / "pki" / "ca.crt").read_bytes()
     finally:
         up.send_signal(signal.SIGINT)  # what Ctrl-C does

@@ -24,7 +24,7 @@ from typing import Any
 
 from millrace.errors import MillraceError
 from millrace.ids import is_device_id
-from millrace.ops import pki
+from millrace.ops import broker_live, pki
 from millrace.ops.stack import procs
 from millrace.ops.stack.edgeconfig import BrokerEndpoint, edge_config_toml, gateways_from_manifest
 from millrace.ops.stack.layout import PlantLayout
@@ -190,6 +190,18 @@ class Plant:
             self.options.broker_port,
             timeout_seconds=START_TIMEOUT_SECONDS,
             service=service,
+        )
+        # `pki issue|revoke` and `provision` on this PKI then update this broker at once
+        # (roles over $CONTROL; after a revocation a SIGHUP re-reads crl.pem).
+        broker_live.remember(
+            self.layout.pki,
+            broker_live.BrokerTarget(
+                host="localhost",
+                port=self.options.broker_port,
+                admin=OPERATOR_SERVICE_ID,
+                pid=service.pid,
+                conf=str(files.conf),
+            ),
         )
 
     def _start_gateway_mqtt(self) -> None:
