@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import sqlite3
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -39,6 +40,7 @@ from tests.cloud.ingest_support import (
 )
 from tests.edge.agent_helpers import SIM_SIGNALS
 from tests.edge.agent_helpers import write_config as write_edge_config
+from tests.fixtures.fix_broker import connect_client
 
 WAIT_SECONDS = 90.0
 # Short so the tests see resends; production's default is 30 s (jittered to 30-60 s).
@@ -399,3 +401,52 @@ def test_a_batch_the_cloud_refuses_for_good_is_receipted_from_its_dead_letter(
     assert codes == [("in_future",)]
     assert ledger_keys(ingest_db.owner_dsn) == {(device, refused.boot_id, 1)}
     publisher.close()
+
+
+TAKEOVER_SECONDS = 30.0
+
+
+@pytest.mark.faults
+def test_a_device_holding_the_workers_client_id_for_30s_loses_nothing(
+    broker_factory: Any, test_pki: Any, ingest_db: IngestDb, tmp_path: Path
+) -> None:
+    """Where the broker still lets a client pick any id (not the production config, which
+    binds the id to the certificate CN), a device takes over the worker's persistent
+    session again and again for 30 s and acks what it is handed; receipts still carry
+    every window to the database exactly once."""
+    server = broker_factory()  # --any-clientid: the takeover is possible here
+    worker_id = "rcpt-steal"
+    config = make_config(
+        tmp_path, server=server, dsn=ingest_db.ingest_dsn, client_id=worker_id, group="rcpt-st"
+    )
+    stolen: list[bytes] = []
+    takeovers = 0
+    with running_worker(config), agents(server, test_pki, tmp_path, 2) as fleet:
+        wait_for(
+            lambda: all(a.agent.publisher.stats.receipted >= 2 for a in fleet),
+            timeout_s=WAIT_SECONDS,
+            what="receipts before the takeover",
+        )
+        deadline = time.monotonic() + TAKEOVER_SECONDS
+        while time.monotonic() < deadline:
+            thief = None
+            with contextlib.suppress(RuntimeError):
+                thief = connect_client(
+                    server,
+                    worker_id,
+                    "dev-a",
+                    clean_start=False,
+                    on_message=lambda _c, _u, msg: stolen.append(bytes(msg.payload)),
+                )
+                takeovers += 1
+            time.sleep(2.0)  # hold the session until the worker takes it back
+            if thief is not None:
+                with contextlib.suppress(Exception):
+                    thief.disconnect()
+                thief.loop_stop()
+        checked = settle_and_check_exactly_once(ingest_db.owner_dsn, fleet)
+        resent = sum(a.agent.publisher.stats.resent for a in fleet)
+    assert takeovers >= 5
+    assert stolen, "the device never held the worker's session: the test proves nothing"
+    assert resent >= 1  # the stolen batches came back from the outboxes
+    assert checked >= 2 * 6
