@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from millrace.argtypes import number_in
+from millrace.errors import ConfigError
 
 if TYPE_CHECKING:
     from millrace.edge.config import AgentConfig, SignalConfig
@@ -19,14 +21,49 @@ DEFAULT_MQTT_WAIT_SECONDS = 15.0
 MAX_MQTT_WAIT_SECONDS = 3600.0
 
 
+CONFIG_ENV = "MILLRACE_EDGE_CONFIG"
+DEFAULT_CONFIG_PATH = Path("/etc/millrace/agent.toml")
+CONFIG_HELP = f"agent TOML file (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG_PATH})"
+
+
+def config_path(flag: Path | None) -> tuple[Path, str]:
+    """The config file to use and where its name came from: --config, the env, the default."""
+    if flag is not None:
+        return flag, "--config"
+    from_env = os.environ.get(CONFIG_ENV, "").strip()
+    if from_env:
+        return Path(from_env), CONFIG_ENV
+    if not DEFAULT_CONFIG_PATH.exists():
+        raise ConfigError(
+            "--config",
+            f"not given, ${CONFIG_ENV} is not set and {DEFAULT_CONFIG_PATH} does not exist: "
+            "name the agent's TOML file with one of them",
+        )
+    return DEFAULT_CONFIG_PATH, "--config"
+
+
+def _load(args: argparse.Namespace) -> AgentConfig:
+    from millrace.edge.agent import check_files
+    from millrace.edge.config import load_config
+
+    path, key = config_path(args.config)
+    config = load_config(path, key=key)
+    check_files(config)
+    return config
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = subparsers.add_parser("edge", help="the edge agent (gateway)")
+    parser = subparsers.add_parser(
+        "edge",
+        help="the edge agent (gateway)",
+        description=f"The config file is --config, else ${CONFIG_ENV}, else {DEFAULT_CONFIG_PATH}.",
+    )
     actions = parser.add_subparsers(dest="edge_action", metavar="ACTION", required=True)
     run = actions.add_parser("run", help="run the agent until SIGTERM")
-    run.add_argument("--config", required=True, type=Path, help="agent TOML file")
+    run.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_HELP)
     run.set_defaults(func=_run)
     check = actions.add_parser("check", help="validate the config and read every signal once")
-    check.add_argument("--config", required=True, type=Path, help="agent TOML file")
+    check.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_HELP)
     check.add_argument(
         "--mqtt-wait",
         type=number_in(0.0, MAX_MQTT_WAIT_SECONDS),
@@ -38,12 +75,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def _run(args: argparse.Namespace) -> int:
-    from millrace.edge.agent import Agent, check_files
-    from millrace.edge.config import load_config
+    from millrace.edge.agent import Agent
 
-    config = load_config(args.config)
-    check_files(config)
-    return Agent(config).run()
+    return Agent(_load(args)).run()
 
 
 class _Collector:
@@ -115,11 +149,7 @@ def read_all_once(config: AgentConfig, *, mqtt_wait_s: float) -> list[tuple[obje
 
 
 def _check(args: argparse.Namespace) -> int:
-    from millrace.edge.agent import check_files
-    from millrace.edge.config import load_config
-
-    config = load_config(args.config)
-    check_files(config)
+    config = _load(args)
     print(f"config ok: device {config.device_id}, {len(config.signals)} signal(s)")
     results = read_all_once(config, mqtt_wait_s=args.mqtt_wait)
     width = max(len(s.metric) for s in config.signals)

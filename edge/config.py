@@ -522,9 +522,9 @@ def parse_config(text: str, *, base: Path, source: str = "<config>") -> AgentCon
     )
 
 
-def load_config(path: Path | str) -> AgentConfig:
-    """Read and validate the agent's TOML file."""
+def load_config(path: Path | str, *, key: str = "--config") -> AgentConfig:
+    """Read and validate the agent's TOML file; `key` names where its path came from."""
     path = Path(path)
-    text = read_text(path, key="--config")
+    text = read_text(path, key=key)
     config = parse_config(text, base=path.resolve().parent, source=str(path))
     return replace(config, source=path)

@@ -232,3 +232,43 @@ def test_local_mqtt_missing_or_bad_file_is_a_one_line_config_error(
     assert lines[0].startswith(f"millrace: error: {config}: {key}: ")
     assert problem in lines[0]
     assert "Traceback" not in done.stderr
+
+
+SIM_SIGNAL = '[[signals]]\nmetric = "a"\ndriver = "sim"\n'
+
+
+def test_config_discovery_from_the_environment_variable(tmp_path: Path) -> None:
+    config = write(tmp_path, SIM_SIGNAL)
+    done = run("edge", "check", env={"MILLRACE_EDGE_CONFIG": str(config)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "config ok: device dev-cli, 1 signal(s)" in done.stdout
+    missing = run("edge", "check", env={"MILLRACE_EDGE_CONFIG": str(tmp_path / "nope.toml")})
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == (
+        f"millrace: error: MILLRACE_EDGE_CONFIG: file not found: {tmp_path / 'nope.toml'}"
+    )
+
+
+def test_config_discovery_flag_wins_over_the_environment(tmp_path: Path) -> None:
+    config = write(tmp_path, SIM_SIGNAL)
+    done = run(
+        "edge", "check", "--config", str(config), env={"MILLRACE_EDGE_CONFIG": "/nonexistent"}
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_config_discovery_default_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import millrace.edge.cli as edge_cli
+    from millrace.cli import main
+
+    monkeypatch.delenv("MILLRACE_EDGE_CONFIG", raising=False)
+    monkeypatch.setattr(edge_cli, "DEFAULT_CONFIG_PATH", tmp_path / "agent.toml")
+    assert main(["edge", "check"]) == 2
+    err = capsys.readouterr().err
+    assert "--config: not given, $MILLRACE_EDGE_CONFIG is not set" in err
+    assert str(tmp_path / "agent.toml") in err
+    write(tmp_path, SIM_SIGNAL).rename(tmp_path / "agent.toml")
+    assert main(["edge", "check"]) == 0
+    assert "config ok: device dev-cli" in capsys.readouterr().out
