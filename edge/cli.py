@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,7 +11,7 @@ from millrace.argtypes import number_in
 from millrace.errors import ConfigError
 
 if TYPE_CHECKING:
-    from millrace.edge.config import AgentConfig, SignalConfig
+    from millrace.edge.config import AgentConfig
 
 # ESPHome/Tasmota nodes publish every 10-60 s; check waits this long for each.
 DEFAULT_MQTT_WAIT_SECONDS = 15.0
@@ -71,6 +68,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         metavar="SECONDS",
         help="how long to wait for a message on each mqtt signal (default %(default)s)",
     )
+    check.add_argument(
+        "--json",
+        action="store_true",
+        help="print the result as one JSON object (per check and per signal) on stdout",
+    )
     check.set_defaults(func=_check)
 
 
@@ -80,90 +82,15 @@ def _run(args: argparse.Namespace) -> int:
     return Agent(_load(args)).run()
 
 
-class _Collector:
-    """A sink that keeps the first result per signal."""
-
-    def __init__(self, count: int) -> None:
-        self.results: list[tuple[object, str] | None] = [None] * count
-        self.lock = threading.Lock()
-
-    def reading(self, index: int, ts_ms: int, raw: object) -> None:
-        with self.lock:
-            if self.results[index] is None:
-                self.results[index] = (raw, "")
-
-    def failure(self, index: int, ts_ms: int, reason: str) -> None:
-        with self.lock:
-            if self.results[index] is None:
-                self.results[index] = (None, reason)
-
-
-def _shown(signal: SignalConfig, raw: object) -> tuple[str, str]:
-    """(value text, problem) for a raw reading, calibrated and range-checked like the pipeline."""
-    from millrace.edge.pipeline import MAX_ABS_VALUE, event_value
-
-    if signal.kind != "numeric":
-        value = event_value(signal, raw)
-        return ("", f"not a {signal.kind} value: {raw!r}") if value is None else (str(value), "")
-    try:
-        value_f = float(raw) * signal.scale + signal.offset  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return "", f"not a number: {raw!r}"
-    low, high = max(signal.valid_min, -MAX_ABS_VALUE), min(signal.valid_max, MAX_ABS_VALUE)
-    if math.isnan(value_f) or not low <= value_f <= high:
-        return f"{value_f:g}", f"outside the valid range [{low:g}, {high:g}] (rejected)"
-    return f"{value_f:g}", ""
-
-
-def read_all_once(config: AgentConfig, *, mqtt_wait_s: float) -> list[tuple[object, str] | None]:
-    """Read every signal once (mqtt signals: wait for one message each)."""
-    from millrace.edge.drivers.mqtt import LocalMqttSource
-    from millrace.edge.sampler import build_poll_groups, poll_once
-
-    sink = _Collector(len(config.signals))
-    sources = []
-    for name, source in config.local_mqtt.items():
-        items = [
-            (i, s)
-            for i, s in enumerate(config.signals)
-            if s.driver == "mqtt" and s.spec.source == name  # type: ignore[union-attr]
-        ]
-        if items:
-            src = LocalMqttSource(source, items, device_id=config.device_id, sink=sink)
-            src.start()
-            sources.append((src, items))
-    for groups in build_poll_groups(config).values():
-        for group in groups:
-            poll_once(group, sink)
-            group.close()
-    deadline = time.monotonic() + mqtt_wait_s
-    pushed = [i for src, items in sources for i, _ in items]
-    while time.monotonic() < deadline and any(sink.results[i] is None for i in pushed):
-        time.sleep(0.1)
-    for src, items in sources:
-        src.stop()
-        for i, _ in items:
-            if sink.results[i] is None:
-                sink.results[i] = (None, f"no message within {mqtt_wait_s:g} s")
-    return sink.results
-
-
 def _check(args: argparse.Namespace) -> int:
-    config = _load(args)
-    print(f"config ok: device {config.device_id}, {len(config.signals)} signal(s)")
-    results = read_all_once(config, mqtt_wait_s=args.mqtt_wait)
-    width = max(len(s.metric) for s in config.signals)
-    failed = 0
-    for signal, result in zip(config.signals, results, strict=True):
-        raw, reason = result if result is not None else (None, "not read")
-        if not reason:
-            value, reason = _shown(signal, raw)
-        else:
-            value = ""
-        status = "ok" if not reason else f"FAILED: {reason}"
-        failed += bool(reason)
-        unit = f" {signal.unit}" if signal.unit and value else ""
-        print(f"{signal.metric:<{width}}  {signal.driver:<7}  {value}{unit}  {status}")
-    if failed:
-        print(f"{failed} of {len(config.signals)} signal(s) could not be read")
-    return 1 if failed else 0
+    from millrace.edge.check import config_failure_json, run_check
+
+    try:
+        config = _load(args)
+    except ConfigError as exc:
+        if args.json:
+            print(config_failure_json(exc))
+        raise
+    report = run_check(config, mqtt_wait_s=args.mqtt_wait)
+    print(report.to_json() if args.json else report.to_text())
+    return report.exit_code

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -272,3 +273,70 @@ def test_config_discovery_default_path(
     write(tmp_path, SIM_SIGNAL).rename(tmp_path / "agent.toml")
     assert main(["edge", "check"]) == 0
     assert "config ok: device dev-cli" in capsys.readouterr().out
+
+
+def test_check_json_reports_every_check_and_signal(tmp_path: Path) -> None:
+    (tmp_path / "bad_w1").write_text(w1_text(21.5, corrupt=True))
+    config = write(
+        tmp_path,
+        """
+[[signals]]
+metric = "cpu.temp"
+driver = "command"
+command = ["echo", "48312"]
+scale = 0.001
+unit = "degC"
+
+[[signals]]
+metric = "door.open"
+driver = "sim"
+kind = "state"
+wave = "constant"
+center = 1
+
+[[signals]]
+metric = "bad.temp"
+driver = "file"
+path = "bad_w1"
+format = "w1_slave"
+""",
+    )
+    done = run("edge", "check", "--config", str(config), "--json")
+    assert done.returncode == 1, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["ok"] is False and report["exit_code"] == 1
+    assert report["device_id"] == "dev-cli" and report["config"] == str(config)
+    assert report["checks"] == [
+        {"check": "config", "ok": True, "problem": None},
+        {"check": "signals", "ok": False, "problem": "1 of 3 signal(s) could not be read"},
+    ]
+    cpu, door, bad = report["signals"]
+    assert cpu == {
+        "metric": "cpu.temp",
+        "driver": "command",
+        "kind": "numeric",
+        "unit": "degC",
+        "value": 48.312,
+        "ok": True,
+        "problem": None,
+    }
+    assert door["value"] is True and door["ok"] is True
+    assert bad["ok"] is False and bad["value"] is None
+    assert bad["problem"] == "w1_slave: CRC mismatch"
+
+
+def test_check_json_config_error(tmp_path: Path) -> None:
+    config = write(tmp_path, '[[signals]]\nmetric = "a"\ndriver = "sim"\nscale = "x"\n')
+    done = run("edge", "check", "--config", str(config), "--json")
+    assert done.returncode == 2
+    report = json.loads(done.stdout)
+    assert report["ok"] is False and report["exit_code"] == 2 and report["signals"] == []
+    assert report["checks"] == [
+        {
+            "check": "config",
+            "ok": False,
+            "key": "signals[0].scale",
+            "problem": "expected a number, got the string 'x'",
+        }
+    ]
+    assert len(done.stderr.strip().splitlines()) == 1

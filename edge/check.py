@@ -1,0 +1,206 @@
+"""`millrace edge check`: read every signal once and report, as text or as JSON.
+
+The exit code keeps the contract install.sh and the Ansible role rely on: 0 every
+signal was read, 1 some could not be (the config itself is valid). A config error
+never gets here; the CLI reports it with exit 2 (and, with --json, `config_failure_json`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+from millrace.edge.config import AgentConfig, SignalConfig
+from millrace.edge.drivers.mqtt import LocalMqttSource
+from millrace.edge.pipeline import MAX_ABS_VALUE, event_value
+from millrace.edge.sampler import build_poll_groups, poll_once
+from millrace.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError
+from millrace.wire import EventValue
+
+
+class _Collector:
+    """A sink that keeps the first result per signal."""
+
+    def __init__(self, count: int) -> None:
+        self.results: list[tuple[object, str] | None] = [None] * count
+        self.lock = threading.Lock()
+
+    def reading(self, index: int, ts_ms: int, raw: object) -> None:
+        with self.lock:
+            if self.results[index] is None:
+                self.results[index] = (raw, "")
+
+    def failure(self, index: int, ts_ms: int, reason: str) -> None:
+        with self.lock:
+            if self.results[index] is None:
+                self.results[index] = (None, reason)
+
+
+def _shown(signal: SignalConfig, raw: object) -> tuple[EventValue | None, str, str]:
+    """(value, text, problem) of a raw reading, calibrated and range-checked like the pipeline."""
+    if signal.kind != "numeric":
+        value = event_value(signal, raw)
+        if value is None:
+            return None, "", f"not a {signal.kind} value: {raw!r}"
+        return value, str(value), ""
+    try:
+        value_f = float(raw) * signal.scale + signal.offset  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None, "", f"not a number: {raw!r}"
+    low, high = max(signal.valid_min, -MAX_ABS_VALUE), min(signal.valid_max, MAX_ABS_VALUE)
+    if math.isnan(value_f) or not low <= value_f <= high:
+        problem = f"outside the valid range [{low:g}, {high:g}] (rejected)"
+        return (value_f if math.isfinite(value_f) else None), f"{value_f:g}", problem
+    return value_f, f"{value_f:g}", ""
+
+
+def read_all_once(config: AgentConfig, *, mqtt_wait_s: float) -> list[tuple[object, str] | None]:
+    """Read every signal once (mqtt signals: wait for one message each)."""
+    sink = _Collector(len(config.signals))
+    sources = []
+    for name, source in config.local_mqtt.items():
+        items = [
+            (i, s)
+            for i, s in enumerate(config.signals)
+            if s.driver == "mqtt" and s.spec.source == name  # type: ignore[union-attr]
+        ]
+        if items:
+            src = LocalMqttSource(source, items, device_id=config.device_id, sink=sink)
+            src.start()
+            sources.append((src, items))
+    for groups in build_poll_groups(config).values():
+        for group in groups:
+            poll_once(group, sink)
+            group.close()
+    deadline = time.monotonic() + mqtt_wait_s
+    pushed = [i for src, items in sources for i, _ in items]
+    while time.monotonic() < deadline and any(sink.results[i] is None for i in pushed):
+        time.sleep(0.1)
+    for src, items in sources:
+        src.stop()
+        for i, _ in items:
+            if sink.results[i] is None:
+                sink.results[i] = (None, f"no message within {mqtt_wait_s:g} s")
+    return sink.results
+
+
+@dataclass(frozen=True, slots=True)
+class SignalResult:
+    """One signal's reading in the check: its calibrated value, or why there is none."""
+
+    metric: str
+    driver: str
+    kind: str
+    unit: str
+    value: EventValue | None
+    text: str
+    problem: str
+
+    @property
+    def ok(self) -> bool:
+        return not self.problem
+
+
+@dataclass(frozen=True, slots=True)
+class CheckReport:
+    """What `edge check` found: the config passed; one result per signal."""
+
+    device_id: str
+    config: str
+    signals: tuple[SignalResult, ...]
+
+    @property
+    def failed(self) -> int:
+        return sum(not s.ok for s in self.signals)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_FAILED if self.failed else EXIT_OK
+
+    def to_text(self) -> str:
+        lines = [f"config ok: device {self.device_id}, {len(self.signals)} signal(s)"]
+        width = max(len(s.metric) for s in self.signals)
+        for s in self.signals:
+            unit = f" {s.unit}" if s.unit and s.text else ""
+            status = "ok" if s.ok else f"FAILED: {s.problem}"
+            lines.append(f"{s.metric:<{width}}  {s.driver:<7}  {s.text}{unit}  {status}")
+        if self.failed:
+            lines.append(f"{self.failed} of {len(self.signals)} signal(s) could not be read")
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        signals = [
+            {
+                "metric": s.metric,
+                "driver": s.driver,
+                "kind": s.kind,
+                "unit": s.unit,
+                "value": s.value,
+                "ok": s.ok,
+                "problem": s.problem or None,
+            }
+            for s in self.signals
+        ]
+        checks = [
+            {"check": "config", "ok": True, "problem": None},
+            {
+                "check": "signals",
+                "ok": not self.failed,
+                "problem": f"{self.failed} of {len(self.signals)} signal(s) could not be read"
+                if self.failed
+                else None,
+            },
+        ]
+        document = {
+            "ok": not self.failed,
+            "exit_code": self.exit_code,
+            "device_id": self.device_id,
+            "config": self.config,
+            "checks": checks,
+            "signals": signals,
+        }
+        return json.dumps(document, allow_nan=False)
+
+
+def run_check(config: AgentConfig, *, mqtt_wait_s: float) -> CheckReport:
+    """Read every signal once and judge each reading as the pipeline would."""
+    results = read_all_once(config, mqtt_wait_s=mqtt_wait_s)
+    signals = []
+    for signal, result in zip(config.signals, results, strict=True):
+        raw, reason = result if result is not None else (None, "not read")
+        value: EventValue | None = None
+        text = ""
+        if not reason:
+            value, text, reason = _shown(signal, raw)
+        signals.append(
+            SignalResult(
+                metric=signal.metric,
+                driver=signal.driver,
+                kind=signal.kind,
+                unit=signal.unit,
+                value=value,
+                text=text,
+                problem=reason,
+            )
+        )
+    return CheckReport(
+        device_id=config.device_id,
+        config=str(config.source) if config.source else "",
+        signals=tuple(signals),
+    )
+
+
+def config_failure_json(exc: ConfigError) -> str:
+    """The --json document for a config the check refused (exit 2)."""
+    document = {
+        "ok": False,
+        "exit_code": EXIT_USAGE,
+        "device_id": None,
+        "config": exc.source,
+        "checks": [{"check": "config", "ok": False, "key": exc.key, "problem": exc.problem}],
+        "signals": [],
+    }
+    return json.dumps(document)
