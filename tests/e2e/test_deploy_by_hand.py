@@ -168,6 +168,11 @@ def test_deploy_by_hand_guide_runs_and_a_window_is_stored() -> None:
             assert "Traceback" not in done.stderr, done.stderr
 
         assert "roles created: millrace_ingest" in "".join(outputs)
+        secrets = sorted((base / "secrets").iterdir())
+        assert secrets and all(p.stat().st_mode & 0o777 == 0o600 for p in secrets), [
+            (p.name, oct(p.stat().st_mode)) for p in secrets
+        ]
+        assert (base / "edge" / "gw-press-07.key").stat().st_mode & 0o777 == 0o600
         assert "line.temp" in outputs[-1]  # the guide's own query shows the window
         owner_dsn = (base / "secrets" / "owner.dsn").read_text().strip()
         with psycopg.connect(owner_dsn) as conn:
