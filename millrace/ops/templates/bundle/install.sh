@@ -36,7 +36,7 @@ Options:
                   to point there; implies --no-user and --no-service
   --no-user       do not create the millrace user; files stay owned by the caller
   --no-service    do not call systemctl (containers, image builds, tests)
-  --skip-check    do not run `millrace edge check` before switching to the new release
+  --skip-check    do not look up the broker's name nor run `millrace edge check`
   --python PATH   the Python 3.11+ to build the virtual environment with (python3)
   --release-key FILE  verify with this release public key (the PKI's release.pub) and
                   trust it from now on; needed on the first install only
@@ -121,6 +121,31 @@ say "manifest verified ($(grep -c '' MANIFEST.sha256) files)"
 # -- 2. what is being installed, and where ----------------------------------------------------
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
     || die "$python is not Python 3.11 or newer (or not installed)"
+# Debian's python3 comes without ensurepip (package python3-venv): say so in one line before
+# anything is touched, not with venv's page of advice after the user and directories exist.
+"$python" -c 'import ensurepip, venv' 2>/dev/null \
+    || die "$python cannot create virtual environments (Debian: apt-get install python3-venv)"
+# The broker's name must resolve on this gateway: `edge check` does not look it up, and an
+# agent that cannot resolve it only retries in its log while install.sh reports success.
+if [ "$run_check" = 1 ]; then
+    "$python" - config/agent.toml <<'EOF' || exit 1
+import socket
+import sys
+import tomllib
+
+with open(sys.argv[1], "rb") as f:
+    broker = tomllib.load(f).get("broker", {})
+host, port = broker.get("host", ""), broker.get("port", 8883)
+try:
+    socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+except (OSError, UnicodeError) as exc:
+    reason = getattr(exc, "strerror", None) or exc
+    sys.exit(
+        f"install.sh: error: the broker host {host!r} ([broker] host) does not resolve on this"
+        f" gateway ({reason}): add it to DNS or /etc/hosts, then run install.sh again"
+    )
+EOF
+fi
 json_field() {
     "$python" -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"
 }
