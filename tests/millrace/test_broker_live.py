@@ -18,13 +18,15 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 
-from millrace.errors import ConfigError
-from millrace.ops import broker_live
+from millrace.errors import ConfigError, MillraceError
+from millrace.ops import broker_live, broker_sync
 from tests.ansible.rollout_support import offline_agent_wheel
 from tests.fixtures.fix_broker import ADMIN_ID, RELOAD_LOG_LINE, MosquittoServer, PKIFixture
 from tests.millrace.test_broker_acl import NOT_AUTHORIZED, Acks, Inbox, attempt, client_context
 
 WAIT_SECONDS = 10.0
+# Any limit shows it: the broker's count of its heap wraps below zero (docs/security.md).
+MEMORY_LIMIT_BYTES = 64 * 2**30
 Connect = Callable[..., paho.Client]
 
 
@@ -178,3 +180,62 @@ def test_a_stale_local_record_is_not_signalled(tmp_path: Path) -> None:
 
     outcome = broker_live.apply_change(own.dir, revoked=True, sync=never)
     assert outcome.applied and outcome.known and "not running" in outcome.lines[0]
+
+
+def _role_churn(server: MosquittoServer, pki_dir: Path, *, batches: int) -> None:
+    """Batches of 20 dynsec commands (create and delete a role) over $CONTROL."""
+    control = broker_sync._Control(server.host, server.port, pki_dir, ADMIN_ID)
+    try:
+        for batch in range(batches):
+            commands = [
+                {"command": verb, "rolename": f"tmp-{batch}-{i}"}
+                for i in range(10)
+                for verb in ("createRole", "deleteRole")
+            ]
+            try:
+                control.run(commands)
+            except MillraceError:
+                return
+    finally:
+        control.close()
+
+
+@pytest.mark.security
+def test_memory_limit_stays_off_because_mosquitto_miscounts_dynsec_frees(
+    tmp_path: Path, broker_factory: Callable[..., MosquittoServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Why mosquitto.conf has no memory_limit (docs/security.md, "Broker configuration").
+
+    mosquitto 2.0.11's dynsec plugin frees strings cJSON allocated with plain malloc
+    through mosquitto_free (dynsec__config_save, after every command), which subtracts
+    them from the broker's heap count; the unsigned count wraps, and with any
+    memory_limit every later allocation fails: admin commands go unanswered and new
+    connections are reset. If this test fails, the installed mosquitto has the fix
+    (upstream PR #3287): memory_limit may then go into the template.
+    """
+    own = PKIFixture(tmp_path / "pki")
+    own.issue("dev-a")
+    server = broker_factory(pki=own)
+    assert not any(
+        line.startswith("memory_limit") for line in server.conf_path.read_text().splitlines()
+    )
+    context = client_context(own.ca, "dev-a", own.dir)
+    # Without a limit the same role changes are harmless (the count is only compared to it).
+    _role_churn(server, own.dir, batches=1)
+    assert attempt(server, context) == "accepted"
+    assert "out of memory" not in server.log_text()
+    server.stop()
+    render = server._write_config
+
+    def with_memory_limit() -> Path:
+        conf = render()
+        conf.write_text(conf.read_text() + f"\nmemory_limit {MEMORY_LIMIT_BYTES}\n")
+        return conf
+
+    monkeypatch.setattr(server, "_write_config", with_memory_limit)
+    server.start()
+    assert attempt(server, context) == "accepted"
+    monkeypatch.setattr(broker_sync, "TIMEOUT_SECONDS", 3.0)
+    _role_churn(server, own.dir, batches=5)  # 2.0.11 stops answering within the first
+    assert "out of memory" in server.log_text()
+    assert attempt(server, context).startswith("refused")
