@@ -238,3 +238,55 @@ def test_cli_dsn_file_problems_are_one_line_errors(
     assert capsys.readouterr().err == f"millrace: error: --dsn-file: {empty} is empty\n"
     assert main(["db", "upgrade", "--dsn", "postgresql://x", "--dsn-file", str(empty)]) == 2
     assert "give --dsn or --dsn-file, not both" in capsys.readouterr().err
+
+
+def _migrate(dsn: str, verb: str, revision: str) -> None:
+    from alembic import command
+
+    engine = dbupgrade._engine(dsn)
+    try:
+        with engine.begin() as conn:
+            getattr(command, verb)(dbupgrade.alembic_config(conn), revision)
+    finally:
+        engine.dispose()
+
+
+def test_units_move_from_the_metric_to_each_device_that_sent_it(fresh_db: str) -> None:
+    """0004: metrics.unit (fleet-wide) becomes device_units for the devices with data."""
+    _migrate(fresh_db, "upgrade", "0003")
+    with psycopg.connect(fresh_db) as conn:
+        conn.execute("INSERT INTO devices (name) VALUES ('oven-1'), ('oven-2'), ('idle')")
+        conn.execute(
+            "INSERT INTO metrics (name, unit) VALUES ('temp', 'degC'), ('speed', NULL),"
+            " ('born.only', 'K')"  # named by a birth, no data: no device to give it to
+        )
+        conn.execute(
+            "INSERT INTO device_metrics (device_id, metric_id)"
+            " SELECT d.id, m.id FROM devices d, metrics m"
+            " WHERE d.name IN ('oven-1', 'oven-2') AND m.name IN ('temp', 'speed')"
+        )
+    dbupgrade.upgrade(fresh_db)
+    with psycopg.connect(fresh_db) as conn:
+        rows = conn.execute(
+            "SELECT d.name, u.metric, u.unit FROM device_units u JOIN devices d"
+            " ON d.id = u.device_id ORDER BY 1, 2"
+        ).fetchall()
+        assert rows == [("oven-1", "temp", "degC"), ("oven-2", "temp", "degC")]
+        columns = conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'metrics'"
+        ).fetchall()
+        assert ("unit",) not in columns
+        conn.execute(
+            "UPDATE device_units SET unit = 'K'"
+            " WHERE device_id = (SELECT id FROM devices WHERE name = 'oven-1')"
+        )
+        conn.execute(
+            "INSERT INTO device_units (device_id, metric, unit)"
+            " SELECT id, 'temp', 'degC' FROM devices WHERE name = 'idle'"
+        )
+    assert _schema_diff(fresh_db) == []
+    _migrate(fresh_db, "downgrade", "0003")  # back to one label: the most common one
+    with psycopg.connect(fresh_db) as conn:
+        units = dict(conn.execute("SELECT name, unit FROM metrics").fetchall())
+        # born.only's label had no device to go to: gone, as the births will say it again.
+        assert units == {"temp": "degC", "speed": None, "born.only": None}

@@ -8,7 +8,9 @@ Before, a birth wrote `metrics.unit`, so one device's birth relabelled every dev
 data of that metric. Each device now keeps the units of its own births. Existing
 labels are copied to the devices that have sent the metric (read from
 `device_metrics`, a small plain table: no hypertable is scanned), then the
-fleet-wide column goes (dropping a column rewrites nothing in PostgreSQL).
+fleet-wide column goes (dropping a column rewrites nothing in PostgreSQL). A label
+of a metric no device has data of has no device to go to and is dropped; the
+devices' next births set their units again.
 """
 
 from collections.abc import Sequence
