@@ -55,10 +55,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "upgrade",
         help="create or migrate the schema, hypertables and roles (idempotent)",
         description="Run the migrations to head, create hypertables and the "
-        "millrace_ingest / millrace_dashboard roles. Safe to re-run, also while workers run.",
+        "millrace_ingest / millrace_dashboard / millrace_retention roles. Safe to re-run, also "
+        "while workers run. Run it as the schema owner: a non-superuser needs CREATEROLE (or the "
+        "three roles made beforehand by a superuser) and a superuser must have run CREATE "
+        "EXTENSION timescaledb once; a missing privilege is named, with its fix, before "
+        "anything changes (docs/deploy-by-hand.md).",
     )
     up.add_argument("--dsn", help="libpq connection string or URL of a schema owner")
-    up.add_argument("--dsn-file", help="read the DSN from this file (keeps passwords off argv)")
+    up.add_argument(
+        "--dsn-file",
+        help="read the DSN from this file: one line, a postgresql:// URL or key=value pairs; "
+        "keep it 0600 (keeps passwords off argv)",
+    )
     up.set_defaults(func=_db_upgrade)
 
     ingest = subparsers.add_parser(

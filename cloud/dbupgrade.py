@@ -5,6 +5,9 @@ re-asserts grants, and GRANT/REVOKE take no lock that blocks writers. A
 session advisory lock serialises concurrent upgrades of one database; role
 creation tolerates a concurrent upgrade of another database in the cluster.
 
+Before any change, the user's privileges are checked (cloud/dbprivileges.py): a
+missing one is named with the statement that grants it, and nothing is changed.
+
 Roles are NOLOGIN groups; deployments grant them to login users:
 `CREATE ROLE ingest1 LOGIN PASSWORD '...' IN ROLE millrace_ingest`.
 """

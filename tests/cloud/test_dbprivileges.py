@@ -158,3 +158,15 @@ def test_db_upgrade_by_an_owner_without_createrole_uses_roles_made_beforehand(
             " has_table_privilege('millrace_dashboard', 'readings', 'INSERT')"
         ).fetchone()
     assert row == (True, False)
+
+
+def test_db_upgrade_help_names_the_privileges_and_the_dsn_file_format(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from millrace.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["db", "upgrade", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "CREATEROLE" in text and "CREATE EXTENSION timescaledb" in text
+    assert "one line, a postgresql:// URL or key=value pairs" in text
