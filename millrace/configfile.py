@@ -2,7 +2,7 @@
 
 The edge agent's, the ingest worker's and the dashboard's loaders all read
 through `Table`, so every config mistake reads the same way:
-`edge.toml: signals[3].scale: expected a number, got the string 'x'`, and a
+`agent.toml: signals[3].scale: expected a number, got the string 'x'`, and a
 misspelt key is refused with a "did you mean" instead of being silently
 ignored. The contract also owns the two things those loaders share beyond
 the reader: the database DSN (`dsn` or `dsn_file`) and the broker connection.
