@@ -35,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--broker",
         metavar="HOST[:PORT]",
-        help="broker the agent connects to (default: first name on the broker certificate)",
+        help="broker the agent connects to (default: the first non-loopback name on the "
+        "broker certificate, else localhost; port 8883)",
     )
     parser.add_argument(
         "--wheel",
