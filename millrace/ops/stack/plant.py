@@ -445,6 +445,7 @@ class Plant:
             "status": status,
             "root": str(self.layout.root.resolve()),
             "supervisor_pid": os.getpid(),
+            "supervisor_identity": procs.process_identity(os.getpid()),
             "dsn": self.cluster.dsn_for(DATABASE, user=DASHBOARD_LOGIN),
             "superuser_dsn": self.superuser_dsn,
             "broker": f"mqtts://localhost:{self.options.broker_port}",
@@ -456,7 +457,8 @@ class Plant:
             "devices": self.options.devices,
             "postgres": {"datadir": str(self.cluster.datadir), "port": self.cluster.port},
             "services": [
-                {"name": s.name, "pid": s.pid, "log": str(s.log_path)} for s in self.services
+                {"name": s.name, "pid": s.pid, "identity": s.identity, "log": str(s.log_path)}
+                for s in self.services
             ],
         }
 
@@ -519,9 +521,14 @@ def read_state(root: Path) -> dict[str, Any] | None:
     return data
 
 
+def _recorded_and_running(entry: dict[str, Any]) -> bool:
+    """The recorded service still runs: its pid is alive and is still the same process."""
+    return procs.is_ours(int(entry["pid"]), entry.get("identity"))
+
+
 def running_services(state: dict[str, Any]) -> list[dict[str, Any]]:
-    """The recorded services whose processes still run."""
-    return [s for s in state.get("services", []) if procs.is_running(int(s["pid"]))]
+    """The recorded services whose processes still run (a reused pid is not one of them)."""
+    return [s for s in state.get("services", []) if _recorded_and_running(s)]
 
 
 def down(root: Path) -> list[str]:
@@ -531,10 +538,14 @@ def down(root: Path) -> list[str]:
         return []
     stopped = []
     supervisor = int(state.get("supervisor_pid", 0))
-    if supervisor and supervisor != os.getpid() and procs.is_running(supervisor):
+    if (
+        supervisor
+        and supervisor != os.getpid()
+        and procs.is_ours(supervisor, state.get("supervisor_identity"))
+    ):
         _stop_supervisor(supervisor)
     for service in reversed(state.get("services", [])):
-        if procs.is_running(int(service["pid"])):
+        if _recorded_and_running(service):
             procs.stop(int(service["pid"]))
             stopped.append(service["name"])
     cluster = PostgresCluster(PlantLayout(root).postgres, port=int(state["postgres"]["port"]))

@@ -2,7 +2,10 @@
 
 Each service runs in its own process group with its output in a log file, so
 `millrace down` can stop a detached plant (and everything its services
-spawned) from its recorded pids alone.
+spawned) from what plant.json records. A pid alone is not trusted: after a
+reboot (or once a process exits) the kernel hands the pid to someone else, so
+each pid is recorded with its identity (the boot id and the process's start
+time) and nothing is signalled unless both still match.
 """
 
 from __future__ import annotations
@@ -26,13 +29,40 @@ STOP_GRACE_SECONDS = 15.0
 POLL_INTERVAL_SECONDS = 0.1
 
 
+BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+# /proc/<pid>/stat field 22 (starttime, clock ticks after boot), counted after the ")".
+_STARTTIME_INDEX = 22 - 3
+
+
 @dataclass(frozen=True, slots=True)
 class Service:
-    """A process the plant started: its name, pid (= process group id) and log file."""
+    """A process the plant started: name, pid (= process group id), identity and log file."""
 
     name: str
     pid: int
     log_path: Path
+    identity: str | None = None
+
+
+def process_identity(pid: int) -> str | None:
+    """`<boot id>:<start time>` of a live process; a reused pid or a reboot changes it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot_id = BOOT_ID_PATH.read_text().strip()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    if len(fields) <= _STARTTIME_INDEX:
+        return None
+    return f"{boot_id}:{fields[_STARTTIME_INDEX]}"
+
+
+def is_ours(pid: int, identity: str | None) -> bool:
+    """True while `pid` runs and is still the process recorded with `identity`.
+
+    No recorded identity means no proof: such a pid is never treated as ours.
+    """
+    return identity is not None and is_running(pid) and process_identity(pid) == identity
 
 
 def start(
@@ -57,7 +87,9 @@ def start(
             cwd=cwd,
         )
     log.debug("started %s pid=%s: %s", name, proc.pid, " ".join(argv))
-    return Service(name=name, pid=proc.pid, log_path=log_path)
+    # The child exists until we reap it, so its identity is readable even if it died at once.
+    identity = process_identity(proc.pid)
+    return Service(name=name, pid=proc.pid, log_path=log_path, identity=identity)
 
 
 def is_running(pid: int) -> bool:
