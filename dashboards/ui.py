@@ -50,12 +50,16 @@ RANGES_S: Final = {
     "1 y": 365 * 86_400,
 }
 TIME_FORMAT: Final = "%Y-%m-%d %H:%M:%S"
+# Metric cards: at most five in a row, and what they say must fit a laptop screen (1280 px)
+# uncut; longer explanations go in the card's help tooltip (the browser test checks the fit).
+MAX_METRIC_LABEL_CHARS: Final = 16
+MAX_METRIC_VALUE_CHARS: Final = 8
 MISSING: Final = "—"
 # Tighter than Streamlit's default padding: a wall screen should show data, not margins.
 PAGE_CSS: Final = """
 <style>
   [data-testid="stMainBlockContainer"] { padding-top: 3.5rem; padding-bottom: 2rem; }
-  [data-testid="stMetricValue"] { font-size: 2.4rem; }
+  [data-testid="stMetricValue"] { font-size: 2.1rem; }
 </style>
 """
 
@@ -249,6 +253,32 @@ def age(seconds: float | None) -> str:
     if seconds < 48 * 3600:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86_400:.1f} d"
+
+
+def compact_count(value: float) -> str:
+    """A count in at most MAX_METRIC_VALUE_CHARS characters: 12,345 / 123 k / 1.23 M / 4.5 G."""
+    value = int(value)
+    if abs(value) < 100_000:
+        return f"{value:,}"
+    for size, suffix in ((10**3, "k"), (10**6, "M")):
+        text = f"{value / size:.3g}"
+        if "e" not in text and abs(float(text)) < 1000:
+            return f"{text} {suffix}"
+    return f"{value / 10**9:,.3g} G" if abs(value) < 999.5 * 10**9 else f"{value / 10**9:,.0f} G"
+
+
+def rate(per_second: float) -> str:
+    """A rate as a short card value: 0.7/s, 12.3/s, 1,234/s, 123 k/s."""
+    if per_second < 999.95:
+        return f"{per_second:,.1f}/s"
+    return f"{per_second:,.0f}/s" if per_second < 10_000 else f"{compact_count(per_second)}/s"
+
+
+def seconds(value: float) -> str:
+    """A duration as a short card value: 0.35 s, 12.3 s, then as `age` (5 min, 3.0 h)."""
+    if value < 9.995:
+        return f"{value:.2f} s"
+    return f"{value:.1f} s" if value < 89.95 else age(value)
 
 
 def since(ts: datetime | pd.Timestamp | None, now: datetime) -> float | None:

@@ -61,18 +61,25 @@ def overview() -> None:
             border=True,
         )
         tiles[0].caption(f"{statuses['stale']} stale · {statuses['offline']} offline")
-        tiles[1].metric("Active alerts", sum(severities.values()), border=True)
+        tiles[1].metric(
+            "Active alerts",
+            sum(severities.values()),
+            help="Alerts raised and not yet cleared, acknowledged or not (the Alerts page).",
+            border=True,
+        )
         tiles[1].caption(
             f"{severities['critical']} critical · {severities['warning']} warning · "
             f"{severities['info']} info · {unacked} unacknowledged"
         )
         tiles[2].metric(
             "Ingest rate",
-            f"{rate.windows_per_s:,.1f} windows/s",
+            ui.rate(rate.windows_per_s),
             help=f"Windows committed per second over the last {RATE_WINDOW_SECONDS // 60} min.",
             border=True,
         )
-        tiles[2].caption(f"{rate.batches_per_s:,.2f} batches/s from {rate.devices} devices")
+        tiles[2].caption(
+            f"windows per second · {rate.batches_per_s:,.2f} batches/s from {rate.devices} devices"
+        )
         tiles[3].metric(
             "Data freshness",
             ui.age(freshness_s),

@@ -52,18 +52,30 @@ def pipeline(range_label: str, range_s: int) -> None:
 
         windows = int(ingest["windows"].sum()) if not ingest.empty else 0
         tiles = st.columns(4)
-        tiles[0].metric(f"Windows stored, {range_label}", f"{windows:,}", border=True)
-        tiles[1].metric("Average rate", f"{windows / range_s:,.1f} windows/s", border=True)
+        tiles[0].metric(
+            "Windows stored",
+            ui.compact_count(windows),
+            help=f"Windows committed in the last {range_label}.",
+            border=True,
+        )
+        tiles[1].metric(
+            "Average rate",
+            ui.rate(windows / range_s),
+            help=f"Windows committed per second, averaged over the last {range_label}.",
+            border=True,
+        )
         worst_latency = latency["latency_p95_s"].max() if not latency.empty else None
         tiles[2].metric(
-            "Commit latency p95 (worst point)",
-            "n/a" if worst_latency is None else f"{worst_latency:,.2f} s",
-            help="Window close on the device to its row being stored.",
+            "Latency p95",
+            "n/a" if worst_latency is None else ui.seconds(worst_latency),
+            help="Commit latency, window close on the device to its row being stored: the "
+            f"highest 95th percentile of the points drawn below ({range_label}).",
             border=True,
         )
         tiles[3].metric(
-            f"Dead letters, {range_label}",
-            f"{int(dead['count'].sum()) if not dead.empty else 0:,}",
+            "Dead letters",
+            ui.compact_count(int(dead["count"].sum()) if not dead.empty else 0),
+            help=f"Messages the ingest refused in the last {range_label} (reasons below).",
             border=True,
         )
 

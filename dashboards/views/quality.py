@@ -37,21 +37,38 @@ def quality(range_label: str, range_s: int) -> None:
         unsynced = int(fleet["clock_synced"].eq(False).sum()) if not fleet.empty else 0
         tiles = st.columns(5)
         tiles[0].metric(
-            f"Dead letters, {range_label}", f"{int(dead['count'].sum()):,}", border=True
-        )
-        tiles[1].metric(
-            "Missing batches (open gaps)", f"{int(gaps['missing'].sum()):,}", border=True
-        )
-        tiles[2].metric(
-            f"Rejected readings, {range_label}", f"{int(rejected['rejected'].sum()):,}", border=True
-        )
-        tiles[3].metric(
-            f"Late batches, {range_label}",
-            f"{int(delivery['late'].sum()):,}",
-            help=f"Received more than {ctx.config.late_after_s} s after the device sent them.",
+            "Dead letters",
+            ui.compact_count(int(dead["count"].sum())),
+            help=f"Messages the ingest refused in the last {range_label}, by reason below.",
             border=True,
         )
-        tiles[4].metric("Devices with unsynced clock", unsynced, border=True)
+        tiles[1].metric(
+            "Missing batches",
+            ui.compact_count(int(gaps["missing"].sum())),
+            help="Batches in open sequence gaps: numbered by a device, never received. "
+            "A gap closes by itself if its batches arrive late.",
+            border=True,
+        )
+        tiles[2].metric(
+            "Invalid readings",
+            ui.compact_count(int(rejected["rejected"].sum())),
+            help=f"Readings the agents refused as invalid (out of range, NaN) in the last "
+            f"{range_label}.",
+            border=True,
+        )
+        tiles[3].metric(
+            "Late batches",
+            ui.compact_count(int(delivery["late"].sum())),
+            help=f"Batches received more than {ctx.config.late_after_s} s after the device "
+            f"sent them, in the last {range_label}.",
+            border=True,
+        )
+        tiles[4].metric(
+            "Unsynced clocks",
+            unsynced,
+            help="Devices whose latest heartbeat says their clock is not NTP-synchronised.",
+            border=True,
+        )
 
         st.subheader("Dead letters by reason")
         if dead.empty:

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from millrace.dashboards import charts, data
+from millrace.dashboards import charts, data, ui
 from millrace.dashboards.auth import AuthUser, PermissionDenied
 from millrace.dashboards.users import add_user, load_users, save_users
 from tests.dashboards.conftest import PASSWORDS, Plant, write_config
@@ -125,6 +125,27 @@ def test_device_page_labels_resolution_and_exports_csv(dash_config: Path) -> Non
     at.segmented_control(key="device_range").set_value("1 h").run()
     assert any("Resolution: **10 s windows (raw)**" in c.value for c in at.caption)
     assert at.get("download_button")[0].proto.label == "Download CSV"
+
+
+@pytest.mark.integration
+def test_metric_cards_labels_fit_and_explain_themselves(dash_config: Path) -> None:
+    """Labels and values short enough not to be cut off ("9.8 windo..."), details in help."""
+    at = _login(_app(), "vera")
+    cards: list[tuple[str, str, str]] = []
+    for view in VIEWS:
+        if view != "overview":
+            at.switch_page(f"views/{view}.py").run()
+        _no_errors(at)
+        cards += [(view, m.label, m.value) for m in at.metric]
+        for metric in at.metric:
+            assert metric.help, (view, metric.label)
+    assert {view for view, _, _ in cards} == {"overview", "quality", "pipeline"}
+    too_long = [
+        (view, label, value)
+        for view, label, value in cards
+        if len(label) > ui.MAX_METRIC_LABEL_CHARS or len(value) > ui.MAX_METRIC_VALUE_CHARS
+    ]
+    assert not too_long
 
 
 @pytest.mark.security

@@ -58,6 +58,17 @@ AXIS_LABELS_JS = """
   return lines.length ? lines : [t.textContent];
 })
 """
+# Metric cards whose label or value is cut off (an ellipsis or hidden overflow): their text.
+CUT_OFF_METRICS_JS = """
+() => Array.from(document.querySelectorAll(
+  '[data-testid="stMetricLabel"], [data-testid="stMetricValue"]'
+)).filter(el => [el, ...el.querySelectorAll('*')].some(
+  e => e.clientWidth > 0 && e.scrollWidth > e.clientWidth + 1
+)).map(el => el.innerText)
+"""
+# A laptop screen: the narrowest the metric cards must fit without cutting text.
+NARROW_VIEWPORT = {"width": 1280, "height": 800}
+METRIC_PAGES = ("Overview", "Data quality", "Pipeline")
 TIME_LABEL = re.compile(r"^(\d{2}):(\d{2})(:\d{2})?$")
 DATE_LABEL = re.compile(r"^\d{1,2} [A-Z][a-z]{2}( \d{4})?$")
 ERROR_SELECTORS = '[data-testid="stException"], [data-testid="stAlertContentError"]'
@@ -191,8 +202,20 @@ def test_every_page_renders_without_errors(dashboard: str, tmp_path: Path) -> No
                     .first
                 ).to_be_visible()
                 page.screenshot(path=str(shots / f"{shot}.png"))
+                cut = page.evaluate(CUT_OFF_METRICS_JS)
+                assert not cut, f"{label}: metric text cut off at 1600 px: {cut}"
                 if must_show.endswith('"stVegaLiteChart"]'):
                     _time_labels_are_24_hour(label, page.evaluate(AXIS_LABELS_JS))
+            page.set_viewport_size(NARROW_VIEWPORT)
+            cut_narrow: dict[str, list[str]] = {}
+            for label in METRIC_PAGES:
+                page.locator('[data-testid="stTopNavLink"]', has_text=label).first.click()
+                expect(page.get_by_role("heading", name=label, exact=True)).to_be_visible()
+                page.wait_for_selector('[data-testid="stMetric"]', state="visible")
+                _settle(page)
+                if cut := page.evaluate(CUT_OFF_METRICS_JS):
+                    cut_narrow[label] = cut
+            assert not cut_narrow, f"metric text cut off at 1280 px: {cut_narrow}"
         finally:
             browser.close()
     assert sorted(p.stem for p in shots.glob("*.png")) == sorted(
