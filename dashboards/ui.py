@@ -29,6 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from millrace.dashboards import auth, data
 from millrace.dashboards.auth import AuthUser
 from millrace.dashboards.config import DashboardConfig
+from millrace.dashboards.resolution import format_seconds
 
 logger = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -215,13 +216,19 @@ def database_errors() -> Iterator[None]:
         )
 
 
-def range_picker(key: str, *, labels: Sequence[str], default: str) -> tuple[str, int]:
-    """A row of relative time ranges; returns the label and its length in seconds."""
+def range_picker(
+    key: str, *, labels: Sequence[str], default: str, help: str | None = None
+) -> tuple[str, int]:
+    """A row of relative time ranges; returns the label and its length in seconds.
+
+    A label that is not in RANGES_S (the device page's "Fit") has length 0: the page
+    works the range out itself.
+    """
     choice = st.segmented_control(
-        "Time range", list(labels), default=default, key=key, required=True
+        "Time range", list(labels), default=default, key=key, required=True, help=help
     )
-    label = choice if isinstance(choice, str) and choice in RANGES_S else default
-    return label, RANGES_S[label]
+    label = choice if isinstance(choice, str) and choice in labels else default
+    return label, RANGES_S.get(label, 0)
 
 
 def window(ctx: PageContext, now: datetime, range_s: int) -> tuple[datetime, datetime]:
@@ -232,6 +239,28 @@ def window(ctx: PageContext, now: datetime, range_s: int) -> tuple[datetime, dat
     """
     end = now + timedelta(seconds=ctx.config.refresh_s)
     return end - timedelta(seconds=range_s), end
+
+
+def fit_range_s(first: datetime | None, end: datetime, *, minimum_s: int, maximum_s: int) -> int:
+    """A range ending at `end` that starts at or just before `first` (the oldest data shown),
+    kept within [minimum_s, maximum_s]; `maximum_s` when `first` is unknown.
+
+    Rounded up to 10 s under 10 minutes and to whole minutes above, so the range does not
+    change with every refresh and still starts at the data.
+    """
+    if first is None or pd.isna(first):
+        return maximum_s
+    span_s = max((end - pd.Timestamp(first).to_pydatetime()).total_seconds(), 0.0)
+    step = 10 if span_s < 600 else 60
+    return int(min(maximum_s, max(minimum_s, -(-span_s // step) * step)))
+
+
+def span_text(seconds: int) -> str:
+    """A range length in words: 2 min 20 s, 45 min, 6 h."""
+    minutes, rest = divmod(int(seconds), 60)
+    if minutes and rest:
+        return f"{minutes} min {rest} s"
+    return format_seconds(seconds)
 
 
 def bucket_for(range_s: int, *, points: int = 120, minimum_s: int = 60) -> int:

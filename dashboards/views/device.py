@@ -6,9 +6,14 @@ import pandas as pd
 import streamlit as st
 
 from millrace.dashboards import charts, data, ui
-from millrace.dashboards.resolution import pick_resolution
+from millrace.dashboards.resolution import format_seconds, pick_resolution
 
-RANGE_LABELS = ("1 h", "6 h", "24 h", "7 d", "30 d", "1 y")
+# "Fit" (the default) spans the device's data: a plant that started two minutes ago opens
+# on those two minutes, not on a sliver at the right edge of 6 h; never longer than 6 h.
+FIT_LABEL = "Fit"
+FIT_MIN_SECONDS = 120
+FIT_MAX_SECONDS = ui.RANGES_S["6 h"]
+RANGE_LABELS = (FIT_LABEL, "1 h", "6 h", "24 h", "7 d", "30 d", "1 y")
 DEFAULT_METRICS_SHOWN = 6
 
 ctx = ui.page(
@@ -33,7 +38,13 @@ def _controls() -> tuple[str, str, int, list[str]]:
     )
     st.query_params["device"] = device
     with top[1]:
-        range_label, range_s = ui.range_picker("device_range", labels=RANGE_LABELS, default="6 h")
+        range_label, range_s = ui.range_picker(
+            "device_range",
+            labels=RANGE_LABELS,
+            default=FIT_LABEL,
+            help=f"{FIT_LABEL}: from the device's oldest data to now, at most "
+            f"{format_seconds(FIT_MAX_SECONDS)}.",
+        )
     metrics = data.device_metrics(device=device)
     if metrics.empty:
         ui.empty(
@@ -71,13 +82,23 @@ def _events_for_chart(frame: pd.DataFrame) -> pd.DataFrame:
 @ui.live_fragment(ctx.config.refresh_s)
 def device_charts(device: str, chosen: list[str], range_label: str, range_s: int) -> None:
     now = data.refresh_now()
-    start, end = ui.window(ctx, now, range_s)
     with ui.database_errors():
         ui.freshness_line(ctx, now)
         if not chosen:
             ui.empty("Select at least one metric above.")
             return
         info = data.device_metrics(device=device).set_index("metric")
+        if range_label == FIT_LABEL:  # re-fitted on every refresh, as the data grows
+            shown = info[info.index.isin(chosen)]
+            range_s = ui.fit_range_s(
+                shown["first_ts"].min() if not shown.empty else None,
+                ui.window(ctx, now, 0)[1],
+                minimum_s=FIT_MIN_SECONDS,
+                maximum_s=FIT_MAX_SECONDS,
+            )
+            range_label = ui.span_text(range_s)
+            st.caption(f"Range fitted to the data: the last **{range_label}**.")
+        start, end = ui.window(ctx, now, range_s)
         raw_events = data.device_events(device=device, start=start, end=end)
         events = _events_for_chart(raw_events)
         exported: list[pd.DataFrame] = []

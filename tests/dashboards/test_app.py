@@ -119,6 +119,9 @@ def test_device_page_labels_resolution_and_exports_csv(dash_config: Path) -> Non
     at = _login(_app(), "vera")
     at.switch_page("views/device.py").run()
     _no_errors(at)
+    # The default fits the plant's three hours: raw windows (1080 points of 10 s).
+    assert any("Resolution: **10 s windows (raw)**" in c.value for c in at.caption)
+    at.segmented_control(key="device_range").set_value("6 h").run()
     captions = [c.value for c in at.caption]
     assert any("Resolution: **30 s buckets of 10 s windows**" in c for c in captions)
     assert any("Resolution: **1 min windows (raw)**" in c for c in captions)
