@@ -50,7 +50,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from millrace.errors import ConfigError, MillraceError, PKIError
-from millrace.ops import pki, provision_signing
+from millrace.ops import pki, provision_signing, provision_wheels
 from millrace.ops.broker import DEFAULT_PORT
 from millrace.ops.templating import render_file, render_packaged
 
@@ -367,6 +367,7 @@ class Release:
     wheel: Path
     requirements: Path
     wheels: tuple[Path, ...]
+    platform: str | None = None
 
 
 def prepare_release(
@@ -377,11 +378,16 @@ def prepare_release(
     requirements: Iterable[str] | None = None,
     targets: Iterable[str] = CLOUD_TARGETS,
     cloud_wheel: Path | str | None = None,
+    platform: str | None = None,
+    hashes: bool = False,
 ) -> Release:
     """Write the gateway wheel, pinned requirements, optional dependency wheels, release.json.
 
-    `wheelhouse` holds wheels for the gateways' platform (e.g. from `pip download
-    --platform ...`); with them the install needs no package index. Each of `targets`
+    With `platform` (what `uname -m` prints on the gateways) the release carries one
+    wheel per pin for it, taken from `wheelhouse` or else downloaded (provision_wheels),
+    and installs with no package index. Without it, every wheel of `wheelhouse` is
+    copied as is. `hashes` pins every requirement, the gateway wheel included, to the
+    sha256 of the wheels carried (`pip install --require-hashes`). Each of `targets`
     (extras installed here, e.g. cloud) gets its own pinned requirements-<extra>.txt,
     the full `millrace` wheel (`cloud_wheel`, else built from the checkout) and a
     release id in release.json for the Ansible roles of the cloud side.
@@ -403,16 +409,18 @@ def prepare_release(
     for pin in pins:
         if not _PIN.fullmatch(pin):
             raise ConfigError("requirements", f"{pin!r} is not an exact name==version pin")
-    req_path = out / REQUIREMENTS_NAME
-    req_path.write_text(
-        "# The edge extra's closure, pinned to what the provisioning environment runs.\n"
-        + "".join(f"{pin}\n" for pin in pins)
-    )
     wheels_dir = out / "wheels"
     if wheels_dir.exists():
         shutil.rmtree(wheels_dir)
     dep_wheels: list[Path] = []
-    if wheelhouse is not None:
+    if platform is not None:
+        provision_wheels.check_platform(platform)
+        if wheelhouse is not None:
+            house = Path(wheelhouse)
+            dep_wheels = provision_wheels.select_wheelhouse(pins, platform, house, wheels_dir)
+        else:
+            dep_wheels = provision_wheels.build_wheelhouse(pins, platform, wheels_dir)
+    elif wheelhouse is not None:
         house = Path(wheelhouse)
         if not house.is_dir():
             raise ConfigError("--wheelhouse", f"not a directory: {house}")
@@ -421,6 +429,16 @@ def prepare_release(
             if found.name.split("-")[0].lower() != DIST_NAME:
                 dep_wheels.append(wheels_dir / found.name)
                 shutil.copyfile(found, dep_wheels[-1])
+    lines = list(pins)
+    if hashes:
+        if platform is None:
+            raise ConfigError("--platform", "hash-pinned requirements need the target platform")
+        lines = _hashed_pins(pins, platform, wheels_dir, agent_wheel)
+    req_path = out / REQUIREMENTS_NAME
+    req_path.write_text(
+        "# The edge extra's closure, pinned to what the provisioning environment runs.\n"
+        + "".join(f"{line}\n" for line in lines)
+    )
     digest = hashlib.sha256()
     for path in (agent_wheel, req_path, *dep_wheels):
         digest.update(f"{path.name}\0{_sha256(path)}\n".encode())
@@ -434,9 +452,28 @@ def prepare_release(
         "wheels": [p.name for p in dep_wheels],
         "targets": _write_targets(out, full_wheel, targets) if full_wheel else {},
     }
+    if platform is not None:
+        info["platform"] = platform
     (out / RELEASE_JSON).write_text(json.dumps(info, indent=2) + "\n")
     log.info("release %s in %s", release_id, out)
-    return Release(out, version, release_id, agent_wheel, req_path, tuple(dep_wheels))
+    return Release(out, version, release_id, agent_wheel, req_path, tuple(dep_wheels), platform)
+
+
+def _hashed_pins(pins: list[str], platform: str, wheels_dir: Path, agent_wheel: Path) -> list[str]:
+    """`name==version --hash=sha256:...` for every pin and for the gateway wheel itself.
+
+    pip then installs only these very files (`--require-hashes`), whatever else an index
+    or a find-links directory offers.
+    """
+    found = provision_wheels.matching_wheels(pins, platform, wheels_dir)
+    lines = []
+    for pin in pins:
+        if not found[pin]:
+            raise MillraceError(f"no {platform} wheel for {pin} to hash")
+        lines.append(" ".join([pin, *(f"--hash=sha256:{_sha256(w)}" for w in found[pin])]))
+    agent = f"{GATEWAY_DIST_NAME}=={_wheel_version(agent_wheel)}"
+    lines.append(f"{agent} --hash=sha256:{_sha256(agent_wheel)}")
+    return lines
 
 
 def _provided_wheel(wheel: Path | str | None, out: Path, flag: str, dist: str) -> Path | None:
@@ -572,6 +609,7 @@ class Bundle:
     release_id: str
     has_key: bool
     release_pub: Path
+    platform: str
 
 
 def _manifest(files: Mapping[str, bytes]) -> bytes:
@@ -634,13 +672,19 @@ def build_bundle(
     wheelhouse: Path | str | None = None,
     force: bool = False,
     validate_config: Callable[[str], None] | None = None,
+    platform: str | None = None,
 ) -> Bundle:
     """Write the device bundle tarball `out` for `device_id` (see the module docstring).
+
+    The bundle is for gateways of `platform` (`uname -m`; default: this machine's) and
+    carries one wheel per requirement for it, from `wheelhouse` or else downloaded, so
+    install.sh needs no package index; requirements are pinned by hash.
 
     `validate_config` gets the rendered agent config text (the CLI passes the edge
     agent's own loader when it is installed) and raises ConfigError when it is wrong.
     """
     ident = pki.validate_id(device_id)
+    machine = provision_wheels.check_platform(platform or provision_wheels.this_platform())
     pki_path = pki.pki_path_checked(pki_dir).dir
     pki.check_role(pki_path, ident, "device")  # a service id fails before the release is built
     out_path = Path(out)
@@ -653,7 +697,14 @@ def build_bundle(
     if validate_config is not None:
         validate_config(config)
     with tempfile.TemporaryDirectory(prefix="millrace-release-") as tmp:
-        release = prepare_release(Path(tmp), wheel=wheel, wheelhouse=wheelhouse, targets=())
+        release = prepare_release(
+            Path(tmp),
+            wheel=wheel,
+            wheelhouse=wheelhouse,
+            targets=(),
+            platform=machine,
+            hashes=True,
+        )
         files: dict[str, bytes] = {
             f"agent/{release.wheel.name}": release.wheel.read_bytes(),
             f"agent/{REQUIREMENTS_NAME}": release.requirements.read_bytes(),
@@ -680,6 +731,7 @@ def build_bundle(
                 "device_id": ident,
                 "release_id": release.release_id,
                 "version": release.version,
+                "platform": machine,
                 "broker": f"{host}:{broker_port}",
                 "has_key": credentials.key is not None,
                 "created_at": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
@@ -703,6 +755,7 @@ def build_bundle(
         release.release_id,
         credentials.key is not None,
         release_pub,
+        machine,
     )
 
 

@@ -48,7 +48,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--wheelhouse",
         type=Path,
         metavar="DIR",
-        help="dependency wheels for the gateways' platform to bundle (offline install)",
+        help="take the dependency wheels from DIR instead of downloading them for --platform",
+    )
+    parser.add_argument(
+        "--platform",
+        choices=("aarch64", "x86_64", "armv7l"),
+        help="the gateways' platform (uname -m) whose wheels the bundle carries "
+        "(default: this machine's); with --release-dir: also bundle wheels for it",
     )
     parser.add_argument(
         "--force", action="store_true", help="issue a new certificate even if one is valid"
@@ -113,6 +119,7 @@ def _provision(args: argparse.Namespace) -> int:
             wheel=args.wheel,
             wheelhouse=args.wheelhouse,
             cloud_wheel=args.cloud_wheel,
+            platform=args.platform,
         )
         print(f"release {release.release_id} in {release.dir}")
         return 0
@@ -139,10 +146,11 @@ def _provision(args: argparse.Namespace) -> int:
         wheelhouse=args.wheelhouse,
         force=args.force,
         validate_config=validator,
+        platform=args.platform,
     )
     print(f"bundle {bundle.path}")
     print(f"sha256 {bundle.sha256}")
-    print(f"release {bundle.release_id}")
+    print(f"release {bundle.release_id} for {bundle.platform}")
     print("key " + ("included (0600)" if bundle.has_key else "not included (signed from CSR)"))
     print(f"signed by release key {bundle.release_pub} (first install: --release-key FILE)")
     if args.sd is not None:

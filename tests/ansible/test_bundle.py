@@ -257,6 +257,60 @@ def test_a_bundle_whose_config_the_agent_rejects_is_rolled_back(
     key.chmod(0o600)
 
 
+@pytest.mark.security
+def test_bundle_requirements_are_pinned_by_hash(installed: Installed) -> None:
+    """Every requirement, the gateway wheel included, names the sha256 of the file it is."""
+    carried = {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in [*(installed.unpacked / "wheels").glob("*.whl"),
+                  *(installed.unpacked / "agent").glob("*.whl")]
+    }  # fmt: skip
+    lines = [
+        line
+        for line in (installed.unpacked / "agent" / "requirements.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    pinned = {line.split()[0].split("==")[0] for line in lines}
+    assert {"msgpack", "paho-mqtt", "pymodbus", "millrace-edge"} <= pinned
+    hashes = {part.removeprefix("--hash=sha256:") for ln in lines for part in ln.split()[1:]}
+    assert all(len(ln.split()) >= 2 for ln in lines), lines
+    assert hashes == set(carried.values())
+
+
+def _resign(bundle: Path, pki_dir: Path) -> None:
+    """Manifest and signature made again for the files as they are now."""
+    files = {
+        str(p.relative_to(bundle)): p.read_bytes()
+        for p in bundle.rglob("*")
+        if p.is_file() and p.name not in (provision.MANIFEST_NAME, provision.SIGNATURE_NAME)
+    }
+    manifest = provision._manifest(files)
+    (bundle / provision.MANIFEST_NAME).write_bytes(manifest)
+    (bundle / provision.SIGNATURE_NAME).write_bytes(provision_signing.sign(pki_dir, manifest))
+
+
+@pytest.mark.security
+def test_install_refuses_a_wheel_that_is_not_the_hash_pinned_one(
+    installed: Installed, tmp_path: Path
+) -> None:
+    """A different build of a pinned version (signed by mistake) is refused by pip's hashes."""
+    import shutil
+
+    bundle = tmp_path / "rebuilt"
+    shutil.copytree(installed.unpacked, bundle)
+    (wheel,) = (bundle / "wheels").glob("pymodbus-*.whl")
+    with zipfile.ZipFile(wheel, "a") as zf:
+        zf.writestr("pymodbus/extra_module.py", "print('not the pinned build')\n")
+    _resign(bundle, installed.pki_dir)
+    root = tmp_path / "root"
+    release_pub = str(provision_signing.release_pub_path(installed.pki_dir))
+    result = _install(bundle, "--root", str(root), "--release-key", release_pub, "--skip-check")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "pip could not install the release" in result.stderr
+    assert "HASHES" in result.stderr.upper()
+    assert not (root / "opt" / "millrace" / "current").exists()
+
+
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

@@ -44,7 +44,20 @@ def fake_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return wheel
 
 
+def _stand_in_wheelhouse(fake_wheel: Path) -> Path:
+    """A stand-in wheel for each edge pin beside `fake_wheel`: these tests download nothing."""
+    house = fake_wheel.parent / "deps"
+    if not house.is_dir():
+        house.mkdir()
+        for pin in provision.edge_requirements():
+            name, version = pin.split("==")
+            wheel = house / f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
+            wheel.write_bytes(f"stand-in for {pin}: install.sh must refuse first".encode())
+    return house
+
+
 def _bundle(plant_pki: Path, fake_wheel: Path, out: Path, device: str = DEVICE, **kw: object):
+    kw.setdefault("wheelhouse", _stand_in_wheelhouse(fake_wheel))
     return provision.build_bundle(device, pki_dir=plant_pki, out=out, wheel=fake_wheel, **kw)  # type: ignore[arg-type]
 
 
@@ -224,7 +237,7 @@ def test_csr_bundle_carries_no_key_and_the_certificate_matches_the_device_key(
     assert not pki.pki_paths(plant_pki).key_for("csr-gw").exists()
 
     # Without the device's own key in place the install script stops before installing.
-    result = _install(top, tmp_path / "root", *_trust(plant_pki))
+    result = _install(top, tmp_path / "root", *_trust(plant_pki), "--skip-check")
     assert result.returncode == 1
     assert "carries no key" in result.stderr
     assert not (tmp_path / "root" / "opt").exists()
@@ -342,7 +355,7 @@ def test_untampered_bundle_passes_the_manifest_check(
 ) -> None:
     """The baseline for the refusals: the same bundle gets past the check (then pip fails)."""
     top = _extract(_bundle(plant_pki, fake_wheel, tmp_path / "b.tar.gz").path, tmp_path / "x")
-    result = _install(top, tmp_path / "root", *_trust(plant_pki))
+    result = _install(top, tmp_path / "root", *_trust(plant_pki), "--skip-check")
     assert "signature verified" in result.stdout
     assert "manifest verified" in result.stdout
     assert result.returncode == 1  # the stand-in wheel is not installable
@@ -554,6 +567,8 @@ def test_cli_writes_a_bundle_and_prints_no_secret(
         str(out),
         "--wheel",
         str(fake_wheel),
+        "--wheelhouse",
+        str(_stand_in_wheelhouse(fake_wheel)),
         "--broker",
         "127.0.0.5:18883",
     )
@@ -610,6 +625,7 @@ def test_cli_provision_csr_for_a_service_id_fails_in_one_line(
     csr.write_bytes(_device_csr("svc-cli"))
     out = tmp_path / "svc.tar.gz"
     flags = ("--pki", str(plant_pki), "--out", str(out), "--wheel", str(fake_wheel))
+    flags += ("--wheelhouse", str(_stand_in_wheelhouse(fake_wheel)))
     result = _cli("provision", "svc-cli", *flags, "--csr", str(csr), "--force")
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -121,6 +121,12 @@ say "manifest verified ($(grep -c '' MANIFEST.sha256) files)"
 # -- 2. what is being installed, and where ----------------------------------------------------
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
     || die "$python is not Python 3.11 or newer (or not installed)"
+# The bundle's wheels are for one platform (`uname -m`): refuse another before anything else.
+bundle_platform=$("$python" -c \
+    'import json; print(json.load(open("bundle.json")).get("platform", "unknown"))')
+machine=$(uname -m)
+[ "$bundle_platform" = "$machine" ] || refuse "this bundle is for $bundle_platform gateways, \
+this machine is $machine (uname -m): provision one with --platform $machine"
 # Debian's python3 comes without ensurepip (package python3-venv): say so in one line before
 # anything is touched, not with venv's page of advice after the user and directories exist.
 "$python" -c 'import ensurepip, venv' 2>/dev/null \
@@ -231,14 +237,15 @@ if [ ! -f "$rel/.complete" ]; then
     mkdir -p "$rel"
     "$python" -m venv "$rel/venv" \
         || die "'$python -m venv' failed (Debian: apt-get install python3-venv)"
-    set -- --no-deps --disable-pip-version-check --no-input --quiet \
-        -r agent/requirements.txt "agent/$wheel"
+    # Only the bundle's own files, each pinned by its sha256: no index, no pip.conf, no
+    # PIP_* variable of this machine (--isolated, PIP_CONFIG_FILE=/dev/null).
+    set -- --no-index --require-hashes --no-deps --find-links "$here/agent" \
+        --disable-pip-version-check --no-input --quiet -r agent/requirements.txt
     if [ -d wheels ]; then
-        set -- --no-index --find-links "$here/wheels" "$@"
+        set -- --find-links "$here/wheels" "$@"
     fi
-    # shellcheck disable=SC2086 # MILLRACE_PIP_ARGS is a list of options
-    "$rel/venv/bin/python" -m pip install ${MILLRACE_PIP_ARGS:-} "$@" \
-        || die "pip could not install the release (no network? bundle wheels with --wheelhouse)"
+    PIP_CONFIG_FILE=/dev/null "$rel/venv/bin/python" -m pip --isolated install "$@" \
+        || die "pip could not install the release from the bundle's wheels"
     "$rel/venv/bin/python" -m pip check --disable-pip-version-check >/dev/null \
         || die "the release's dependencies are inconsistent: $("$rel/venv/bin/python" -m pip check)"
     cp agent/release.json "$rel/release.json"
