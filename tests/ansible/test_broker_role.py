@@ -136,3 +136,11 @@ def test_role_is_idempotent_and_keeps_the_key_private(broker: RoleBroker) -> Non
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert key.read_bytes() == pki.pki_paths(broker.pki.dir).broker_key.read_bytes()
     assert all("PRIVATE KEY" not in run.output for run in [*broker.runs, again])
+
+
+def test_role_caps_memory_with_systemd_not_memory_limit(broker: RoleBroker) -> None:
+    """mosquitto 2.0.11's memory_limit breaks with dynsec (docs/security.md): systemd caps it."""
+    dropin = broker.root / "etc/systemd/system/mosquitto.service.d/millrace-memory.conf"
+    assert "[Service]\nMemoryMax=1G\n" in dropin.read_text()
+    conf = (broker.root / "etc" / "mosquitto" / "mosquitto.conf").read_text()
+    assert not any(line.startswith("memory_limit") for line in conf.splitlines())
