@@ -148,6 +148,17 @@ def test_revoke_with_an_unreachable_broker_says_so_in_one_line_and_exits_3(
     assert "NOT updated" in note and "millrace broker sync" in note and "Traceback" not in note
 
 
+def test_a_recorded_broker_is_used_unless_no_broker_sync(tmp_path: Path) -> None:
+    own = PKIFixture(tmp_path / "pki")
+    # Recorded as by `broker sync --remember`; nothing listens on port 1 of the loopback.
+    broker_live.remember(own.dir, broker_live.BrokerTarget("127.0.0.1", 1, ADMIN_ID))
+    tried = _cli("pki", "issue", "--pki", str(own.dir), "dev-x")
+    assert tried.returncode == 3 and "127.0.0.1:1 NOT updated" in tried.stderr, tried.stderr
+    skipped = _cli("pki", "issue", "--pki", str(own.dir), "dev-y", "--no-broker-sync")
+    assert skipped.returncode == 0, skipped.stderr
+    assert "not updated (--no-broker-sync)" in skipped.stdout
+
+
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
