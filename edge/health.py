@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,28 @@ log = logging.getLogger(__name__)
 # Certificates expire in years; re-reading the file hourly is plenty.
 CERT_CHECK_INTERVAL_SECONDS = 3600.0
 CLOCK_CHECK_INTERVAL_SECONDS = 60.0
-_TIME_ERROR = 5  # adjtimex(2): the kernel clock is not synchronised
-_TIMEX_BYTES = 512  # larger than struct timex on every Linux ABI
+# adjtimex(2): the kernel's estimated maximum error grows by 500 ppm of elapsed time until a
+# time daemon (chrony, systemd-timesyncd, ntpd) resets it, and saturates at 16 s. Below
+# that, the clock is being disciplined: the test systemd uses for timedatectl's
+# "System clock synchronized" (NTPSynchronized). STA_UNSYNC alone is not used: chrony
+# keeps it set, unless told `rtcsync`, to stop the kernel from writing the RTC.
+NTP_MAXERROR_LIMIT_US = 16_000_000
+
+
+class _Timex(ctypes.Structure):
+    """The head of struct timex (C longs: 8 bytes on 64-bit, 4 on 32-bit ABIs), then room."""
+
+    _fields_ = [
+        ("modes", ctypes.c_uint),
+        ("offset", ctypes.c_long),
+        ("freq", ctypes.c_long),
+        ("maxerror", ctypes.c_long),
+        ("esterror", ctypes.c_long),
+        ("status", ctypes.c_int),
+        ("_rest", ctypes.c_byte * 448),  # larger than the rest of struct timex on every ABI
+    ]
+
+
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -105,23 +125,29 @@ class CertClock:
 
 
 class ClockState:
-    """Whether the kernel clock is NTP-synchronised (adjtimex), re-checked every minute."""
+    """Whether a time daemon disciplines the kernel clock, re-checked every minute.
 
-    def __init__(self) -> None:
+    adjtimex(2) read-only: synchronised while the kernel's estimated maximum error is
+    under 16 s (NTP_MAXERROR_LIMIT_US), as timedatectl reports it. `adjtimex` can be
+    replaced (tests); without it (not Linux) the clock is assumed synchronised.
+    """
+
+    def __init__(self, adjtimex: Callable[[Any], int] | None = None) -> None:
         self._synced = True
         self._checked_at = -CLOCK_CHECK_INTERVAL_SECONDS
-        self._adjtimex: Any = None
-        try:
-            self._adjtimex = ctypes.CDLL(None, use_errno=True).adjtimex
-        except (OSError, AttributeError):
-            log.debug("adjtimex unavailable; assuming the clock is synchronised")
+        self._adjtimex: Callable[[Any], int] | None = adjtimex
+        if adjtimex is None:
+            try:
+                self._adjtimex = ctypes.CDLL(None, use_errno=True).adjtimex
+            except (OSError, AttributeError):
+                log.debug("adjtimex unavailable; assuming the clock is synchronised")
 
     def synced(self) -> bool:
         now = time.monotonic()
         if self._adjtimex is not None and now - self._checked_at >= CLOCK_CHECK_INTERVAL_SECONDS:
-            buf = ctypes.create_string_buffer(_TIMEX_BYTES)  # modes = 0: read only
-            state = self._adjtimex(buf)
-            self._synced = state >= 0 and state != _TIME_ERROR
+            timex = _Timex()  # modes = 0: read only
+            state = self._adjtimex(ctypes.byref(timex))
+            self._synced = state >= 0 and 0 <= timex.maxerror < NTP_MAXERROR_LIMIT_US
             self._checked_at = now
         return self._synced
 
