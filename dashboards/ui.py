@@ -51,6 +51,16 @@ RANGES_S: Final = {
     "1 y": 365 * 86_400,
 }
 TIME_FORMAT: Final = "%Y-%m-%d %H:%M:%S"
+# A device clock further than this from the cloud's shifts its windows visibly on the charts.
+CLOCK_OFF_SECONDS: Final = 2.0
+CLOCK_HELP: Final = (
+    "**NTP**: a time daemon (chrony, systemd-timesyncd, ntpd) disciplines the device's clock, "
+    'as `timedatectl` reports it ("System clock synchronized"). '
+    "**no NTP**: nothing disciplines it; it agrees with the cloud's clock now, but will drift "
+    "(a fresh plant on one host without a time daemon shows this everywhere). "
+    f"**off by N s**: at its latest heartbeat the device's clock differed from the cloud's by "
+    f"more than {CLOCK_OFF_SECONDS:g} s, so its windows are drawn shifted, NTP or not."
+)
 # Metric cards: at most five in a row, and what they say must fit a laptop screen (1280 px)
 # uncut; longer explanations go in the card's help tooltip (the browser test checks the fit).
 MAX_METRIC_LABEL_CHARS: Final = 16
@@ -308,6 +318,19 @@ def seconds(value: float) -> str:
     if value < 9.995:
         return f"{value:.2f} s"
     return f"{value:.1f} s" if value < 89.95 else age(value)
+
+
+def clock_status(synced: object, skew_s: object, *, off_after_s: float = CLOCK_OFF_SECONDS) -> str:
+    """A device's clock in a word or two, from its latest heartbeat (see CLOCK_HELP).
+
+    The measured offset decides first: a clock that is off misplaces data whatever
+    disciplines it. "—" when no heartbeat has arrived.
+    """
+    if synced is None or pd.isna(synced):  # type: ignore[call-overload]
+        return MISSING
+    if isinstance(skew_s, int | float) and not pd.isna(skew_s) and abs(skew_s) > off_after_s:
+        return f"off by {abs(skew_s):.1f} s"
+    return "NTP" if bool(synced) else "no NTP"
 
 
 def since(ts: datetime | pd.Timestamp | None, now: datetime) -> float | None:

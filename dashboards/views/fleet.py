@@ -41,6 +41,10 @@ def _cert_style(value: object) -> str:
     return ""
 
 
+def _clock_style(value: object) -> str:
+    return "color: #c62828; font-weight: 600" if str(value).startswith("off") else ""
+
+
 @ui.live_fragment(ctx.config.refresh_s)
 def fleet_table(statuses: list[str], search: str, sort_label: str) -> None:
     now = data.refresh_now()
@@ -69,6 +73,10 @@ def fleet_table(statuses: list[str], search: str, sort_label: str) -> None:
         shown = shown.sort_values([column, "device"], ascending=[ascending, True])
         shown = ui.table_times(shown, ctx.tz, ["last_seen_at", "last_data_at"])
         shown["outbox_oldest_age"] = shown["outbox_oldest_age_s"].map(ui.age)
+        shown["clock"] = [
+            ui.clock_status(synced, skew)
+            for synced, skew in zip(shown["clock_synced"], shown["clock_skew_s"], strict=True)
+        ]
         columns = [
             "device",
             "status",
@@ -80,12 +88,13 @@ def fleet_table(statuses: list[str], search: str, sort_label: str) -> None:
             "dropped_batches",
             "rejected_readings",
             "cert_days_left",
-            "clock_synced",
+            "clock",
         ]
         styled = (
             shown[columns]
             .style.map(_status_style, subset=["status"])
             .map(_cert_style, subset=["cert_days_left"])
+            .map(_clock_style, subset=["clock"])
         )
         st.dataframe(
             styled,
@@ -114,7 +123,7 @@ def fleet_table(statuses: list[str], search: str, sort_label: str) -> None:
                 "cert_days_left": st.column_config.NumberColumn(
                     "Cert. days", format="%.0f", help="Days until the client certificate expires."
                 ),
-                "clock_synced": st.column_config.CheckboxColumn("Clock sync", width="small"),
+                "clock": st.column_config.TextColumn("Clock", help=ui.CLOCK_HELP),
             },
         )
         st.caption(

@@ -8,8 +8,6 @@ import streamlit as st
 from millrace.dashboards import charts, data, ui
 
 RANGE_LABELS = ("1 h", "24 h", "7 d", "30 d")
-# A device clock this far from ours shifts its windows visibly on the charts.
-SKEW_WARN_SECONDS = 2.0
 
 ctx = ui.page(
     "Data quality",
@@ -34,7 +32,14 @@ def quality(range_label: str, range_s: int) -> None:
         backlog = data.backlog_history(start=start, end=end, bucket_s=ui.bucket_for(range_s))
         ui.freshness_line(ctx, now)
 
-        unsynced = int(fleet["clock_synced"].eq(False).sum()) if not fleet.empty else 0
+        clocks = fleet[["device", "clock_synced", "clock_skew_s"]].assign(
+            clock=[
+                ui.clock_status(synced, skew)
+                for synced, skew in zip(fleet["clock_synced"], fleet["clock_skew_s"], strict=True)
+            ]
+        )
+        clocks_off = sum(str(c).startswith("off") for c in clocks["clock"])
+        without_ntp = int(clocks["clock_synced"].eq(False).sum())
         tiles = st.columns(5)
         tiles[0].metric(
             "Dead letters",
@@ -63,12 +68,8 @@ def quality(range_label: str, range_s: int) -> None:
             f"sent them, in the last {range_label}.",
             border=True,
         )
-        tiles[4].metric(
-            "Unsynced clocks",
-            unsynced,
-            help="Devices whose latest heartbeat says their clock is not NTP-synchronised.",
-            border=True,
-        )
+        tiles[4].metric("Clocks off", clocks_off, help=ui.CLOCK_HELP, border=True)
+        tiles[4].caption(f"{without_ntp} of {len(clocks)} without NTP")
 
         st.subheader("Dead letters by reason")
         if dead.empty:
@@ -158,7 +159,6 @@ def quality(range_label: str, range_s: int) -> None:
             st.caption("Out-of-range, NaN or otherwise invalid values counted by the agents.")
 
         st.subheader("Late deliveries and clocks")
-        clocks = fleet[["device", "clock_synced", "clock_skew_s"]]
         merged = clocks.merge(delivery, on="device", how="left")
         if merged.empty:
             ui.empty("No devices are registered yet.")
@@ -167,26 +167,40 @@ def quality(range_label: str, range_s: int) -> None:
                 ui.table_times(merged, ctx.tz, ["last_received_at"]).style.map(
                     lambda v: (
                         "color: #c62828; font-weight: 600"
-                        if isinstance(v, float) and not pd.isna(v) and abs(v) > SKEW_WARN_SECONDS
+                        if isinstance(v, float) and not pd.isna(v) and abs(v) > ui.CLOCK_OFF_SECONDS
                         else ""
                     ),
                     subset=["clock_skew_s"],
                 ),
                 hide_index=True,
+                column_order=[
+                    "device",
+                    "clock",
+                    "clock_skew_s",
+                    "batches",
+                    "late",
+                    "max_delay_s",
+                    "unsynced",
+                    "last_received_at",
+                ],
                 column_config={
                     "device": "Device",
-                    "clock_synced": st.column_config.CheckboxColumn("Clock synced"),
+                    "clock": st.column_config.TextColumn("Clock", help=ui.CLOCK_HELP),
                     "clock_skew_s": st.column_config.NumberColumn(
-                        "Clock skew (s)",
+                        "Clock offset (s)",
                         format="%.2f",
-                        help="Device clock minus cloud clock at its latest heartbeat.",
+                        help="Device clock minus cloud clock at its latest heartbeat "
+                        "(positive: the device is ahead; transit adds milliseconds).",
                     ),
                     "batches": st.column_config.NumberColumn(f"Batches, {range_label}"),
                     "late": st.column_config.NumberColumn(
                         "Late", help=f"Received over {ctx.config.late_after_s} s after sending."
                     ),
                     "max_delay_s": st.column_config.NumberColumn("Worst delay (s)", format="%.1f"),
-                    "unsynced": st.column_config.NumberColumn("Sent unsynced"),
+                    "unsynced": st.column_config.NumberColumn(
+                        "Sent without NTP",
+                        help="Batches the device sent while its clock was not NTP-synchronised.",
+                    ),
                     "last_received_at": "Last batch",
                 },
             )
