@@ -228,3 +228,133 @@ def test_rendered_configs_are_accepted_by_the_real_loaders(cloud: CloudRun) -> N
     assert dashboard.dsn.startswith("postgresql://dashboard:")
     assert dashboard.auth.users_file == cloud.root / "var/lib/millrace-dashboard/users.toml"
     assert dashboard.server.address == "127.0.0.1"
+
+
+TLS_PLAYBOOK = """\
+- name: Give the database its TLS certificate
+  hosts: database
+  gather_facts: false
+  tasks:
+    - name: Run the timescaledb role's TLS tasks
+      ansible.builtin.include_role:
+        name: timescaledb
+        tasks_from: tls.yml
+
+- name: Render the ingest worker's config with the default sslmode
+  hosts: ingest
+  gather_facts: false
+  tasks:
+    - name: Run the ingest role's config tasks
+      ansible.builtin.include_role:
+        name: ingest
+        tasks_from: config.yml
+
+- name: Render the dashboard's config with the default sslmode
+  hosts: dashboard
+  gather_facts: false
+  tasks:
+    - name: Run the dashboard role's config tasks
+      ansible.builtin.include_role:
+        name: dashboard
+        tasks_from: config.yml
+"""
+
+
+def _dsn_params(dsn_file: Path) -> dict[str, str]:
+    from urllib.parse import parse_qsl, urlsplit
+
+    return dict(parse_qsl(urlsplit(dsn_file.read_text().strip()).query))
+
+
+@pytest.mark.security
+def test_database_tls_is_verify_full_against_the_role_made_certificate(
+    tmp_path: Path, test_pki: PKIFixture
+) -> None:
+    """The roles' default was sslmode=require: TLS without checking whom it talks to."""
+    import getpass
+    import os
+
+    from millrace.ops.stack.postgres import OS_USER_WHEN_ROOT
+
+    server = PostgresServer(
+        settings={
+            "ssl": "on",
+            "ssl_cert_file": "millrace-server.crt",
+            "ssl_key_file": "millrace-server.key",
+        }
+    )
+    try:
+        root, secrets = tmp_path / "root", tmp_path / "secrets"
+        (root / "var/lib/millrace-dashboard").mkdir(parents=True)
+        (root / "var/lib/millrace-dashboard/users.toml").write_text("")
+        test_pki.issue(INGEST_HOST, role="service")
+        playbook = tmp_path / "tls.yml"
+        playbook.write_text(TLS_PLAYBOOK)
+        owner = OS_USER_WHEN_ROOT if os.geteuid() == 0 else None
+        extra_vars = {
+            "timescaledb_manage_service": False,
+            "timescaledb_tls_dir": str(server.datadir),
+            "timescaledb_tls_hostnames": [server.host],
+            "timescaledb_secrets_dir": str(secrets),
+            "ingest_root": str(root),
+            "ingest_manage_user": False,
+            "ingest_manage_service": False,
+            "ingest_pki_dir": str(test_pki.dir),
+            "ingest_cert_id": INGEST_HOST,
+            "ingest_secrets_dir": str(secrets),
+            "ingest_db_host": server.host,
+            "ingest_db_port": server.port,
+            "ingest_broker_host": "mqtt.plant.example",
+            "dashboard_root": str(root),
+            "dashboard_manage_user": False,
+            "dashboard_manage_service": False,
+            "dashboard_secrets_dir": str(secrets),
+            "dashboard_db_host": server.host,
+        }
+        extra_vars["timescaledb_tls_owner"] = owner or getpass.getuser()  # who runs postgres
+        inventory = local_inventory(
+            tmp_path / "hosts.json",
+            {"database": ["db-test"], "ingest": [INGEST_HOST], "dashboard": ["dash-test"]},
+        )
+        run = run_playbook(str(playbook), inventory, extra_vars, tmp_path=tmp_path)
+        assert run.rc == 0, run.output[-4000:]
+        key = server.datadir / "millrace-server.key"
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+        assert (secrets / "db-server.crt").read_bytes() == (
+            server.datadir / "millrace-server.crt"
+        ).read_bytes()
+        server.start()
+
+        ingest = _dsn_params(root / "etc/millrace-ingest/ingest.dsn")
+        retention = _dsn_params(root / "etc/millrace-ingest/retention.dsn")
+        dashboard = _dsn_params(root / "etc/millrace-dashboard/dashboard.dsn")
+        assert (
+            ingest
+            == retention
+            == {
+                "sslmode": "verify-full",
+                "sslrootcert": str(root / "etc/millrace-ingest/pki/db-ca.crt"),
+            }
+        )
+        assert dashboard == {
+            "sslmode": "verify-full",
+            "sslrootcert": str(root / "etc/millrace-dashboard/db-ca.crt"),
+        }
+        for params in (ingest, dashboard):
+            with psycopg.connect(
+                host=server.host, port=server.port, user=server.user, dbname="postgres", **params
+            ) as conn:
+                row = conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                assert row.fetchone() == (True,)
+        # A name the certificate does not carry, or another root: refused.
+        with pytest.raises(psycopg.OperationalError, match="does not match host name"):
+            psycopg.connect(
+                host="localhost", port=server.port, user=server.user, dbname="postgres", **ingest
+            ).close()
+        stranger = {**ingest, "sslrootcert": str(test_pki.dir / "ca.crt")}
+        with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
+            psycopg.connect(
+                host=server.host, port=server.port, user=server.user, dbname="postgres", **stranger
+            ).close()
+    finally:
+        server.close()
