@@ -8,7 +8,9 @@ everything in it and the same disk boots again with its files, and the cache sta
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,10 @@ from tests.fixtures.fix_system import (
     SSHKey,
     _mounted,
     debian_mirror_lines,
+    sweep_orphans,
 )
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.system
 
@@ -106,3 +111,34 @@ def test_mirror_comes_from_the_apt_configuration(tmp_path: Path) -> None:
     ]
     with pytest.raises(RuntimeError, match="no Debian 'trixie' source"):
         debian_mirror_lines("trixie", apt)
+
+
+def test_a_container_left_by_a_killed_test_run_is_swept(system_rootfs: Path) -> None:
+    """A run that dies without its finalizers leaves a booted container; the next one ends it."""
+    script = (
+        "import os, sys, tempfile\n"
+        "from pathlib import Path\n"
+        "from tests.fixtures.fix_system import ContainerFactory\n"
+        "box = ContainerFactory(Path(tempfile.mkdtemp(prefix='millrace-containers-')))()\n"
+        "print(box.leader, box.base, flush=True)\n"
+        "os._exit(0)  # no finalizer, no atexit: as if SIGKILLed\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    leader_text, base_text = done.stdout.split()
+    leader, base = int(leader_text), Path(base_text)
+    assert Path(f"/proc/{leader}").exists()  # still booted, its owner gone
+    assert _mounted(base / "merged")
+
+    assert base.name in sweep_orphans()
+
+    assert not Path(f"/proc/{leader}").exists()
+    assert not _mounted(base / "merged")
+    assert not base.exists()
