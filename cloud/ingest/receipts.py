@@ -1,13 +1,18 @@
 """Receipts: after a commit, tell each device which of its batches the database holds.
 
 An edge deletes a batch from its outbox only on a receipt (docs/guarantees.md), so
-receipts are read back from the ingest ledger after COMMIT, never from what this
-worker remembers: a batch that is already in the ledger (a duplicate, resent because
-its receipt was lost) is receipted again, and a restarted worker answers the same.
+receipts are read back from the ledger after COMMIT, never from what this worker
+remembers: a batch that is already in the ledger (a duplicate, resent because its
+receipt was lost) is receipted again, and a restarted worker answers the same.
+
 One query for all (device, boot_id) streams touched by the commit batch, one receipt
-per stream (split only past MAX_RECEIPT_RANGES ranges). The watermark is the end of the
-stream's run of seqs contiguous from 0; this worker caches it per stream (the ledger
-only grows within its retention), so each query reads only the seqs above it.
+per stream. A receipt lists the commit's own seqs above the stream's watermark (the
+end of its run of seqs contiguous from 0), never every seq above it: a stream with
+holes (batches its outbox cap dropped, or a device sending every other seq) would
+otherwise be answered with all its ranges again after every commit. The watermark is
+cached per stream and advanced by reading at most WATERMARK_STEP seqs above it per
+commit, so its cost stays bounded too; a lagging watermark only says less, the ranges
+still cover every batch committed.
 
 A decodable batch the cloud refuses for good (dead-lettered: too old, in the future,
 poison) is receipted too, from its dead letter: it is kept in `dead_letters` for an
@@ -32,25 +37,32 @@ from millrace.wire.receipt import NO_WATERMARK
 
 log = logging.getLogger(__name__)
 
-# Seqs read above the cached watermark per stream and commit; a stream with a hole
-# (batches its outbox cap dropped) keeps its ranges from these plus the commit's own.
-MAX_SEQS_READ: Final = 4096
+# Seqs read above a stream's cached watermark per commit to advance it: bounded work
+# per stream and commit, whatever holes the stream has.
+WATERMARK_STEP: Final = 256
 # Streams whose watermark is cached; the oldest is forgotten first (it is re-read).
 MAX_CACHED_STREAMS: Final = 100_000
 
-# The first MAX_SEQS_READ seqs above each stream's cached watermark, all streams of a
-# commit batch in one round trip (the committer thread runs it after every COMMIT).
-_SEQS_ABOVE: Final = """
-SELECT s.i, l.seq
-FROM unnest(%(names)s::text[], %(boots)s::uuid[], %(above)s::bigint[])
-     WITH ORDINALITY AS s(name, boot_id, above, i)
-JOIN devices d ON d.name = s.name
-CROSS JOIN LATERAL (
+# Per stream `i` of the commit batch: the ledger's seqs just above its cached watermark
+# and which of the commit's seqs (`cs` for stream `ci`) the ledger holds, in one query.
+_LEDGER_SEQS: Final = """
+WITH s AS (
+    SELECT s.i, d.id AS device_id, s.boot_id, s.above
+    FROM unnest(%(names)s::text[], %(boots)s::uuid[], %(above)s::bigint[])
+         WITH ORDINALITY AS s(name, boot_id, above, i)
+    JOIN devices d ON d.name = s.name
+)
+SELECT s.i, l.seq FROM s CROSS JOIN LATERAL (
     SELECT seq FROM ingest_ledger
-    WHERE device_id = d.id AND boot_id = s.boot_id AND seq > s.above
-    ORDER BY seq LIMIT %(limit)s
+    WHERE device_id = s.device_id AND boot_id = s.boot_id
+      AND seq > s.above AND seq <= s.above + %(step)s
 ) l
-ORDER BY s.i, l.seq
+UNION
+SELECT s.i, l.seq
+FROM unnest(%(ci)s::bigint[], %(cs)s::bigint[]) AS c(i, seq)
+JOIN s ON s.i = c.i
+JOIN ingest_ledger l ON l.device_id = s.device_id AND l.boot_id = s.boot_id AND l.seq = c.seq
+ORDER BY 1, 2
 """
 
 Stream = tuple[str, str]  # device, boot_id
@@ -106,42 +118,30 @@ class ReceiptReader:
         now_ms = time.time_ns() // 1_000_000
         ordered = sorted(streams.items())
         olds = [self._watermarks.get(stream, NO_WATERMARK) for stream, _ in ordered]
-        read: dict[int, list[int]] = defaultdict(list)
+        commit_index = [i + 1 for i, (_, seqs) in enumerate(ordered) for _ in seqs]
+        commit_seqs = [seq for _, seqs in ordered for seq in seqs]
         rows = conn.execute(
-            _SEQS_ABOVE,
+            _LEDGER_SEQS,
             {
                 "names": [device for (device, _), _ in ordered],
                 "boots": [uuid.UUID(hex=boot_id) for (_, boot_id), _ in ordered],
                 "above": olds,
-                "limit": MAX_SEQS_READ,
+                "step": WATERMARK_STEP,
+                "ci": commit_index,
+                "cs": commit_seqs,
             },
         ).fetchall()
+        read: dict[int, list[int]] = defaultdict(list)
         for index, seq in rows:
             read[int(index) - 1].append(int(seq))
         out: list[Receipt] = []
         for index, ((device, boot_id), committed) in enumerate(ordered):
-            old = olds[index]
-            seqs = read.get(index, [])
-            watermark = advance_watermark(old, seqs)
+            in_ledger = read.get(index, [])  # sorted by the query
+            watermark = advance_watermark(olds[index], in_ledger)
             self._remember((device, boot_id), watermark)
-            in_ledger = set(seqs)
-            # The commit's own seqs beyond what was read must be checked too (a long hole).
-            beyond = sorted(s for s in committed if s > watermark and s not in in_ledger)
-            if beyond and len(seqs) == MAX_SEQS_READ:
-                in_ledger |= self._present(conn, device, boot_id, beyond)
-            listed = [s for s in in_ledger if s > watermark]
+            listed = set(in_ledger).intersection(committed)
             out.extend(receipts_for(device, boot_id, watermark, listed, ts_ms=now_ms))
         return out
-
-    def _present(
-        self, conn: psycopg.Connection[Any], device: str, boot_id: str, seqs: list[int]
-    ) -> set[int]:
-        rows = conn.execute(
-            "SELECT l.seq FROM ingest_ledger l JOIN devices d ON d.id = l.device_id"
-            " WHERE d.name = %s AND l.boot_id = %s AND l.seq = ANY(%s)",
-            (device, uuid.UUID(hex=boot_id), seqs),
-        ).fetchall()
-        return {int(r[0]) for r in rows}
 
     def _remember(self, stream: Stream, watermark: int) -> None:
         if watermark == NO_WATERMARK:

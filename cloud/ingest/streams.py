@@ -13,7 +13,10 @@ stream with thousands of open gaps costs no more per late batch than one with a
 single gap. A stream keeps at most `max_gaps` open gaps (`ingest_streams.open_gaps`
 counts them); beyond the cap its oldest (lowest) gaps are forgotten and counted in
 `ingest_streams.gaps_dropped`, so one device sending every other seq cannot make
-its bookkeeping grow without end.
+its bookkeeping grow without end. `ingest_streams.gaps_floor` is the highest start
+of a forgotten gap; every index lookup starts above it, so the deleted entries
+below (not yet vacuumed) are never walked again, and a late seq at or below it
+needs no lookup at all.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ _ABOVE_ANY_SEQ = 2**64
 # Open gaps kept per (device, boot): far above what a healthy agent shows (a gap is a
 # lost batch), low enough that a hostile or broken one stays cheap.
 DEFAULT_MAX_GAPS_PER_STREAM: Final = 1000
+# `ingest_streams.gaps_floor` of a stream that has forgotten no gap yet.
+NO_FLOOR: Final = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +116,7 @@ RETURNING device_id, boot_id
 """
 
 _STREAMS_LOCK: Final = """
-SELECT s.device_id, s.boot_id, s.max_seq, s.open_gaps
+SELECT s.device_id, s.boot_id, s.max_seq, s.open_gaps, s.gaps_floor
 FROM ingest_streams s
 JOIN unnest(%b::int4[], %b::uuid[]) AS u(d, b) ON s.device_id = u.d AND s.boot_id = u.b
 ORDER BY s.device_id, s.boot_id
@@ -128,13 +133,14 @@ FROM unnest(
 WHERE s.device_id = u.d AND s.boot_id = u.b
 """
 
-# The one gap that may hold each late seq: the last gap starting at or below it.
+# The one gap that may hold each late seq: the last gap starting at or below it (and
+# above the stream's floor `f`, below which every gap was forgotten).
 _GAPS_HOLDING: Final = """
 SELECT DISTINCT g.device_id, g.boot_id, g.seq_from, g.seq_to, g.detected_at
-FROM unnest(%b::int4[], %b::uuid[], %b::int8[]) AS u(d, b, s)
+FROM unnest(%b::int4[], %b::uuid[], %b::int8[], %b::int8[]) AS u(d, b, s, f)
 CROSS JOIN LATERAL (
     SELECT * FROM sequence_gaps x
-    WHERE x.device_id = u.d AND x.boot_id = u.b AND x.seq_from <= u.s
+    WHERE x.device_id = u.d AND x.boot_id = u.b AND x.seq_from <= u.s AND x.seq_from > u.f
     ORDER BY x.seq_from DESC LIMIT 1
 ) g
 WHERE u.s <= g.seq_to
@@ -155,21 +161,31 @@ ORDER BY 1, 2, 3
 ON CONFLICT (device_id, boot_id, seq_from) DO UPDATE SET seq_to = excluded.seq_to
 """
 
-# Forget each stream's oldest gaps beyond the cap (n per stream, lowest seqs first).
+# Forget each stream's oldest gaps beyond the cap (n per stream, lowest seqs first,
+# searched from above its floor f); returns each stream's highest start forgotten. The
+# victims are chosen first (MATERIALIZED): joined inside the DELETE, the planner ran
+# the per-stream search once per gap of the stream (cap x n index scans per commit).
 _GAPS_TRIM: Final = """
-DELETE FROM sequence_gaps g
-USING unnest(%b::int4[], %b::uuid[], %b::int4[]) AS u(d, b, n)
-CROSS JOIN LATERAL (
-    SELECT x.seq_from FROM sequence_gaps x
-    WHERE x.device_id = u.d AND x.boot_id = u.b
-    ORDER BY x.seq_from LIMIT u.n
-) o
-WHERE g.device_id = u.d AND g.boot_id = u.b AND g.seq_from = o.seq_from
+WITH doomed AS MATERIALIZED (
+    SELECT u.d, u.b, o.seq_from
+    FROM unnest(%b::int4[], %b::uuid[], %b::int4[], %b::int8[]) AS u(d, b, n, f)
+    CROSS JOIN LATERAL (
+        SELECT x.seq_from FROM sequence_gaps x
+        WHERE x.device_id = u.d AND x.boot_id = u.b AND x.seq_from > u.f
+        ORDER BY x.seq_from LIMIT u.n
+    ) o
+), gone AS (
+    DELETE FROM sequence_gaps g USING doomed v
+    WHERE g.device_id = v.d AND g.boot_id = v.b AND g.seq_from = v.seq_from
+    RETURNING g.device_id, g.boot_id, g.seq_from
+)
+SELECT device_id, boot_id, max(seq_from) FROM gone GROUP BY device_id, boot_id
 """
 
 _STREAMS_DROPPED: Final = """
-UPDATE ingest_streams s SET gaps_dropped = s.gaps_dropped + u.n
-FROM unnest(%b::int4[], %b::uuid[], %b::int4[]) AS u(d, b, n)
+UPDATE ingest_streams s
+SET gaps_dropped = s.gaps_dropped + u.n, gaps_floor = greatest(s.gaps_floor, u.f)
+FROM unnest(%b::int4[], %b::uuid[], %b::int4[], %b::int8[]) AS u(d, b, n, f)
 WHERE s.device_id = u.d AND s.boot_id = u.b
 """
 
@@ -221,14 +237,19 @@ def record_streams(
         upserts.extend((k[0], k[1], low, high, now) for low, high in first[k].gaps)
     existing = [k for k in keys if k not in inserted]
     maxes = {k: first[k].max_seq for k in inserted}
+    floors: dict[StreamKey, int] = dict.fromkeys(inserted, NO_FLOOR)
     if existing:
         cur.execute(_STREAMS_LOCK, _columns(existing, 2))
-        prev = {(d, b): (m, n) for d, b, m, n in cur.fetchall()}
-        late = [(k, s) for k in existing for s in seqs[k] if s <= prev[k][0]]
+        prev: dict[StreamKey, tuple[int, int]] = {}
+        for d, b, prev_max, open_gaps, floor in cur.fetchall():
+            prev[(d, b)] = (prev_max, open_gaps)
+            floors[(d, b)] = floor
+        # A late seq at or below the floor fell in a forgotten gap: nothing to look up.
+        late = [(k, s) for k in existing for s in seqs[k] if floors[k] < s <= prev[k][0]]
         holding: dict[StreamKey, list[tuple[int, int, datetime]]] = defaultdict(list)
         if late:
             late.sort()
-            cur.execute(_GAPS_HOLDING, _columns([(k[0], k[1], s) for k, s in late], 3))
+            cur.execute(_GAPS_HOLDING, _columns([(k[0], k[1], s, floors[k]) for k, s in late], 4))
             for d, b, low, high, detected in cur.fetchall():
                 holding[(d, b)].append((low, high, detected))
         for k in existing:
@@ -254,11 +275,15 @@ def record_streams(
         cur.execute(_GAPS_DELETE, _columns(sorted(deletes), 3))
     if upserts:
         cur.execute(_GAPS_UPSERT, _columns(sorted(upserts), 5))
-    over = [(k[0], k[1], counts[k] - max_gaps) for k in keys if counts[k] > max_gaps]
-    dropped = sum(n for _, _, n in over)
+    over = [(k[0], k[1], counts[k] - max_gaps, floors[k]) for k in keys if counts[k] > max_gaps]
+    dropped = sum(n for _, _, n, _ in over)
     if over:
-        cur.execute(_GAPS_TRIM, _columns(over, 3))
-        cur.execute(_STREAMS_DROPPED, _columns(over, 3))
+        cur.execute(_GAPS_TRIM, _columns(over, 4))
+        new_floors = {(d, b): f for d, b, f in cur.fetchall()}
+        cur.execute(
+            _STREAMS_DROPPED,
+            _columns([(d, b, n, new_floors.get((d, b), f)) for d, b, n, f in over], 4),
+        )
         log.warning(
             "sequence gaps over the cap of %s per stream: forgot the %s oldest", max_gaps, dropped
         )

@@ -222,6 +222,13 @@ ingest_streams = Table(
         server_default="0",
         comment="oldest gaps forgotten over the per-stream cap",
     ),
+    Column(
+        "gaps_floor",
+        BigInteger,
+        nullable=False,
+        server_default="-1",
+        comment="highest start of a gap forgotten over the cap; live gaps start above",
+    ),
     PrimaryKeyConstraint("device_id", "boot_id", name="pk_ingest_streams"),
     Index("ix_ingest_streams_last_at", "last_at"),
 )

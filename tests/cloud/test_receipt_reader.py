@@ -86,6 +86,23 @@ def test_receipts_for_many_streams_cost_one_query_per_commit(ingest_db: IngestDb
         }
 
 
+def test_a_stream_with_many_holes_is_answered_with_the_commits_own_seqs_only(
+    ingest_db: IngestDb,
+) -> None:
+    """Found by test_gap_flood: a device sending every other seq had every range above its
+    watermark listed again after each commit (2,500 ranges: 40 receipts per commit)."""
+    stream = ("gw-holes", uuid.uuid4().hex)
+    with psycopg.connect(ingest_db.owner_dsn, autocommit=True) as conn:
+        _fill_ledger(conn, {stream: list(range(0, 1000, 2))})
+        reader = ReceiptReader()
+        receipts = reader.receipts(conn, {stream: {998}})
+        assert [(r.watermark, r.ranges) for r in receipts] == [(0, ((998, 998),))]
+        # Filling the first hole moves the watermark on, in bounded steps per commit.
+        _fill_ledger(conn, {stream: [1]})
+        (receipt,) = reader.receipts(conn, {stream: {1}})
+        assert (receipt.watermark, receipt.ranges) == (2, ())
+
+
 def test_a_commit_batch_of_an_unknown_device_is_not_receipted(ingest_db: IngestDb) -> None:
     with psycopg.connect(ingest_db.owner_dsn, autocommit=True) as conn:
         receipts = ReceiptReader().receipts(conn, {("gw-none", uuid.uuid4().hex): {0}})

@@ -169,6 +169,57 @@ def test_a_stream_keeps_at_most_max_gaps_and_counts_the_oldest_it_forgets(
     assert _stream(conn) == (4, 7)
 
 
+def _commit_work(
+    conn: psycopg.Connection[Any], ids: dict[str, int], seqs: list[int], max_gaps: int
+) -> dict[str, int]:
+    """sequence_gaps rows fetched and deleted by one record_streams call (see above)."""
+    with conn.transaction(), conn.cursor() as cur:
+        before = cur.execute(_GAP_ROW_STATS).fetchone()
+        record_streams(cur, ids, _items(seqs), max_gaps=max_gaps)
+        after = cur.execute(_GAP_ROW_STATS).fetchone()
+    assert before and after
+    _ins, _upd, deleted, fetched = (a - b for a, b in zip(after, before, strict=True))
+    return {"deleted": deleted, "fetched": fetched}
+
+
+@pytest.mark.integration
+def test_forgetting_gaps_over_the_cap_fetches_only_the_gaps_it_forgets(
+    conn: psycopg.Connection[Any],
+    ingest_db: IngestDb,  # noqa: F811
+) -> None:
+    """Found by test_gap_flood: the trim's DELETE ran its per-stream search once per gap of
+    the stream (1,000 x n rows fetched per commit, 96 ms at the cap), and every search
+    walked the gaps already forgotten from the index's low end."""
+    cap, opened = 1000, 10
+    ids = _device(conn, ingest_db.owner_dsn)
+    _record(conn, ids, list(range(0, 2 * cap + 1, 2)), max_gaps=cap)
+    for step in range(5):  # forget some, so deleted entries lie below the live gaps
+        top = 2 * cap + 2 * opened * step
+        _record(conn, ids, [top + 2 * i for i in range(1, opened + 1)], max_gaps=cap)
+    assert _stream(conn)[0] == cap
+    top = 2 * cap + 2 * opened * 5
+    work = _commit_work(conn, ids, [top + 2 * i for i in range(1, opened + 1)], cap)
+    assert work["deleted"] == opened
+    # The lowest `opened` gaps found, then each deleted by its key: a few fetches per
+    # forgotten gap, whatever the cap and the gaps forgotten before.
+    assert work["fetched"] <= 3 * opened, work
+    assert _stream(conn) == (cap, 6 * opened)
+
+
+@pytest.mark.integration
+def test_a_late_seq_in_a_forgotten_gap_is_stored_without_touching_any_gap(
+    conn: psycopg.Connection[Any],
+    ingest_db: IngestDb,  # noqa: F811
+) -> None:
+    ids = _device(conn, ingest_db.owner_dsn)
+    _record(conn, ids, list(range(0, 21, 2)), max_gaps=5)  # gaps 1..9 forgotten
+    assert _gaps(conn)[0] == (11, 11)
+    work = _commit_work(conn, ids, [3], 5)
+    assert work == {"deleted": 0, "fetched": 0}
+    assert _gaps(conn) == [(11, 11), (13, 13), (15, 15), (17, 17), (19, 19)]
+    assert _stream(conn) == (5, 5)
+
+
 @pytest.mark.integration
 def test_retention_removes_old_streams_and_gaps_and_keeps_counts_true(
     conn: psycopg.Connection[Any],
