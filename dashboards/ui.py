@@ -29,7 +29,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from millrace.dashboards import auth, data
 from millrace.dashboards.auth import AuthUser
 from millrace.dashboards.config import DashboardConfig
-from millrace.dashboards.resolution import format_seconds
 
 logger = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -266,11 +265,12 @@ def fit_range_s(first: datetime | None, end: datetime, *, minimum_s: int, maximu
 
 
 def span_text(seconds: int) -> str:
-    """A range length in words: 2 min 20 s, 45 min, 6 h."""
-    minutes, rest = divmod(int(seconds), 60)
-    if minutes and rest:
-        return f"{minutes} min {rest} s"
-    return format_seconds(seconds)
+    """A range length in words: 2 min 20 s, 45 min, 3 h 1 min, 6 h."""
+    hours, rest = divmod(int(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{hours} h" if hours else "", f"{minutes} min" if minutes else ""]
+    parts.append(f"{secs} s" if secs or not (hours or minutes) else "")
+    return " ".join(p for p in parts if p)
 
 
 def bucket_for(range_s: int, *, points: int = 120, minimum_s: int = 60) -> int:

@@ -218,8 +218,7 @@ def test_every_page_renders_without_errors(dashboard: str, tmp_path: Path) -> No
             assert not cut_narrow, f"metric text cut off at 1280 px: {cut_narrow}"
         finally:
             browser.close()
-    assert sorted(p.stem for p in shots.glob("*.png")) == sorted(
-        ["login", *(shot for _, _, shot, _ in PAGES)]
-    )
+    # docs/img holds other pictures too (benchmarks.png): these are the test's.
+    assert {"login", *(shot for _, _, shot, _ in PAGES)} <= {p.stem for p in shots.glob("*.png")}
     if shots != DOCS_IMG:  # only `make screenshots` may touch the tracked pictures
         assert _tracked_images() == tracked_before, "the test rewrote docs/img/*.png"

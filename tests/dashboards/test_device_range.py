@@ -41,12 +41,8 @@ def test_fit_range_without_data_is_the_maximum() -> None:
 
 
 def test_span_text() -> None:
-    assert [span_text(s) for s in (130, 120, 2880, SIX_H)] == [
-        "2 min 10 s",
-        "2 min",
-        "48 min",
-        "6 h",
-    ]
+    shown = [span_text(s) for s in (0, 130, 120, 2880, 10_860, 10_870, SIX_H)]
+    assert shown == ["0 s", "2 min 10 s", "2 min", "48 min", "3 h 1 min", "3 h 1 min 10 s", "6 h"]
 
 
 def _domain(spec: object) -> list[dict[str, int]] | None:
