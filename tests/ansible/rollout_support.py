@@ -27,7 +27,7 @@ import tempfile
 import tomllib
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -247,6 +247,7 @@ def run_playbook(
     *,
     check: bool = False,
     tmp_path: Path,
+    args: Sequence[str] = (),
 ) -> PlaybookRun:
     """ansible-playbook from ansible/ with `extra_vars` (become off: tests run as themselves)."""
     vars_file = tmp_path / f"vars-{os.getpid()}-{len(list(tmp_path.iterdir()))}.json"
@@ -255,6 +256,7 @@ def run_playbook(
     cmd += ["-e", f"@{vars_file}"]
     if check:
         cmd += ["--check", "--diff"]
+    cmd += list(args)
     env = {
         **os.environ,
         "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"),

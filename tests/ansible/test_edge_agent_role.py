@@ -8,7 +8,10 @@ runs `millrace edge check`, and a failed check rolls the gateway back.
 
 from __future__ import annotations
 
+import json
+import re
 import stat
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,9 +94,20 @@ def converged(
     }
     inventory = local_inventory(work / "hosts.json", {"gateways": [DEVICE]})
     converged = Converged(root, work, inventory, extra_vars, None, None)  # type: ignore[arg-type]
+    for path in _stale_backups(root):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("left by a failed run\n")
     converged.first = converged.run()
     converged.second = converged.run()
     return converged
+
+
+def _stale_backups(root: Path) -> list[Path]:
+    """Backup files as older versions of the role left them after failed runs."""
+    return [
+        root / "etc/millrace/agent.toml.4242.2026-12-01@10:00:00~",
+        root / "etc/systemd/system/millrace-edge.service.4242.2026-12-01@10:00:00~",
+    ]
 
 
 def test_role_converges_and_a_second_run_changes_nothing(converged: Converged) -> None:
@@ -186,10 +200,84 @@ def test_failed_health_check_restores_the_previous_release_and_config(
     assert outcome.count(DEVICE, "rescued") == 1
     assert f"release {release.release_id} failed" in outcome.output
     assert (converged.install_dir / "current").readlink() == good_release
-    assert (converged.install_dir / "previous").readlink() == good_release
+    assert (converged.install_dir / "good" / "release").read_text().strip() == str(good_release)
     assert (converged.install_dir / "releases" / release.release_id / ".complete").exists()
     assert converged.config_file.read_text() == good_config
+    # issue 14: one clear line (it was "Unknown error" and ~9 KB of service_facts)
+    message = _failure_message(outcome)
+    assert "\\n" not in message and len(message) < 1000, message
+    assert "windows.period_s" in message and "rollback: restored agent.toml" in message, message
 
     again = converged.run()
     assert again.rc == 0, again.output[-4000:]
     assert again.count(DEVICE, "changed") == 0
+
+
+def _failure_message(run: PlaybookRun) -> str:
+    """The msg of the role's final fail task, as ansible-playbook prints it."""
+    found = re.findall(r'"msg": "(release [^"]* failed on .*)"', run.output)
+    assert found, run.output[-4000:]
+    return str(found[-1])
+
+
+def test_backups_left_by_failed_runs_are_removed(converged: Converged) -> None:
+    """issue 14: the backup files of failed runs were never removed."""
+    assert [p for p in _stale_backups(converged.root) if p.exists()] == []
+
+
+def test_small_fleet_rolls_out_canary_then_the_rest_together(
+    tmp_path: Path, test_pki: PKIFixture, broker: MosquittoServer, converged: Converged
+) -> None:
+    """issue 14: with 3 hosts the serial batches (1, 10 %, 50 %, 100 %) ran one host at a time."""
+    hosts = ["gw-batch-1", "gw-batch-2", "gw-batch-3"]
+    for host in hosts:
+        test_pki.issue(host)
+    inventory = tmp_path / "hosts.json"
+    host_vars = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+    inventory.write_text(
+        json.dumps(
+            {
+                "all": {
+                    "children": {
+                        "gateways": {
+                            "hosts": {
+                                h: {**host_vars, "edge_agent_root": str(tmp_path / h)}
+                                for h in hosts
+                            }
+                        }
+                    }
+                }
+            }
+        )
+    )
+    extra = {k: v for k, v in converged.extra_vars.items() if k != "edge_agent_root"}
+    # No task is tagged so: each batch only gathers facts, which shows the batches.
+    outcome = run_playbook(
+        "edge.yml", inventory, extra, tmp_path=tmp_path, args=["--tags", "no-such-tag"]
+    )
+    assert outcome.rc == 0, outcome.output[-4000:]
+    assert outcome.output.count("TASK [Gathering Facts]") == 2, outcome.output[-4000:]
+
+
+def test_a_broken_release_left_current_never_becomes_previous(
+    converged: Converged,
+    agent_wheel: Path,  # noqa: F811
+    wheelhouse: Path,  # noqa: F811
+) -> None:
+    """issue 14: after a failed run that was not rolled back, the next run recorded the
+    broken release as `previous`, the one to roll back to."""
+    install = converged.install_dir
+    good = (install / "current").readlink()
+    broken = install / "releases" / "broken-0"
+    (broken / "venv").mkdir(parents=True, exist_ok=True)
+    (install / "current").unlink()
+    (install / "current").symlink_to("releases/broken-0")  # a run died after switching
+    # The good release of the rollback test (same contents, same id: installed already).
+    release = provision.prepare_release(
+        converged.work / "release-2-again", wheel=agent_wheel, wheelhouse=wheelhouse
+    )
+    # Last test of the module: it leaves release-3 current.
+    outcome = converged.run(edge_agent_release_dir=str(release.dir))
+    assert outcome.rc == 0, outcome.output[-4000:]
+    assert (install / "current").readlink() == Path("releases") / release.release_id
+    assert (install / "previous").readlink() == good
