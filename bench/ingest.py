@@ -326,7 +326,13 @@ def run_worker_phase(
     expected = sum(len(b.windows) for b in batches)
     offsets = [len(log.read_text(errors="replace")) for log in logs]
     procs = [start_worker(config, log) for config, log in zip(configs, logs, strict=True)]
-    stats = {"batches": 0.0, "commit_s_sum": 0.0, "duplicates": 0.0}
+    stats = {
+        "batches": 0.0,
+        "commit_s_sum": 0.0,
+        "duplicates": 0.0,
+        "receipts": 0.0,
+        "receipt_s": 0.0,
+    }
     try:
         connected = []
         for log, offset in zip(logs, offsets, strict=True):
@@ -350,6 +356,8 @@ def run_worker_phase(
             stats["batches"] += metric_value(port, "millrace_ingest_batches_total")
             stats["commit_s_sum"] += metric_value(port, "millrace_ingest_commit_seconds_sum")
             stats["duplicates"] += metric_value(port, "millrace_ingest_duplicates_total")
+            stats["receipts"] += metric_value(port, "millrace_ingest_receipts_published_total")
+            stats["receipt_s"] += metric_value(port, "millrace_ingest_receipt_seconds_total")
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
@@ -536,6 +544,12 @@ def main() -> int:
         f"worker: {stats['batches']:.0f} commits,"
         f" {stats['commit_s_sum']:.2f} s inside write+commit,"
         f" {stats['duplicates']:.0f} duplicates"
+    )
+    print(
+        f"receipts: {stats['receipts']:.0f} messages for {len(batches)} batches"
+        f" ({stats['receipts'] / max(stats['batches'], 1):.1f} per commit),"
+        f" {stats['receipt_s']:.2f} s on the committer thread"
+        f" ({stats['receipt_s'] / max(ingest_s, 1e-9):.1%} of the ingest phase)"
     )
     ratio_floor = ingest / floor
     ratio_naive = ingest / naive

@@ -103,6 +103,14 @@ class IngestMetrics:
             "millrace_ingest_db_errors", "database errors by kind", ["kind"], registry=r
         )
         self.alerts = Counter("millrace_ingest_alerts_published", "alert messages", registry=r)
+        self.receipts = Counter(
+            "millrace_ingest_receipts_published", "receipt messages sent to devices", registry=r
+        )
+        self.receipt_seconds = Counter(
+            "millrace_ingest_receipt_seconds",
+            "committer time spent reading the ledger and publishing receipts",
+            registry=r,
+        )
         self.last_commit = Gauge(
             "millrace_ingest_last_commit_timestamp_seconds",
             "wall time of the last commit",

@@ -420,6 +420,7 @@ class Worker:
         A receipt that is not sent is no loss: the edge sends the batch again and the
         duplicate is receipted then.
         """
+        started = time.monotonic()
         batches = [
             p.item.batch
             for p in pending
@@ -435,8 +436,11 @@ class Worker:
                 self.metrics.db_errors.labels(error_kind(self._conn, exc)).inc()
                 log.warning("receipts not sent (edges will resend): %s", describe(exc))
         for receipt in receipts:
-            if not consumer.publish(topics.receipt_topic(receipt.device), receipt.to_json()):
+            if consumer.publish(topics.receipt_topic(receipt.device), receipt.to_json()):
+                self.metrics.receipts.inc()
+            else:
                 log.info("receipt for %s not sent: broker not connected", receipt.device)
+        self.metrics.receipt_seconds.inc(time.monotonic() - started)
 
     def _account(
         self, pending: list[_Pending], stored: Stored, commit_s: float, acked: int

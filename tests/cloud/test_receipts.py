@@ -170,7 +170,7 @@ def test_agent_batches_leave_the_outbox_when_the_worker_receipts_them(
     config = make_config(
         tmp_path, server=broker, dsn=ingest_db.ingest_dsn, client_id="rcpt-w1", group="rcpt1"
     )
-    with running_worker(config), agents(broker, test_pki, tmp_path, 1) as fleet:
+    with running_worker(config) as runner, agents(broker, test_pki, tmp_path, 1) as fleet:
         (one,) = fleet
         wait_for(
             lambda: one.agent.publisher.stats.receipted >= 3,
@@ -178,6 +178,9 @@ def test_agent_batches_leave_the_outbox_when_the_worker_receipts_them(
             what="three receipted batches",
         )
         checked = settle_and_check_exactly_once(ingest_db.owner_dsn, fleet)
+        # What receipts cost is visible to operators (and bench/ingest.py reports it).
+        assert runner.counter("millrace_ingest_receipts_published_total") >= 3
+        assert runner.counter("millrace_ingest_receipt_seconds_total") > 0
     assert checked >= 3
 
 
