@@ -75,6 +75,10 @@ WATCHDOG_SECONDS = 60
 # Cloud-side extras whose pins `--release-dir` writes for the ingest and dashboard roles.
 CLOUD_TARGETS = ("cloud", "dashboard")
 UNIT_NAME = "millrace-edge.service"
+# Device files an agent config names (a serial field bus read by a `file` or `command`
+# signal): the unit lets the agent open exactly these. The edge_agent role applies the
+# same expression to the config it renders (vars/main.yml).
+DEVICE_PATTERN = r"[\"'](/dev/[A-Za-z0-9._+/-]+)[\"']"
 FIRSTBOOT_UNIT_NAME = "millrace-firstboot.service"
 # The layout on a gateway; install.sh and the Ansible edge_agent role use the same one.
 INSTALL_DIR = "/opt/millrace"
@@ -135,8 +139,9 @@ def unit_context(
     state_dir: str = STATE_DIR,
     user: str = AGENT_USER,
     watchdog_seconds: int = WATCHDOG_SECONDS,
+    devices: Iterable[str] = (),
 ) -> dict[str, Any]:
-    """The placeholders of the systemd unit templates."""
+    """The placeholders of the systemd unit templates (`devices`: see `config_devices`)."""
     return {
         "device_id": device_id,
         "install_dir": install_dir,
@@ -146,7 +151,13 @@ def unit_context(
         "user": user,
         "group": user,
         "watchdog_seconds": watchdog_seconds,
+        "devices": sorted(set(devices)),
     }
+
+
+def config_devices(config_text: str) -> list[str]:
+    """The /dev paths an agent config names (quoted strings), sorted, each once."""
+    return sorted(set(re.findall(DEVICE_PATTERN, config_text)))
 
 
 def render_unit(context: Mapping[str, Any]) -> str:
@@ -719,7 +730,7 @@ def build_bundle(
     files["pki/device.crt"] = credentials.cert.read_bytes()
     if credentials.key is not None:
         files["pki/device.key"] = credentials.key.read_bytes()
-    unit = unit_context(ident)
+    unit = unit_context(ident, devices=config_devices(config))
     files[f"systemd/{UNIT_NAME}"] = render_unit(unit).encode()
     files[f"systemd/{FIRSTBOOT_UNIT_NAME}"] = template_text(FIRSTBOOT_UNIT_NAME).encode()
     files["install.sh"] = template_text("install.sh").encode()

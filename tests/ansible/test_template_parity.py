@@ -23,6 +23,7 @@ from millrace.ops import broker, provision, templating
 pytestmark = pytest.mark.ansible
 
 TEMPLATES = Path(templating.__file__).parent / templating.PACKAGE_DIR
+ROLE_DIR = Path(__file__).resolve().parents[2] / "ansible" / "roles" / "edge_agent"
 
 _ANSIBLE_RENDER = """
 import json, sys, warnings
@@ -95,6 +96,7 @@ def _packaged_cases(
         None, provision.agent_config_context("gw-1", broker_host="mqtt.example")
     )
     provision.render_unit(provision.unit_context("gw-1"))
+    provision.render_unit(provision.unit_context("gw-1", devices=["/dev/ttyUSB0", "/dev/ttyS1"]))
     covered = {path for path, _, _ in cases}
     assert covered == set(TEMPLATES.rglob("*.tmpl")), "every packaged template is covered"
     return cases
@@ -132,3 +134,49 @@ def test_millrace_and_ansible_render_every_template_to_the_same_bytes(
     by_ansible = _ansible_render([(path, context) for path, context, _ in cases])
     for (path, _, ours), theirs in zip(cases, by_ansible, strict=True):
         assert ours == theirs, path.name
+
+
+_ANSIBLE_DEVICES = """
+import json, sys, warnings
+warnings.simplefilter("ignore")
+from ansible.parsing.dataloader import DataLoader
+from ansible.plugins.loader import init_plugin_loader
+from ansible.template import Templar, trust_as_template
+
+init_plugin_loader()
+expression, variables = json.load(sys.stdin)
+templar = Templar(loader=DataLoader(), variables=variables)
+print(json.dumps(templar.template(trust_as_template(expression))))
+"""
+
+
+def test_role_finds_the_devices_a_config_names_as_provision_does(tmp_path: Path) -> None:
+    """issue 14: the unit allows the serial devices the config names, however it is rendered."""
+    import yaml
+
+    role_vars = yaml.safe_load((ROLE_DIR / "vars" / "main.yml").read_text())
+    expression = role_vars["__edge_agent_unit_context"]["devices"]
+    template = tmp_path / "agent.toml.tmpl"
+    template.write_text(
+        'device_id = "{{ device_id }}"\n[[signals]]\nmetric = "meter"\ndriver = "file"\n'
+        'path = "/dev/ttyUSB0"\n[[signals]]\nmetric = "flow"\ndriver = "command"\n'
+        "command = ['/usr/local/bin/read-m-bus', '/dev/ttyS1', \"--baud=2400\"]\n"
+        '[[signals]]\nmetric = "again"\ndriver = "file"\npath = "/dev/ttyUSB0"\n'
+    )
+    context = {"device_id": "gw-1"}
+    variables = {
+        "edge_agent_config_template": str(template),
+        "__edge_agent_config_context": context,
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", _ANSIBLE_DEVICES],
+        input=json.dumps([expression, variables]),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    config = templating.render_file(template, context)
+    assert json.loads(result.stdout) == provision.config_devices(config)
+    assert provision.config_devices(config) == ["/dev/ttyS1", "/dev/ttyUSB0"]

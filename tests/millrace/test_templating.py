@@ -106,3 +106,25 @@ def test_cli_reports_a_template_mistake_on_one_line_and_issues_nothing(tmp_path:
     assert "Traceback" not in result.stderr
     assert f"{template}, line 3: " in result.stderr
     assert not pki.pki_paths(pki_dir).cert_for("gw-9").exists()
+
+
+def test_unit_allows_the_serial_devices_the_config_names() -> None:
+    """issue 14: PrivateDevices=yes hid /dev/tty*, which serial field buses need."""
+    config = (
+        'device_id = "gw-1"\n[[signals]]\nmetric = "meter"\ndriver = "file"\n'
+        'path = "/dev/ttyUSB0"\n[[signals]]\nmetric = "flow"\ndriver = "command"\n'
+        'command = ["/usr/local/bin/read-m-bus", "/dev/ttyS1"]\n'
+    )
+    devices = provision.config_devices(config)
+    assert devices == ["/dev/ttyS1", "/dev/ttyUSB0"]
+    unit = provision.render_unit(provision.unit_context("gw-1", devices=devices))
+    lines = unit.splitlines()
+    assert "PrivateDevices=no" in lines and "PrivateDevices=yes" not in lines
+    assert "DevicePolicy=closed" in lines
+    assert "DeviceAllow=/dev/ttyS1 rw" in lines and "DeviceAllow=/dev/ttyUSB0 rw" in lines
+    assert "SupplementaryGroups=dialout" in lines
+    for kept in ("NoNewPrivileges=yes", "ProtectSystem=strict", "CapabilityBoundingSet="):
+        assert kept in lines
+    # A config naming no device keeps /dev private.
+    plain = provision.render_unit(provision.unit_context("gw-1"))
+    assert "PrivateDevices=yes" in plain.splitlines() and "DeviceAllow" not in plain
