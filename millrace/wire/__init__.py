@@ -19,6 +19,7 @@ from millrace.wire.codec import (
     encode_batch,
 )
 from millrace.wire.messages import (
+    MAX_HOLE_METRICS,
     AlertMessage,
     Command,
     CommandReply,
@@ -30,6 +31,7 @@ from millrace.wire.receipt import MAX_RECEIPT_RANGES, Receipt, receipts_for
 __all__ = [
     "CONTENT_TYPE_JSON",
     "CONTENT_TYPE_MSGPACK",
+    "MAX_HOLE_METRICS",
     "MAX_PAYLOAD_BYTES",
     "MAX_RECEIPT_RANGES",
     "SCHEMA_VERSION",

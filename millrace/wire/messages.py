@@ -33,6 +33,9 @@ MAX_CPU_PERCENT = 100_000.0  # 1000 cores at 100 %
 # X.509 times run from 1950 to 9999-12-31: any certificate an operator can issue fits.
 MAX_CERT_DAYS = 3_000_000.0
 BOOT_ID_HEX_CHARS = 32
+# A birth after an unclean end names at most this many metrics of the hole (the rest are
+# counted in `prev_metrics_omitted`): 256 names of <= 100 chars stay well inside 64 KiB.
+MAX_HOLE_METRICS = 256
 DeviceStatus = Literal["online", "offline"]
 AlertState = Literal["active", "cleared"]
 Severity = Literal["info", "warning", "critical"]
@@ -92,8 +95,8 @@ def _need_number(what: str, name: str, value: object, low: float, high: float) -
         raise WireError(f"{what}.{name}: {value!r} is outside [{low:g}, {high:g}]")
 
 
-def _need_boot_id(what: str, value: object, *, allow_empty: bool) -> None:
-    _need(what, "boot_id", value, str)
+def _need_boot_id(what: str, value: object, *, allow_empty: bool, name: str = "boot_id") -> None:
+    _need(what, name, value, str)
     if allow_empty and value == "":
         return
     if not (
@@ -101,7 +104,7 @@ def _need_boot_id(what: str, value: object, *, allow_empty: bool) -> None:
         and len(value) == BOOT_ID_HEX_CHARS
         and all(c in "0123456789abcdef" for c in value)
     ):
-        raise WireError(f"{what}.boot_id: expected {BOOT_ID_HEX_CHARS} lowercase hex characters")
+        raise WireError(f"{what}.{name}: expected {BOOT_ID_HEX_CHARS} lowercase hex characters")
 
 
 def _need_device(what: str, value: object) -> None:
@@ -121,9 +124,18 @@ class DeviceState:
     config_hash: str = ""
     # metric -> unit of every signal the agent samples, so the cloud can label charts.
     units: dict[str, str] = field(default_factory=dict)
+    # Set in the births of a boot that follows an unclean end (power cut, watchdog kill,
+    # SIGKILL): the boot that ended so, the end of the last window it (or an earlier boot)
+    # durably closed per metric, and when this boot started. The hole of each metric is
+    # [prev_closed_ms[metric], started_ms) (docs/guarantees.md, "Loss is visible").
+    prev_boot_id: str = ""
+    prev_closed_ms: dict[str, int] = field(default_factory=dict)
+    prev_metrics_omitted: int = 0
+    started_ms: int = 0
 
     def __post_init__(self) -> None:
         _need_device("state", self.device)
+        self._check_hole()
         _need("state", "units", self.units, dict)
         if len(self.units) > MAX_UNITS:
             raise WireError(f"state.units: more than {MAX_UNITS} metrics")
@@ -139,6 +151,32 @@ class DeviceState:
         _need_boot_id("state", self.boot_id, allow_empty=True)
         _need_text("state", "agent_version", self.agent_version, MAX_VERSION_CHARS)
         _need_text("state", "config_hash", self.config_hash, MAX_CONFIG_HASH_CHARS)
+
+    def _check_hole(self) -> None:
+        _need("state", "prev_boot_id", self.prev_boot_id, str)
+        _need("state", "prev_closed_ms", self.prev_closed_ms, dict)
+        _need("state", "prev_metrics_omitted", self.prev_metrics_omitted, int)
+        _need_number("state", "prev_metrics_omitted", self.prev_metrics_omitted, 0, MAX_COUNTER)
+        _need("state", "started_ms", self.started_ms, int)
+        _need_number("state", "started_ms", self.started_ms, 0, MAX_TS_MS)
+        if not self.prev_boot_id:
+            if self.prev_closed_ms or self.prev_metrics_omitted:
+                raise WireError("state.prev_closed_ms: given without prev_boot_id")
+            return
+        _need_boot_id("state", self.prev_boot_id, allow_empty=False, name="prev_boot_id")
+        if self.status != "online":
+            raise WireError("state.prev_boot_id: only a birth (online) reports an unclean end")
+        if self.prev_boot_id == self.boot_id:
+            raise WireError("state.prev_boot_id: the same as boot_id")
+        if self.started_ms <= 0:
+            raise WireError("state.started_ms: required with prev_boot_id")
+        if len(self.prev_closed_ms) > MAX_HOLE_METRICS:
+            raise WireError(f"state.prev_closed_ms: more than {MAX_HOLE_METRICS} metrics")
+        for metric, end_ms in self.prev_closed_ms.items():
+            if not is_metric_name(metric):
+                raise WireError(f"state.prev_closed_ms: {metric!r} is not a metric name")
+            _need("state", f"prev_closed_ms[{metric!r}]", end_ms, int)
+            _need_number("state", f"prev_closed_ms[{metric!r}]", end_ms, 0, self.started_ms)
 
     def to_json(self) -> bytes:
         return _dumps(self)

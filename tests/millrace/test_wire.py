@@ -317,3 +317,50 @@ def test_heartbeat_with_unstorable_fields_is_refused_with_a_reason(
 ) -> None:
     with pytest.raises(WireError, match=reason):
         Heartbeat.from_json(_json(_GOOD_HEARTBEAT, **change))
+
+
+# -- unclean end: the birth that reports the hole a previous boot left ---------------------
+
+_PREV = "cd" * 16
+_HOLE_BIRTH: dict[str, object] = {
+    **_GOOD_BIRTH,
+    "prev_boot_id": _PREV,
+    "prev_closed_ms": {"t": 1_699_999_990_000, "flow": 1_699_999_980_000},
+    "prev_metrics_omitted": 0,
+    "started_ms": 1_699_999_999_000,
+}
+
+
+def test_unclean_end_birth_round_trips() -> None:
+    state = DeviceState.from_json(json.dumps(_HOLE_BIRTH).encode())
+    assert state.prev_boot_id == _PREV
+    assert state.prev_closed_ms == {"t": 1_699_999_990_000, "flow": 1_699_999_980_000}
+    assert DeviceState.from_json(state.to_json()) == state
+    # An ordinary birth (or one from an older agent) carries no hole.
+    assert DeviceState.from_json(json.dumps(_GOOD_BIRTH).encode()).prev_boot_id == ""
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"prev_boot_id": "XYZ"}, "prev_boot_id: expected 32"),
+        ({"prev_boot_id": _BOOT}, "the same as boot_id"),
+        ({"status": "offline"}, "only a birth"),
+        ({"started_ms": 0}, "started_ms: required"),
+        ({"started_ms": -5}, "started_ms"),
+        ({"prev_closed_ms": {"t": 1_699_999_999_001}}, r"prev_closed_ms\['t'\]: .* outside"),
+        ({"prev_closed_ms": {"t": 1.5}}, "wrong type float"),
+        ({"prev_closed_ms": {"t": True}}, "wrong type bool"),
+        ({"prev_closed_ms": {"a b": 1}}, "not a metric name"),
+        ({"prev_closed_ms": [1]}, "prev_closed_ms: wrong type list"),
+        (
+            {"prev_closed_ms": {f"m{i}": 1 for i in range(257)}},
+            "more than 256 metrics",
+        ),
+        ({"prev_metrics_omitted": -1}, "prev_metrics_omitted"),
+        ({"prev_boot_id": "", "prev_metrics_omitted": 0}, "without prev_boot_id"),
+    ],
+)
+def test_unclean_end_birth_rejects_hostile_holes(change: dict[str, object], reason: str) -> None:
+    with pytest.raises(WireError, match=reason):
+        DeviceState.from_json(json.dumps({**_HOLE_BIRTH, **change}).encode())
