@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from millrace import configfile
+from millrace.cloud.alerts.notify import NotifySettings, parse_notify
 from millrace.cloud.ingest.limits import IngestLimits
 from millrace.cloud.retention import DEFAULT_AGES_DAYS, RETAINED_TABLES, RetentionPolicy
 from millrace.configfile import BrokerConnection, Table, optional_dsn, read_dsn, read_toml
@@ -110,6 +111,7 @@ class IngestConfig:
     no_data_check_s: int = DEFAULT_NO_DATA_CHECK_SECONDS
     retention: RetentionSettings = RetentionSettings()
     limits: IngestLimits = field(default_factory=IngestLimits)
+    notify: NotifySettings = field(default_factory=NotifySettings)
     source: Path | None = None
 
 
@@ -233,6 +235,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: str = "<config>
     )
     retention = _retention(root.table("retention"))
     limits = _limits(root.table("limits"))
+    notify = parse_notify(root.table("notify"))
     for table in (root, database, broker, batch, validation, http, status, alerts):
         table.check_unknown()
     return IngestConfig(
@@ -246,6 +249,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: str = "<config>
         no_data_check_s=no_data_check_s,
         retention=retention,
         limits=limits,
+        notify=notify,
         source=None,
     )
 

@@ -52,11 +52,15 @@ INGEST_PRIVILEGES: Final[Mapping[str, tuple[str, ...]]] = {
     "ingest_ledger": ("SELECT", "INSERT"),
     "ingest_streams": ("SELECT", "INSERT", "UPDATE"),
     "sequence_gaps": ("SELECT", "INSERT", "UPDATE", "DELETE"),
+    # A repeated birth's hole is skipped (ON CONFLICT DO NOTHING); rows are never changed.
+    "data_holes": ("SELECT", "INSERT"),
     "alert_rules": ("SELECT",),
     "alerts": ("SELECT", "INSERT", "UPDATE"),
     "device_health": ("SELECT", "INSERT", "UPDATE"),
     "device_health_history": ("SELECT", "INSERT"),
     "metric_freshness": ("SELECT", "INSERT", "UPDATE"),
+    # The alert notification outbox: intents written at ingest, marked by the senders.
+    "notifications": ("SELECT", "INSERT", "UPDATE"),
 }
 # The dashboard reads everything; beyond that it acknowledges alerts and audits it.
 DASHBOARD_COLUMN_UPDATES: Final[Mapping[str, tuple[str, ...]]] = {
@@ -69,6 +73,7 @@ RETENTION_PRIVILEGES: Final[Mapping[str, tuple[str, ...]]] = {
     "ingest_ledger": ("SELECT", "DELETE"),
     "ingest_streams": ("SELECT", "UPDATE", "DELETE"),
     "sequence_gaps": ("SELECT", "DELETE"),
+    "data_holes": ("SELECT", "DELETE"),
     "alerts": ("SELECT", "DELETE"),
     "audit_log": ("SELECT", "DELETE"),
 }

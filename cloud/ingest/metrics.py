@@ -43,6 +43,12 @@ class IngestMetrics:
             "millrace_ingest_messages", "MQTT messages handled", ["kind", "outcome"], registry=r
         )
         self.rows = Counter("millrace_ingest_rows", "rows written", ["table"], registry=r)
+        self.notifications = Counter(
+            "millrace_ingest_notifications",
+            "alert notifications by channel and outcome (delivered, retry, failed)",
+            ["channel", "outcome"],
+            registry=r,
+        )
         self.batches = Counter("millrace_ingest_batches", "commit batches", registry=r)
         self.transactions = Counter(
             "millrace_ingest_transactions",

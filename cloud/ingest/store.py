@@ -32,6 +32,7 @@ import psycopg
 from millrace import topics
 from millrace.cloud import registry
 from millrace.cloud.alerts.engine import AlertEngine
+from millrace.cloud.alerts.notify import NotifySettings, enqueue
 from millrace.cloud.alerts.rules import ANY_METRIC
 from millrace.cloud.ingest.messages import (
     Classified,
@@ -188,6 +189,8 @@ class BatchStore:
         count_transaction: Callable[[str], None] | None = None,
     ) -> None:
         self.writer = BatchWriter()
+        # Where alert transitions are notified; the intents join the batch's transaction.
+        self.notify = NotifySettings()
         self._count_error = count_error
         self._count_transaction = count_transaction or (lambda _outcome: None)
 
@@ -314,7 +317,10 @@ class BatchStore:
         """Alert rules run in a savepoint: a failing rule must not cost the data."""
         try:
             with conn.transaction():
-                return engine.evaluate(conn, result.windows)
+                messages = engine.evaluate(conn, result.windows)
+                # The notification intents commit with the transitions or not at all.
+                enqueue(conn, self.notify, messages)
+                return messages
         except psycopg.Error as exc:
             if error_kind(conn, exc) in ("down", "transient"):
                 raise

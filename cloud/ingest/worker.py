@@ -31,6 +31,7 @@ import psycopg
 
 from millrace import topics
 from millrace.cloud.alerts.engine import AlertEngine
+from millrace.cloud.alerts.notify import NotificationSender, enqueue
 from millrace.cloud.config import IngestConfig
 from millrace.cloud.ingest.batcher import Batcher
 from millrace.cloud.ingest.classify import Limits, classify, failed_too_often, kind_label
@@ -133,6 +134,16 @@ class Worker:
         self._store.writer = BatchWriter(
             config.limits, on_suppressed=self.metrics.dead_letters_suppressed.inc
         )
+        self._store.notify = config.notify
+        # Delivers notification intents after commit, on threads and connections of its own,
+        # so a dead webhook or mail server never slows ingest (cloud/alerts/notify.py).
+        self._sender = NotificationSender(
+            config.notify,
+            self._connect,
+            on_outcome=lambda channel, outcome, n: self.metrics.notifications.labels(
+                channel, outcome
+            ).inc(n),
+        )
         self._failed = FailedDeliveries()
         self._receipts = ReceiptReader()
         self._engine: AlertEngine | None = None
@@ -179,6 +190,7 @@ class Worker:
             self._committer.start()
             self._start_consumer()
             self._start_retention()
+            self._sender.start()  # and sends what a previous run left pending
             self.ready.set()
             while not self._stop.is_set():
                 try:
@@ -189,6 +201,7 @@ class Worker:
             return 0
         finally:
             self._stop_committer()
+            self._sender.stop()
             if self._retention is not None:
                 self._retention.stop()
             if self._consumer is not None:
@@ -408,6 +421,8 @@ class Worker:
         acked = consumer.ack([p.inbound for p in pending]) if consumer else 0
         self._failed.clear(p.inbound for p in pending)
         self._account(pending, stored, commit_s, acked)
+        if stored.alerts:
+            self._sender.wake()
         if consumer is not None:
             for alert in stored.alerts:
                 if consumer.publish(topics.alert_topic(alert.device), alert.to_json()):
@@ -484,11 +499,14 @@ class Worker:
         try:
             with conn.transaction():
                 messages = engine.check_no_data(conn, datetime.now(UTC))
+                enqueue(conn, self.config.notify, messages)
         except psycopg.Error as exc:
             if error_kind(conn, exc) == "down":
                 raise DatabaseDown(describe(exc)) from exc
             log.error("no-data check failed: %s", describe(exc))
             return
+        if messages:
+            self._sender.wake()
         for alert in messages:
             if consumer is not None and consumer.publish(
                 topics.alert_topic(alert.device), alert.to_json()

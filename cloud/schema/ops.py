@@ -21,6 +21,7 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     Table,
     Text,
+    Uuid,
     func,
     text,
 )
@@ -160,6 +161,48 @@ metric_freshness = Table(
     PrimaryKeyConstraint("device_id", "metric", name="pk_metric_freshness"),
 )
 
+# One row per (alert transition, channel): the notification outbox and its ledger
+# (cloud/alerts/notify.py). Written in the transaction that records the transition,
+# delivered after commit; `failed` rows keep the last error. `sent_as` is the
+# delivery id of the message that carried it (its own, or a digest's).
+NOTIFICATION_STATES = ("pending", "delivered", "failed")
+notifications = Table(
+    "notifications",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column(
+        "delivery_id",
+        Uuid(as_uuid=True),
+        nullable=False,
+        unique=True,
+        server_default=text("gen_random_uuid()"),
+        comment="idempotency key sent with the message",
+    ),
+    Column("alert_id", BigInteger, nullable=False),
+    Column("transition", Text, nullable=False, comment="active (raised) or cleared"),
+    Column("channel", Text, nullable=False),
+    Column("payload", JSONB, nullable=False),
+    Column("state", Text, nullable=False, server_default="pending"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    timestamptz("created_at", nullable=False, server_default=func.now()),
+    timestamptz("next_attempt_at", nullable=False, server_default=func.now()),
+    timestamptz("last_attempt_at"),
+    timestamptz("delivered_at"),
+    Column("sent_as", Uuid(as_uuid=True), comment="delivery id of the message that carried it"),
+    Column("last_error", Text),
+    CheckConstraint(f"state IN {NOTIFICATION_STATES!r}", name="state"),
+    CheckConstraint(f"transition IN {ALERT_STATES!r}", name="transition"),
+    # Exactly one intent per transition per channel.
+    Index("uq_notifications_transition", "alert_id", "transition", "channel", unique=True),
+    Index(
+        "ix_notifications_due",
+        "channel",
+        "next_attempt_at",
+        postgresql_where=text("state = 'pending'"),
+    ),
+    Index("ix_notifications_channel_created", "channel", "created_at"),
+)
+
 __all__ = [
     "ALERT_AGGREGATES",
     "ALERT_CONDITIONS",
@@ -171,4 +214,5 @@ __all__ = [
     "device_health",
     "device_health_history",
     "metric_freshness",
+    "notifications",
 ]
