@@ -8,6 +8,7 @@ from pathlib import Path
 
 from millrace.errors import ConfigError
 from millrace.ops import broker_live
+from millrace.ops.provision_wheels import PLATFORMS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -52,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--platform",
-        choices=("aarch64", "x86_64", "armv7l"),
+        choices=PLATFORMS,
         help="the gateways' platform (uname -m) whose wheels the bundle carries "
         "(default: this machine's); with --release-dir: also bundle wheels for it",
     )

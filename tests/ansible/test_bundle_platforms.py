@@ -2,9 +2,10 @@
 
 The wheels come from the package index through pip's own configuration and are cached
 outside the checkout (provision_wheels.cache_dir), so a second run downloads nothing.
-The bundle for this machine's platform installs with no index and no network (every
-proxy points at a closed loopback port); a bundle for another platform is refused by
-install.sh in one line before anything is installed.
+The bundle for this machine's platform installs with no index and no network: install.sh
+runs in a network namespace of its own (`unshare --net`: not even loopback is up) with
+every proxy and index variable pointing at a closed port besides; a bundle for another
+platform is refused by install.sh in one line before anything is installed.
 """
 
 from __future__ import annotations
@@ -29,6 +30,15 @@ NATIVE = provision_wheels.this_platform()
 FOREIGN = "x86_64" if NATIVE == "aarch64" else "aarch64"
 # A closed loopback port: anything that tries the network fails at once.
 NO_NETWORK = "http://127.0.0.1:9"
+# Inside the namespace a connection anywhere fails at once (no route, no loopback).
+_NO_ROUTE = """
+import errno, socket, sys
+try:
+    socket.create_connection(("127.0.0.1", 9), timeout=2)
+except OSError as exc:
+    sys.exit(0 if exc.errno == errno.ENETUNREACH else f"not isolated: {exc}")
+sys.exit("the namespace has a network")
+"""
 
 
 def _provision(
@@ -110,8 +120,14 @@ def test_offline_bundle_installs_with_no_index_and_no_network(
         "PIP_INDEX_URL": NO_NETWORK + "/simple",
     }
     release_pub = str(provision_signing.release_pub_path(test_pki.dir))
+    # A network namespace of its own: the install cannot reach anything, index or not.
+    isolate = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--net", "-r"]
+    probe = subprocess.run(
+        [*isolate, sys.executable, "-c", _NO_ROUTE], capture_output=True, text=True, check=False
+    )
+    assert probe.returncode == 0, probe.stderr
     result = subprocess.run(
-        ["sh", str(bundles[NATIVE] / "install.sh"), "--root", str(root),
+        [*isolate, "sh", str(bundles[NATIVE] / "install.sh"), "--root", str(root),
          "--release-key", release_pub, "--skip-check"],
         capture_output=True,
         text=True,
