@@ -93,6 +93,46 @@ def _record_units(conn: psycopg.Connection[Any], device_id: int, units: Mapping[
         )
 
 
+def _record_holes(conn: psycopg.Connection[Any], device_id: int, state: DeviceState) -> None:
+    """Record the hole the device's previous run left by ending uncleanly, one row a metric.
+
+    Keyed by (device, ended run, metric): the birth is repeated at every reconnect and
+    redelivered after a worker restart, and each records nothing new.
+    """
+    metrics = sorted(state.prev_closed_ms)
+    if not metrics:
+        return
+    cur = conn.execute(
+        """
+        INSERT INTO data_holes
+            (device_id, prev_boot_id, metric, from_ts, to_ts, boot_id, metrics_omitted)
+        SELECT %(device)s, %(prev)s::uuid, m.metric,
+               to_timestamp(m.from_ms / 1000.0), to_timestamp(%(to_ms)s / 1000.0),
+               %(boot)s::uuid, %(omitted)s
+          FROM unnest(%(metrics)s::text[], %(from_ms)s::bigint[]) AS m(metric, from_ms)
+        ON CONFLICT (device_id, prev_boot_id, metric) DO NOTHING
+        """,
+        {
+            "device": device_id,
+            "prev": state.prev_boot_id,
+            "boot": state.boot_id,
+            "to_ms": state.started_ms,
+            "omitted": state.prev_metrics_omitted,
+            "metrics": metrics,
+            "from_ms": [state.prev_closed_ms[m] for m in metrics],
+        },
+    )
+    if cur.rowcount == 0:  # a repeated birth
+        return
+    logger.warning(
+        "device %s reports an unclean end of boot %s: %d metric(s) lost data until %s",
+        state.device,
+        state.prev_boot_id,
+        len(metrics) + state.prev_metrics_omitted,
+        _ms_to_datetime(state.started_ms),
+    )
+
+
 def apply_state(
     conn: psycopg.Connection[Any], state: DeviceState, *, received_at: datetime
 ) -> None:
@@ -120,6 +160,8 @@ def apply_state(
         )
         if cur.rowcount and state.units:  # an outdated birth does not relabel either
             _record_units(conn, device_id, state.units)
+        if state.prev_boot_id:  # a fact about the past: recorded even from an outdated birth
+            _record_holes(conn, device_id, state)
     else:
         cur = conn.execute(
             """

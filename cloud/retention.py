@@ -39,6 +39,8 @@ DEFAULT_AGES_DAYS: Final[Mapping[str, float]] = MappingProxyType(
         # Sequence bookkeeping: a boot silent this long is over, a gap this old is history.
         "ingest_streams": 30,
         "sequence_gaps": 30,
+        # Holes left by unclean ends: few rows, and the history of what was lost.
+        "data_holes": 365,
         "device_health_history": 30,
     }
 )
@@ -80,6 +82,7 @@ RETAINED_TABLES: Final[Mapping[str, PlainTableRule]] = MappingProxyType(
         # Both keep ingest_streams.open_gaps true: see _delete_streams and _delete_gaps.
         "ingest_streams": PlainTableRule("last_at"),
         "sequence_gaps": PlainTableRule("detected_at"),
+        "data_holes": PlainTableRule("recorded_at"),
         "alerts": PlainTableRule("raised_at", "state = 'cleared'"),
         "audit_log": PlainTableRule("at"),
         "dead_letters": PlainTableRule("received_at"),

@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from millrace.edge.health import (
     birth_message,
     heartbeat_message,
 )
-from millrace.edge.outbox import Outbox
+from millrace.edge.outbox import Outbox, PreviousRun
 from millrace.edge.pipeline import Pipeline
 from millrace.edge.publisher import Publisher
 from millrace.edge.sampler import Sampler
@@ -43,6 +43,7 @@ from millrace.edge.status import AgentStatus, StatusFile
 from millrace.edge.systemd import Notifier
 from millrace.errors import ConfigError, MillraceError
 from millrace.topics import health_topic, reply_topic, state_topic
+from millrace.wire import MAX_HOLE_METRICS
 from millrace.wire.periods import period_problem
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,28 @@ def apply_saved_settings(config: AgentConfig, state: AgentState) -> AgentConfig:
     return config.with_settings(period_s=period, poll_s=polls)
 
 
+@dataclass(frozen=True, slots=True)
+class UncleanEnd:
+    """The hole a previous run left by ending without its orderly stop, as births report it."""
+
+    prev_boot_id: str
+    closed_ms: dict[str, int]  # metric -> end of its last closed window: the hole's start
+    omitted: int  # metrics over MAX_HOLE_METRICS, or whose end is after this start
+
+
+def unclean_end(previous: PreviousRun | None, started_ms: int) -> UncleanEnd | None:
+    """The hole to report for `previous`, or None when it stopped cleanly (or never ran).
+
+    Each metric's hole is [its last closed window end, started_ms). A metric whose end lies
+    after this start (the clock went back across the restart) is counted, not named.
+    """
+    if previous is None or previous.clean:
+        return None
+    ends = sorted((m, e) for m, e in previous.closed_ms.items() if e <= started_ms)
+    named = dict(ends[:MAX_HOLE_METRICS])
+    return UncleanEnd(previous.boot_id, named, len(previous.closed_ms) - len(named))
+
+
 def _take_lock(state_dir: Path) -> int:
     """Hold an exclusive lock so two agents never share (and double-send) one outbox."""
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -137,6 +160,17 @@ class Agent:
         self.outbox = Outbox(
             config.outbox.path, max_bytes=config.outbox.max_bytes, max_age_s=config.outbox.max_age_s
         )
+        # Recorded before sampling starts: from here on, an end without _shutdown is unclean.
+        self.unclean_end = unclean_end(
+            self.outbox.begin_run(self.boot_id, self.started_ms), self.started_ms
+        )
+        if self.unclean_end is not None:
+            log.warning(
+                "the previous run (boot_id=%s) ended uncleanly (power cut, kill or watchdog);"
+                " its births report the hole of %d metric(s)",
+                self.unclean_end.prev_boot_id,
+                len(self.unclean_end.closed_ms) + self.unclean_end.omitted,
+            )
         self.pipeline = Pipeline(
             self.config.signals,
             periods_s=self.config.windows.periods_s,
@@ -309,6 +343,7 @@ class Agent:
         log.info("closed open windows into %d batch(es); final publish", written)
         self.publisher.shutdown(timeout_s=FINAL_PUBLISH_SECONDS)
         left = self.outbox.stats()
+        self.outbox.mark_clean_stop()  # the windows are in the outbox: no hole to report
         self.outbox.close()
         self.notifier.close()
         self.release()
@@ -343,7 +378,14 @@ class Agent:
             clock_synced=self.clock.synced(),
             encoding=self.config.broker.encoding,
         )
-        self.outbox.append(self.boot_id, batches, encoding=self.config.broker.encoding)
+        closed: dict[str, int] = {}
+        for w in drained.windows:
+            end_ms = w.start_ms + w.period_s * 1000
+            if end_ms > closed.get(w.metric, -1):
+                closed[w.metric] = end_ms
+        self.outbox.append(
+            self.boot_id, batches, encoding=self.config.broker.encoding, closed_ms=closed
+        )
         self.publisher.wake()
         return len(batches)
 
@@ -376,12 +418,17 @@ class Agent:
         )
 
     def _birth_payload(self) -> bytes:
+        hole = self.unclean_end
         return birth_message(
             device=self.config.device_id,
             boot_id=self.boot_id,
             config_hash=self.config.config_hash,
             now_ms=now_ms(),
             units={s.metric: s.unit for s in self.config.signals if s.unit},
+            started_ms=self.started_ms,
+            prev_boot_id=hole.prev_boot_id if hole else "",
+            prev_closed_ms=hole.closed_ms if hole else None,
+            prev_metrics_omitted=hole.omitted if hole else 0,
         ).to_json()
 
     # ---------------------------------------------------------------- commands

@@ -58,10 +58,27 @@ def birth_message(
     config_hash: str,
     now_ms: int,
     units: Mapping[str, str] | None = None,
+    started_ms: int = 0,
+    prev_boot_id: str = "",
+    prev_closed_ms: Mapping[str, int] | None = None,
+    prev_metrics_omitted: int = 0,
 ) -> DeviceState:
-    """Retained on the state topic while the agent is connected; carries the metrics' units."""
+    """Retained on the state topic while the agent is connected; carries the metrics' units.
+
+    After an unclean end of the previous run it also carries that run's hole (`prev_*`).
+    """
     return DeviceState(
-        device, "online", now_ms, boot_id, agent_version(), config_hash, dict(units or {})
+        device,
+        "online",
+        now_ms,
+        boot_id,
+        agent_version(),
+        config_hash,
+        dict(units or {}),
+        prev_boot_id=prev_boot_id,
+        prev_closed_ms=dict(prev_closed_ms or {}),
+        prev_metrics_omitted=prev_metrics_omitted,
+        started_ms=started_ms,
     )
 
 

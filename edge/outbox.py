@@ -16,7 +16,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +37,21 @@ CREATE TABLE IF NOT EXISTS batches (
     UNIQUE (boot_id, seq)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS closed (metric TEXT PRIMARY KEY, end_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS run (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    boot_id TEXT NOT NULL,
+    started_ms INTEGER NOT NULL,
+    floor_ms INTEGER NOT NULL,
+    clean INTEGER NOT NULL
+);
 """
+# The end of the last window closed per metric only moves forward, in the flush's own
+# transaction: it is durable exactly when the windows are.
+_CLOSED = (
+    "INSERT INTO closed (metric, end_ms) VALUES (?, ?)"
+    " ON CONFLICT (metric) DO UPDATE SET end_ms = max(end_ms, excluded.end_ms)"
+)
 _INSERT = (
     "INSERT INTO batches (boot_id, seq, created_ms, encoding, size, payload)"
     " VALUES (?, ?, ?, ?, ?, ?)"
@@ -65,6 +79,22 @@ class Row:
     seq: int
     encoding: str
     payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PreviousRun:
+    """What the outbox knew of the agent run before this one (`Outbox.begin_run`).
+
+    `clean` is False after a power cut, a watchdog kill or SIGKILL: the run never reached
+    its orderly stop. `closed_ms` is, per metric, the end of the last window durably in
+    the outbox (from that run or an earlier one), never before `floor_ms`: the start of
+    the first run after the last clean stop, before which nothing was lost.
+    """
+
+    boot_id: str
+    started_ms: int
+    clean: bool
+    closed_ms: dict[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,9 +244,19 @@ class Outbox:
         return self._dropped + self._lost_unwritten
 
     def append(
-        self, boot_id: str, items: Sequence[Encoded], *, encoding: str, now_ms: int | None = None
+        self,
+        boot_id: str,
+        items: Sequence[Encoded],
+        *,
+        encoding: str,
+        now_ms: int | None = None,
+        closed_ms: Mapping[str, int] | None = None,
     ) -> list[int]:
-        """Store encoded batches in one transaction, applying the caps; return their ids."""
+        """Store encoded batches in one transaction, applying the caps; return their ids.
+
+        `closed_ms` (metric -> end of the last window in `items`) advances the record of
+        closed windows in the same transaction (`begin_run` reads it after an unclean end).
+        """
         if not items:
             return []
         now = _now_ms() if now_ms is None else now_ms
@@ -234,6 +274,8 @@ class Outbox:
                         ids.append(int(cur.lastrowid or 0))
                     if dropped:
                         self._set_meta(db, "dropped", self._dropped + dropped)
+                    if closed_ms:
+                        db.executemany(_CLOSED, sorted(closed_ms.items()))
             except sqlite3.Error as exc:
                 self._lost_unwritten += len(items)
                 log.error("outbox write failed, %d batch(es) lost: %s", len(items), exc)
@@ -244,6 +286,38 @@ class Outbox:
             if dropped:
                 log.warning("outbox full: dropped %d oldest batch(es)", dropped)
         return ids
+
+    def begin_run(self, boot_id: str, started_ms: int) -> PreviousRun | None:
+        """Record this run as started (and not yet cleanly stopped); return the previous one.
+
+        One transaction: a crash right after it leaves this run recorded as unclean, so
+        the next start reports the hole from the same closed window ends.
+        """
+        with self._lock, self._transaction() as db:
+            row = db.execute("SELECT boot_id, started_ms, floor_ms, clean FROM run").fetchone()
+            previous = None
+            floor_ms = started_ms
+            if row is not None:
+                prev_boot, prev_started, prev_floor, clean = row
+                closed = {
+                    str(metric): max(int(end_ms), int(prev_floor))
+                    for metric, end_ms in db.execute("SELECT metric, end_ms FROM closed")
+                }
+                previous = PreviousRun(str(prev_boot), int(prev_started), bool(clean), closed)
+                if not clean:
+                    # A hole not yet reported stays reportable from where it began.
+                    floor_ms = int(prev_floor)
+            db.execute(
+                "INSERT OR REPLACE INTO run (id, boot_id, started_ms, floor_ms, clean)"
+                " VALUES (1, ?, ?, ?, 0)",
+                (boot_id, started_ms, floor_ms),
+            )
+        return previous
+
+    def mark_clean_stop(self) -> None:
+        """The run stopped in order: its open windows are in the outbox, nothing was lost."""
+        with self._lock, self._transaction() as db:
+            db.execute("UPDATE run SET clean = 1")
 
     def _set_meta(self, db: sqlite3.Connection, key: str, value: int) -> None:
         db.execute(

@@ -247,6 +247,32 @@ sequence_gaps = Table(
     Index("ix_sequence_gaps_detected_at", "detected_at"),
 )
 
+# Holes an agent reported after an unclean end of its previous run (power cut, watchdog
+# kill, SIGKILL): the windows of `metric` in [from_ts, to_ts) were lost. One row per
+# (device, ended boot, metric), so a redelivered or repeated birth records nothing twice.
+data_holes = Table(
+    "data_holes",
+    metadata,
+    Column("device_id", Integer, ForeignKey("devices.id"), nullable=False),
+    Column("prev_boot_id", Uuid(as_uuid=True), nullable=False, comment="the run that ended"),
+    Column("metric", Text, nullable=False),
+    timestamptz("from_ts", nullable=False, comment="end of its last closed window"),
+    timestamptz("to_ts", nullable=False, comment="start of the next run"),
+    Column("boot_id", Uuid(as_uuid=True), nullable=False, comment="the run that reported it"),
+    Column("cause", Text, nullable=False, server_default="unclean end"),
+    Column(
+        "metrics_omitted",
+        Integer,
+        nullable=False,
+        server_default="0",
+        comment="metrics of the same hole the birth could not name (over its cap)",
+    ),
+    timestamptz("recorded_at", nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("device_id", "prev_boot_id", "metric", name="pk_data_holes"),
+    CheckConstraint("from_ts <= to_ts", name="range"),
+    Index("ix_data_holes_recorded_at", "recorded_at"),
+)
+
 # The metrics each device has sent: the per-device metric cap counts these rows.
 device_metrics = Table(
     "device_metrics",
@@ -284,6 +310,7 @@ __all__ = [
     "DEVICE_STATUSES",
     "EVENT_KINDS",
     "HypertableSpec",
+    "data_holes",
     "dead_letter_overflow",
     "dead_letters",
     "device_metrics",

@@ -36,6 +36,7 @@ BOOT_ID_HEX_CHARS = 32
 # A birth after an unclean end names at most this many metrics of the hole (the rest are
 # counted in `prev_metrics_omitted`): 256 names of <= 100 chars stay well inside 64 KiB.
 MAX_HOLE_METRICS = 256
+MAX_HOLE_OMITTED = 1_000_000
 DeviceStatus = Literal["online", "offline"]
 AlertState = Literal["active", "cleared"]
 Severity = Literal["info", "warning", "critical"]
@@ -156,7 +157,9 @@ class DeviceState:
         _need("state", "prev_boot_id", self.prev_boot_id, str)
         _need("state", "prev_closed_ms", self.prev_closed_ms, dict)
         _need("state", "prev_metrics_omitted", self.prev_metrics_omitted, int)
-        _need_number("state", "prev_metrics_omitted", self.prev_metrics_omitted, 0, MAX_COUNTER)
+        _need_number(
+            "state", "prev_metrics_omitted", self.prev_metrics_omitted, 0, MAX_HOLE_OMITTED
+        )
         _need("state", "started_ms", self.started_ms, int)
         _need_number("state", "started_ms", self.started_ms, 0, MAX_TS_MS)
         if not self.prev_boot_id:
@@ -166,6 +169,8 @@ class DeviceState:
         _need_boot_id("state", self.prev_boot_id, allow_empty=False, name="prev_boot_id")
         if self.status != "online":
             raise WireError("state.prev_boot_id: only a birth (online) reports an unclean end")
+        if not self.boot_id:
+            raise WireError("state.boot_id: required with prev_boot_id")
         if self.prev_boot_id == self.boot_id:
             raise WireError("state.prev_boot_id: the same as boot_id")
         if self.started_ms <= 0:

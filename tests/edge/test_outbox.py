@@ -229,3 +229,62 @@ def test_a_corrupt_page_moves_the_outbox_aside_and_counts_its_batches(tmp_path: 
     assert box.dropped_total == 2 + 5  # the file's own drops carried on, its batches added
     box.close()
     assert open_outbox(path).dropped_total == 7
+
+
+# -- loss is visible: the run record and the last closed window per metric ------------------
+
+
+def test_unclean_end_is_known_at_the_next_start_with_the_last_closed_window_ends(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "o.sqlite"
+    box = open_outbox(path)
+    assert box.begin_run(BOOT_A, NOW) is None  # the first run ever: nothing before it
+    box.append(BOOT_A, [enc(0)], encoding="msgpack", now_ms=NOW, closed_ms={"t": NOW + 5_000})
+    box.append(
+        BOOT_A,
+        [enc(1)],
+        encoding="msgpack",
+        now_ms=NOW,
+        closed_ms={"t": NOW + 10_000, "p": NOW + 10_000},
+    )
+    # An older window of "t" (a longer period's lane) never moves its end back.
+    box.append(BOOT_A, [enc(2)], encoding="msgpack", now_ms=NOW, closed_ms={"t": NOW})
+    box.close()  # no mark_clean_stop: SIGKILL, power cut or watchdog
+    box = open_outbox(path)
+    previous = box.begin_run(BOOT_B, NOW + 60_000)
+    assert previous is not None
+    assert (previous.boot_id, previous.started_ms, previous.clean) == (BOOT_A, NOW, False)
+    assert previous.closed_ms == {"t": NOW + 10_000, "p": NOW + 10_000}
+
+
+def test_clean_stop_is_known_at_the_next_start(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite"
+    box = open_outbox(path)
+    box.begin_run(BOOT_A, NOW)
+    box.append(BOOT_A, [enc(0)], encoding="msgpack", now_ms=NOW, closed_ms={"t": NOW + 5_000})
+    box.mark_clean_stop()
+    box.close()
+    box = open_outbox(path)
+    previous = box.begin_run(BOOT_B, NOW + 60_000)
+    assert previous is not None and previous.clean and previous.boot_id == BOOT_A
+
+
+def test_a_run_killed_before_closing_a_window_reports_from_the_last_clean_start(
+    tmp_path: Path,
+) -> None:
+    """The hole never starts before the first run after a clean stop (that stop lost nothing)."""
+    path = tmp_path / "o.sqlite"
+    box = open_outbox(path)
+    box.begin_run(BOOT_A, NOW)
+    box.append(BOOT_A, [enc(0)], encoding="msgpack", now_ms=NOW, closed_ms={"t": NOW + 5_000})
+    box.mark_clean_stop()
+    boot_c = "c" * 32
+    assert box.begin_run(BOOT_B, NOW + 3_600_000) is not None  # then killed at once
+    previous = box.begin_run(boot_c, NOW + 3_700_000)  # then killed at once again
+    assert previous is not None and not previous.clean
+    assert previous.closed_ms == {"t": NOW + 3_600_000}
+    # An unreported hole stays reportable from where it began.
+    again = box.begin_run("d" * 32, NOW + 3_800_000)
+    assert again is not None and again.boot_id == boot_c
+    assert again.closed_ms == {"t": NOW + 3_600_000}

@@ -358,6 +358,8 @@ def test_unclean_end_birth_round_trips() -> None:
             "more than 256 metrics",
         ),
         ({"prev_metrics_omitted": -1}, "prev_metrics_omitted"),
+        ({"prev_metrics_omitted": 2**40}, "prev_metrics_omitted"),
+        ({"boot_id": ""}, "boot_id: required with prev_boot_id"),
         ({"prev_boot_id": "", "prev_metrics_omitted": 0}, "without prev_boot_id"),
     ],
 )
