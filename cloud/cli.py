@@ -1,4 +1,4 @@
-"""`millrace db upgrade`, `millrace ingest` and `millrace cmd`: the cloud's commands.
+"""`millrace db upgrade`, `ingest`, `cmd` and `alerts`: the cloud's commands.
 
 Heavy imports (SQLAlchemy, Alembic, paho, psycopg) happen inside the handlers.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
@@ -47,8 +48,132 @@ def _cmd(args: argparse.Namespace) -> int:
     return int(run_cmd(args))
 
 
+def _rules_db(args: argparse.Namespace) -> Any:
+    """A connection for rule administration; a dead database is exit 3, one line."""
+    import psycopg
+
+    from millrace.errors import UnreachableError
+
+    try:
+        return psycopg.connect(_dsn(args), connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        first = (str(exc).strip().splitlines() or ["no answer"])[-1]
+        raise UnreachableError(f"cannot reach the database: {first}") from None
+
+
+def _rules_call(action: str, call: Any) -> Any:
+    """Run `call()`; a database refusal becomes one line saying what to do."""
+    import psycopg
+
+    from millrace.errors import MillraceError
+
+    try:
+        return call()
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise MillraceError(
+            f"alerts {action}: the database user may not do this ({exc.diag.message_primary});"
+            " rules are administered as the schema owner (the role that ran `db upgrade`)"
+        ) from None
+    except psycopg.errors.UndefinedTable:
+        raise MillraceError(
+            f"alerts {action}: no alert_rules table: run `millrace db upgrade` first"
+        ) from None
+
+
+def _alerts_apply(args: argparse.Namespace) -> int:
+    from millrace.cloud.alerts.rules import load_rules_file, sync_rules
+
+    rules = load_rules_file(Path(args.file))  # ConfigError names the key: exit 2
+    if args.check:
+        print(f"{args.file}: {len(rules)} rule(s), valid")
+        return 0
+    with _rules_db(args) as conn:
+        result = _rules_call(
+            "apply", lambda: sync_rules(conn, rules, disable_missing=args.disable_missing)
+        )
+        conn.commit()
+    print(
+        f"{args.file}: {len(result.added)} added, {len(result.updated)} updated,"
+        f" {len(result.unchanged)} unchanged, {len(result.disabled)} disabled"
+    )
+    for label, names in (
+        ("added", result.added),
+        ("updated", result.updated),
+        ("disabled", result.disabled),
+    ):
+        for name in names:
+            print(f"  {label}: {name}")
+    return 0
+
+
+def _alerts_list(args: argparse.Namespace) -> int:
+    import json
+
+    from millrace.cloud.alerts.rules import list_rules
+
+    with _rules_db(args) as conn:
+        rules = _rules_call("list", lambda: list_rules(conn))
+        active = dict(
+            _rules_call(
+                "list",
+                lambda: conn.execute(
+                    "SELECT rule_id, count(*) FROM alerts WHERE state = 'active' GROUP BY rule_id"
+                ).fetchall(),
+            )
+        )
+    if args.json:
+        out = [
+            {
+                "name": r.rule.name,
+                "metric": r.rule.metric,
+                "devices": r.rule.devices,
+                "condition": r.rule.describe(),
+                "severity": r.rule.severity,
+                "enabled": r.rule.enabled,
+                "active_alerts": int(active.get(r.id, 0)),
+            }
+            for r in rules
+        ]
+        print(json.dumps(out, indent=2))
+        return 0
+    header = ("NAME", "DEVICES", "CONDITION", "SEVERITY", "ENABLED", "ACTIVE")
+    rows = [
+        (
+            r.rule.name,
+            r.rule.devices,
+            r.rule.describe(),
+            r.rule.severity,
+            "yes" if r.rule.enabled else "no",
+            str(active.get(r.id, 0)),
+        )
+        for r in rules
+    ]
+    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=False)]
+    for row in (header, *rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _alerts_export(args: argparse.Namespace) -> int:
+    from millrace.cloud.alerts.rules import dump_rules, list_rules
+
+    with _rules_db(args) as conn:
+        rules = _rules_call("export", lambda: list_rules(conn))
+    text = dump_rules([r.rule for r in rules])
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        print(text, end="")
+    return 0
+
+
+def _add_dsn_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dsn", help="libpq connection string or URL of the schema owner")
+    parser.add_argument("--dsn-file", help="read the DSN from this file (one line; keep it 0600)")
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the `db`, `ingest` and `cmd` subcommands."""
+    """Add the `db`, `ingest`, `cmd` and `alerts` subcommands."""
     db = subparsers.add_parser("db", help="database schema management")
     db_sub = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
     up = db_sub.add_parser(
@@ -90,3 +215,39 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     add_arguments(cmd)
     cmd.set_defaults(func=_cmd)
+
+    alerts = subparsers.add_parser(
+        "alerts",
+        help="alert rules: apply a rules file, list, export",
+        description="Administer alert rules (docs/alerts.md). Writing rules needs the schema"
+        " owner's login (the role that ran `db upgrade`), not the ingest role's.",
+    )
+    alerts_sub = alerts.add_subparsers(dest="alerts_command", metavar="ACTION", required=True)
+    apply = alerts_sub.add_parser(
+        "apply",
+        help="install the rules of a TOML rules file (idempotent)",
+        description="Add new rules and update changed ones; unchanged rules are not touched."
+        " A mistake in the file names its key (exit 2) and changes nothing.",
+    )
+    apply.add_argument("file", metavar="FILE", help="rules file ([[rule]] tables)")
+    apply.add_argument(
+        "--disable-missing",
+        action="store_true",
+        help="disable stored rules the file does not name, and clear their active alerts",
+    )
+    apply.add_argument(
+        "--check", action="store_true", help="validate the file only; no database needed"
+    )
+    _add_dsn_arguments(apply)
+    apply.set_defaults(func=_alerts_apply)
+    listing = alerts_sub.add_parser("list", help="the stored rules and their active alerts")
+    listing.add_argument("--json", action="store_true", help="JSON instead of a table")
+    _add_dsn_arguments(listing)
+    listing.set_defaults(func=_alerts_list)
+    export = alerts_sub.add_parser(
+        "export",
+        help="print the stored rules as a rules file (apply of it changes nothing)",
+    )
+    export.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
+    _add_dsn_arguments(export)
+    export.set_defaults(func=_alerts_export)

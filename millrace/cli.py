@@ -39,6 +39,7 @@ COMMAND_MODULES: dict[str, str] = {
     "db": "millrace.cloud.cli",
     "ingest": "millrace.cloud.cli",
     "cmd": "millrace.cloud.cli",
+    "alerts": "millrace.cloud.cli",
     "edge": "millrace.edge.cli",
     "sim": "millrace.fieldsim.cli",
     "dash": "millrace.dashboards.cli",

@@ -16,6 +16,7 @@ nor the dashboard role has: administration runs as the schema owner.
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import math
 import tomllib
@@ -243,6 +244,47 @@ def load_rules_file(path: str | Path) -> list[AlertRule]:
             raise ConfigError(f"rule[{i}].name", f"duplicate name {rule.name!r}", source=source)
         seen.add(rule.name)
     return rules
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: JSON's escapes are TOML's, except DEL, which TOML wants escaped."""
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def dump_rules(rules: Sequence[AlertRule]) -> str:
+    """The rules as a rules file; `load_rules_file` of it gives the same rules back.
+
+    Keys at their default are left out, so an exported file reads like a written one.
+    """
+    chunks: list[str] = []
+    for rule in rules:
+        lines = [
+            "[[rule]]",
+            f"name = {_toml_string(rule.name)}",
+            f"metric = {_toml_string(rule.metric)}",
+        ]
+        if rule.devices != "*":
+            lines.append(f"devices = {_toml_string(rule.devices)}")
+        if rule.condition == "above":
+            lines.append(f"above = {rule.high!r}")
+        elif rule.condition == "below":
+            lines.append(f"below = {rule.low!r}")
+        elif rule.condition == "outside":
+            lines.append(f"outside = [{rule.low!r}, {rule.high!r}]")
+        else:
+            lines.append(f"no_data_seconds = {rule.no_data_s}")
+        if rule.severity != "warning":
+            lines.append(f"severity = {_toml_string(rule.severity)}")
+        if rule.hysteresis != 0.0:
+            lines.append(f"hysteresis = {rule.hysteresis!r}")
+        if rule.aggregate != "extreme":
+            lines.append(f"aggregate = {_toml_string(rule.aggregate)}")
+        if not rule.enabled:
+            lines.append("enabled = false")
+        if rule.description:
+            lines.append(f"description = {_toml_string(rule.description)}")
+        chunks.append("\n".join(lines) + "\n")
+    return "\n".join(chunks)
 
 
 # --- administration: the `alert_rules` table ------------------------------------------
