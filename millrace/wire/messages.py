@@ -113,6 +113,9 @@ def _need_device(what: str, value: object) -> None:
         raise WireError(f"{what}.device: {value!r} is not a device id ({DEVICE_ID_RULE})")
 
 
+_HOLE_FIELDS = ("prev_boot_id", "prev_closed_ms", "prev_metrics_omitted", "started_ms")
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceState:
     """Retained on the state topic: the birth message, or the last will (offline)."""
@@ -184,7 +187,13 @@ class DeviceState:
             _need_number("state", f"prev_closed_ms[{metric!r}]", end_ms, 0, self.started_ms)
 
     def to_json(self) -> bytes:
-        return _dumps(self)
+        """Without a hole, the hole's fields are left out: a cloud older than them (which
+        refuses unknown fields) still takes the births of a newer agent."""
+        body = asdict(self)
+        if not self.prev_boot_id:
+            for name in _HOLE_FIELDS:
+                del body[name]
+        return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
 
     @classmethod
     def from_json(cls, payload: bytes) -> DeviceState:

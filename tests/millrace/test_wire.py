@@ -336,8 +336,12 @@ def test_unclean_end_birth_round_trips() -> None:
     assert state.prev_boot_id == _PREV
     assert state.prev_closed_ms == {"t": 1_699_999_990_000, "flow": 1_699_999_980_000}
     assert DeviceState.from_json(state.to_json()) == state
-    # An ordinary birth (or one from an older agent) carries no hole.
+    # An ordinary birth (or one from an older agent) carries no hole, and a birth without
+    # one keeps the older layout (an older cloud refuses unknown fields).
     assert DeviceState.from_json(json.dumps(_GOOD_BIRTH).encode()).prev_boot_id == ""
+    plain = DeviceState("dev-a", "online", 1, _BOOT, started_ms=5)
+    assert "prev_boot_id" not in json.loads(plain.to_json())
+    assert "started_ms" not in json.loads(plain.to_json())
 
 
 @pytest.mark.parametrize(
