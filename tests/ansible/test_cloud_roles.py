@@ -316,6 +316,12 @@ def test_database_tls_is_verify_full_against_the_role_made_certificate(
             tmp_path / "hosts.json",
             {"database": ["db-test"], "ingest": [INGEST_HOST], "dashboard": ["dash-test"]},
         )
+        # --check on a database host without a certificate yet predicts, and does not fail.
+        db_only = tmp_path / "tls-db.yml"
+        db_only.write_text(TLS_PLAYBOOK.split("\n\n- name: Render the ingest")[0] + "\n")
+        check = run_playbook(str(db_only), inventory, extra_vars, check=True, tmp_path=tmp_path)
+        assert check.rc == 0, check.output[-4000:]
+        assert not (server.datadir / "millrace-server.crt").exists()
         run = run_playbook(str(playbook), inventory, extra_vars, tmp_path=tmp_path)
         assert run.rc == 0, run.output[-4000:]
         key = server.datadir / "millrace-server.key"
