@@ -126,7 +126,7 @@ class CheckReport:
         for s in self.signals:
             unit = f" {s.unit}" if s.unit and s.text else ""
             status = "ok" if s.ok else f"FAILED: {s.problem}"
-            lines.append(f"{s.metric:<{width}}  {s.driver:<7}  {s.text}{unit}  {status}")
+            lines.append(f"{s.metric:<{width}}  {s.driver:<10}  {s.text}{unit}  {status}")
         if self.failed:
             lines.append(f"{self.failed} of {len(self.signals)} signal(s) could not be read")
         return "\n".join(lines)

@@ -21,10 +21,13 @@ from millrace.ids import DEVICE_ID_RULE, METRIC_NAME_RULE, is_device_id, is_metr
 from millrace.wire.batch import MAX_PERIOD_SECONDS
 from millrace.wire.periods import period_problem
 
-DriverName = Literal["modbus", "mqtt", "file", "command", "sim"]
+DriverName = Literal["modbus", "modbus_rtu", "mqtt", "file", "command", "sim"]
 SignalKind = Literal["numeric", "state", "enum"]
 ModbusTable = Literal["holding", "input", "coil", "discrete"]
-ModbusType = Literal["int16", "uint16", "int32", "uint32", "float32"]
+ModbusType = Literal[
+    "int16", "uint16", "int32", "uint32", "float32", "int64", "uint64", "float64", "string"
+]
+Parity = Literal["none", "even", "odd"]
 ByteOrder = Literal["big", "little"]
 FileFormat = Literal["number", "w1_slave"]
 SimWave = Literal["sine", "ramp", "square", "noise", "constant", "steps"]
@@ -32,6 +35,17 @@ Encoding = Literal["msgpack", "json"]
 
 DEFAULT_BROKER_PORT: Final = configfile.DEFAULT_BROKER_PORT
 DEFAULT_MODBUS_PORT: Final = 502
+DEFAULT_RTU_BAUDRATE: Final = 9600
+# Registers one request can carry (functions 3/4): the longest string a signal can read.
+MAX_MODBUS_STRING_REGISTERS: Final = 125
+_MODBUS_WIDTHS: Final = {
+    "int32": 2,
+    "uint32": 2,
+    "float32": 2,
+    "int64": 4,
+    "uint64": 4,
+    "float64": 4,
+}
 DEFAULT_LOCAL_MQTT_PORT: Final = 1883
 # How long the local broker keeps the agent's session (and queues QoS 1 readings for it)
 # while the agent is away: a restart or upgrade takes seconds, a day covers a crash that
@@ -102,6 +116,31 @@ class ModbusDevice:
 
 
 @dataclass(frozen=True, slots=True)
+class ModbusRtuBus:
+    """A serial RS-485 line with Modbus RTU slaves on it (each signal names its unit_id).
+
+    One poller thread owns the bus, so requests never overlap.
+    """
+
+    name: str
+    port: str
+    baudrate: int = DEFAULT_RTU_BAUDRATE
+    parity: Parity = "none"
+    stopbits: int = 1
+    bytesize: int = 8
+    timeout_s: float = 0.5
+    retries: int = 1
+
+    @property
+    def frame_gap_s(self) -> float:
+        """The silent interval between frames: 3.5 character times, 1.75 ms above 19200 baud."""
+        if self.baudrate > 19200:
+            return 0.00175
+        bits = 1 + self.bytesize + (self.parity != "none") + self.stopbits
+        return 3.5 * bits / self.baudrate
+
+
+@dataclass(frozen=True, slots=True)
 class LocalMqtt:
     """A local MQTT broker field nodes (ESPHome, Tasmota) publish to."""
 
@@ -125,13 +164,21 @@ class ModbusSpec:
     type: ModbusType = "uint16"
     byte_order: ByteOrder = "big"
     word_order: ByteOrder = "big"
+    # One bit (0 = least significant) of a 16-bit register: the value is a bool.
+    bit: int | None = None
+    # Registers a string occupies (two characters each).
+    length: int = 0
+    # Modbus RTU: the slave on the bus; Modbus TCP: overrides the device's unit_id.
+    unit_id: int | None = None
 
     @property
     def width(self) -> int:
         """Registers (or coils) this value occupies."""
         if self.table in ("coil", "discrete"):
             return 1
-        return 2 if self.type in ("int32", "uint32", "float32") else 1
+        if self.type == "string":
+            return self.length
+        return _MODBUS_WIDTHS.get(self.type, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +249,7 @@ class AgentConfig:
     state_dir: Path
     signals: tuple[SignalConfig, ...]
     modbus: Mapping[str, ModbusDevice] = field(default_factory=dict)
+    modbus_rtu: Mapping[str, ModbusRtuBus] = field(default_factory=dict)
     local_mqtt: Mapping[str, LocalMqtt] = field(default_factory=dict)
     source: Path | None = None
     config_hash: str = ""
@@ -241,7 +289,22 @@ _SIGNAL_COMMON_KEYS: Final = frozenset(
     }
 )
 _DRIVER_KEYS: Final[dict[str, frozenset[str]]] = {
-    "modbus": frozenset({"device", "table", "address", "type", "byte_order", "word_order"}),
+    "modbus": frozenset(
+        {
+            "device",
+            "unit_id",
+            "table",
+            "address",
+            "type",
+            "byte_order",
+            "word_order",
+            "bit",
+            "length",
+        }
+    ),
+    "modbus_rtu": frozenset(
+        {"bus", "unit_id", "table", "address", "type", "byte_order", "word_order", "bit", "length"}
+    ),
     "mqtt": frozenset({"source", "topic", "field"}),
     "file": frozenset({"path", "format"}),
     "command": frozenset({"command", "timeout_s", "pattern"}),
@@ -316,6 +379,34 @@ def _modbus_devices(root: Table) -> dict[str, ModbusDevice]:
     return devices
 
 
+def _modbus_rtu_buses(root: Table) -> dict[str, ModbusRtuBus]:
+    buses: dict[str, ModbusRtuBus] = {}
+    ports: dict[str, str] = {}
+    for name, t in root.table("modbus_rtu").subtables().items():
+        bus = ModbusRtuBus(
+            name=name,
+            port=t.text("port"),
+            baudrate=t.integer("baudrate", DEFAULT_RTU_BAUDRATE, low=300, high=4_000_000),
+            parity=t.choice("parity", Parity, "none"),
+            stopbits=t.integer("stopbits", 1, low=1, high=2),
+            bytesize=t.integer("bytesize", 8, low=7, high=8),
+            timeout_s=t.number("timeout_s", 0.5, low=0.0, low_open=True, high=60.0),
+            retries=t.integer("retries", 1, low=0, high=5),
+        )
+        if not bus.port:
+            raise t.error("port", "expected the serial device, like /dev/ttyUSB0")
+        if bus.bytesize != 8:
+            raise t.error("bytesize", "Modbus RTU frames carry 8 data bits (7 is Modbus ASCII)")
+        if bus.port in ports:
+            raise t.error(
+                "port", f"{bus.port} is already [modbus_rtu.{ports[bus.port]}]: one bus, one table"
+            )
+        ports[bus.port] = name
+        t.check_unknown()
+        buses[name] = bus
+    return buses
+
+
 def _local_mqtt(root: Table) -> dict[str, LocalMqtt]:
     sources: dict[str, LocalMqtt] = {}
     for name, t in root.table("local_mqtt").subtables().items():
@@ -345,23 +436,48 @@ def _local_mqtt(root: Table) -> dict[str, LocalMqtt]:
     return sources
 
 
-def _modbus_spec(t: Table, devices: Mapping[str, ModbusDevice]) -> ModbusSpec:
-    device = t.text("device")
+def _modbus_spec(
+    t: Table, devices: Mapping[str, ModbusDevice] | Mapping[str, ModbusRtuBus], *, rtu: bool
+) -> ModbusSpec:
+    key, section = ("bus", "modbus_rtu") if rtu else ("device", "modbus")
+    device = t.text(key)
     if device not in devices:
         raise t.error(
-            "device", f"{device!r} is not a [modbus.<name>] table" + suggest(device, devices)
+            key, f"{device!r} is not a [{section}.<name>] table" + suggest(device, devices)
         )
+    if rtu:
+        # 0 is broadcast (no answer) and 248-255 are reserved on a serial line.
+        unit_id: int | None = t.integer("unit_id", low=1, high=247)
+    else:
+        unit_id = t.integer("unit_id", low=0, high=255) if t.has("unit_id") else None
     table = t.choice("table", ModbusTable)
+    kind = t.choice("kind", SignalKind, "numeric")
+    type_ = t.choice("type", ModbusType, "uint16")
+    if table in ("coil", "discrete"):
+        for single in ("type", "bit", "length", "byte_order", "word_order"):
+            if t.has(single):
+                raise t.error(single, f"{table} values are single bits; remove {single}")
+    bit = t.integer("bit", low=0, high=15) if t.has("bit") else None
+    if bit is not None and type_ not in ("uint16", "int16"):
+        raise t.error("bit", f"bit picks one bit of a 16-bit register; type {type_} is wider")
+    length = 0
+    if type_ == "string":
+        length = t.integer("length", low=1, high=MAX_MODBUS_STRING_REGISTERS)
+        if kind == "numeric":
+            raise t.error("type", 'a string is text: set kind = "enum" (or "state")')
+    elif t.has("length"):
+        raise t.error("length", f"only string values take a length (registers); type is {type_}")
     spec = ModbusSpec(
         device=device,
         table=table,
         address=t.integer("address", low=0, high=65535),
-        type=t.choice("type", ModbusType, "uint16"),
+        type=type_,
         byte_order=t.choice("byte_order", ByteOrder, "big"),
         word_order=t.choice("word_order", ByteOrder, "big"),
+        bit=bit,
+        length=length,
+        unit_id=unit_id,
     )
-    if table in ("coil", "discrete") and t.has("type"):
-        raise t.error("type", f"{table} values are single bits; remove type")
     if spec.address + spec.width > 65536:
         raise t.error("address", f"{spec.type} at {spec.address} runs past register 65535")
     return spec
@@ -427,7 +543,9 @@ def _signal(t: Table, config: _Partial) -> SignalConfig:
     kind = t.choice("kind", SignalKind, "numeric")
     spec: DriverSpec
     if driver == "modbus":
-        spec = _modbus_spec(t, config.modbus)
+        spec = _modbus_spec(t, config.modbus, rtu=False)
+    elif driver == "modbus_rtu":
+        spec = _modbus_spec(t, config.modbus_rtu, rtu=True)
     elif driver == "mqtt":
         spec = _mqtt_spec(t, config.local_mqtt)
     elif driver == "file":
@@ -473,6 +591,7 @@ def _signal(t: Table, config: _Partial) -> SignalConfig:
 @dataclass(slots=True)
 class _Partial:
     modbus: dict[str, ModbusDevice]
+    modbus_rtu: dict[str, ModbusRtuBus]
     local_mqtt: dict[str, LocalMqtt]
 
 
@@ -505,7 +624,11 @@ def parse_config(text: str, *, base: Path, source: str = "<config>") -> AgentCon
     state = root.table("state", required=True)
     state_dir = state.path("dir")
     state.check_unknown()
-    partial = _Partial(modbus=_modbus_devices(root), local_mqtt=_local_mqtt(root))
+    partial = _Partial(
+        modbus=_modbus_devices(root),
+        modbus_rtu=_modbus_rtu_buses(root),
+        local_mqtt=_local_mqtt(root),
+    )
     signals = _signals(root, partial)
     root.check_unknown()
     return AgentConfig(
@@ -517,6 +640,7 @@ def parse_config(text: str, *, base: Path, source: str = "<config>") -> AgentCon
         state_dir=state_dir,
         signals=signals,
         modbus=partial.modbus,
+        modbus_rtu=partial.modbus_rtu,
         local_mqtt=partial.local_mqtt,
         config_hash=hashlib.sha256(text.encode()).hexdigest()[:16],
     )

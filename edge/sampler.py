@@ -1,6 +1,7 @@
 """Poller threads: each field source polls on its own schedule, independent of the network.
 
-A Modbus device gets one thread (its requests share one TCP connection); each
+A Modbus device gets one thread (its requests share one TCP connection), a
+Modbus RTU bus one thread for every unit on it (requests never overlap); each
 file and command signal gets its own (a 1-wire read or a command can block);
 all sim signals share one. mqtt signals are pushed by their local broker's
 paho thread. Readings go straight to the pipeline: no queue, no allocation
@@ -31,12 +32,16 @@ JOIN_TIMEOUT_SECONDS = 10.0
 def build_poll_groups(config: AgentConfig) -> dict[str, list[PollGroup]]:
     """Thread name -> the poll groups that thread serves."""
     threads: dict[str, list[PollGroup]] = defaultdict(list)
-    modbus: dict[tuple[str, str, float], list[tuple[int, SignalConfig]]] = defaultdict(list)
+    modbus: dict[tuple[str, int | None, str, float], list[tuple[int, SignalConfig]]]
+    modbus = defaultdict(list)
+    rtu: dict[tuple[str, int | None, str, float], list[tuple[int, SignalConfig]]]
+    rtu = defaultdict(list)
     sims: dict[float, list[tuple[int, SignalConfig]]] = defaultdict(list)
     for index, signal in enumerate(config.signals):
         if isinstance(signal.spec, ModbusSpec):
             spec = signal.spec
-            modbus[(spec.device, spec.table, signal.poll_s)].append((index, signal))
+            key = (spec.device, spec.unit_id, spec.table, signal.poll_s)
+            (rtu if signal.driver == "modbus_rtu" else modbus)[key].append((index, signal))
         elif signal.driver == "file":
             from millrace.edge.drivers.file import FileGroup
 
@@ -55,12 +60,22 @@ def build_poll_groups(config: AgentConfig) -> dict[str, list[PollGroup]]:
         from millrace.edge.drivers.modbus import ModbusConnection, ModbusGroup
 
         connections: dict[str, ModbusConnection] = {}
-        for (device, _table, poll_s), items in modbus.items():
+        for (device, _unit, _table, poll_s), items in modbus.items():
             if device not in connections:
                 connections[device] = ModbusConnection(config.modbus[device])
             threads[f"modbus:{device}"].append(
                 ModbusGroup(connections[device], items, interval_s=poll_s)
             )
+    if rtu:
+        from millrace.edge.drivers.modbus import ModbusGroup
+        from millrace.edge.drivers.modbus_rtu import RtuBusConnection
+
+        buses: dict[str, RtuBusConnection] = {}
+        # One thread per bus: its requests never overlap on the line.
+        for (bus, _unit, _table, poll_s), items in rtu.items():
+            if bus not in buses:
+                buses[bus] = RtuBusConnection(config.modbus_rtu[bus])
+            threads[f"modbus_rtu:{bus}"].append(ModbusGroup(buses[bus], items, interval_s=poll_s))
     if sims:
         from millrace.edge.drivers.sim import SimGroup
 

@@ -1,4 +1,7 @@
-"""Modbus TCP signals (pymodbus): registers and bits, 16/32-bit types, batched reads.
+"""Modbus TCP signals (pymodbus): registers and bits, 16/32/64-bit types, batched reads.
+
+The register decoding here (16/32/64-bit integers and floats, strings, one bit of a
+register, word and byte order) is shared with Modbus RTU (drivers/modbus_rtu.py).
 
 Signals of one device, table and poll interval whose addresses lie close
 together are read with one request. A device that refuses or times out costs
@@ -13,7 +16,7 @@ import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from millrace.edge.config import ModbusDevice, ModbusSpec, SignalConfig
 from millrace.edge.drivers.base import ReadFailure, ReadResult
@@ -26,7 +29,16 @@ MAX_BITS_PER_READ = 2000
 # Reading a few unused registers is cheaper than another round trip.
 MAX_GAP_REGISTERS = 16
 MAX_GAP_BITS = 64
-_FORMATS = {"int16": "h", "uint16": "H", "int32": "i", "uint32": "I", "float32": "f"}
+_FORMATS = {
+    "int16": "h",
+    "uint16": "H",
+    "int32": "i",
+    "uint32": "I",
+    "float32": "f",
+    "int64": "q",
+    "uint64": "Q",
+    "float64": "d",
+}
 _READERS = {
     "holding": "read_holding_registers",
     "input": "read_input_registers",
@@ -35,8 +47,20 @@ _READERS = {
 }
 
 
-def decode_registers(registers: Sequence[int], spec: ModbusSpec) -> float | int:
-    """The value of `spec` from its registers (len == spec.width)."""
+def decode_registers(registers: Sequence[int], spec: ModbusSpec) -> float | int | bool | str:
+    """The value of `spec` from its registers (len == spec.width).
+
+    word_order little: the lowest word comes first (CDAB for 32 bits); byte_order
+    little: the low byte of each register comes first (BADC). A string keeps two
+    characters per register, first character in the high byte (byte_order big),
+    and ends at the first NUL; trailing spaces are dropped.
+    """
+    if spec.bit is not None:
+        return bool((registers[0] >> spec.bit) & 1)
+    if spec.type == "string":
+        word_format = ">H" if spec.byte_order == "big" else "<H"
+        raw = b"".join(struct.pack(word_format, w & 0xFFFF) for w in registers)
+        return raw.split(b"\0", 1)[0].decode("latin-1").rstrip(" ")
     words = list(registers)
     if spec.word_order == "little":
         words.reverse()
@@ -46,14 +70,30 @@ def decode_registers(registers: Sequence[int], spec: ModbusSpec) -> float | int:
     return value
 
 
-def encode_registers(value: float | int, spec: ModbusSpec) -> list[int]:
+def encode_registers(value: float | int | str, spec: ModbusSpec) -> list[int]:
     """The inverse of decode_registers (used by tests and simulators)."""
-    raw = struct.pack(">" + _FORMATS[spec.type], value)
     word_format = ">H" if spec.byte_order == "big" else "<H"
+    if spec.type == "string":
+        raw = str(value).encode("latin-1")[: 2 * spec.length].ljust(2 * spec.length, b"\0")
+        return [struct.unpack(word_format, raw[i : i + 2])[0] for i in range(0, len(raw), 2)]
+    raw = struct.pack(">" + _FORMATS[spec.type], value)
     words = [struct.unpack(word_format, raw[i : i + 2])[0] for i in range(0, len(raw), 2)]
     if spec.word_order == "little":
         words.reverse()
     return words
+
+
+def decode_span(table: str, values: Sequence[int] | Sequence[bool], span: Span) -> list[ReadResult]:
+    """One result per member of `span` from the span's registers or bits."""
+    results: list[ReadResult] = []
+    for _, spec in span.members:
+        offset = spec.address - span.start
+        if table in ("coil", "discrete"):
+            results.append(bool(values[offset]))
+        else:
+            words = values[offset : offset + spec.width]
+            results.append(decode_registers(words, spec))  # type: ignore[arg-type]
+    return results
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +137,7 @@ class ModbusConnection:
 
         logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # we count and report
         self.device = device
+        self.name = device.name
         self.lock = threading.Lock()
         self.client = ModbusTcpClient(
             device.host, port=device.port, timeout=device.timeout_s, retries=0
@@ -104,16 +145,20 @@ class ModbusConnection:
         params = inspect.signature(self.client.read_holding_registers).parameters
         # pymodbus renamed `slave` to `device_id` in 3.10.
         self._unit_kw = "device_id" if "device_id" in params else "slave"
-        self.healthy = True
+        # Health per unit id (None: the device's own), for one log line per change.
+        self.healthy: dict[int | None, bool] = {}
 
-    def read(self, table: str, start: int, count: int) -> list[int] | list[bool]:
+    def read(
+        self, table: str, start: int, count: int, unit_id: int | None = None
+    ) -> list[int] | list[bool]:
         """Registers or bits, or raise ModbusError with a short reason."""
         from pymodbus.exceptions import ModbusException
 
         if not self.client.connected and not self.client.connect():
             raise ModbusError(f"cannot connect to {self.device.host}:{self.device.port}")
         try:
-            kwargs: dict[str, Any] = {"count": count, self._unit_kw: self.device.unit_id}
+            unit = self.device.unit_id if unit_id is None else unit_id
+            kwargs: dict[str, Any] = {"count": count, self._unit_kw: unit}
             response = getattr(self.client, _READERS[table])(start, **kwargs)
         except ModbusException as exc:
             self.client.close()
@@ -152,12 +197,30 @@ class ModbusError(Exception):
         self.device_ok = device_ok
 
 
+class Connection(Protocol):
+    """A Modbus link (a TCP device, a serial bus) that groups read through, one at a time."""
+
+    name: str
+    lock: threading.Lock
+    healthy: dict[int | None, bool]
+
+    def read(
+        self, table: str, start: int, count: int, unit_id: int | None = None
+    ) -> list[int] | list[bool]: ...
+
+    def close(self) -> None: ...
+
+
 class ModbusGroup:
-    """Signals of one device and table sharing a poll interval, read span by span."""
+    """Signals of one device (unit), table and poll interval, read span by span.
+
+    A failure that is not the device's answer (timeout, refused, CRC error) skips the
+    rest of the group's spans: that unit costs one failure per poll, not one per span.
+    """
 
     def __init__(
         self,
-        connection: ModbusConnection,
+        connection: Connection,
         items: Sequence[tuple[int, SignalConfig]],
         *,
         interval_s: float,
@@ -169,6 +232,7 @@ class ModbusGroup:
         self.connection = connection
         self.interval_s = interval_s
         self.table = specs[0][1].table
+        self.unit_id = specs[0][1].unit_id
         self.spans = plan_spans(specs)
         self.indexes = tuple(index for span in self.spans for index, _ in span.members)
 
@@ -182,30 +246,26 @@ class ModbusGroup:
                     results.extend(failure for _ in span.members)
                     continue
                 try:
-                    values = conn.read(self.table, span.start, span.count)
+                    values = conn.read(self.table, span.start, span.count, self.unit_id)
                 except ModbusError as exc:
                     span_failure = ReadFailure(exc.reason)
                     results.extend(span_failure for _ in span.members)
                     if not exc.device_ok:
                         failure = span_failure
                     continue
-                for _, spec in span.members:
-                    offset = spec.address - span.start
-                    if self.table in ("coil", "discrete"):
-                        results.append(bool(values[offset]))
-                    else:
-                        words = values[offset : offset + spec.width]
-                        results.append(decode_registers(words, spec))  # type: ignore[arg-type]
+                results.extend(decode_span(self.table, values, span))
             self._log_health(failure)
         return results
 
     def _log_health(self, failure: ReadFailure | None) -> None:
         conn = self.connection
-        if failure is not None and conn.healthy:
-            log.warning("modbus device %s failing: %s", conn.device.name, failure.reason)
-        elif failure is None and not conn.healthy:
-            log.info("modbus device %s answering again", conn.device.name)
-        conn.healthy = failure is None
+        healthy = conn.healthy.get(self.unit_id, True)
+        who = conn.name if self.unit_id is None else f"{conn.name} unit {self.unit_id}"
+        if failure is not None and healthy:
+            log.warning("modbus device %s failing: %s", who, failure.reason)
+        elif failure is None and not healthy:
+            log.info("modbus device %s answering again", who)
+        conn.healthy[self.unit_id] = failure is None
 
     def close(self) -> None:
         self.connection.close()

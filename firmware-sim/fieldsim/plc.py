@@ -219,6 +219,35 @@ class PlcDevice:
             )
         return None
 
+    def read_table(
+        self, function_code: int, address: int, count: int, *, now: float, label: str = ""
+    ) -> list[int] | None:
+        """Registers (functions 3, 4) or bits (1) for a read served at `now`, logged to the
+        ground truth like a TCP read; None when the range is outside the map (illegal address).
+
+        The Modbus RTU slave (fieldsim.rtu) serves the same model through this.
+        """
+        signals = self._tables.get(function_code)
+        if not signals:
+            return None
+        words = 1 if function_code == FC_READ_COILS else 0
+        low = min(s.address for s in signals)
+        high = max(s.address + (words or s.words) for s in signals)
+        if address < low or address + count > high:
+            return None
+        values = [0] * count
+        if function_code != FC_READ_COILS:
+            self._fill_registers(signals, address, address + count, address, values, now, label)
+            return values
+        for sig in signals:
+            if not address <= sig.address < address + count:
+                continue
+            served_words, served, ts, fault = self._value(sig, now, label)
+            values[sig.address - address] = served_words[0]
+            if self._gt is not None:
+                self._gt.record(now, self.device_id, sig.spec.name, ts, served, fault)
+        return values
+
     def _value(
         self, sig: RegisterSignal, now: float, label: str
     ) -> tuple[list[int], float, float, str]:
