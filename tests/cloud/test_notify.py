@@ -379,3 +379,95 @@ def test_a_dead_webhook_retries_then_records_a_failure_and_ingest_goes_on(
     assert hook.attempts == 3 and hook.accepted == []
     assert scalar(db.owner_dsn, "SELECT count(*) FROM readings") == 21
     assert json.loads(json.dumps(smtp.accepted[0].message["Subject"])).startswith("[millrace")
+
+
+def test_the_notify_example_in_docs_alerts_md_loads(tmp_path: Path) -> None:
+    import re
+    import tomllib
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "alerts.md").read_text()
+    (block,) = [
+        b for b in re.findall(r"^```toml\n(.*?)^```$", page, re.M | re.S) if "[notify]" in b
+    ]
+    for name, body in (("webhook.secret", SECRET.decode()), ("smtp.secret",
+                       'username = "u"\npassword = "p"\n')):  # fmt: skip
+        block = block.replace(f"/etc/millrace/{name}", str(write_secret(tmp_path / name, body)))
+    settings = parse_notify(Table(tomllib.loads(block)["notify"], "notify", base=tmp_path))
+    assert set(settings.channels) == {"ops-hook", "oncall-mail"} and len(settings.routes) == 2
+    raised = AlertMessage(
+        1, "press-1", "oil_temp", "press-oil-hot", "critical", "active", 90, 0, ""
+    )
+    assert settings.channels_for(raised) == ["ops-hook", "oncall-mail"]
+
+
+def test_email_is_never_sent_without_starttls(tmp_path: Path) -> None:
+    from aiosmtpd.controller import Controller
+
+    from millrace.cloud.alerts.notify import DeliveryError, EmailChannel, send_email
+    from tests.fixtures.fix_broker import free_port
+
+    got: list[bytes] = []
+
+    class Handler:
+        async def handle_DATA(self, _server: Any, _session: Any, envelope: Any) -> str:
+            got.append(envelope.content)
+            return "250 OK"
+
+    port = free_port()
+    plain = Controller(Handler(), hostname="127.0.0.1", port=port)  # offers no STARTTLS
+    plain.start()
+    try:
+        channel = EmailChannel("m", "127.0.0.1", port, "a@plant.example", ("b@plant.example",))
+        items = (("d1", {"state": "active", "severity": "info", "rule": "r", "device": "x",
+                         "metric": "m", "value": 1.0, "alert_id": 1, "message": "m"}),)  # fmt: skip
+        with pytest.raises(DeliveryError, match="STARTTLS"):
+            send_email(channel, Outgoing("d1", "alert", items))
+    finally:
+        plain.stop()
+    assert got == []
+
+
+@pytest.mark.integration
+def test_a_crash_between_send_and_mark_resends_with_the_same_delivery_id(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    """The one window no database closes: the receiver dedupes on the delivery id."""
+    from millrace.cloud.alerts.notify import NotificationSender, default_send, enqueue
+
+    db = prepare_database(fresh_db)
+    hook = WebhookReceiver()
+    try:
+        settings = parse_notify(
+            Table(
+                {"channels": {"hook": {"type": "webhook", "url": hook.url, "secret_file": str(
+                    write_secret(tmp_path / "s", SECRET.decode()))}},
+                 "route": [{"channels": ["hook"]}]},
+                "notify", base=tmp_path,
+            )
+        )  # fmt: skip
+        msg = AlertMessage(42, "press-1", "temp", "hot", "warning", "active", 90.0, 0, "hot")
+        with psycopg.connect(db.ingest_dsn) as conn:
+            assert enqueue(conn, settings, [msg]) == 1
+            assert enqueue(conn, settings, [msg]) == 0  # a second intent is impossible
+        victim = psycopg.connect(db.ingest_dsn, autocommit=True)
+        pid = victim.info.backend_pid
+
+        def send_then_crash(channel: Any, out: Any) -> None:
+            default_send(channel, out)  # the receiver has it ...
+            with psycopg.connect(db.owner_dsn, autocommit=True) as owner:  # ... then we "die"
+                owner.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+        crashing = NotificationSender(settings, lambda: victim, send=send_then_crash)
+        with pytest.raises(psycopg.OperationalError):
+            crashing.deliver_once(victim, settings.channels["hook"])
+        assert _states(db.owner_dsn) == {"pending": 1}
+        with psycopg.connect(db.ingest_dsn, autocommit=True) as conn:
+            sender = NotificationSender(settings, lambda: conn)
+            assert sender.deliver_once(conn, settings.channels["hook"])
+            assert not sender.deliver_once(conn, settings.channels["hook"])
+        assert _states(db.owner_dsn) == {"delivered": 1}
+        ids = [h.delivery_id for h in hook.accepted]
+        assert len(ids) == 2 and ids[0] == ids[1], ids  # sent twice, one delivery id
+        assert ids[0] == str(scalar(db.owner_dsn, "SELECT delivery_id FROM notifications"))
+    finally:
+        hook.close()
