@@ -207,6 +207,11 @@ def open_sequence_gaps(dsn: str) -> Any:
 
 
 @_cached
+def data_holes_in(dsn: str, *, start: datetime, end: datetime) -> Any:
+    return _run(dsn, queries.data_holes_in, start=start, end=end)
+
+
+@_cached
 def rejected_readings(dsn: str, *, start: datetime, end: datetime) -> Any:
     return _run(dsn, queries.rejected_readings, start=start, end=end)
 

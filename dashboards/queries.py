@@ -32,6 +32,7 @@ from sqlalchemy import (
 from millrace.cloud import registry
 from millrace.cloud.alerts import lifecycle
 from millrace.cloud.schema.core import (
+    data_holes,
     dead_letters,
     device_units,
     devices,
@@ -51,6 +52,7 @@ DEAD_LETTER_PREVIEW_BYTES: Final = 160
 MAX_EVENTS: Final = 2000
 MAX_ALERT_ROWS: Final = 1000
 MAX_GAP_ROWS: Final = 500
+MAX_HOLE_ROWS: Final = 500
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -497,6 +499,46 @@ def open_sequence_gaps(conn: Connection, *, limit: int = MAX_GAP_ROWS) -> pd.Dat
         .limit(limit)
     )
     return _frame(conn, stmt, times=("detected_at",))
+
+
+HOLE_COLUMNS: Final = (
+    "device",
+    "metric",
+    "from_ts",
+    "to_ts",
+    "duration_s",
+    "cause",
+    "boot_id",
+    "metrics_omitted",
+)
+
+
+def data_holes_in(
+    conn: Connection, *, start: datetime, end: datetime, limit: int = MAX_HOLE_ROWS
+) -> pd.DataFrame:
+    """Holes agents reported after an unclean end that overlap [start, end), newest first.
+
+    One row per metric: the windows of `metric` from `from_ts` to `to_ts` were lost when
+    the run `boot_id` ended without its orderly stop (power cut, watchdog kill, SIGKILL).
+    """
+    h = data_holes
+    stmt = (
+        select(
+            devices.c.name.label("device"),
+            h.c.metric,
+            h.c.from_ts,
+            h.c.to_ts,
+            _epoch_s(h.c.to_ts - h.c.from_ts).label("duration_s"),
+            h.c.cause,
+            func.replace(cast(h.c.prev_boot_id, Text), "-", "").label("boot_id"),
+            h.c.metrics_omitted,
+        )
+        .select_from(h.join(devices, devices.c.id == h.c.device_id))
+        .where(h.c.to_ts >= start, h.c.from_ts < end)
+        .order_by(h.c.to_ts.desc(), devices.c.name, h.c.metric)
+        .limit(limit)
+    )
+    return _frame(conn, stmt, times=("from_ts", "to_ts"))
 
 
 def rejected_readings(conn: Connection, *, start: datetime, end: datetime) -> pd.DataFrame:

@@ -24,6 +24,7 @@ def quality(range_label: str, range_s: int) -> None:
         dead = data.dead_letter_counts(start=start, end=end)
         samples = data.dead_letter_samples(start=start, end=end)
         gaps = data.open_sequence_gaps()
+        holes = data.data_holes_in(start=start, end=end)
         rejected = data.rejected_readings(start=start, end=end)
         delivery = data.delivery_by_device(
             start=start, end=end, late_after_s=ctx.config.late_after_s
@@ -133,6 +134,36 @@ def quality(range_label: str, range_s: int) -> None:
                     "seq_to": st.column_config.NumberColumn("To seq", format="%d"),
                     "missing": st.column_config.NumberColumn("Missing batches"),
                     "detected_at": "Detected",
+                },
+            )
+
+        st.subheader("Lost at unclean ends")
+        if holes.empty:
+            st.success(
+                f"No agent ended uncleanly (power cut, watchdog, kill) in the last {range_label}.",
+                icon=":material/check:",
+            )
+        else:
+            st.caption(
+                "Windows an agent lost when its run ended without an orderly stop (power cut, "
+                "watchdog kill, SIGKILL): from the end of the last window it had stored to "
+                "the start of its next run. Its next start reported them."
+            )
+            st.dataframe(
+                ui.table_times(holes, ctx.tz, ["from_ts", "to_ts"]),
+                hide_index=True,
+                column_config={
+                    "device": "Device",
+                    "metric": "Metric",
+                    "from_ts": "From",
+                    "to_ts": "To",
+                    "duration_s": st.column_config.NumberColumn("Lost (s)", format="%.1f"),
+                    "cause": "Cause",
+                    "boot_id": "Ended run",
+                    "metrics_omitted": st.column_config.NumberColumn(
+                        "Unnamed metrics",
+                        help="Metrics of the same hole over the 256 a birth names.",
+                    ),
                 },
             )
 
