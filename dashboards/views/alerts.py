@@ -82,6 +82,13 @@ def _label(row: pd.Series) -> str:
     )
 
 
+def _linked_index(ids: list[int]) -> int:
+    """Where the selection starts: the alert a notification's link names (?alert=ID)."""
+    raw = st.query_params.get("alert")
+    wanted = int(raw) if raw is not None and raw.isdigit() else None
+    return ids.index(wanted) if wanted in ids else 0
+
+
 def acknowledge_form() -> None:
     st.subheader("Acknowledge")
     if not auth.can_acknowledge(ctx.user):
@@ -102,7 +109,11 @@ def acknowledge_form() -> None:
         labels = {int(row["id"]): _label(row) for _, row in queue.iterrows()}
         with st.form("acknowledge", clear_on_submit=True, border=True):
             alert_id = st.selectbox(
-                "Alert", list(labels), format_func=labels.__getitem__, key="ack_alert"
+                "Alert",
+                list(labels),
+                index=_linked_index(list(labels)),
+                format_func=labels.__getitem__,
+                key="ack_alert",
             )
             comment = st.text_area(
                 "Comment",

@@ -408,3 +408,32 @@ def test_device_supplied_units_are_neither_markdown_nor_spreadsheet_formulas(
     assert not any(
         cell.startswith(("=", "+", "-", "@", "\t", "\r")) for row in rows for cell in row.values()
     )
+
+
+def test_a_notification_link_preselects_its_alert_for_acknowledging(
+    plant_factory: Callable[..., Plant],
+    users_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`<dashboard_url>/alerts?alert=<id>` (the link in webhooks and e-mails)."""
+    private = plant_factory(hours=1.0)
+    config = write_config(tmp_path, dsn=private.dash_dsn, users=users_file)
+    monkeypatch.setenv("MILLRACE_DASH_CONFIG", str(config))
+    with psycopg.connect(private.dsn) as conn:
+        extra = conn.execute(
+            "INSERT INTO alerts (rule_id, rule_name, device_id, metric, severity, state, message)"
+            " SELECT rule_id, rule_name, device_id, 'other', severity, 'cleared', 'second'"
+            " FROM alerts ORDER BY id LIMIT 1 RETURNING id"
+        ).fetchone()
+        ids = [r[0] for r in conn.execute("SELECT id FROM alerts WHERE acknowledged_at IS NULL")]
+    assert extra is not None and len(ids) >= 2
+    for alert_id in ids:
+        at = _login(_app(), "otto")
+        at.query_params["alert"] = str(alert_id)
+        at.switch_page("views/alerts.py").run()
+        _no_errors(at)
+        assert at.selectbox(key="ack_alert").value == alert_id
+    at.query_params["alert"] = "not-a-number"
+    at.run()
+    _no_errors(at)
