@@ -464,6 +464,33 @@ def test_bundle_signature_is_checked_before_any_other_file_is_read(
     assert "manifest verified" not in result.stdout
 
 
+def test_install_without_openssl_says_what_to_install_in_one_line(
+    plant_pki: Path, fake_wheel: Path, tmp_path: Path
+) -> None:
+    """openssl is not in a minbase Debian (Priority: optional); python3 cannot verify Ed25519."""
+    top = _extract(_bundle(plant_pki, fake_wheel, tmp_path / "b.tar.gz").path, tmp_path / "x")
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for folder in ("/usr/local/bin", "/usr/bin", "/bin"):
+        for tool in Path(folder).iterdir():
+            if tool.name != "openssl" and not (tools / tool.name).exists():
+                (tools / tool.name).symlink_to(tool)
+    result = subprocess.run(
+        ["sh", str(top / "install.sh"), "--root", str(tmp_path / "root"), *_trust(plant_pki)],
+        env={**os.environ, "PATH": str(tools)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "install.sh: error: openssl is required to verify the bundle's signature "
+        "(Debian: apt-get install openssl)"
+    ]
+    assert not (tmp_path / "root").exists()
+
+
 @pytest.mark.security
 def test_release_key_is_private_from_creation(tmp_path: Path) -> None:
     pki_dir = tmp_path / "pki"
