@@ -304,6 +304,44 @@ def test_config_template_mistakes_name_the_placeholder_and_issue_nothing(
     assert not pki.pki_paths(plant_pki).cert_for("tmpl-1").exists()
 
 
+def test_a_wheelhouse_lacking_the_platforms_wheel_is_refused_naming_the_pin(
+    plant_pki: Path, fake_wheel: Path, tmp_path: Path
+) -> None:
+    """A bundle that would need an index on the gateway is refused when it is made."""
+    house = tmp_path / "house"
+    house.mkdir()
+    for pin in provision.edge_requirements():
+        name, version = pin.split("==")
+        stem = f"{name.replace('-', '_')}-{version}"
+        tag = "cp311-cp311-manylinux_2_17_x86_64" if name == "msgpack" else "py3-none-any"
+        (house / f"{stem}-{tag}.whl").write_bytes(b"stand-in")
+    msgpack = next(p for p in provision.edge_requirements() if p.startswith("msgpack=="))
+    with pytest.raises(ConfigError, match=f"no aarch64 wheel for {msgpack}") as caught:
+        _bundle(plant_pki, fake_wheel, tmp_path / "b.tar.gz", wheelhouse=house, platform="aarch64")
+    assert caught.value.key == "--wheelhouse"
+    assert not (tmp_path / "b.tar.gz").exists()
+    bundle = _bundle(
+        plant_pki, fake_wheel, tmp_path / "b.tar.gz", wheelhouse=house, platform="x86_64"
+    )
+    assert bundle.platform == "x86_64"
+    with pytest.raises(ConfigError, match="choose one of aarch64, x86_64, armv7l"):
+        _bundle(plant_pki, fake_wheel, tmp_path / "c.tar.gz", wheelhouse=house, platform="mips")
+
+
+def test_release_dir_for_a_platform_carries_its_wheels(fake_wheel: Path, tmp_path: Path) -> None:
+    release = provision.prepare_release(
+        tmp_path / "release",
+        wheel=fake_wheel,
+        wheelhouse=_stand_in_wheelhouse(fake_wheel),
+        targets=(),
+        platform="aarch64",
+    )
+    info = json.loads((release.dir / provision.RELEASE_JSON).read_text())
+    assert info["platform"] == "aarch64"
+    assert len(info["wheels"]) == len(provision.edge_requirements())
+    assert "--hash" not in release.requirements.read_text()  # the Ansible role's pins
+
+
 # -- the install script's integrity check ---------------------------------------------------------
 
 
