@@ -21,7 +21,7 @@ from millrace.ids import DEVICE_ID_RULE, METRIC_NAME_RULE, is_device_id, is_metr
 from millrace.wire.batch import MAX_PERIOD_SECONDS
 from millrace.wire.periods import period_problem
 
-DriverName = Literal["modbus", "modbus_rtu", "mqtt", "file", "command", "sim"]
+DriverName = Literal["modbus", "modbus_rtu", "mqtt", "opcua", "file", "command", "sim"]
 SignalKind = Literal["numeric", "state", "enum"]
 ModbusTable = Literal["holding", "input", "coil", "discrete"]
 ModbusType = Literal[
@@ -32,6 +32,8 @@ ByteOrder = Literal["big", "little"]
 FileFormat = Literal["number", "w1_slave"]
 SimWave = Literal["sine", "ramp", "square", "noise", "constant", "steps"]
 Encoding = Literal["msgpack", "json"]
+OpcUaSecurity = Literal["sign_encrypt", "sign", "none"]
+OpcUaMode = Literal["poll", "subscribe"]
 
 DEFAULT_BROKER_PORT: Final = configfile.DEFAULT_BROKER_PORT
 DEFAULT_MODBUS_PORT: Final = 502
@@ -157,6 +159,28 @@ class LocalMqtt:
 
 
 @dataclass(frozen=True, slots=True)
+class OpcUaServer:
+    """An OPC UA server (PLC, SCADA) that opcua signals read from: one session, one thread.
+
+    security "sign_encrypt" and "sign" use the policy Basic256Sha256 with the client's
+    certificate and key and the server's certificate (trusted as given, no discovery).
+    """
+
+    name: str
+    endpoint: str
+    security: OpcUaSecurity = "sign_encrypt"
+    cert: Path | None = None
+    key: Path | None = None
+    server_cert: Path | None = None
+    application_uri: str = ""
+    username: str = ""
+    password_file: Path | None = None
+    timeout_s: float = 4.0
+    session_timeout_s: float = 60.0
+    reconnect_max_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class ModbusSpec:
     device: str
     table: ModbusTable
@@ -189,6 +213,14 @@ class MqttSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class OpcUaSpec:
+    server: str
+    node: str
+    # poll: read every poll_s; subscribe: a monitored item sampled every poll_s.
+    mode: OpcUaMode = "poll"
+
+
+@dataclass(frozen=True, slots=True)
 class FileSpec:
     path: Path
     format: FileFormat = "number"
@@ -211,7 +243,7 @@ class SimSpec:
     seed: int = 0
 
 
-DriverSpec = ModbusSpec | MqttSpec | FileSpec | CommandSpec | SimSpec
+DriverSpec = ModbusSpec | MqttSpec | OpcUaSpec | FileSpec | CommandSpec | SimSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,8 +265,9 @@ class SignalConfig:
 
     @property
     def polled(self) -> bool:
-        """mqtt signals are pushed by their source; every other driver is polled."""
-        return self.driver != "mqtt"
+        """Polled by the agent's poller threads: not mqtt (pushed) nor opcua (its session's
+        thread keeps the schedule, polls and subscriptions alike)."""
+        return self.driver not in ("mqtt", "opcua")
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +284,7 @@ class AgentConfig:
     modbus: Mapping[str, ModbusDevice] = field(default_factory=dict)
     modbus_rtu: Mapping[str, ModbusRtuBus] = field(default_factory=dict)
     local_mqtt: Mapping[str, LocalMqtt] = field(default_factory=dict)
+    opcua: Mapping[str, OpcUaServer] = field(default_factory=dict)
     source: Path | None = None
     config_hash: str = ""
 
@@ -306,6 +340,7 @@ _DRIVER_KEYS: Final[dict[str, frozenset[str]]] = {
         {"bus", "unit_id", "table", "address", "type", "byte_order", "word_order", "bit", "length"}
     ),
     "mqtt": frozenset({"source", "topic", "field"}),
+    "opcua": frozenset({"server", "node", "mode"}),
     "file": frozenset({"path", "format"}),
     "command": frozenset({"command", "timeout_s", "pattern"}),
     "sim": frozenset({"wave", "center", "amplitude", "wave_period_s", "noise", "seed"}),
@@ -436,6 +471,55 @@ def _local_mqtt(root: Table) -> dict[str, LocalMqtt]:
     return sources
 
 
+_OPCUA_NODE = re.compile(r"^(ns=\d+;|nsu=[^;]+;)?[isgb]=.+$")
+
+
+def _opcua_servers(root: Table) -> dict[str, OpcUaServer]:
+    servers: dict[str, OpcUaServer] = {}
+    for name, t in root.table("opcua").subtables().items():
+        server = OpcUaServer(
+            name=name,
+            endpoint=t.text("endpoint"),
+            security=t.choice("security", OpcUaSecurity, "sign_encrypt"),
+            cert=t.optional_path("cert"),
+            key=t.optional_path("key"),
+            server_cert=t.optional_path("server_cert"),
+            application_uri=t.text("application_uri", ""),
+            username=t.text("username", ""),
+            password_file=t.optional_path("password_file"),
+            timeout_s=t.number("timeout_s", 4.0, low=0.0, low_open=True, high=600.0),
+            session_timeout_s=t.number("session_timeout_s", 60.0, low=1.0, high=86_400.0),
+            reconnect_max_s=t.number("reconnect_max_s", 30.0, low=0.1, high=3600.0),
+        )
+        if not server.endpoint.startswith("opc.tcp://"):
+            raise t.error("endpoint", "expected opc.tcp://host:port[/path]")
+        if server.security != "none":
+            for key in ("cert", "key", "server_cert"):
+                if getattr(server, key) is None:
+                    raise t.error(
+                        key,
+                        f'security "{server.security}" (Basic256Sha256) needs cert, key and'
+                        ' server_cert; or set security = "none"',
+                    )
+        if server.password_file is not None and not server.username:
+            raise t.error("username", "password_file needs a username")
+        t.check_unknown()
+        servers[name] = server
+    return servers
+
+
+def _opcua_spec(t: Table, servers: Mapping[str, OpcUaServer]) -> OpcUaSpec:
+    server = t.text("server")
+    if server not in servers:
+        raise t.error(
+            "server", f"{server!r} is not an [opcua.<name>] table" + suggest(server, servers)
+        )
+    node = t.text("node")
+    if not _OPCUA_NODE.fullmatch(node):
+        raise t.error("node", f"{node!r} is not a node id like 'ns=2;s=Line1.Temp' or 'i=2258'")
+    return OpcUaSpec(server=server, node=node, mode=t.choice("mode", OpcUaMode, "poll"))
+
+
 def _modbus_spec(
     t: Table, devices: Mapping[str, ModbusDevice] | Mapping[str, ModbusRtuBus], *, rtu: bool
 ) -> ModbusSpec:
@@ -548,6 +632,8 @@ def _signal(t: Table, config: _Partial) -> SignalConfig:
         spec = _modbus_spec(t, config.modbus_rtu, rtu=True)
     elif driver == "mqtt":
         spec = _mqtt_spec(t, config.local_mqtt)
+    elif driver == "opcua":
+        spec = _opcua_spec(t, config.opcua)
     elif driver == "file":
         spec = FileSpec(path=t.path("path"), format=t.choice("format", FileFormat, "number"))
     elif driver == "command":
@@ -593,6 +679,7 @@ class _Partial:
     modbus: dict[str, ModbusDevice]
     modbus_rtu: dict[str, ModbusRtuBus]
     local_mqtt: dict[str, LocalMqtt]
+    opcua: dict[str, OpcUaServer] = field(default_factory=dict)
 
 
 def _signals(root: Table, partial: _Partial) -> tuple[SignalConfig, ...]:
@@ -628,6 +715,7 @@ def parse_config(text: str, *, base: Path, source: str = "<config>") -> AgentCon
         modbus=_modbus_devices(root),
         modbus_rtu=_modbus_rtu_buses(root),
         local_mqtt=_local_mqtt(root),
+        opcua=_opcua_servers(root),
     )
     signals = _signals(root, partial)
     root.check_unknown()
@@ -642,6 +730,7 @@ def parse_config(text: str, *, base: Path, source: str = "<config>") -> AgentCon
         modbus=partial.modbus,
         modbus_rtu=partial.modbus_rtu,
         local_mqtt=partial.local_mqtt,
+        opcua=partial.opcua,
         config_hash=hashlib.sha256(text.encode()).hexdigest()[:16],
     )
 
