@@ -364,3 +364,36 @@ def _assert_kill_hole(plant: Pipeline, conn: Connection, result: Reconciliation)
         assert served and all(r.verdict == "unobserved" for r in served), served
         holes += 1
     assert holes, "the agent was down for at least one whole window"
+    # Loss is visible: each restart after a kill reported its hole, and every window lost at
+    # a kill (open then, or while the agent was down) starts inside its metric's hole.
+    reported = queries.data_holes_in(
+        conn, start=utc(lives[0].started_at - 3600), end=utc(time.time() + 3600)
+    )
+    reported = reported[reported["device"] == KILLED]
+    kills = sum(1 for life in lives[:-1] if life.killed)
+    assert reported["boot_id"].nunique() == kills, reported
+    assert set(reported["cause"]) == {"unclean end"}
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for metric, from_ts, to_ts in zip(
+        reported["metric"], reported["from_ts"], reported["to_ts"], strict=True
+    ):
+        spans.setdefault(metric, []).append((from_ts.timestamp() * 1000, to_ts.timestamp() * 1000))
+    first_kill = min(life.stopped_at for life in lives if life.killed)
+    lost = [
+        r
+        for r in result.results
+        if r.gateway == KILLED
+        and (
+            r.verdict == "allowed_loss"
+            or (r.verdict == "unobserved" and first_kill * 1000 <= r.start_ms)
+        )
+        and r.start_ms < lives[-1].started_at * 1000
+    ]
+    assert any(r.verdict == "allowed_loss" for r in lost), "a window was open at the kill"
+    uncovered = [
+        r
+        for r in lost
+        if not any(low <= r.start_ms < high for low, high in spans.get(r.metric, ()))
+    ]
+    assert uncovered == [], (uncovered, reported)
+    print(f"loss is visible: {len(reported)} hole row(s) cover the {len(lost)} lost window(s)")
