@@ -59,6 +59,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "--plc-map", type=Path, help="register map (default: packaged plc_map.toml)"
     )
     parser.add_argument("--sensors", type=Path, help="node/1-wire signals (default: sensors.toml)")
+    parser.add_argument(
+        "--rtu",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the first N gateways also get a Modbus RTU PLC on a pseudo-terminal (default 0)",
+    )
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -97,6 +104,7 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
         mqtt_port=args.mqtt_port,
         topic_prefix=args.topic_prefix,
         gateway_prefix=args.gateway_prefix,
+        rtu_gateways=args.rtu,
         w1_dir=args.w1_dir,
         manifest=args.manifest,
         ground_truth=args.ground_truth,

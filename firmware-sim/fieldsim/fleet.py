@@ -40,13 +40,17 @@ from millrace.fieldsim.mqttnode import MqttNode
 from millrace.fieldsim.onewire import W1Sensor
 from millrace.fieldsim.plc import PlcDevice, quiet_pymodbus
 from millrace.fieldsim.replay import Replay
+from millrace.fieldsim.rtu import RtuBus
 from millrace.fieldsim.specs import load_plc_map, load_sensor_specs
 
 logger = logging.getLogger(__name__)
 
 DeviceKind = Literal["plc", "mqtt", "w1"]
 DEVICE_KINDS: tuple[DeviceKind, ...] = ("plc", "mqtt", "w1")
-_SUFFIX: dict[str, str] = {"plc": "plc", "mqtt": "node", "w1": "w1"}
+_SUFFIX: dict[str, str] = {"plc": "plc", "mqtt": "node", "w1": "w1", "rtu": "rtu"}
+# The RTU PLC's slave id on its gateway's bus, and the line speed written to the manifest.
+RTU_UNIT_ID = 1
+RTU_BAUDRATE = 115200
 # Headroom per gateway: a listening socket, a client per PLC, an MQTT socket.
 _FDS_PER_GATEWAY = 6
 
@@ -73,8 +77,12 @@ class FleetConfig:
     replay_loop: bool = True
     plc_map: Path | None = None
     sensors: Path | None = None
+    # The first `rtu_gateways` gateways also get a PLC on a Modbus RTU bus (a pty).
+    rtu_gateways: int = 0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.rtu_gateways <= self.devices:
+            raise ConfigError("--rtu", f"must be between 0 and --devices ({self.devices})")
         if self.devices < 1:
             raise ConfigError("--devices", "must be at least 1")
         if not self.kinds or any(k not in DEVICE_KINDS for k in self.kinds):
@@ -120,6 +128,7 @@ class Fleet:
         self.manifest_path = config.manifest or Path("fieldsim-manifest.json")
         self.ground_truth: GroundTruth | None = None
         self.plcs: list[PlcDevice] = []
+        self.rtu: list[tuple[RtuBus, PlcDevice]] = []
         self.nodes: list[MqttNode] = []
         self.sensors: list[W1Sensor] = []
         self.started_at = 0.0
@@ -134,6 +143,8 @@ class Fleet:
         cfg = self.config
         for index in range(1, cfg.devices + 1):
             gateway = gateway_id(cfg.gateway_prefix, index)
+            if index <= cfg.rtu_gateways:
+                self._build_rtu(gateway)
             for kind in cfg.kinds:
                 dev = device_id(gateway, kind)
                 faults = DeviceFaults.pin(
@@ -180,11 +191,45 @@ class Fleet:
                         )
                     )
 
+    def _build_rtu(self, gateway: str) -> None:
+        """One PLC (the same map and model) as unit RTU_UNIT_ID on the gateway's own pty bus."""
+        dev = device_id(gateway, "rtu")
+        faults = DeviceFaults.pin(
+            self.config.faults, device=dev, gateway=gateway, started_at=self.started_at
+        )
+        plc = PlcDevice(
+            device_id=dev,
+            gateway=gateway,
+            host="",
+            port=0,
+            plc_map=self.plc_map,
+            feed=self.feed,
+            faults=faults,
+            ground_truth=self.ground_truth,
+        )
+        bus = RtuBus(name=dev)
+        bus.attach(RTU_UNIT_ID, plc, faults)
+        self.rtu.append((bus, plc))
+
+    @staticmethod
+    def _describe_rtu(bus: RtuBus, plc: PlcDevice) -> dict[str, Any]:
+        entry = plc.describe()
+        del entry["host"]
+        entry.update(
+            kind="rtu",
+            protocol="modbus-rtu",
+            port=bus.path,
+            baudrate=RTU_BAUDRATE,
+            unit_id=RTU_UNIT_ID,
+        )
+        return entry
+
     def manifest(self, status: str, *, stopped_at: float | None = None) -> dict[str, Any]:
         """The manifest document for the current state."""
         cfg = self.config
         devices = [
             *(d.describe() for d in self.plcs),
+            *(self._describe_rtu(bus, plc) for bus, plc in self.rtu),
             *(d.describe() for d in self.nodes),
             *(d.describe() for d in self.sensors),
         ]
@@ -233,6 +278,8 @@ class Fleet:
         except BaseException:
             await self._close_plcs()
             raise
+        for bus, _ in self.rtu:
+            bus.start()
         for sensor in self.sensors:
             sensor.start()
         for node in self.nodes:
@@ -267,6 +314,8 @@ class Fleet:
         self._tasks.clear()
         await asyncio.gather(*(node.wait_stopped() for node in self.nodes))
         await self._close_plcs()
+        for bus, _ in self.rtu:
+            bus.stop()
         for sensor in self.sensors:
             sensor.stop()
         if self.ground_truth is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import TextIO
 
@@ -40,19 +41,24 @@ class GroundTruth:
             self._handle.write(HEADER)
         self._lines: list[str] = []
         self.rows = 0
+        # The Modbus RTU slave records from its own thread.
+        self._lock = threading.Lock()
 
     def record(
         self, served_at: float, device: str, signal: str, ts: float, value: float, fault: str = ""
     ) -> None:
         """Queue one served value."""
-        self._lines.append(f"{served_at:.3f},{device},{signal},{ts:.3f},{value:.12g},{fault}\n")
+        line = f"{served_at:.3f},{device},{signal},{ts:.3f},{value:.12g},{fault}\n"
+        with self._lock:
+            self._lines.append(line)
 
     def flush(self) -> None:
         """Write queued rows and hand them to the OS."""
         if self._handle is None:
             return
-        if self._lines:
+        with self._lock:
             lines, self._lines = self._lines, []
+        if lines:
             self._handle.write("".join(lines))
             self.rows += len(lines)
         self._handle.flush()

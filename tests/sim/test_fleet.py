@@ -199,3 +199,69 @@ def test_python_m_fieldsim_runs_without_the_millrace_cli() -> None:
         check=True,
     )
     assert "--base-port" in out.stdout
+
+
+def test_fleet_rtu_gateway_is_read_by_the_generated_edge_config(
+    tmp_path: Path, free_ports: Callable[[int], int]
+) -> None:
+    """`--rtu 1`: gw0001 also has a PLC on a pty bus; the config `millrace up` writes reads it."""
+    from millrace.edge.check import run_check
+    from millrace.edge.config import parse_config
+    from millrace.ops.stack.edgeconfig import (
+        BrokerEndpoint,
+        edge_config_toml,
+        gateways_from_manifest,
+    )
+
+    manifest_path, gt_path = tmp_path / "m.json", tmp_path / "gt.csv"
+    base = free_ports(2)
+    proc = start_fleet(
+        [
+            "--devices",
+            "2",
+            "--kinds",
+            "plc",
+            "--rtu",
+            "1",
+            "--base-port",
+            str(base),
+            "--manifest",
+            str(manifest_path),
+            "--ground-truth",
+            str(gt_path),
+        ],
+        tmp_path,
+    )
+    try:
+        manifest = wait_for_manifest(manifest_path, proc, "running")
+        assert manifest["gateways"][0]["devices"] == ["gw0001-plc", "gw0001-rtu"]
+        assert manifest["gateways"][1]["devices"] == ["gw0002-plc"]
+        rtu = next(d for d in manifest["devices"] if d["kind"] == "rtu")
+        assert rtu["protocol"] == "modbus-rtu" and rtu["port"].startswith("/dev/pts/")
+        text = edge_config_toml(
+            gateway_id="gw0001",
+            devices=gateways_from_manifest(manifest)["gw0001"],
+            broker=BrokerEndpoint("broker.plant.example", 8883, *(tmp_path / "x",) * 3),
+            state_dir=tmp_path / "gw0001",
+        )
+        config = parse_config(text, base=tmp_path, source="gw0001.toml")
+        assert set(config.modbus_rtu) == {"gw0001-rtu"}
+        report = run_check(config, mqtt_wait_s=0.0)
+        assert report.failed == 0, report.to_text()
+    finally:
+        code = stop_fleet(proc)
+    assert code == 0, proc.stderr.read().decode() if proc.stderr else code
+    served: dict[str, float] = {}
+    for line in gt_path.read_text().splitlines()[1:]:
+        _, device, name, _, value, _ = line.split(",")
+        if device == "gw0001-rtu":
+            served[name] = float(value)
+    rtu_results = {s.metric: s for s in report.signals if s.metric.startswith("rtu.")}
+    assert len(rtu_results) == len(rtu["signals"])
+    for metric, result in rtu_results.items():
+        value = result.value
+        if isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, str):  # an enum's label: compare the raw state instead
+            continue
+        assert value == pytest.approx(served[metric.removeprefix("rtu.")], rel=1e-6), metric

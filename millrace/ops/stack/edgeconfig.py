@@ -66,9 +66,14 @@ def _common(signal: Mapping[str, Any], metric: str) -> dict[str, object]:
 
 
 def _plc_signals(device: Mapping[str, Any], source: str) -> Iterable[dict[str, object]]:
+    rtu = device["kind"] == "rtu"
     for signal in device["signals"]:
-        entry = _common(signal, f"plc.{signal['name']}")
-        entry.update(driver="modbus", device=source, table=signal["table"])
+        entry = _common(signal, f"{device['kind']}.{signal['name']}")
+        if rtu:
+            entry.update(driver="modbus_rtu", bus=source, unit_id=device["unit_id"])
+        else:
+            entry.update(driver="modbus", device=source)
+        entry["table"] = signal["table"]
         entry["address"] = signal["address"]
         if signal["table"] not in ("coil", "discrete"):
             if signal["type"] not in _EDGE_TYPES:
@@ -139,6 +144,12 @@ def edge_config_toml(
                     "unit_id": device["unit_id"],
                     "timeout_s": 1.0,
                 },
+            )
+            signals += _plc_signals(device, source)
+        elif device["kind"] == "rtu":
+            lines += _table(
+                f"modbus_rtu.{source}",
+                {"port": device["port"], "baudrate": device["baudrate"], "timeout_s": 0.5},
             )
             signals += _plc_signals(device, source)
         elif device["kind"] == "mqtt":

@@ -391,6 +391,8 @@ class Plant:
                 str(self.options.gateway_mqtt_port),
                 "--gateway-prefix",
                 GATEWAY_PREFIX,
+                "--rtu",  # one gateway also reads a PLC over Modbus RTU (a pty)
+                "1",
                 "--w1-dir",
                 str(self.layout.sim / "w1"),
                 "--manifest",
