@@ -76,6 +76,7 @@ RETENTION_PRIVILEGES: Final[Mapping[str, tuple[str, ...]]] = {
     "data_holes": ("SELECT", "DELETE"),
     "alerts": ("SELECT", "DELETE"),
     "audit_log": ("SELECT", "DELETE"),
+    "notifications": ("SELECT", "DELETE"),
 }
 # drop_chunks needs the hypertable's owner, so retention calls this SECURITY DEFINER
 # wrapper instead; it drops chunks of these hypertables only, nothing else.

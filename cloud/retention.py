@@ -42,6 +42,8 @@ DEFAULT_AGES_DAYS: Final[Mapping[str, float]] = MappingProxyType(
         # Holes left by unclean ends: few rows, and the history of what was lost.
         "data_holes": 365,
         "device_health_history": 30,
+        # Alert notifications sent or given up (cloud/alerts/notify.py); pending ones stay.
+        "notifications": 90,
     }
 )
 # Chunks this old are compressed where the Timescale edition allows: a week keeps the
@@ -84,6 +86,7 @@ RETAINED_TABLES: Final[Mapping[str, PlainTableRule]] = MappingProxyType(
         "sequence_gaps": PlainTableRule("detected_at"),
         "data_holes": PlainTableRule("recorded_at"),
         "alerts": PlainTableRule("raised_at", "state = 'cleared'"),
+        "notifications": PlainTableRule("created_at", "state <> 'pending'"),
         "audit_log": PlainTableRule("at"),
         "dead_letters": PlainTableRule("received_at"),
         "device_health_history": PlainTableRule("received_at"),

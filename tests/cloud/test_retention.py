@@ -238,3 +238,23 @@ def test_retention_role_cannot_do_more_than_retention(
 ) -> None:
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         retention_conn.execute(statement)
+
+
+@pytest.mark.integration
+def test_old_sent_notifications_are_pruned_and_pending_ones_kept(conn: psycopg.Connection) -> None:
+    conn.execute(
+        "INSERT INTO notifications (alert_id, transition, channel, payload, state, created_at)"
+        " SELECT 1, 'active', c, '{}', s, %s FROM unnest(ARRAY['a', 'b', 'c'],"
+        " ARRAY['pending', 'delivered', 'failed']) AS u(c, s)",
+        (days_ago(100),),
+    )
+    conn.execute(
+        "INSERT INTO notifications (alert_id, transition, channel, payload, state, created_at)"
+        " VALUES (2, 'active', 'a', '{}', 'delivered', %s)",
+        (days_ago(10),),
+    )
+    assert DEFAULT_AGES_DAYS["notifications"] == 90
+    result = run_retention(conn, RetentionPolicy(), now=NOW)
+    assert result["notifications"] == 2
+    kept = conn.execute("SELECT alert_id, state FROM notifications ORDER BY alert_id").fetchall()
+    assert kept == [(1, "pending"), (2, "delivered")]
