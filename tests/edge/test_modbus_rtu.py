@@ -11,23 +11,29 @@ from __future__ import annotations
 import csv
 import math
 import struct
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from millrace.edge.check import run_check
-from millrace.edge.config import AgentConfig, ModbusRtuBus, parse_config
+from millrace.edge.config import AgentConfig, ModbusRtuBus, ModbusSpec, parse_config
+from millrace.edge.drivers.modbus import decode_registers, encode_registers
 from millrace.edge.drivers.modbus_rtu import RtuBusConnection, crc16, read_request
 from millrace.edge.pipeline import Pipeline
 from millrace.edge.sampler import build_poll_groups, poll_once
 from millrace.errors import ConfigError
-from millrace.fieldsim.faults import DeviceFaults
+from millrace.fieldsim.faults import DeviceFaults, Fault
 from millrace.fieldsim.feed import Feed
 from millrace.fieldsim.groundtruth import GroundTruth
 from millrace.fieldsim.plc import PlcDevice
 from millrace.fieldsim.rtu import RegisterBank, RtuBus
 from millrace.fieldsim.specs import load_plc_map
+from tests.edge.agent_helpers import MILLRACE
 
 PLC_MAP = load_plc_map()
 UNITS = (1, 2)
@@ -383,3 +389,83 @@ def test_rtu_config_errors_name_the_key(body: str, key: str, words: str) -> None
         parse_config(HEAD + body, base=Path("/tmp"), source="edge.toml")
     assert info.value.key == key
     assert words in info.value.problem
+
+
+def test_edge_check_cli_reads_an_rtu_bus_and_names_the_driver(
+    plant: tuple[RtuBus, GroundTruth], tmp_path: Path
+) -> None:
+    bus, _ = plant
+    (tmp_path / "pki").mkdir()
+    for name in ("ca.crt", "gw.crt", "gw.key"):  # checked for existence only
+        (tmp_path / "pki" / name).write_text("placeholder\n")
+    config = tmp_path / "edge.toml"
+    config.write_text(
+        HEAD
+        + f'[modbus_rtu.line1]\nport = "{bus.path}"\nbaudrate = 19200\ntimeout_s = {TIMEOUT_S}\n'
+        + plc_signals((1,))
+    )
+    bus.set_fault(2, "silent")  # not configured: no effect on unit 1
+    done = subprocess.run(
+        [str(MILLRACE), "edge", "check", "--config", str(config)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("u1_")]
+    assert len(lines) == len(PLC_MAP.signals)
+    assert all("modbus_rtu" in line and line.endswith("ok") for line in lines)
+
+
+def test_rtu_scheduled_fault_window_garbles_then_recovers(tmp_path: Path) -> None:
+    """A fault from the fleet's schedule (not forced): bad_crc for the unit's device only."""
+    gt = GroundTruth(tmp_path / "truth.csv")
+    bus = RtuBus(name="line1")
+    now = time.time()
+    schedule = [Fault(target=device(2), kind="bad_crc", start_s=0.0, duration_s=None)]
+    for unit in UNITS:
+        faults = DeviceFaults.pin(schedule, device=device(unit), gateway="gw0042", started_at=now)
+        plc = PlcDevice(
+            device_id=device(unit),
+            gateway="gw0042",
+            host="",
+            port=0,
+            plc_map=PLC_MAP,
+            feed=Feed(seed=7),
+            faults=faults,
+            ground_truth=gt,
+        )
+        bus.attach(unit, plc, faults)
+    with bus:
+        config = rtu_config(bus.path, plc_signals())
+        pipe = poll_all(config)
+    gt.close()
+    assert errors_by_unit(config, pipe) == {1: {0}, 2: {1}}
+    faults_logged = {(row["device"], row["fault"]) for row in csv.DictReader(gt.path.open())}
+    assert (device(2), "bad_crc") in faults_logged
+    assert all(fault == "" for dev, fault in faults_logged if dev == device(1))
+
+
+@given(
+    st.sampled_from(["int64", "uint64", "float64"]),
+    st.integers(min_value=0, max_value=2**64 - 1),
+    st.sampled_from(["big", "little"]),
+    st.sampled_from(["big", "little"]),
+)
+def test_wide_register_codec_roundtrip(
+    kind: str, bits: int, byte_order: str, word_order: str
+) -> None:
+    spec = ModbusSpec("p", "holding", 0, kind, byte_order, word_order)  # type: ignore[arg-type]
+    raw = bits.to_bytes(8, "big")
+    value = struct.unpack({"int64": ">q", "uint64": ">Q", "float64": ">d"}[kind], raw)[0]
+    registers = encode_registers(value, spec)
+    assert len(registers) == spec.width == 4
+    decoded = decode_registers(registers, spec)
+    if kind == "float64" and math.isnan(value):
+        assert isinstance(decoded, float) and math.isnan(decoded)
+    else:
+        assert decoded == value
+
+
+@given(st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), max_size=12))
+def test_string_codec_roundtrip(text: str) -> None:
+    for byte_order in ("big", "little"):
+        spec = ModbusSpec("p", "holding", 0, "string", byte_order, length=6)  # type: ignore[arg-type]
+        assert decode_registers(encode_registers(text, spec), spec) == text
