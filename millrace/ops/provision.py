@@ -743,6 +743,7 @@ def build_bundle(
                 "release_id": release.release_id,
                 "version": release.version,
                 "platform": machine,
+                "python": "{}.{}".format(*sys.version_info[:2]),
                 "broker": f"{host}:{broker_port}",
                 "has_key": credentials.key is not None,
                 "created_at": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),

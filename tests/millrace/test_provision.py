@@ -502,6 +502,33 @@ def test_bundle_signature_is_checked_before_any_other_file_is_read(
     assert "manifest verified" not in result.stdout
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("platform", "riscv64", "this bundle is for riscv64 gateways, this machine is "),
+        ("python", "3.9", "this bundle's wheels are for Python 3.9, python3 here is "),
+    ],
+)
+def test_a_bundle_for_another_platform_or_python_is_refused_in_one_line(
+    plant_pki: Path, fake_wheel: Path, tmp_path: Path, field: str, value: str, needle: str
+) -> None:
+    """Its wheels would not install: refused before anything is written."""
+    top = _extract(_bundle(plant_pki, fake_wheel, tmp_path / "b.tar.gz").path, tmp_path / "x")
+    info = json.loads((top / "bundle.json").read_text())
+    assert info["platform"] == os.uname().machine
+    assert info["python"] == "{}.{}".format(*sys.version_info[:2])
+    info[field] = value
+    (top / "bundle.json").write_text(json.dumps(info))
+    _fix_manifest(top)
+    manifest = (top / provision.MANIFEST_NAME).read_bytes()
+    (top / provision.SIGNATURE_NAME).write_bytes(provision_signing.sign(plant_pki, manifest))
+    result = _install(top, tmp_path / "root", *_trust(plant_pki))
+    assert result.returncode == 3, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], lines
+    assert not (tmp_path / "root").exists()
+
+
 def test_install_without_openssl_says_what_to_install_in_one_line(
     plant_pki: Path, fake_wheel: Path, tmp_path: Path
 ) -> None:

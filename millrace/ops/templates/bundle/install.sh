@@ -127,6 +127,12 @@ bundle_platform=$("$python" -c \
 machine=$(uname -m)
 [ "$bundle_platform" = "$machine" ] || refuse "this bundle is for $bundle_platform gateways, \
 this machine is $machine (uname -m): provision one with --platform $machine"
+# Its compiled wheels are for one Python minor version, the one `provision` ran with.
+bundle_python=$("$python" -c \
+    'import json; print(json.load(open("bundle.json")).get("python", "unknown"))')
+here_python=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+[ "$bundle_python" = "$here_python" ] || refuse "this bundle's wheels are for Python \
+$bundle_python, $python here is $here_python: provision it with Python $here_python"
 # Debian's python3 comes without ensurepip (package python3-venv): say so in one line before
 # anything is touched, not with venv's page of advice after the user and directories exist.
 "$python" -c 'import ensurepip, venv' 2>/dev/null \
