@@ -10,6 +10,7 @@ per metric. A clean stop (SIGTERM) records none; a hostile hole is dead-lettered
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
 import time
 import uuid
@@ -161,6 +162,42 @@ def test_loss_is_visible_sigkill_mid_window_records_the_hole(
         f" ({(to_ts - from_ts).total_seconds():.2f} s); killed {killed_ms - closed[METRIC]} ms"
         " after the last closed window end"
     )
+
+
+def test_loss_is_visible_hung_agent_killed_by_the_watchdog_records_the_whole_hang(
+    broker_factory: Callable[..., Any], ingest_db: IngestDb, tmp_path: Path
+) -> None:
+    """A hang (SIGSTOP) of several windows, ended as systemd ends it (SIGABRT, then SIGKILL):
+    the hole runs from before the hang to the restart."""
+    config, agent, outbox = _setup(broker_factory, ingest_db, tmp_path)
+    dsn = ingest_db.owner_dsn
+    hung_periods = 4
+    with running_worker(config):
+        try:
+            first = _start_and_wait(agent, dsn, not_boot=None)
+            agent.signal(signal.SIGSTOP)
+            hung_ms = _now_ms()
+            time.sleep(hung_periods * PERIOD_S)
+            agent.signal(signal.SIGABRT)  # the watchdog's signal: pending while stopped
+            agent.kill9()
+            _prev, closed = _outbox_run(outbox)
+            second = _start_and_wait(agent, dsn, not_boot=first)
+            wait_for(lambda: scalar(dsn, "SELECT count(*) FROM data_holes") == 1, what="the hole")
+        finally:
+            agent.stop()
+    ((prev, boot, from_ts, to_ts),) = query(
+        dsn, "SELECT prev_boot_id, boot_id, from_ts, to_ts FROM data_holes"
+    )
+    assert (prev.hex, boot.hex) == (first, second)
+    assert _ms(from_ts) == closed[METRIC] <= hung_ms
+    # Every window of the hang is inside the hole: nothing of them was stored.
+    assert (to_ts - from_ts).total_seconds() >= hung_periods * PERIOD_S
+    inside = scalar(
+        dsn,
+        "SELECT count(*) FROM readings WHERE ts >= %s AND ts + make_interval(secs => %s) <= %s",
+        (from_ts, PERIOD_S, to_ts),
+    )
+    assert inside == 0
 
 
 def test_loss_is_visible_clean_stop_records_no_hole(
