@@ -371,12 +371,20 @@ def test_a_dead_webhook_retries_then_records_a_failure_and_ingest_goes_on(
             runner.counter("millrace_ingest_notifications_total", channel="hook", outcome="failed")
             == 1
         )
-    row = query(
-        db.owner_dsn,
-        "SELECT attempts, last_error, delivered_at FROM notifications WHERE channel = 'hook'",
-    )[0]
-    assert row[0] == 3 and row[1] == "HTTP 503 Service Unavailable" and row[2] is None
-    assert hook.attempts == 3 and hook.accepted == []
+        row = query(
+            db.owner_dsn,
+            "SELECT attempts, last_error, delivered_at FROM notifications WHERE channel = 'hook'",
+        )[0]
+        assert row[0] == 3 and row[1] == "HTTP 503 Service Unavailable" and row[2] is None
+        assert hook.attempts == 3 and hook.accepted == []
+        # The endpoint fixed, the documented UPDATE sends the failed one again, same id.
+        hook.fail = False
+        failed_id = str(scalar(db.owner_dsn, "SELECT delivery_id FROM notifications"
+                               " WHERE state = 'failed'"))  # fmt: skip
+        query(db.owner_dsn, "UPDATE notifications SET state = 'pending', attempts = 0,"
+              " next_attempt_at = now() WHERE state = 'failed' RETURNING id")  # fmt: skip
+        wait_for(lambda: _states(db.owner_dsn) == {"delivered": 2}, what="the resend")
+    assert [h.delivery_id for h in hook.accepted] == [failed_id]
     assert scalar(db.owner_dsn, "SELECT count(*) FROM readings") == 21
     assert json.loads(json.dumps(smtp.accepted[0].message["Subject"])).startswith("[millrace")
 
