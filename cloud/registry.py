@@ -93,6 +93,11 @@ def _record_units(conn: psycopg.Connection[Any], device_id: int, units: Mapping[
         )
 
 
+# A device restarting uncleanly over and over (or a hostile one inventing runs) records
+# at most this many hole rows a day: ten births naming 256 metrics each.
+MAX_HOLE_ROWS_PER_DEVICE_DAY: Final = 2560
+
+
 def _record_holes(conn: psycopg.Connection[Any], device_id: int, state: DeviceState) -> None:
     """Record the hole the device's previous run left by ending uncleanly, one row a metric.
 
@@ -101,6 +106,21 @@ def _record_holes(conn: psycopg.Connection[Any], device_id: int, state: DeviceSt
     """
     metrics = sorted(state.prev_closed_ms)
     if not metrics:
+        return
+    recent = conn.execute(
+        "SELECT count(*) FROM data_holes WHERE device_id = %s"
+        " AND recorded_at > now() - interval '1 day'",
+        (device_id,),
+    ).fetchone()
+    if recent is not None and recent[0] >= MAX_HOLE_ROWS_PER_DEVICE_DAY:
+        logger.warning(
+            "device %s reports an unclean end of boot %s but has %d hole rows in the last"
+            " day (cap %d); not recorded",
+            state.device,
+            state.prev_boot_id,
+            recent[0],
+            MAX_HOLE_ROWS_PER_DEVICE_DAY,
+        )
         return
     cur = conn.execute(
         """

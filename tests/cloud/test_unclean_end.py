@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from millrace import topics
 from tests.cloud.ingest_support import (
     IngestDb,
@@ -264,3 +266,27 @@ def test_loss_is_visible_hostile_hole_is_dead_lettered(
     assert any("prev_closed_ms['t']" in r and "outside" in r for r in reasons)
     # The good birth sent twice is one hole.
     assert query(ingest_db.owner_dsn, "SELECT metric, to_ts - from_ts FROM data_holes")[0][0] == "t"
+
+
+def test_loss_is_visible_hole_rows_per_device_are_capped(ingest_db: IngestDb) -> None:
+    """A device inventing unclean ends cannot grow data_holes without bound."""
+    from millrace.cloud import registry
+    from millrace.wire import DeviceState
+
+    now = _now_ms()
+    metrics = {f"m{i:03d}": now - 1000 for i in range(256)}
+    with psycopg.connect(ingest_db.ingest_dsn) as conn:
+        for run in range(registry.MAX_HOLE_ROWS_PER_DEVICE_DAY // 256 + 3):
+            birth = DeviceState(
+                "noisy-gw",
+                "online",
+                now,
+                f"{run + 1:032x}",
+                prev_boot_id=f"{run + 1000:032x}",
+                prev_closed_ms=metrics,
+                started_ms=now,
+            )
+            with conn.transaction():
+                registry.apply_state(conn, birth, received_at=datetime.now(UTC))
+    rows = scalar(ingest_db.owner_dsn, "SELECT count(*) FROM data_holes")
+    assert rows == registry.MAX_HOLE_ROWS_PER_DEVICE_DAY
