@@ -655,7 +655,11 @@ class NotificationSender:
             conn.close()
 
     def deliver_once(self, conn: psycopg.Connection[Any], channel: Channel) -> bool:
-        """Send one message (a single transition or a digest); False when nothing is due."""
+        """Send one message (a single transition or a digest).
+
+        False when nothing was delivered: nothing is due, or the send failed (then the
+        thread waits a poll before trying the next row, not hammering a dead endpoint).
+        """
         s = self.settings
         with conn.transaction():
             row = conn.execute(_RECENT, (channel.name, s.digest_window_s)).fetchone()
@@ -674,7 +678,7 @@ class NotificationSender:
                 self._send(channel, out)
             except DeliveryError as exc:
                 self._failed(conn, channel, rows, str(exc)[:MAX_ERROR_CHARS])
-                return True
+                return False
             conn.execute(
                 """
                 UPDATE notifications
