@@ -479,3 +479,39 @@ def test_a_crash_between_send_and_mark_resends_with_the_same_delivery_id(
         assert ids[0] == str(scalar(db.owner_dsn, "SELECT delivery_id FROM notifications"))
     finally:
         hook.close()
+
+
+@pytest.mark.integration
+def test_a_failed_send_pauses_the_channel_instead_of_trying_every_row(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    from millrace.cloud.alerts.notify import DeliveryError, NotificationSender, enqueue
+
+    db = prepare_database(fresh_db)
+    secret = write_secret(tmp_path / "s", SECRET.decode())
+    settings = parse_notify(
+        Table(
+            {"channels": {"hook": {"type": "webhook", "url": "https://hooks.plant.example/x",
+                                   "secret_file": str(secret)}},
+             "route": [{"channels": ["hook"]}]},
+            "notify", base=tmp_path,
+        )
+    )  # fmt: skip
+    tried: list[str] = []
+
+    def refuse(_channel: Any, out: Any) -> None:
+        tried.append(out.delivery_id)
+        raise DeliveryError("HTTP 503 Service Unavailable")
+
+    with psycopg.connect(db.ingest_dsn, autocommit=True) as conn:
+        messages = [
+            AlertMessage(i, "press-1", "temp", "hot", "warning", "active", 90.0, 0, "hot")
+            for i in range(3)
+        ]
+        with conn.transaction():
+            assert enqueue(conn, settings, messages) == 3
+        sender = NotificationSender(settings, lambda: conn, send=refuse)
+        assert not sender.deliver_once(conn, settings.channels["hook"])
+    assert len(tried) == 1
+    attempts = query(db.owner_dsn, "SELECT attempts FROM notifications ORDER BY id")
+    assert attempts == [(1,), (0,), (0,)]
