@@ -68,7 +68,8 @@ def read_all_once(config: AgentConfig, *, mqtt_wait_s: float) -> list[tuple[obje
             if s.driver == "mqtt" and s.spec.source == name  # type: ignore[union-attr]
         ]
         if items:
-            src = LocalMqttSource(source, items, device_id=config.device_id, sink=sink)
+            # A client id and session of its own: the running agent keeps its connection.
+            src = LocalMqttSource(source, items, device_id=config.device_id, sink=sink, probe=True)
             src.start()
             sources.append((src, items))
     for groups in build_poll_groups(config).values():

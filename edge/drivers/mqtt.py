@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import ssl
 import time
@@ -101,16 +102,24 @@ class LocalMqttSource:
         *,
         device_id: str,
         sink: Sink,
+        probe: bool = False,
     ) -> None:
+        """`probe` (edge check): a client id and a throw-away session of its own, so a check
+        run beside the agent neither takes over the agent's connection (same client id) nor
+        consumes the messages queued in the agent's session."""
         self.source = source
         self.sink = sink
+        self.probe = probe
         self.errors = 0
         self._routes: dict[str, list[tuple[int, SignalConfig, tuple[str | int, ...]]]] = {}
         for index, signal in items:
             assert isinstance(signal.spec, MqttSpec)
             route = (index, signal, compile_field(signal.spec.field))
             self._routes.setdefault(signal.spec.topic, []).append(route)
-        self._client = self._make_client(source.client_id or f"{device_id}-{source.name}")
+        client_id = source.client_id or f"{device_id}-{source.name}"
+        if probe:
+            client_id = f"{client_id}-check-{os.getpid()}"
+        self._client = self._make_client(client_id)
         self._connected = False
         self._stopping = False
 
@@ -141,12 +150,12 @@ class LocalMqttSource:
         from paho.mqtt.properties import Properties
 
         properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = self.source.session_expiry_s
+        properties.SessionExpiryInterval = 0 if self.probe else self.source.session_expiry_s
         self._client.connect_async(
             self.source.host,
             self.source.port,
             KEEPALIVE_SECONDS,
-            clean_start=False,
+            clean_start=self.probe,
             properties=properties,
         )
         self._client.loop_start()
