@@ -87,6 +87,35 @@ def check_files(config: AgentConfig) -> None:
             raise ConfigError(key, f"not readable: {path}", source=_src(config))
     for source in config.local_mqtt.values():
         client_credentials(source, config_file=_src(config))
+    check_opcua_files(config)
+
+
+def check_opcua_files(config: AgentConfig) -> None:
+    """[opcua.<name>]: asyncua installed (the opcua extra), files readable, the key 0600."""
+    if not config.opcua:
+        return
+    from millrace.edge.drivers.opcua import asyncua_missing, read_password
+
+    for name, server in config.opcua.items():
+        if problem := asyncua_missing():
+            raise ConfigError(f"opcua.{name}", problem, source=_src(config))
+        for key in ("cert", "key", "server_cert", "password_file"):
+            path = getattr(server, key)
+            if path is None:
+                continue
+            where = f"opcua.{name}.{key}"
+            if not path.is_file():
+                raise ConfigError(where, f"file not found: {path}", source=_src(config))
+            if not os.access(path, os.R_OK):
+                raise ConfigError(where, f"not readable: {path}", source=_src(config))
+            mode = path.stat().st_mode & 0o777
+            if key in ("key", "password_file") and mode & 0o077:
+                raise ConfigError(
+                    where,
+                    f"{path} is mode {mode:o}, readable by others: chmod 600 {path}",
+                    source=_src(config),
+                )
+        read_password(server, config_file=_src(config))
 
 
 def _src(config: AgentConfig) -> str | None:

@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from millrace.edge.config import AgentConfig, SignalConfig
+from millrace.edge.config import AgentConfig, OpcUaSpec, SignalConfig
 from millrace.edge.drivers.mqtt import LocalMqttSource
 from millrace.edge.pipeline import MAX_ABS_VALUE, event_value
 from millrace.edge.sampler import build_poll_groups, poll_once
@@ -72,6 +72,17 @@ def read_all_once(config: AgentConfig, *, mqtt_wait_s: float) -> list[tuple[obje
             src = LocalMqttSource(source, items, device_id=config.device_id, sink=sink, probe=True)
             src.start()
             sources.append((src, items))
+    opcua: dict[str, list[tuple[int, SignalConfig]]] = {}
+    for i, s in enumerate(config.signals):
+        if isinstance(s.spec, OpcUaSpec):
+            opcua.setdefault(s.spec.server, []).append((i, s))
+    if opcua:
+        from millrace.edge.drivers.opcua import OpcUaSource
+
+        for name, items in opcua.items():
+            OpcUaSource(
+                config.opcua[name], items, device_id=config.device_id, sink=sink
+            ).read_once()
     for groups in build_poll_groups(config).values():
         for group in groups:
             poll_once(group, sink)

@@ -17,11 +17,12 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from millrace.edge.config import AgentConfig, ModbusSpec, MqttSpec, SignalConfig
+from millrace.edge.config import AgentConfig, ModbusSpec, MqttSpec, OpcUaSpec, SignalConfig
 from millrace.edge.drivers.base import PollGroup, ReadFailure, Sink
 
 if TYPE_CHECKING:
     from millrace.edge.drivers.mqtt import LocalMqttSource
+    from millrace.edge.drivers.opcua import OpcUaSource
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,7 @@ class Sampler:
         self.sink = sink
         self._threads: list[PollerThread] = []
         self._sources: list[LocalMqttSource] = []
+        self._opcua: list[OpcUaSource] = []
 
     def start(self) -> None:
         self._start_pollers(self.config)
@@ -162,6 +164,23 @@ class Sampler:
                 )
                 source.start()
                 self._sources.append(source)
+        self._start_opcua()
+
+    def _start_opcua(self) -> None:
+        """One thread (one asyncio loop, one session) per OPC UA server."""
+        by_server: dict[str, list[tuple[int, SignalConfig]]] = defaultdict(list)
+        for index, signal in enumerate(self.config.signals):
+            if isinstance(signal.spec, OpcUaSpec):
+                by_server[signal.spec.server].append((index, signal))
+        if by_server:
+            from millrace.edge.drivers.opcua import OpcUaSource
+
+            for name, items in by_server.items():
+                source = OpcUaSource(
+                    self.config.opcua[name], items, device_id=self.config.device_id, sink=self.sink
+                )
+                source.start()
+                self._opcua.append(source)
 
     def _start_pollers(self, config: AgentConfig) -> None:
         for name, groups in build_poll_groups(config).items():
@@ -188,11 +207,17 @@ class Sampler:
         for source in self._sources:
             source.stop()
         self._sources = []
+        for opc in self._opcua:
+            opc.stop()
+        self._opcua = []
 
     def dead_threads(self) -> list[str]:
         """Names of poller threads that died while they should be polling."""
-        return [t.name for t in self._threads if not t.is_alive() and not t.stopping.is_set()]
+        dead = [t.name for t in self._threads if not t.is_alive() and not t.stopping.is_set()]
+        return dead + [f"opcua-{s.server.name}" for s in self._opcua if not s.alive]
 
     def source_errors(self) -> dict[str, int]:
         """Connection failures of local MQTT sources, keyed `local_mqtt.<name>`."""
-        return {f"local_mqtt.{s.source.name}": s.errors for s in self._sources if s.errors}
+        errors = {f"local_mqtt.{s.source.name}": s.errors for s in self._sources if s.errors}
+        errors.update({f"opcua.{s.server.name}": s.errors for s in self._opcua if s.errors})
+        return errors
