@@ -18,6 +18,11 @@
    the poller thread's own CPU time (its per-thread clock) over the wall time: the share of a
    core the RTU driver costs. A pty has no wire time; on a real 115200 baud line each
    transaction also spends ~10 ms on the wire (waiting, not CPU).
+4. OPC UA polling cost: the real OPC UA driver (its one thread, asyncio loop and session,
+   pipeline as the sink) polling 500 signals once a second (one Read request of 500 nodes,
+   spread over the simulated PLC's variables) from fieldsim's OPC UA server in a child
+   process, over loopback with Basic256Sha256 SignAndEncrypt. The figure is that thread's
+   own CPU time over the wall time, as for RTU.
 
 The receipter stands in for the cloud: a service-certificate paho subscriber in its own
 process (pinned with mosquitto) that decodes every batch and publishes a `Receipt` for it
@@ -72,6 +77,8 @@ RTU_UNITS = 10
 RTU_VALUES_PER_UNIT = 50
 RTU_POLL_S = 1.0
 RTU_MAX_SECONDS = 20.0
+OPCUA_SIGNALS = 500
+OPCUA_POLL_S = 1.0
 
 
 def free_port() -> int:
@@ -408,6 +415,104 @@ def rtu_polling(seconds: float) -> dict[str, float]:
     }
 
 
+def _opcua_server(conn: Any, pki_dir: str, port: int) -> None:
+    """Child process: fieldsim's OPC UA PLC on 127.0.0.1:port; sends its endpoint, serves."""
+    import asyncio
+
+    from millrace.fieldsim.faults import DeviceFaults
+    from millrace.fieldsim.feed import Feed
+    from millrace.fieldsim.opcua import OpcUaPlc
+    from millrace.fieldsim.specs import load_plc_map
+
+    pki_path = Path(pki_dir)
+
+    async def serve() -> None:
+        plc = OpcUaPlc(
+            device_id="bench-opc",
+            gateway="bench",
+            host="127.0.0.1",
+            port=port,
+            plc_map=load_plc_map(),
+            feed=Feed(seed=1),
+            faults=DeviceFaults.pin([], device="bench-opc", gateway="bench", started_at=0.0),
+            cert=pki_path / "server.crt",
+            key=pki_path / "server.key",
+            trusted_clients=(pki_path / "client.crt",),
+        )
+        await plc.start()
+        conn.send([plc.node_id(s.spec.name) for s in plc.plc_map.signals if s.type != "bool"])
+        await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+        await plc.stop()
+
+    asyncio.run(serve())
+
+
+def opcua_polling(seconds: float, work: Path) -> dict[str, float]:
+    """CPU share of one core of the OPC UA driver's thread polling 500 signals/s."""
+    from millrace.edge.config import parse_config
+    from millrace.edge.drivers.opcua import OpcUaSource
+    from millrace.edge.pipeline import Pipeline
+    from millrace.fieldsim.opcua import APPLICATION_URI, make_app_certificate
+
+    pki_dir = work / "opcua-pki"
+    pki_dir.mkdir()
+    make_app_certificate(
+        pki_dir / "server.crt", pki_dir / "server.key", common_name="sim", uri=APPLICATION_URI
+    )
+    make_app_certificate(
+        pki_dir / "client.crt", pki_dir / "client.key", common_name="bench", uri="urn:bench"
+    )
+    port = free_port()
+    parent, child = multiprocessing.Pipe()
+    server = multiprocessing.get_context("fork").Process(
+        target=_opcua_server, args=(child, str(pki_dir), port)
+    )
+    server.start()
+    try:
+        nodes = parent.recv()
+        signals = "".join(
+            f'[[signals]]\nmetric = "v{i}"\ndriver = "opcua"\nserver = "plc"\n'
+            f'node = "{nodes[i % len(nodes)]}"\npoll_s = {OPCUA_POLL_S}\n'
+            for i in range(OPCUA_SIGNALS)
+        )
+        text = (
+            'device_id = "bench-opcua"\n[broker]\nhost = "broker.bench.example"\n'
+            'ca = "ca.crt"\ncert = "d.crt"\nkey = "d.key"\n[outbox]\npath = "o.sqlite"\n'
+            f'[state]\ndir = "state"\n[opcua.plc]\nendpoint = "opc.tcp://127.0.0.1:{port}/millrace"\n'
+            f'cert = "{pki_dir}/client.crt"\nkey = "{pki_dir}/client.key"\n'
+            f'server_cert = "{pki_dir}/server.crt"\n' + signals
+        )
+        config = parse_config(text, base=Path("/tmp"), source="bench-opcua.toml")
+        pipe = Pipeline(config.signals, periods_s=[10], grace_ms=2000)
+        source = OpcUaSource(
+            config.opcua["plc"], list(enumerate(config.signals)), device_id="bench", sink=pipe
+        )
+        source.start()
+        deadline = time.monotonic() + 30
+        while pipe.readings_total < OPCUA_SIGNALS and time.monotonic() < deadline:
+            time.sleep(0.1)  # session open, first poll done
+        assert source._thread is not None and source._thread.ident is not None
+        clock = time.pthread_getcpuclockid(source._thread.ident)
+        cpu0, errors0, t0 = time.clock_gettime(clock), sum(pipe.errors), time.monotonic()
+        readings0 = pipe.readings_total
+        time.sleep(seconds)
+        cpu1, t1 = time.clock_gettime(clock), time.monotonic()
+        readings = pipe.readings_total - readings0
+        errors = sum(pipe.errors) - errors0
+        source.stop()
+    finally:
+        parent.send("stop")
+        server.join(15)
+        if server.is_alive():
+            server.kill()
+    return {
+        "seconds": t1 - t0,
+        "cpu_share": (cpu1 - cpu0) / (t1 - t0),
+        "signals_per_s": readings / (t1 - t0),
+        "errors": errors,
+    }
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     with open("/proc/cpuinfo") as f:
@@ -434,6 +539,7 @@ def main() -> int:
                 hot = hot_path(broker, work / "hot", args.readings)
                 steady = steady_state(broker, receipter, work / "steady", args.seconds)
                 rtu = rtu_polling(max(2.0, min(RTU_MAX_SECONDS, args.seconds)))
+                opcua = opcua_polling(max(2.0, min(RTU_MAX_SECONDS, args.seconds)), work)
                 receipts = receipter.receipts
             finally:
                 receipter.stop()
@@ -481,6 +587,16 @@ def main() -> int:
             f"{100 * rtu['cpu_share']:.2f} %",
             f"{rtu['seconds']:.0f} s, pty (no wire time)",
         ),
+        (
+            "OPC UA poller: signals/s read",
+            f"{opcua['signals_per_s']:,.0f}",
+            f"{OPCUA_SIGNALS} nodes in one Read a second, {opcua['errors']:.0f} errors",
+        ),
+        (
+            "OPC UA driver thread CPU share of one core",
+            f"{100 * opcua['cpu_share']:.2f} %",
+            f"{opcua['seconds']:.0f} s, Basic256Sha256 SignAndEncrypt, loopback",
+        ),
     ]
     width = max(len(r[0]) for r in rows)
     vwidth = max(len(r[1]) for r in rows)
@@ -496,6 +612,7 @@ def main() -> int:
         f" edge_peak_rss_mb={steady['peak_rss_mb']:.1f}"
         f" edge_rss_vs_target={steady['peak_rss_mb'] / TARGET_RSS_MB:.2f}"
         f" edge_rtu_cpu_percent_at_500={100 * rtu['cpu_share']:.2f}"
+        f" edge_opcua_cpu_percent_at_500={100 * opcua['cpu_share']:.2f}"
     )
     return 0
 
