@@ -21,6 +21,7 @@ class ModbusStub:
         self.bits = {"coil": [False] * 65536, "discrete": [False] * 65536}
         self.mode: Mode = "ok"
         self.requests = 0
+        self.units: list[int] = []  # unit id of every request
         self._sock: socket.socket | None = None
         self.port = 0
         self._conns: list[socket.socket] = []
@@ -76,6 +77,7 @@ class ModbusStub:
                 unit, function = body[0], body[1]
                 start, count = struct.unpack(">HH", body[2:6])
                 self.requests += 1
+                self.units.append(unit)
                 mode = self.mode
                 if mode == "timeout":
                     continue

@@ -349,6 +349,20 @@ def test_tcp_wide_types_strings_and_bits(modbus_stub) -> None:  # type: ignore[n
     assert_wide(parse_config(text, base=Path("/tmp"), source="edge.toml"))
 
 
+def test_tcp_signal_unit_id_overrides_the_devices(modbus_stub) -> None:  # type: ignore[no-untyped-def]
+    """A TCP-to-RTU gateway: signals of one [modbus.<name>] device address several slaves."""
+    modbus_stub.registers["holding"][0] = 42
+    text = HEAD + f'[modbus.gw]\nhost = "127.0.0.1"\nport = {modbus_stub.port}\nunit_id = 1\n'
+    for metric, unit in (("a", ""), ("b", "unit_id = 7\n"), ("c", "unit_id = 9\n")):
+        text += (
+            f'[[signals]]\nmetric = "{metric}"\ndriver = "modbus"\ndevice = "gw"\n{unit}'
+            'table = "holding"\naddress = 0\n'
+        )
+    report = run_check(parse_config(text, base=Path("/tmp"), source="e.toml"), mqtt_wait_s=0.0)
+    assert report.failed == 0 and [s.value for s in report.signals] == [42.0] * 3
+    assert sorted(modbus_stub.units) == [1, 7, 9]  # one request per unit, not one merged
+
+
 # ------------------------------------------------------------------- config errors
 
 BUS = '[modbus_rtu.line1]\nport = "/dev/ttyUSB0"\n'
