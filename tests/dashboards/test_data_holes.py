@@ -7,6 +7,7 @@ the ended run) into a migrated TimescaleDB and read as the dashboard's role.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -17,6 +18,7 @@ from millrace.cloud import registry
 from millrace.cloud.dbupgrade import upgrade
 from millrace.dashboards import queries
 from millrace.wire import DeviceState
+from tests.dashboards.conftest import write_config
 from tests.dashboards.plant import dashboard_dsn
 
 pytestmark = pytest.mark.integration
@@ -81,4 +83,37 @@ def test_loss_is_visible_data_holes_listed_on_the_quality_page(fresh_db: str) ->
         ["gw-a", "flow"],
         ["gw-a", "temp"],
         ["gw-b", "temp"],
+    ]
+
+
+def test_loss_is_visible_quality_page_shows_the_hole_table(
+    fresh_db: str, users_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    from tests.dashboards.conftest import PASSWORDS
+
+    upgrade(fresh_db)
+    now = datetime.now(UTC).replace(microsecond=0)
+    with psycopg.connect(fresh_db) as conn, conn.transaction():
+        registry.apply_state(
+            conn,
+            _birth("gw-q", "c1" * 16, "c0" * 16, now, {"temp": now - timedelta(seconds=42)}),
+            received_at=now,
+        )
+    config = write_config(tmp_path, dsn=dashboard_dsn(fresh_db), users=users_file)
+    monkeypatch.setenv("MILLRACE_DASH_CONFIG", str(config))
+    app = Path(__file__).resolve().parents[2] / "dashboards" / "app.py"
+    at = AppTest.from_file(str(app), default_timeout=30)
+    at.run()
+    at.text_input[0].set_value("vera")
+    at.text_input[1].set_value(PASSWORDS["vera"][1])
+    at.button[0].click().run()
+    at.switch_page("views/quality.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "Lost at unclean ends" in [h.value for h in at.subheader]
+    tables = [t.value for t in at.dataframe if "duration_s" in t.value.columns]
+    assert len(tables) == 1
+    assert tables[0][["device", "metric", "duration_s", "cause"]].values.tolist() == [
+        ["gw-q", "temp", 42.0, "unclean end"]
     ]
