@@ -363,6 +363,19 @@ def test_tcp_signal_unit_id_overrides_the_devices(modbus_stub) -> None:  # type:
     assert sorted(modbus_stub.units) == [1, 7, 9]  # one request per unit, not one merged
 
 
+def test_rtu_port_is_allowed_by_the_gateways_systemd_unit() -> None:
+    """The bundle's unit lets the agent open the bus's serial port (and only named devices)."""
+    from millrace.ops.provision import config_devices, render_unit, unit_context
+
+    port = "/dev/serial/by-id/usb-FTDI_FT232R_USB_UART_A10K1234-if00-port0"
+    text = HEAD + f'[modbus_rtu.line1]\nport = "{port}"\n' + plc_signals((1,))
+    parse_config(text, base=Path("/tmp"), source="edge.toml")  # a valid config
+    assert config_devices(text) == [port]
+    unit = render_unit(unit_context("gw0042", devices=config_devices(text)))
+    assert f"DeviceAllow={port} rw" in unit
+    assert "SupplementaryGroups=dialout" in unit
+
+
 # ------------------------------------------------------------------- config errors
 
 BUS = '[modbus_rtu.line1]\nport = "/dev/ttyUSB0"\n'
