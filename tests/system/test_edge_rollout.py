@@ -355,10 +355,15 @@ def test_start_limit_is_recovered_without_manual_steps(installed: Fleet) -> None
     exiting = _broken_case(installed, "exits_before_ready")["edge_agent_release_dir"]
     release_id = json.loads((Path(exiting) / "release.json").read_text())["release_id"]
     # A release left current by a run that died, then started until systemd gives up.
+    box.run("systemctl", "stop", UNIT)
     box.run("ln", "-sfn", f"releases/{release_id}", f"{INSTALL}/current")
-    for _ in range(12):
+    for _ in range(15):  # StartLimitBurst=10: every start counts, the failed ones too
         box.run("systemctl", "start", UNIT, check=False, timeout=60)
+        if box.unit_property(UNIT, "Result") == "start-limit-hit":
+            break
     assert box.unit_property(UNIT, "Result") == "start-limit-hit"
+    refused = box.run("systemctl", "start", UNIT, check=False, timeout=60)
+    assert refused.returncode != 0, "systemd still starts the unit"
     box.run("ln", "-sfn", good, f"{INSTALL}/current")
 
     outcome = _timed(installed, "start-limit recovery")
