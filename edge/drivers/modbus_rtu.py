@@ -82,6 +82,9 @@ class RtuBusConnection:
         self._serial: Any = None
         self._last_byte = 0.0  # monotonic time the line was last busy
         self.transactions = 0
+        # Units whose last request went unanswered after every retry: asked once, not
+        # retried, until they answer again, so a dead slave costs one timeout per group.
+        self.silent: set[int] = set()
 
     def _port(self) -> Any:
         if self._serial is None:
@@ -120,14 +123,23 @@ class RtuBusConnection:
         assert unit_id is not None, "an RTU signal always names its unit_id"
         request = read_request(unit_id, table, start, count)
         failure: ModbusError | None = None
-        for _ in range(self.bus.retries + 1):
+        tries = 1 if unit_id in self.silent else self.bus.retries + 1
+        for _ in range(tries):
             try:
-                return self._transaction(request, table, unit_id, count)
+                reply = self._transaction(request, table, unit_id, count)
             except ModbusError as exc:
                 if exc.device_ok:
+                    self.silent.discard(unit_id)
                     raise
                 failure = exc
+                continue
+            self.silent.discard(unit_id)
+            return reply
         assert failure is not None
+        if failure.reason.startswith("no answer"):
+            self.silent.add(unit_id)
+        else:  # it answered, if garbled: retry it as usual
+            self.silent.discard(unit_id)
         raise failure
 
     def _transaction(

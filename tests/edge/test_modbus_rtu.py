@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from millrace.edge.check import run_check
 from millrace.edge.config import AgentConfig, ModbusRtuBus, ModbusSpec, parse_config
-from millrace.edge.drivers.modbus import decode_registers, encode_registers
+from millrace.edge.drivers.modbus import ModbusError, decode_registers, encode_registers
 from millrace.edge.drivers.modbus_rtu import RtuBusConnection, crc16, read_request
 from millrace.edge.pipeline import Pipeline
 from millrace.edge.sampler import build_poll_groups, poll_once
@@ -179,11 +179,38 @@ def test_rtu_silent_slave_times_out_and_the_other_unit_reads_on(
     assert errors_by_unit(config, pipe) == {1: {0}, 2: {1}}
     reasons = {r for s, r in zip(config.signals, pipe.last_error, strict=True) if r}
     assert reasons == {f"no answer from unit 2 within {TIMEOUT_S:g} s"}
-    # Three groups (input, holding, coil) for unit 2: each asked once and retried once,
-    # and a group's later spans are not tried after a timeout.
-    assert bus.requests[2] - before.get(2, 0) == 3 * 2
+    # Three groups (input, holding, coil) for unit 2: the first asked once and retried once;
+    # then the unit is known silent and the others are asked once, without retries; a
+    # group's later spans are not tried after a timeout.
+    assert bus.requests[2] - before.get(2, 0) == 2 + 1 + 1
     bus.set_fault(2, None)
     assert errors_by_unit(config, poll_all(config)) == {1: {0}, 2: {0}}
+
+
+def test_rtu_silent_slave_is_not_retried_until_it_answers_again(
+    plant: tuple[RtuBus, GroundTruth],
+) -> None:
+    bus, _ = plant
+    conn = RtuBusConnection(ModbusRtuBus("line1", bus.path, 115200, timeout_s=TIMEOUT_S, retries=2))
+    try:
+        bus.set_fault(2, "silent")
+        for expected in (3, 1, 1):  # 1 + 2 retries, then once per read while silent
+            before = bus.requests.get(2, 0)
+            with pytest.raises(ModbusError, match="no answer from unit 2"):
+                conn.read("holding", 0, 2, 2)
+            assert bus.requests[2] - before == expected
+        bus.set_fault(2, "bad_crc")  # an answer, even a garbled one, is not silence...
+        with pytest.raises(ModbusError, match="CRC error"):
+            conn.read("holding", 0, 2, 2)
+        assert 2 not in conn.silent
+        bus.set_fault(2, "silent")
+        with pytest.raises(ModbusError, match="no answer"):
+            conn.read("holding", 0, 2, 2)
+        bus.set_fault(2, None)
+        assert len(conn.read("holding", 0, 2, 2)) == 2  # ...and a good one clears it
+        assert 2 not in conn.silent
+    finally:
+        conn.close()
 
 
 def test_rtu_keeps_three_and_a_half_characters_of_silence_between_frames(
