@@ -389,3 +389,51 @@ def test_opcua_key_readable_by_others_is_refused_naming_the_key(sim: Sim, tmp_pa
     assert "chmod 600" in exc.value.problem
     os.chmod(key, 0o600)
     check_files(config)
+
+
+def test_opcua_without_the_extra_edge_check_names_it_in_one_line(tmp_path: Path) -> None:
+    from tests.edge.test_cli import run, write
+
+    # A gateway without the opcua extra: asyncua cannot be imported.
+    blocker = tmp_path / "blocked" / "asyncua"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError(\"No module named 'asyncua'\")\n")
+    config = write(
+        tmp_path,
+        '[opcua.plc]\nendpoint = "opc.tcp://plc1.plant.example:4840"\nsecurity = "none"\n'
+        '[[signals]]\nmetric = "t"\ndriver = "opcua"\nserver = "plc"\nnode = "ns=2;s=T"\n',
+    )
+    done = run("edge", "check", "--config", str(config), env={"PYTHONPATH": str(blocker.parent)})
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"millrace: error: {config}: opcua.plc: ")
+    assert "pip install 'millrace[opcua]'" in lines[0]
+
+
+def test_opcua_username_and_password_file(sim: Sim, tmp_path: Path) -> None:
+    node = node_id(DEVICE, ANALOG[0])
+    good, bad = tmp_path / "good.pw", tmp_path / "bad.pw"
+    good.write_text("s3cret\n")
+    bad.write_text("guess\n")
+    sim.plc.users["operator"] = "s3cret"  # from now on the server wants a user
+    try:
+        ok = opcua_config(
+            sim,
+            signals=[("t", node, "poll")],
+            extra=f'username = "operator"\npassword_file = "{good}"\n',
+        )
+        report = run_check(ok, mqtt_wait_s=0)
+        assert report.exit_code == 0, report.to_text()
+        assert logged(report.signals[0].value) in sim.truth(ANALOG[0])
+        wrong = opcua_config(
+            sim,
+            signals=[("t", node, "poll")],
+            extra=f'username = "operator"\npassword_file = "{bad}"\n',
+        )
+        report = run_check(wrong, mqtt_wait_s=0)
+        assert "refused user 'operator'" in report.signals[0].problem, report.to_text()
+        anonymous = opcua_config(sim, signals=[("t", node, "poll")])
+        assert run_check(anonymous, mqtt_wait_s=0).exit_code == 1
+    finally:
+        sim.plc.users.clear()
