@@ -66,6 +66,17 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="the first N gateways also get a Modbus RTU PLC on a pseudo-terminal (default 0)",
     )
+    parser.add_argument(
+        "--opcua",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the first N gateways also get a PLC on an OPC UA server (Basic256Sha256),"
+        " on --opcua-base-port + i (default 0)",
+    )
+    parser.add_argument(
+        "--opcua-base-port", type=int, default=14840, metavar="PORT", help="default 14840"
+    )
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -105,6 +116,8 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
         topic_prefix=args.topic_prefix,
         gateway_prefix=args.gateway_prefix,
         rtu_gateways=args.rtu,
+        opcua_gateways=args.opcua,
+        opcua_base_port=args.opcua_base_port,
         w1_dir=args.w1_dir,
         manifest=args.manifest,
         ground_truth=args.ground_truth,

@@ -47,7 +47,8 @@ logger = logging.getLogger(__name__)
 
 DeviceKind = Literal["plc", "mqtt", "w1"]
 DEVICE_KINDS: tuple[DeviceKind, ...] = ("plc", "mqtt", "w1")
-_SUFFIX: dict[str, str] = {"plc": "plc", "mqtt": "node", "w1": "w1", "rtu": "rtu"}
+_SUFFIX: dict[str, str] = {"plc": "plc", "mqtt": "node", "w1": "w1", "rtu": "rtu", "opcua": "opc"}
+DEFAULT_OPCUA_BASE_PORT = 14840
 # The RTU PLC's slave id on its gateway's bus, and the line speed written to the manifest.
 RTU_UNIT_ID = 1
 RTU_BAUDRATE = 115200
@@ -79,8 +80,15 @@ class FleetConfig:
     sensors: Path | None = None
     # The first `rtu_gateways` gateways also get a PLC on a Modbus RTU bus (a pty).
     rtu_gateways: int = 0
+    # The first `opcua_gateways` gateways also get a PLC on an OPC UA server (Basic256Sha256
+    # SignAndEncrypt) on opcua_base_port + i, certificates made in `opcua_dir`.
+    opcua_gateways: int = 0
+    opcua_base_port: int = DEFAULT_OPCUA_BASE_PORT
+    opcua_dir: Path | None = None
 
     def __post_init__(self) -> None:
+        if not 0 <= self.opcua_gateways <= self.devices:
+            raise ConfigError("--opcua", f"must be between 0 and --devices ({self.devices})")
         if not 0 <= self.rtu_gateways <= self.devices:
             raise ConfigError("--rtu", f"must be between 0 and --devices ({self.devices})")
         if self.devices < 1:
@@ -129,6 +137,7 @@ class Fleet:
         self.ground_truth: GroundTruth | None = None
         self.plcs: list[PlcDevice] = []
         self.rtu: list[tuple[RtuBus, PlcDevice]] = []
+        self.opcua: list[tuple[Any, dict[str, str]]] = []  # (OpcUaPlc, client files)
         self.nodes: list[MqttNode] = []
         self.sensors: list[W1Sensor] = []
         self.started_at = 0.0
@@ -145,6 +154,8 @@ class Fleet:
             gateway = gateway_id(cfg.gateway_prefix, index)
             if index <= cfg.rtu_gateways:
                 self._build_rtu(gateway)
+            if index <= cfg.opcua_gateways:
+                self._build_opcua(gateway, cfg.opcua_base_port + index - 1)
             for kind in cfg.kinds:
                 dev = device_id(gateway, kind)
                 faults = DeviceFaults.pin(
@@ -211,6 +222,45 @@ class Fleet:
         bus.attach(RTU_UNIT_ID, plc, faults)
         self.rtu.append((bus, plc))
 
+    def _build_opcua(self, gateway: str, port: int) -> None:
+        """One PLC (same map and model) on its own OPC UA endpoint; a server certificate and
+        the gateway's client certificate (key 0600), trusted by the server."""
+        from millrace.fieldsim.opcua import APPLICATION_URI, OpcUaPlc, make_app_certificate
+
+        dev = device_id(gateway, "opcua")
+        pki = self.config.opcua_dir or self.manifest_path.resolve().parent / "opcua"
+        pki.mkdir(parents=True, exist_ok=True)
+        files = {
+            "server_cert": str(pki / f"{dev}.crt"),
+            "cert": str(pki / f"{gateway}-opcua-client.crt"),
+            "key": str(pki / f"{gateway}-opcua-client.key"),
+        }
+        make_app_certificate(
+            Path(files["server_cert"]), pki / f"{dev}.key", common_name=dev, uri=APPLICATION_URI
+        )
+        make_app_certificate(
+            Path(files["cert"]),
+            Path(files["key"]),
+            common_name=gateway,
+            uri=f"urn:millrace:edge:{gateway}",
+        )
+        plc = OpcUaPlc(
+            device_id=dev,
+            gateway=gateway,
+            host=self.config.host,
+            port=port,
+            plc_map=self.plc_map,
+            feed=self.feed,
+            faults=DeviceFaults.pin(
+                self.config.faults, device=dev, gateway=gateway, started_at=self.started_at
+            ),
+            cert=Path(files["server_cert"]),
+            key=pki / f"{dev}.key",
+            trusted_clients=(Path(files["cert"]),),
+            ground_truth=self.ground_truth,
+        )
+        self.opcua.append((plc, files))
+
     @staticmethod
     def _describe_rtu(bus: RtuBus, plc: PlcDevice) -> dict[str, Any]:
         entry = plc.describe()
@@ -230,6 +280,7 @@ class Fleet:
         devices = [
             *(d.describe() for d in self.plcs),
             *(self._describe_rtu(bus, plc) for bus, plc in self.rtu),
+            *({**plc.describe(), "kind": "opcua", **files} for plc, files in self.opcua),
             *(d.describe() for d in self.nodes),
             *(d.describe() for d in self.sensors),
         ]
@@ -280,6 +331,12 @@ class Fleet:
             raise
         for bus, _ in self.rtu:
             bus.start()
+        try:
+            for opc, _ in self.opcua:
+                await opc.start()
+        except BaseException:
+            await self._close_plcs()
+            raise
         for sensor in self.sensors:
             sensor.start()
         for node in self.nodes:
@@ -326,6 +383,7 @@ class Fleet:
 
     async def _close_plcs(self) -> None:
         await asyncio.gather(*(plc.stop() for plc in self.plcs), return_exceptions=True)
+        await asyncio.gather(*(opc.stop() for opc, _ in self.opcua), return_exceptions=True)
 
     async def _ticker(self) -> None:
         """One timer for all nodes and sensors, aligned on the resolution grid."""

@@ -31,7 +31,7 @@ from typing import Any
 from millrace.fieldsim.faults import DeviceFaults
 from millrace.fieldsim.feed import Feed
 from millrace.fieldsim.groundtruth import GroundTruth
-from millrace.fieldsim.specs import PlcMap, RegisterSignal
+from millrace.fieldsim.specs import PlcMap, RegisterSignal, spec_info
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,17 @@ def _fingerprint_pem_or_der(path: Path) -> str:
     cert = x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data else None
     der = cert.public_bytes(Encoding.DER) if cert is not None else data
     return hashlib.sha256(der).hexdigest()
+
+
+def _typed(sig: RegisterSignal, value: float) -> tuple[Any, Any]:
+    """(value, VariantType): Boolean for coils, Int32 for machine states, Double otherwise."""
+    from asyncua import ua
+
+    if sig.type == "bool":
+        return bool(value), ua.VariantType.Boolean
+    if sig.spec.kind == "state":
+        return int(value), ua.VariantType.Int32
+    return float(value), ua.VariantType.Double
 
 
 class OpcUaPlc:
@@ -198,8 +209,7 @@ class OpcUaPlc:
         for sig in self.plc_map.signals:
             name = sig.spec.name
             initial, _ = self._sample(sig, now)
-            variant = ua.VariantType.Boolean if sig.type == "bool" else ua.VariantType.Double
-            value = bool(initial) if sig.type == "bool" else float(initial)
+            value, variant = _typed(sig, initial)
             node = await folder.add_variable(
                 ua.NodeId.from_string(f"ns={ns};s={self.device_id}.{name}"),
                 name,
@@ -221,8 +231,7 @@ class OpcUaPlc:
 
         for name, (sig, node) in self._nodes.items():
             value, ts = self._sample(sig, now)
-            served: Any = bool(value) if sig.type == "bool" else float(value)
-            variant = ua.VariantType.Boolean if sig.type == "bool" else ua.VariantType.Double
+            served, variant = _typed(sig, value)
             stamp: Any = datetime.fromtimestamp(ts, UTC)
             await node.write_value(
                 ua.DataValue(
@@ -276,7 +285,12 @@ class OpcUaPlc:
             "protocol": "opcua",
             "endpoint": self.endpoint,
             "signals": [
-                {"name": s.spec.name, "node": self.node_id(s.spec.name)}
+                {
+                    **spec_info(s.spec),
+                    "node": self.node_id(s.spec.name),
+                    "type": s.type,
+                    **({"states": {str(k): v for k, v in s.states}} if s.states else {}),
+                }
                 for s in self.plc_map.signals
             ],
         }

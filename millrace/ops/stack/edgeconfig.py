@@ -88,6 +88,18 @@ def _plc_signals(device: Mapping[str, Any], source: str) -> Iterable[dict[str, o
         yield entry
 
 
+def _opcua_signals(device: Mapping[str, Any], source: str) -> Iterable[dict[str, object]]:
+    for signal in device["signals"]:
+        entry = _common(signal, f"opcua.{signal['name']}")
+        entry.update(driver="opcua", server=source, node=signal["node"])
+        if signal.get("kind") == "state":
+            kind = "state" if signal.get("type") == "bool" else "enum"
+            entry.update(kind=kind, valid_min=None, valid_max=None, unit=None)
+            if kind == "enum":
+                entry["states"] = dict(signal.get("states") or {})
+        yield entry
+
+
 def _node_signals(device: Mapping[str, Any], source: str) -> Iterable[dict[str, object]]:
     for signal in device["signals"]:
         entry = _common(signal, f"node.{signal['name']}")
@@ -152,6 +164,17 @@ def edge_config_toml(
                 {"port": device["port"], "baudrate": device["baudrate"], "timeout_s": 0.5},
             )
             signals += _plc_signals(device, source)
+        elif device["kind"] == "opcua":
+            lines += _table(
+                f"opcua.{source}",
+                {
+                    "endpoint": device["endpoint"],
+                    "cert": device["cert"],
+                    "key": device["key"],
+                    "server_cert": device["server_cert"],
+                },
+            )
+            signals += _opcua_signals(device, source)
         elif device["kind"] == "mqtt":
             endpoint = {"host": device["host"], "port": device["port"]}
             lines += _table(f"local_mqtt.{source}", endpoint)
