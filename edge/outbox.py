@@ -307,6 +307,12 @@ class Outbox:
                 if not clean:
                     # A hole not yet reported stays reportable from where it began.
                     floor_ms = int(prev_floor)
+            if floor_ms == started_ms:
+                # After a clean stop (or none) nothing is missing up to this start. An end
+                # past it belongs to a window the stop closed early, holding readings only
+                # up to the stop: lowered, so a kill before that window's time comes round
+                # again reports the hole from this start, not from that window's end.
+                db.execute("UPDATE closed SET end_ms = ?", (started_ms,))
             db.execute(
                 "INSERT OR REPLACE INTO run (id, boot_id, started_ms, floor_ms, clean)"
                 " VALUES (1, ?, ?, ?, 0)",

@@ -288,3 +288,21 @@ def test_a_run_killed_before_closing_a_window_reports_from_the_last_clean_start(
     again = box.begin_run("d" * 32, NOW + 3_800_000)
     assert again is not None and again.boot_id == boot_c
     assert again.closed_ms == {"t": NOW + 3_600_000}
+
+
+def test_a_window_closed_early_by_a_clean_stop_does_not_hide_the_next_runs_hole(
+    tmp_path: Path,
+) -> None:
+    """Found on a booted gateway: `systemctl restart` (SIGTERM closes the open window early,
+    its end in the future), then the new run froze at once and the watchdog killed it; its
+    hole began at the early-closed window's end, after the freeze."""
+    path = tmp_path / "o.sqlite"
+    box = open_outbox(path)
+    box.begin_run(BOOT_A, NOW)
+    stop_ms = NOW + 5_300
+    box.append(BOOT_A, [enc(0)], encoding="msgpack", now_ms=stop_ms, closed_ms={"t": NOW + 6_000})
+    box.mark_clean_stop()
+    box.begin_run(BOOT_B, NOW + 5_500)  # restarted at once, then frozen and killed
+    previous = box.begin_run("c" * 32, NOW + 40_000)
+    assert previous is not None and previous.boot_id == BOOT_B and not previous.clean
+    assert previous.closed_ms == {"t": NOW + 5_500}
