@@ -305,7 +305,12 @@ def _copy_gateway_tree(src: Path, dest: Path) -> None:
 
 def _pip_wheel(tree: Path, out_dir: Path, dist: str) -> Path:
     built = tree.parent / "wheels"
-    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-input", "-q"]
+    # No build isolation: the build backend comes from this environment (the ops extra),
+    # so building a bundle asks no package index for setuptools.
+    cmd = [
+        sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-input", "-q",
+        "--no-build-isolation",
+    ]  # fmt: skip
     result = subprocess.run(
         [*cmd, "--disable-pip-version-check", "-w", str(built), str(tree)],
         capture_output=True,

@@ -198,3 +198,23 @@ def select_wheelhouse(pins: Iterable[str], machine: str, house: Path, out_dir: P
             shutil.copyfile(wheel, out_dir / wheel.name)
             copied.append(out_dir / wheel.name)
     return copied
+
+
+def prefetch(machines: Iterable[str]) -> None:
+    """Fill the cache with the gateway's dependency wheels for `machines` (bootstrap).
+
+    Machine set-up may use the package index; tests and bundles then find every wheel in
+    the cache and ask no index (the test suite sets PIP_NO_INDEX to make sure).
+    """
+    from millrace.ops.provision import edge_requirements  # provision imports this module
+
+    pins = edge_requirements()
+    for machine in machines:
+        check_platform(machine)
+        with tempfile.TemporaryDirectory() as tmp:
+            build_wheelhouse(pins, machine, Path(tmp))
+
+
+if __name__ == "__main__":  # python -m millrace.ops.provision_wheels x86_64 aarch64
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    prefetch(sys.argv[1:] or [this_platform()])
