@@ -437,3 +437,26 @@ def test_opcua_username_and_password_file(sim: Sim, tmp_path: Path) -> None:
         assert run_check(anonymous, mqtt_wait_s=0).exit_code == 1
     finally:
         sim.plc.users.clear()
+
+
+def test_opcua_sampler_runs_the_source_thread_beside_the_pollers(sim: Sim) -> None:
+    from millrace.edge.sampler import Sampler
+
+    config = opcua_config(
+        sim,
+        signals=[
+            ("temp", node_id(DEVICE, ANALOG[0]), "poll"),
+            ("temp_sub", node_id(DEVICE, ANALOG[1]), "subscribe"),
+        ],
+    )
+    pipe = Pipeline(config.signals, periods_s=[10], grace_ms=1000)
+    sampler = Sampler(config, pipe)
+    sampler.start()
+    try:
+        wait_for(lambda: pipe.readings_total >= 4)
+        assert sampler.dead_threads() == []
+        assert any(t.name == "opcua-plc" for t in threading.enumerate())
+    finally:
+        sampler.stop()
+    assert not any(t.name == "opcua-plc" for t in threading.enumerate())
+    assert pipe.errors == [0, 0]
