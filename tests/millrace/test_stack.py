@@ -73,7 +73,7 @@ def _port_args() -> list[str]:
         "--ingest-http-port",
         str(http),
         "--modbus-base-port",
-        str(_free_block(GATEWAYS)),
+        str(_free_block(GATEWAYS + 1)),  # + gw0001's OPC UA PLC
     ]
 
 
@@ -110,21 +110,23 @@ def _readings_per_gateway(dsn: str) -> dict[str, int]:
     return {name: count for name, count in rows}
 
 
-def _wait_for_rtu_readings(dsn: str) -> int:
-    """Readings of the one gateway that also reads a PLC over Modbus RTU (a pty bus)."""
+def _wait_for_rtu_readings(dsn: str, prefix: str = "rtu") -> int:
+    """Readings of the one gateway that also reads a PLC over Modbus RTU (a pty bus), or
+    with prefix "opcua" over OPC UA."""
     deadline = time.monotonic() + DATA_WAIT_SECONDS
     count = 0
     while time.monotonic() < deadline:
         with psycopg.connect(dsn) as conn:
             row = conn.execute(
                 "SELECT count(*) FROM readings r JOIN metrics m ON m.id = r.metric_id "
-                "JOIN devices d ON d.id = r.device_id WHERE m.name LIKE 'rtu.%'"
+                "JOIN devices d ON d.id = r.device_id WHERE m.name LIKE %s",
+                (f"{prefix}.%",),
             ).fetchone()
         count = row[0] if row else 0
         if count:
             return int(count)
         time.sleep(2)
-    raise AssertionError(f"no Modbus RTU readings after {DATA_WAIT_SECONDS} s")
+    raise AssertionError(f"no {prefix}.* readings after {DATA_WAIT_SECONDS} s")
 
 
 def _assert_no_service_dsn_is_a_superuser(root: Path) -> None:
@@ -212,6 +214,7 @@ def test_up_status_down_leaves_nothing_and_reuses_state(plant_root: Path) -> Non
         counts = _wait_for_every_gateway(status["superuser_dsn"])
         assert all(count > 0 for count in counts.values())
         assert _wait_for_rtu_readings(status["superuser_dsn"]) > 0  # `up` shows an RTU PLC
+        assert _wait_for_rtu_readings(status["superuser_dsn"], "opcua") > 0  # and an OPC UA one
         with urllib.request.urlopen(status["dashboard_health"], timeout=10) as response:
             assert response.status == 200
             assert response.read().strip() == b"ok"

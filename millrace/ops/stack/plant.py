@@ -109,6 +109,22 @@ def _gateway_ids(count: int) -> list[str]:
     return [f"{GATEWAY_PREFIX}{i:04d}" for i in range(1, count + 1)]
 
 
+def opcua_available() -> bool:
+    """asyncua is installed (the opcua extra): gw0001 then also reads a PLC over OPC UA."""
+    import importlib.util
+
+    return importlib.util.find_spec("asyncua") is not None
+
+
+def _opcua_args(options: PlantOptions) -> list[str]:
+    if not opcua_available():
+        log.warning(
+            "no OPC UA PLC in the plant: asyncua is missing (pip install 'millrace[opcua]')"
+        )
+        return []
+    return ["--opcua", "1", "--opcua-base-port", str(options.modbus_base_port + options.devices)]
+
+
 def _check_ports(options: PlantOptions) -> None:
     wanted = {
         "--broker-port": options.broker_port,
@@ -120,6 +136,10 @@ def _check_ports(options: PlantOptions) -> None:
     wanted |= {
         f"--modbus-base-port (+{i})": options.modbus_base_port + i for i in range(options.devices)
     }
+    if opcua_available():  # gw0001's OPC UA PLC listens right after the Modbus PLCs
+        wanted[f"--modbus-base-port (+{options.devices}, the OPC UA PLC)"] = (
+            options.modbus_base_port + options.devices
+        )
     for flag, port in wanted.items():
         if not procs.port_is_free(port):
             raise MillraceError(f"port {port} is in use; choose another with {flag}")
@@ -393,6 +413,7 @@ class Plant:
                 GATEWAY_PREFIX,
                 "--rtu",  # one gateway also reads a PLC over Modbus RTU (a pty)
                 "1",
+                *_opcua_args(self.options),  # and one over OPC UA (Basic256Sha256)
                 "--w1-dir",
                 str(self.layout.sim / "w1"),
                 "--manifest",
