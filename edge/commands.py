@@ -164,6 +164,11 @@ class CommandProcessor:
             signal = self.config.signal(metric) if isinstance(metric, str) else None
             if signal is None:
                 raise CommandError(f"metric: no signal publishes {metric!r}")
+            if signal.driver == "opcua":
+                raise CommandError(
+                    f"metric: {metric!r} is read on its OPC UA session's own schedule;"
+                    " change its poll_s in the config"
+                )
             if not signal.polled:
                 raise CommandError(f"metric: {metric!r} is pushed by its source, not polled")
             poll = _number(args, "poll_s")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import json
 import os
 import socket
 import threading
@@ -460,3 +461,20 @@ def test_opcua_sampler_runs_the_source_thread_beside_the_pollers(sim: Sim) -> No
         sampler.stop()
     assert not any(t.name == "opcua-plc" for t in threading.enumerate())
     assert pipe.errors == [0, 0]
+
+
+def test_opcua_set_poll_is_refused_with_the_reason(sim: Sim, tmp_path: Path) -> None:
+    from millrace.edge.commands import CommandProcessor
+    from millrace.edge.state import StateStore
+    from millrace.wire import Command
+    from tests.edge.test_commands import FakeControl
+
+    config = opcua_config(sim, signals=[("temp", node_id(DEVICE, ANALOG[0]), "poll")])
+    store = StateStore(tmp_path / "state")
+    control = FakeControl()
+    proc = CommandProcessor(config=config, store=store, state=store.load(), control=control)
+    payload = Command(id="c1", name="set", args={"metric": "temp", "poll_s": 0.5}).to_json()
+    reply = proc.handle("set", payload)
+    assert not reply.ok
+    assert "OPC UA session's own schedule" in json.dumps(reply.error)
+    assert control.calls == []
