@@ -37,24 +37,17 @@ _MAX_COUNT = {1: 2000, 2: 2000, 3: 125, 4: 125}
 _POLL_SECONDS = 0.05
 
 
-def _crc_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
-        table.append(crc)
-    return table
-
-
-_CRC_TABLE = _crc_table()
-
-
 def crc16(data: bytes) -> int:
-    """Modbus CRC-16 (poly 0xA001, init 0xFFFF), sent low byte first."""
+    """Modbus CRC-16 (poly 0xA001, init 0xFFFF), sent low byte first.
+
+    Bit by bit, as the spec draws it: the device side keeps its own implementation, so
+    the edge driver's table-driven CRC is checked against an independent one.
+    """
     crc = 0xFFFF
     for byte in data:
-        crc = (crc >> 8) ^ _CRC_TABLE[(crc ^ byte) & 0xFF]
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
     return crc
 
 
