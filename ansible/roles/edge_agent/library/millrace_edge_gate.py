@@ -205,10 +205,13 @@ class Gate:
             status = read_status(self.status_path)
             pid = int(now.get("MainPID") or 0)
             fresh = status.get("pid") == pid and pid > 0
-            proven = fresh and (
-                p["proof"] == "none"
-                or (p["proof"] == "connected" and status.get("connected_ms"))
-                or (p["proof"] == "receipt" and status.get("receipted_ms"))
+            # proof=none asks nothing of status.json: a release older than it writes none.
+            proven = p["proof"] == "none" or (
+                fresh
+                and (
+                    (p["proof"] == "connected" and status.get("connected_ms"))
+                    or (p["proof"] == "receipt" and status.get("receipted_ms"))
+                )
             )
             up_s = time.monotonic() - int(now.get("ActiveEnterTimestampMonotonic") or 0) / 1e6
             if proven and up_s >= p["min_uptime"]:
