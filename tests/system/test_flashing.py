@@ -85,6 +85,21 @@ class Cloud:
             ).fetchall()
         return {(uuid.UUID(str(boot)).hex, int(seq)) for boot, seq in rows}
 
+    def holes(self) -> dict[str, tuple[set[str], float, float]]:
+        """Holes recorded after unclean ends: ended boot -> (metrics, from, to) in epoch s."""
+        with psycopg.connect(self.db.owner_dsn, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT h.prev_boot_id, h.metric, extract(epoch FROM h.from_ts)::float8,"
+                " extract(epoch FROM h.to_ts)::float8 FROM data_holes h"
+                " JOIN devices d ON d.id = h.device_id WHERE d.name = %s",
+                (DEVICE,),
+            ).fetchall()
+        out: dict[str, tuple[set[str], float, float]] = {}
+        for boot, metric, low, high in rows:
+            metrics, *_ = out.setdefault(boot.hex, (set(), low, high))
+            metrics.add(metric)
+        return out
+
     def readings(self) -> int:
         with psycopg.connect(self.db.owner_dsn, autocommit=True) as conn:
             row = conn.execute(
@@ -267,6 +282,7 @@ def test_watchdog_restarts_a_frozen_agent(gateway: Gateway) -> None:
         before = int(box.unit_property(UNIT, "NRestarts"))
         frozen = gateway.main_pid()
         box.run("kill", "-STOP", str(frozen))
+        frozen_at = time.time()
         took = box.wait_for(
             "the watchdog to restart the frozen agent",
             lambda: (
@@ -280,6 +296,19 @@ def test_watchdog_restarts_a_frozen_agent(gateway: Gateway) -> None:
         assert "Watchdog timeout" in box.journal(UNIT, "--since", "-5min")
         starts = gateway.starts()
         assert len({boot for boot, _ in starts}) >= 2  # the restarted agent is a new boot
+        # Loss is visible: the next start reports the frozen run's hole; the run before it
+        # (stopped by `systemctl restart`, SIGTERM) ended cleanly and left none.
+        frozen_boot, clean_boot = starts[-2][0], starts[-3][0]
+        gateway.box.wait_for(
+            "the frozen run's hole recorded",
+            lambda: frozen_boot in gateway.cloud.holes(),
+            timeout=STORE_TIMEOUT_SECONDS,
+        )
+        holes = gateway.cloud.holes()
+        metrics, low, high = holes[frozen_boot]
+        assert clean_boot not in holes, holes
+        assert metrics and low <= frozen_at < high, (metrics, low, frozen_at, high)
+        print(f"watchdog kill: hole of {len(metrics)} metric(s), {high - low:.0f} s, recorded")
     finally:
         dropin.unlink(missing_ok=True)
         box.run("systemctl", "daemon-reload", check=False)
@@ -297,6 +326,8 @@ def test_outbox_survives_a_power_cut_and_drains(gateway: Gateway) -> None:
         )
         backlog = gateway.outbox()
         starts_before = len(gateway.starts())
+        cut_boot = gateway.starts()[-1][0]
+        cut_at = time.time()
 
         box.power_cut()
         box.boot()
@@ -323,3 +354,12 @@ def test_outbox_survives_a_power_cut_and_drains(gateway: Gateway) -> None:
             f"{box.journal(UNIT, '-n', '40')}"
         ) from None
     print(f"\nbacklog of {len(backlog)} batches survived the power cut, drained in {took:.0f} s")
+    # Loss is visible: the window open at the cut is in the hole the next boot reported.
+    box.wait_for(
+        "the power cut's hole recorded",
+        lambda: cut_boot in cloud.holes(),
+        timeout=STORE_TIMEOUT_SECONDS,
+    )
+    metrics, low, high = cloud.holes()[cut_boot]
+    assert metrics and low <= cut_at < high, (metrics, low, cut_at, high)
+    print(f"power cut: hole of {len(metrics)} metric(s), {high - low:.0f} s, recorded")
