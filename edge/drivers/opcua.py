@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 EXTRA_HINT = "pip install 'millrace[opcua]'"
 PROBE_SECONDS = 1.0
 RECONNECT_MIN_SECONDS = 0.5
+# A session that lasted this long resets the reconnect backoff.
+SESSION_OK_SECONDS = 10.0
 SERVER_STATE_NODE = "i=2259"  # Server.ServerStatus.State
 _REFUSED_CERT = {
     "BadCertificateUntrusted",
@@ -364,12 +366,16 @@ class OpcUaSource:
                 retry_at = time.monotonic() + backoff
                 backoff = min(backoff * 2, self.server.reconnect_max_s)
                 continue
-            backoff = RECONNECT_MIN_SECONDS
+            opened = time.monotonic()
             try:
                 await self._serve(client, schedule, due)
             except Exception as exc:
                 self._session_failed(exc)
-                retry_at = time.monotonic() + RECONNECT_MIN_SECONDS
+                if time.monotonic() - opened >= SESSION_OK_SECONDS:
+                    backoff = RECONNECT_MIN_SECONDS  # it worked for a while: retry soon
+                retry_at = time.monotonic() + backoff
+                # A session that fails at once (a refused subscription, say) backs off too.
+                backoff = min(backoff * 2, self.server.reconnect_max_s)
             finally:
                 self.connected = False
                 await self._close(client)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import itertools
 import json
 import os
 import socket
@@ -478,3 +479,40 @@ def test_opcua_set_poll_is_refused_with_the_reason(sim: Sim, tmp_path: Path) -> 
     assert not reply.ok
     assert "OPC UA session's own schedule" in json.dumps(reply.error)
     assert control.calls == []
+
+
+def test_opcua_session_that_fails_at_once_backs_off(
+    sim: Sim, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that opens sessions but breaks each at once is not reconnected at 2 Hz."""
+    node = node_id(DEVICE, ANALOG[0])
+    config = parse_config(
+        HEAD
+        + '[opcua.plc]\nendpoint = "opc.tcp://plc1.plant.example:4840"\nsecurity = "none"\n'
+        + "reconnect_max_s = 2.0\n"
+        + f'[[signals]]\nmetric = "temp"\ndriver = "opcua"\nserver = "plc"\nnode = "{node}"\n',
+        base=sim.pki,
+    )
+    opened: list[float] = []
+
+    async def connect(self: OpcUaSource) -> object:
+        opened.append(time.monotonic())
+        return object()
+
+    async def serve(self: OpcUaSource, client: object, schedule: Any, due: Any) -> None:
+        raise ConnectionError("subscription refused")
+
+    async def close(self: OpcUaSource, client: object) -> None:
+        return None
+
+    monkeypatch.setattr(OpcUaSource, "_connect", connect)
+    monkeypatch.setattr(OpcUaSource, "_serve", serve)
+    monkeypatch.setattr(OpcUaSource, "_close", close)
+    source, rec = start_source(config)
+    try:
+        wait_for(lambda: len(opened) >= 4, timeout_s=30)
+    finally:
+        source.stop()
+    gaps = [b - a for a, b in itertools.pairwise(opened)]
+    assert gaps[1] >= 0.9 and gaps[2] >= 1.9, gaps  # 0.5, 1, 2 s: doubling up to 2 s
+    assert rec.pipeline.errors[0] >= 1  # the signal failed meanwhile
