@@ -61,6 +61,8 @@ DIST_NAME = "millrace"
 # The gateway's cut of the same source tree: the contract and the edge agent only.
 GATEWAY_DIST_NAME = "millrace-edge"
 EDGE_EXTRA = "edge"
+# Installed on a gateway only when its agent config names OPC UA servers ([opcua.<name>]).
+OPCUA_EXTRA = "opcua"
 MANIFEST_NAME = "MANIFEST.sha256"
 # The manifest's raw Ed25519 signature by the PKI's release key (provision_signing).
 SIGNATURE_NAME = MANIFEST_NAME + ".sig"
@@ -202,6 +204,23 @@ def _marker_env_holds(requirement: Any, extras: Iterable[str]) -> bool:
 def edge_requirements() -> list[str]:
     """`name==version` for the closure of millrace's base + edge dependencies, as installed here."""
     return pinned_requirements(EDGE_EXTRA)
+
+
+def gateway_requirements(config_text: str | None = None) -> list[str]:
+    """The pins a gateway with `config_text` needs: the edge closure, plus the opcua
+    extra's when the config names OPC UA servers (asyncua and cryptography are heavy)."""
+    pins = set(edge_requirements())
+    if config_text is not None and _uses_opcua(config_text):
+        pins |= set(pinned_requirements(OPCUA_EXTRA))
+    return sorted(pins)
+
+
+def _uses_opcua(config_text: str) -> bool:
+    try:
+        servers = tomllib.loads(config_text).get(OPCUA_EXTRA)
+    except tomllib.TOMLDecodeError:
+        return False  # the agent's own loader reports it (validate_config)
+    return isinstance(servers, dict) and bool(servers)
 
 
 def pinned_requirements(extra: str) -> list[str]:
@@ -717,6 +736,7 @@ def build_bundle(
             Path(tmp),
             wheel=wheel,
             wheelhouse=wheelhouse,
+            requirements=gateway_requirements(config),
             targets=(),
             platform=machine,
             hashes=True,

@@ -206,9 +206,12 @@ def prefetch(machines: Iterable[str]) -> None:
     Machine set-up may use the package index; tests and bundles then find every wheel in
     the cache and ask no index (the test suite sets PIP_NO_INDEX to make sure).
     """
-    from millrace.ops.provision import edge_requirements  # provision imports this module
+    from millrace.ops import provision  # provision imports this module
 
-    pins = edge_requirements()
+    # Both kinds of gateway: the plain edge closure and the one with OPC UA servers.
+    pins = sorted(
+        set(provision.edge_requirements()) | set(provision.gateway_requirements("[opcua.any]\n"))
+    )
     for machine in machines:
         check_platform(machine)
         with tempfile.TemporaryDirectory() as tmp:

@@ -304,6 +304,39 @@ def test_config_template_mistakes_name_the_placeholder_and_issue_nothing(
     assert not pki.pki_paths(plant_pki).cert_for("tmpl-1").exists()
 
 
+def test_a_gateway_with_opcua_servers_gets_the_opcua_wheels_in_its_bundle(
+    plant_pki: Path, fake_wheel: Path, tmp_path: Path
+) -> None:
+    """OPC UA (asyncua, cryptography) is an extra: a bundle carries it only for a gateway
+    whose config names OPC UA servers, which otherwise stopped at start asking for it.
+    The wheels come from the cache scripts/bootstrap filled (the tests ask no index)."""
+    template = tmp_path / "opcua.toml"
+    template.write_text(
+        'device_id = "{{ device_id }}"\n[broker]\nhost = "{{ broker_host }}"\n'
+        '[opcua.plc1]\nurl = "opc.tcp://plc1.plant.example:4840"\n'
+    )
+    plain = _bundle(
+        plant_pki, fake_wheel, tmp_path / "plain.tar.gz", device="ua-0", wheelhouse=None
+    )
+    with_ua = _bundle(
+        plant_pki, fake_wheel, tmp_path / "ua.tar.gz", device="ua-1", wheelhouse=None,
+        config_template=template,
+    )  # fmt: skip
+
+    def carried(bundle: Path) -> tuple[set[str], set[str]]:
+        top = _extract(bundle, tmp_path / bundle.name.split(".")[0])
+        pins = (top / "agent" / provision.REQUIREMENTS_NAME).read_text()
+        names = {line.split("==")[0] for line in pins.splitlines() if "==" in line}
+        return names, {w.name.split("-")[0].lower() for w in (top / "wheels").glob("*.whl")}
+
+    plain_pins, plain_wheels = carried(plain.path)
+    ua_pins, ua_wheels = carried(with_ua.path)
+    assert "asyncua" not in plain_pins and "asyncua" not in plain_wheels
+    assert {"asyncua", "cryptography"} <= ua_pins
+    assert {"asyncua", "cryptography"} <= ua_wheels
+    assert plain_pins < ua_pins
+
+
 def test_a_wheelhouse_lacking_the_platforms_wheel_is_refused_naming_the_pin(
     plant_pki: Path, fake_wheel: Path, tmp_path: Path
 ) -> None:
