@@ -2,8 +2,9 @@
 
 The card is a booted Debian container's root file system (systemd 252 as PID 1). On first
 boot millrace-firstboot.service installs the staged bundle from its own wheels, and the
-agent starts under its hardened unit (Type=notify, watchdog), publishes to the session's
-mosquitto (project TLS and dynsec config, on the host's loopback) and an ingest worker
+agent starts under its hardened unit (Type=notify, watchdog), publishes to a mosquitto with
+the project's production config (TLS, dynsec roles, client id = certificate name) on the
+host's loopback, and an ingest worker
 stores its windows in TimescaleDB and receipts them. Then the gateway is abused: its agent
 is frozen (the watchdog must restart it) and its power is cut (its init SIGKILLed) while
 the cloud is away (the outbox must survive and drain once both are back).
@@ -152,17 +153,33 @@ def flash_db(pg_server: PostgresServer) -> Iterator[IngestDb]:
 
 
 @pytest.fixture(scope="module")
+def plant_broker(
+    test_pki: PKIFixture, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MosquittoServer]:
+    """A broker with the production setting: the client id is the certificate's name."""
+    server = MosquittoServer(
+        test_pki, tmp_path_factory.mktemp("plant-broker"), clientid_from_certificate=True
+    )
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
 def gateway(
     module_container_factory: ContainerFactory,
     tmp_path_factory: pytest.TempPathFactory,
     test_pki: PKIFixture,
-    broker: MosquittoServer,
+    plant_broker: MosquittoServer,
     flash_db: IngestDb,
     agent_wheel: Path,  # noqa: F811
     wheelhouse: Path,  # noqa: F811
 ) -> Iterator[Gateway]:
     """`millrace provision --sd` onto a container's disk, then its first boot."""
     work = tmp_path_factory.mktemp("flash")
+    broker = plant_broker
     cloud = Cloud(flash_db, broker, work)
     cloud.start()
     box = module_container_factory(boot=False)
