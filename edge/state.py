@@ -41,7 +41,7 @@ class AgentState:
         return replace(self, commands=commands)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     """Write a temp file whole, then rename it over `path`; on failure `path` is untouched.
 
     One os.write may write only part (a full disk, a signal), so it loops; the partial
@@ -114,4 +114,4 @@ class StateStore:
             "poll_s": state.poll_s,
             "commands": state.commands,
         }
-        _atomic_write(self.path, json.dumps(body, separators=(",", ":")).encode())
+        atomic_write(self.path, json.dumps(body, separators=(",", ":")).encode())

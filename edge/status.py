@@ -15,7 +15,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from millrace.edge.state import _atomic_write
+from millrace.edge.state import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class StatusFile:
             return False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.path, status.to_json())
+            atomic_write(self.path, status.to_json())
         except OSError as exc:
             log.warning("cannot write %s: %s", self.path, exc)
             return False
