@@ -366,6 +366,14 @@ class BrokerConnection:
     cert: Path
     key: Path
     keepalive_s: int = DEFAULT_BROKER_KEEPALIVE_SECONDS
+    # Every broker of the plant in configured order, `(host, port)` first; `hosts = [...]`
+    # fills it, a single `host` leaves it empty (see `endpoints`).
+    hosts: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def endpoints(self) -> tuple[tuple[str, int], ...]:
+        """The brokers to use, in configured order: `hosts`, or the one `host`:`port`."""
+        return self.hosts or ((self.host, self.port),)
 
     @classmethod
     def read(cls, table: Table, *, files_must_exist: bool, **extra: Any) -> Self:
@@ -375,9 +383,11 @@ class BrokerConnection:
         run (a bundle rendered before its device has certificates); such a
         caller must check the files itself before connecting.
         """
+        hosts = _broker_hosts(table)
         return cls(
-            host=table.text("host"),
-            port=table.integer("port", DEFAULT_BROKER_PORT, low=1, high=65535),
+            host=hosts[0][0],
+            port=hosts[0][1],
+            hosts=hosts if table.has("hosts") else (),
             ca=table.path("ca", must_exist=files_must_exist),
             cert=table.path("cert", must_exist=files_must_exist),
             key=table.path("key", must_exist=files_must_exist),
@@ -386,3 +396,40 @@ class BrokerConnection:
             ),
             **extra,
         )
+
+
+def _broker_hosts(table: Table) -> tuple[tuple[str, int], ...]:
+    """`host` + `port` (one broker) or `hosts = ["a.example:8883", ...]` (several), not both."""
+    if not table.has("hosts"):
+        return (
+            (table.text("host"), table.integer("port", DEFAULT_BROKER_PORT, low=1, high=65535)),
+        )
+    for single in ("host", "port"):
+        if table.has(single):
+            raise table.error(single, "give either host (and port) or hosts, not both")
+    raw = table._get("hosts", list, 'an array of "host:port" strings', REQUIRED)
+    if not raw:
+        raise table.error("hosts", "must not be empty")
+    out: list[tuple[str, int]] = []
+    for i, item in enumerate(raw):
+        key = f"hosts[{i}]"
+        if not isinstance(item, str):
+            raise table.error(key, f'expected "host:port", got {describe(item)}')
+        if item.startswith("["):
+            host, sep, port = _bracketed(item)
+        else:
+            host, sep, port = item.rpartition(":")
+            host = host if sep else item
+        port = port if sep else str(DEFAULT_BROKER_PORT)
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise table.error(key, f'{item!r} is not "host" or "host:port" (port 1-65535)')
+        if (host, int(port)) in out:
+            raise table.error(key, f"{item!r} is listed twice")
+        out.append((host, int(port)))
+    return tuple(out)
+
+
+def _bracketed(item: str) -> tuple[str, str, str]:
+    """`[::1]:8883` -> ("::1", ":", "8883"); `[::1]` -> ("::1", "", "")."""
+    host, _, rest = item[1:].partition("]")
+    return host, (":" if rest.startswith(":") else ""), rest[1:]
