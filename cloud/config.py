@@ -16,6 +16,7 @@ from typing import Any, Final
 
 from millrace import configfile
 from millrace.cloud.alerts.notify import NotifySettings, parse_notify
+from millrace.cloud.dsn import check_writer_dsn, dsn_key
 from millrace.cloud.ingest.limits import IngestLimits
 from millrace.cloud.retention import DEFAULT_AGES_DAYS, RETAINED_TABLES, RetentionPolicy
 from millrace.configfile import BrokerConnection, Table, optional_dsn, read_dsn, read_toml
@@ -164,6 +165,8 @@ def _retention(t: Table) -> RetentionSettings:
     interval_s = t.integer("interval_s", DEFAULT_RETENTION_INTERVAL_SECONDS, low=60, high=7 * 86400)
     # Its own login (millrace_retention); without one the worker falls back to the ingest DSN.
     dsn = optional_dsn(t)
+    if dsn is not None:
+        check_writer_dsn(dsn, key=dsn_key(t, env=None))
     days_table = t.table("days")
     days_table.check_unknown(RETAINED_TABLES)
     days = dict(DEFAULT_AGES_DAYS)
@@ -203,7 +206,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: str = "<config>
     """Build an IngestConfig from parsed TOML; paths are relative to `base`."""
     root = Table(data, base=base, source=source)
     database = root.table("database")
-    dsn = read_dsn(database, env=DSN_ENV)
+    dsn = check_writer_dsn(read_dsn(database, env=DSN_ENV), key=dsn_key(database, env=DSN_ENV))
     broker = root.table("broker")
     broker_settings = _broker(broker)
     batch = root.table("batch")

@@ -33,6 +33,7 @@ from millrace import topics
 from millrace.cloud.alerts.engine import AlertEngine
 from millrace.cloud.alerts.notify import NotificationSender, enqueue
 from millrace.cloud.config import IngestConfig
+from millrace.cloud.dsn import connect_writer
 from millrace.cloud.ingest.batcher import Batcher
 from millrace.cloud.ingest.classify import Limits, classify, failed_too_often, kind_label
 from millrace.cloud.ingest.consumer import Consumer
@@ -84,8 +85,9 @@ class _Task:
 
 
 def connect_db(dsn: str, *, application_name: str) -> psycopg.Connection[Any]:
-    """An autocommit connection with keepalives, so a dead server is noticed in seconds."""
-    return psycopg.connect(
+    """An autocommit connection to the primary, with keepalives so a dead server is noticed
+    in seconds; a multi-host DSN reaches whichever node is primary now (cloud/dsn.py)."""
+    return connect_writer(
         dsn,
         autocommit=True,
         application_name=application_name[:63],
@@ -233,7 +235,7 @@ class Worker:
             )
         dsn = settings.dsn or self.config.dsn
         self._retention = RetentionScheduler(
-            lambda: psycopg.connect(dsn, connect_timeout=DB_CONNECT_TIMEOUT_SECONDS),
+            lambda: connect_writer(dsn, connect_timeout=DB_CONNECT_TIMEOUT_SECONDS),
             RetentionPolicy.from_days(settings.days),
             interval_s=settings.interval_s,
         )
