@@ -24,6 +24,7 @@ import psycopg
 from psycopg import sql
 
 from millrace.cloud.dbprivileges import check_privileges
+from millrace.cloud.dsn import connect_writer
 from millrace.errors import IngestError, UnreachableError
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,9 @@ RETENTION_PRIVILEGES: Final[Mapping[str, tuple[str, ...]]] = {
     "alerts": ("SELECT", "DELETE"),
     "audit_log": ("SELECT", "DELETE"),
     "notifications": ("SELECT", "DELETE"),
+    # Packing (cloud/packing.py) moves old windows from readings into readings_packed.
+    "readings": ("SELECT", "DELETE"),
+    "readings_packed": ("SELECT", "INSERT", "DELETE"),
 }
 # drop_chunks needs the hypertable's owner, so retention calls this SECURITY DEFINER
 # wrapper instead; it drops chunks of these hypertables only, nothing else.
@@ -88,6 +92,7 @@ RETENTION_HYPERTABLES: Final = (
     "rollup_daily",
     "dead_letters",
     "device_health_history",
+    "readings_packed",
 )
 _SKIP_TABLES: Final = frozenset({"alembic_version"})
 
@@ -130,7 +135,7 @@ def _engine(dsn: str) -> Any:
 
     # A creator accepts both URL and key=value DSNs exactly as libpq does.
     return create_engine(
-        "postgresql+psycopg://", creator=lambda: psycopg.connect(dsn), poolclass=NullPool
+        "postgresql+psycopg://", creator=lambda: connect_writer(dsn), poolclass=NullPool
     )
 
 
@@ -414,7 +419,8 @@ def upgrade(dsn: str) -> UpgradeReport:
     # Alembic narrates every step at INFO; our own summary line is enough.
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
+        # Migrations run on the primary only: a multi-host DSN skips a standby (cloud/dsn.py).
+        with connect_writer(dsn, autocommit=True) as conn:
             # Every missing privilege is said before the first change (cloud/dbprivileges.py).
             check_privileges(conn, roles=MANAGED_ROLES, tables=_owned_tables())
             with conn.cursor() as cur:
