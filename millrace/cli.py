@@ -38,6 +38,7 @@ COMMAND_MODULES: dict[str, str] = {
     "broker": "millrace.ops.broker_cli",
     "db": "millrace.cloud.cli",
     "ingest": "millrace.cloud.cli",
+    "sparkplug": "millrace.cloud.sparkplug.cli",
     "cmd": "millrace.cloud.cli",
     "alerts": "millrace.cloud.cli",
     "edge": "millrace.edge.cli",
