@@ -283,7 +283,10 @@ def test_dynsec_gives_each_device_its_own_topics_and_services_one_role() -> None
     assert ("subscribeLiteral", "millrace/v1/d/dev-a/receipt") in device
     replies = {t for kind, t in device if t.endswith("/reply")}
     assert replies == {f"millrace/v1/d/dev-a/cmd/{n}/reply" for n in COMMAND_NAMES}
-    assert all("dev-a" in t and "#" not in t and "$" not in t for _, t in device)
+    # Sparkplug B: every node may watch the hosts' STATE (docs/sparkplug.md); nothing else
+    # of a device's role names another id.
+    own = {t for _, t in device if t != "spBv1.0/STATE/+"}
+    assert all("dev-a" in t and "#" not in t and "$" not in t for t in own)
     service = _acls(doc, "service")
     assert ("subscribePattern", "$share/+/millrace/v1/d/+/data") in service
     assert ("publishClientSend", "millrace/v1/d/+/receipt") in service
