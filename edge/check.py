@@ -1,8 +1,9 @@
-"""`millrace edge check`: read every signal once and report, as text or as JSON.
+"""`millrace edge check`: ask the plant broker, read every signal once, report as text or JSON.
 
-The exit code keeps the contract install.sh and the Ansible role rely on: 0 every
-signal was read, 1 some could not be (the config itself is valid). A config error
-never gets here; the CLI reports it with exit 2 (and, with --json, `config_failure_json`).
+The exit code keeps the contract install.sh and the Ansible role rely on: 0 the broker
+accepted the device and every signal was read, 1 the broker step or some signal failed
+(the config itself is valid; the JSON's "checks" say which). A config error never gets
+here; the CLI reports it with exit 2 (and, with --json, `config_failure_json`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from millrace.edge.brokercheck import BrokerResult, check_broker
 from millrace.edge.config import AgentConfig, OpcUaSpec, SignalConfig
 from millrace.edge.drivers.mqtt import LocalMqttSource
 from millrace.edge.pipeline import MAX_ABS_VALUE, event_value
@@ -118,10 +120,11 @@ class SignalResult:
 
 @dataclass(frozen=True, slots=True)
 class CheckReport:
-    """What `edge check` found: the config passed; one result per signal."""
+    """What `edge check` found: the config passed; the broker step (None: skipped); signals."""
 
     device_id: str
     config: str
+    broker: BrokerResult | None
     signals: tuple[SignalResult, ...]
 
     @property
@@ -129,11 +132,29 @@ class CheckReport:
         return sum(not s.ok for s in self.signals)
 
     @property
+    def ok(self) -> bool:
+        return not self.failed and (self.broker is None or self.broker.ok)
+
+    @property
     def exit_code(self) -> int:
-        return EXIT_FAILED if self.failed else EXIT_OK
+        return EXIT_OK if self.ok else EXIT_FAILED
+
+    def broker_text(self) -> str:
+        """One line: which broker step ran, what it proved, or why it failed."""
+        b = self.broker
+        if b is None:
+            return "broker skipped (--no-broker)"
+        where = ", ".join(f"{e.host}:{e.port}" for e in b.endpoints)
+        if not b.ok:
+            return f"broker FAILED ({b.mode} check, {b.why}): {b.problem()}"
+        line = f"broker ok ({b.mode} check, {b.why}): {b.proven} at {where}"
+        if b.mode == "tls":
+            line += f"; the running agent: {b.agent_text()}"
+        return line
 
     def to_text(self) -> str:
         lines = [f"config ok: device {self.device_id}, {len(self.signals)} signal(s)"]
+        lines.append(self.broker_text())
         width = max(len(s.metric) for s in self.signals)
         for s in self.signals:
             unit = f" {s.unit}" if s.unit and s.text else ""
@@ -158,6 +179,7 @@ class CheckReport:
         ]
         checks = [
             {"check": "config", "ok": True, "problem": None},
+            self._broker_json(),
             {
                 "check": "signals",
                 "ok": not self.failed,
@@ -167,7 +189,7 @@ class CheckReport:
             },
         ]
         document = {
-            "ok": not self.failed,
+            "ok": self.ok,
             "exit_code": self.exit_code,
             "device_id": self.device_id,
             "config": self.config,
@@ -176,9 +198,28 @@ class CheckReport:
         }
         return json.dumps(document, allow_nan=False)
 
+    def _broker_json(self) -> dict[str, object]:
+        b = self.broker
+        if b is None:
+            return {"check": "broker", "ok": True, "mode": "skipped", "problem": None}
+        return {
+            "check": "broker",
+            "ok": b.ok,
+            "mode": b.mode,
+            "why": b.why,
+            "proven": b.proven if b.ok else None,
+            "problem": b.problem() or None,
+            "brokers": [
+                {"host": e.host, "port": e.port, "ok": not e.problem, "problem": e.problem or None}
+                for e in b.endpoints
+            ],
+            "agent": b.agent,
+        }
 
-def run_check(config: AgentConfig, *, mqtt_wait_s: float) -> CheckReport:
-    """Read every signal once and judge each reading as the pipeline would."""
+
+def run_check(config: AgentConfig, *, mqtt_wait_s: float, broker: bool = False) -> CheckReport:
+    """Ask the broker (if `broker`), read every signal once, judge each as the pipeline would."""
+    broker_result = check_broker(config) if broker else None
     results = read_all_once(config, mqtt_wait_s=mqtt_wait_s)
     signals = []
     for signal, result in zip(config.signals, results, strict=True):
@@ -201,6 +242,7 @@ def run_check(config: AgentConfig, *, mqtt_wait_s: float) -> CheckReport:
     return CheckReport(
         device_id=config.device_id,
         config=str(config.source) if config.source else "",
+        broker=broker_result,
         signals=tuple(signals),
     )
 

@@ -59,7 +59,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     run = actions.add_parser("run", help="run the agent until SIGTERM")
     run.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_HELP)
     run.set_defaults(func=_run)
-    check = actions.add_parser("check", help="validate the config and read every signal once")
+    check = actions.add_parser(
+        "check",
+        help="validate the config, ask the plant broker, read every signal once",
+        description="Exit 0: all passed; 1: the broker step or a signal failed; 2: bad config.",
+    )
     check.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_HELP)
     check.add_argument(
         "--mqtt-wait",
@@ -67,6 +71,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         default=DEFAULT_MQTT_WAIT_SECONDS,
         metavar="SECONDS",
         help="how long to wait for a message on each mqtt signal (default %(default)s)",
+    )
+    check.add_argument(
+        "--no-broker",
+        dest="broker",
+        action="store_false",
+        help="skip the broker step (by default: TLS handshake and CONNACK with the device's"
+        " credentials, or only the handshake while the agent runs)",
     )
     check.add_argument(
         "--json",
@@ -91,6 +102,6 @@ def _check(args: argparse.Namespace) -> int:
         if args.json:
             print(config_failure_json(exc))
         raise
-    report = run_check(config, mqtt_wait_s=args.mqtt_wait)
+    report = run_check(config, mqtt_wait_s=args.mqtt_wait, broker=args.broker)
     print(report.to_json() if args.json else report.to_text())
     return report.exit_code

@@ -122,7 +122,8 @@ path = "bad_w1"
 format = "w1_slave"
 """,
     )
-    done = run("edge", "check", "--config", str(config))
+    # The plant broker is another test's subject (tests/edge/test_check_broker.py).
+    done = run("edge", "check", "--config", str(config), "--no-broker")
     assert done.returncode == 1, done.stdout + done.stderr
     out = done.stdout
     assert "room.temp" in out and "21.5 degC  ok" in out
@@ -131,7 +132,7 @@ format = "w1_slave"
     assert "bad.temp" in out and "FAILED: w1_slave: CRC mismatch" in out
     assert "1 of 4 signal(s) could not be read" in out
     (tmp_path / "bad_w1").write_text(w1_text(20.0))
-    assert run("edge", "check", "--config", str(config)).returncode == 0
+    assert run("edge", "check", "--config", str(config), "--no-broker").returncode == 0
 
 
 def test_systemd_readiness_watchdog_and_stopping(tmp_path: Path) -> None:
@@ -240,7 +241,7 @@ SIM_SIGNAL = '[[signals]]\nmetric = "a"\ndriver = "sim"\n'
 
 def test_config_discovery_from_the_environment_variable(tmp_path: Path) -> None:
     config = write(tmp_path, SIM_SIGNAL)
-    done = run("edge", "check", env={"MILLRACE_EDGE_CONFIG": str(config)})
+    done = run("edge", "check", "--no-broker", env={"MILLRACE_EDGE_CONFIG": str(config)})
     assert done.returncode == 0, done.stdout + done.stderr
     assert "config ok: device dev-cli, 1 signal(s)" in done.stdout
     missing = run("edge", "check", env={"MILLRACE_EDGE_CONFIG": str(tmp_path / "nope.toml")})
@@ -253,7 +254,12 @@ def test_config_discovery_from_the_environment_variable(tmp_path: Path) -> None:
 def test_config_discovery_flag_wins_over_the_environment(tmp_path: Path) -> None:
     config = write(tmp_path, SIM_SIGNAL)
     done = run(
-        "edge", "check", "--config", str(config), env={"MILLRACE_EDGE_CONFIG": "/nonexistent"}
+        "edge",
+        "check",
+        "--config",
+        str(config),
+        "--no-broker",
+        env={"MILLRACE_EDGE_CONFIG": "/nonexistent"},
     )
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -271,7 +277,7 @@ def test_config_discovery_default_path(
     assert "--config: not given, $MILLRACE_EDGE_CONFIG is not set" in err
     assert str(tmp_path / "agent.toml") in err
     write(tmp_path, SIM_SIGNAL).rename(tmp_path / "agent.toml")
-    assert main(["edge", "check"]) == 0
+    assert main(["edge", "check", "--no-broker"]) == 0
     assert "config ok: device dev-cli" in capsys.readouterr().out
 
 
@@ -301,13 +307,14 @@ path = "bad_w1"
 format = "w1_slave"
 """,
     )
-    done = run("edge", "check", "--config", str(config), "--json")
+    done = run("edge", "check", "--config", str(config), "--json", "--no-broker")
     assert done.returncode == 1, done.stdout + done.stderr
     report = json.loads(done.stdout)
     assert report["ok"] is False and report["exit_code"] == 1
     assert report["device_id"] == "dev-cli" and report["config"] == str(config)
     assert report["checks"] == [
         {"check": "config", "ok": True, "problem": None},
+        {"check": "broker", "ok": True, "mode": "skipped", "problem": None},
         {"check": "signals", "ok": False, "problem": "1 of 3 signal(s) could not be read"},
     ]
     cpu, door, bad = report["signals"]
