@@ -10,6 +10,11 @@ for messages it delivered are dropped, because after a reconnect the
 broker's session resends them (same packet ids) and a stale PUBACK could
 acknowledge a different message that reused the id. Those messages come back,
 the ledger recognises them, and they are acked then.
+
+With several brokers (`broker.hosts`) the worker holds one `Consumer` per broker
+(`Consumers`), each with its own persistent session, all feeding one queue: a
+batch is stored whichever broker carried it, and its ack and receipt go back
+through that broker (docs/cloud.md "Several brokers").
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import logging
 import queue
 import threading
 import time
+from collections import defaultdict
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
@@ -40,9 +47,12 @@ DISCONNECT_TIMEOUT_SECONDS: Final = 5.0
 class Consumer:
     """One paho client: connect, subscribe on every connect, enqueue, ack after commit."""
 
-    def __init__(self, settings: BrokerSettings, inbox: queue.Queue[Inbound]) -> None:
+    def __init__(
+        self, settings: BrokerSettings, inbox: queue.Queue[Inbound], *, index: int = 0
+    ) -> None:
         self._settings = settings
         self._inbox = inbox
+        self.index = index  # tags each Inbound with the broker that carried it
         self._lock = threading.Lock()
         self._generation = 0
         self._connected = threading.Event()
@@ -194,5 +204,56 @@ class Consumer:
                 generation=self._generation,
                 received_at=datetime.now(UTC),
                 received_mono=time.monotonic(),
+                broker=self.index,
             )
         )
+
+
+class Consumers:
+    """One `Consumer` per configured broker, one queue: the worker talks to all of them.
+
+    Each keeps its own session and generation; acks and receipts are routed by the
+    `Inbound.broker` index, so a broker only ever acks what it delivered.
+    """
+
+    def __init__(self, settings: BrokerSettings, inbox: queue.Queue[Inbound]) -> None:
+        self.members = [
+            Consumer(replace(settings, host=host, port=port, hosts=()), inbox, index=i)
+            for i, (host, port) in enumerate(settings.endpoints)
+        ]
+
+    @property
+    def connected(self) -> bool:
+        """At least one broker is subscribed: the worker is consuming."""
+        return any(c.connected for c in self.members)
+
+    def start(self, *, timeout_s: float = CONNECT_TIMEOUT_SECONDS) -> None:
+        """Connect every broker; one that does not answer yet keeps being retried."""
+        for consumer in self.members:
+            consumer.start(timeout_s=timeout_s / len(self.members))
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        """Every broker subscribed within `timeout_s` (in total)."""
+        deadline = time.monotonic() + timeout_s
+        return all(c.wait_connected(max(0.0, deadline - time.monotonic())) for c in self.members)
+
+    def stop(self) -> None:
+        for consumer in self.members:
+            consumer.stop()
+
+    def ack(self, messages: list[Inbound]) -> int:
+        """PUBACK each message through the broker that delivered it."""
+        by_broker: dict[int, list[Inbound]] = defaultdict(list)
+        for msg in messages:
+            by_broker[msg.broker].append(msg)
+        return sum(self.members[i].ack(msgs) for i, msgs in by_broker.items())
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1) -> bool:
+        """Publish through every connected broker (alerts: a reader is on one of them)."""
+        sent = [c.publish(topic, payload, qos=qos) for c in self.members]
+        return any(sent)
+
+    def publish_via(self, brokers: set[int], topic: str, payload: bytes) -> bool:
+        """Publish through the brokers in `brokers` (a receipt: where its batches came)."""
+        sent = [self.members[i].publish(topic, payload) for i in sorted(brokers)]
+        return any(sent)

@@ -31,6 +31,9 @@ class Inbound:
     generation: int
     received_at: datetime
     received_mono: float
+    # Which configured broker carried it (index into broker.endpoints): its ack and its
+    # receipt go back through that broker.
+    broker: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,7 @@ from millrace.cloud.config import IngestConfig
 from millrace.cloud.dsn import connect_writer
 from millrace.cloud.ingest.batcher import Batcher
 from millrace.cloud.ingest.classify import Limits, classify, failed_too_often, kind_label
-from millrace.cloud.ingest.consumer import Consumer
+from millrace.cloud.ingest.consumer import Consumers
 from millrace.cloud.ingest.deliveries import MAX_FAILED_DELIVERIES, FailedDeliveries
 from millrace.cloud.ingest.messages import Classified, DeadLetter, Inbound, Incoming
 from millrace.cloud.ingest.metrics import HealthServer, IngestMetrics, loop_health
@@ -127,7 +127,7 @@ class Worker:
         )
         self._stop = threading.Event()
         self._conn: psycopg.Connection[Any] | None = None
-        self._consumer: Consumer | None = None
+        self._consumer: Consumers | None = None
         self._store = BatchStore(
             lambda kind: self.metrics.db_errors.labels(kind).inc(),
             lambda outcome: self.metrics.transactions.labels(outcome).inc(),
@@ -242,7 +242,7 @@ class Worker:
         self._retention.start()
 
     def _start_consumer(self) -> None:
-        self._consumer = Consumer(self.config.broker, self._inbox)
+        self._consumer = Consumers(self.config.broker, self._inbox)
         self._consumer.start()
 
     def _open_db(self) -> bool:
@@ -431,11 +431,13 @@ class Worker:
                     self.metrics.alerts.inc()
             self._send_receipts(consumer, pending, stored)
 
-    def _send_receipts(self, consumer: Consumer, pending: list[_Pending], stored: Stored) -> None:
+    def _send_receipts(self, consumer: Consumers, pending: list[_Pending], stored: Stored) -> None:
         """Tell each device what is committed (after COMMIT; read from the ledger).
 
-        A receipt that is not sent is no loss: the edge sends the batch again and the
-        duplicate is receipted then.
+        Each receipt goes back through the broker(s) that carried the device's batches:
+        that is where the device is. A receipt that is not sent (or sent where the device
+        no longer is, after it moved brokers) is no loss: the edge sends the batch again
+        and the duplicate is receipted then.
         """
         started = time.monotonic()
         batches = [
@@ -452,8 +454,12 @@ class Worker:
             except psycopg.Error as exc:
                 self.metrics.db_errors.labels(error_kind(self._conn, exc)).inc()
                 log.warning("receipts not sent (edges will resend): %s", describe(exc))
+        carried = _brokers_by_device(pending)
+        everywhere = set(range(len(consumer.members)))
         for receipt in receipts:
-            if consumer.publish(topics.receipt_topic(receipt.device), receipt.to_json()):
+            brokers = carried.get(receipt.device, everywhere)
+            topic = topics.receipt_topic(receipt.device)
+            if consumer.publish_via(brokers, topic, receipt.to_json()):
                 self.metrics.receipts.inc()
             else:
                 log.info("receipt for %s not sent: broker not connected", receipt.device)
@@ -514,6 +520,21 @@ class Worker:
                 topics.alert_topic(alert.device), alert.to_json()
             ):
                 self.metrics.alerts.inc()
+
+
+def _brokers_by_device(pending: list[_Pending]) -> dict[str, set[int]]:
+    """Which brokers carried each device's batches (and dead-lettered batches) in a commit."""
+    out: dict[str, set[int]] = {}
+    for p in pending:
+        item = p.item
+        if isinstance(item, Incoming):
+            device = item.batch.device
+        elif isinstance(item, DeadLetter) and item.batch_key is not None:
+            device = item.batch_key[0]
+        else:
+            continue
+        out.setdefault(device, set()).add(p.inbound.broker)
+    return out
 
 
 def run_worker(config: IngestConfig) -> int:
