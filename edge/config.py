@@ -81,6 +81,11 @@ class BrokerConfig(BrokerConnection):
     # PUBACK "no matching subscribers" pauses and resends at once (an optimisation: the
     # receipt wait alone keeps those batches too). Off only to test that.
     resend_unrouted: bool = True
+    # With several `hosts`: prefer broker crc32(device id) % len(hosts) (spread the fleet)
+    # or, if False, the first listed; check the preferred one every failback_s while away
+    # (edge/brokers.py).
+    spread: bool = True
+    failback_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,6 +369,8 @@ def _broker(root: Table) -> BrokerConfig:
         max_inflight=t.integer("max_inflight", 20, low=1, high=65535),
         receipt_wait_s=t.number("receipt_wait_s", 30.0, low=0.0, low_open=True, high=86400.0),
         resend_unrouted=t.boolean("resend_unrouted", True),
+        spread=t.boolean("spread", True),
+        failback_s=t.number("failback_s", 60.0, low=0.0, low_open=True, high=86400.0),
     )
     if broker.reconnect_max_s < broker.reconnect_min_s:
         raise t.error("reconnect_max_s", "must be >= reconnect_min_s")

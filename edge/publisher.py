@@ -8,7 +8,10 @@ database) deletes it, and is sent again after a jittered wait if none comes
 backlog and drain at a bounded rate, oldest first; batches written while
 connected are live and go out at once, so a long backlog never delays fresh
 data. Each connection is a fresh paho client; reconnects use jittered
-exponential backoff.
+exponential backoff. With several brokers (`broker.hosts`) a lost or refused one
+moves the agent to the next at once and it returns to its preferred one when that
+answers again (edge/brokers.py); batches unreceipted on the old broker are resent
+on the new one from the outbox, and the cloud's ledger keeps them exactly once.
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from millrace.edge.brokers import BrokerChoice, answers
 from millrace.edge.config import AgentConfig
 from millrace.edge.health import will_message
 from millrace.edge.outbox import Outbox, Row
 from millrace.edge.pacing import Backoff, TokenBucket
 from millrace.edge.receipts import Unreceipted
 from millrace.errors import MillraceError, WireError
-from millrace.mqtt import tls_client
+from millrace.mqtt import tls_client, tls_context
 from millrace.topics import cmd_filter, data_topic, parse_topic, receipt_topic, state_topic
 from millrace.wire import CONTENT_TYPE_JSON, Receipt, content_type_for
 
@@ -57,6 +61,7 @@ class PublisherStats:
     receipted: int = 0  # batches deleted from the outbox on a cloud receipt
     receipted_own: int = 0  # of those, batches this process (this boot id) wrote
     resent: int = 0  # batches sent again because no receipt came in time
+    failbacks: int = 0  # moves back to the preferred broker after it answered again
 
 
 class Publisher:
@@ -79,6 +84,8 @@ class Publisher:
         self.stats = PublisherStats()
         broker = config.broker
         self._backoff = Backoff(min_s=broker.reconnect_min_s, max_s=broker.reconnect_max_s)
+        self._brokers = BrokerChoice(broker.endpoints, config.device_id, spread=broker.spread)
+        self._next_failback = 0.0
         self._data_topic = data_topic(config.device_id)
         self._state_topic = state_topic(config.device_id)
         self._wake = threading.Event()
@@ -116,6 +123,12 @@ class Publisher:
     def alive(self) -> bool:
         """The publisher thread is running (False once it died, or after shutdown)."""
         return self._thread.is_alive()
+
+    @property
+    def broker(self) -> str:
+        """`host:port` of the broker in use (or tried next while disconnected)."""
+        host, port = self._brokers.current
+        return f"{host}:{port}"
 
     @property
     def last_error(self) -> str:
@@ -170,14 +183,21 @@ class Publisher:
         while not self._goodbye_said:
             self.beat = time.monotonic()
             client = self._connect()
+            moved = False
             if client is not None:
                 self._backoff.reset()
+                self._brokers.connected()
                 try:
-                    self._serve(client)
+                    moved = self._serve(client)
                 except Exception:  # e.g. the outbox's disk failing: never kill the thread
                     log.exception("publisher error; reconnecting")
                 finally:
                     self._teardown(client)
+            if moved:
+                self._brokers.back_to_preferred()
+                backoff_due = False
+            else:
+                backoff_due = self._brokers.failed()
             if self._stop.is_set():
                 # Shutting down: one immediate extra attempt to hand over the outbox, no more.
                 deadline = self._final_deadline or 0.0
@@ -185,6 +205,8 @@ class Publisher:
                     break
                 final_attempts += 1
                 continue
+            if not backoff_due:
+                continue  # another broker to try, at once
             delay = self._backoff.next_delay()
             log.debug("reconnecting in %.1f s", delay)
             until = time.monotonic() + delay
@@ -194,6 +216,7 @@ class Publisher:
 
     def _connect(self) -> Any:
         broker = self.config.broker
+        host, port = self._brokers.current
         try:
             client = tls_client(
                 self.config.device_id,
@@ -221,12 +244,12 @@ class Publisher:
         self._connack.clear()
         self._connack_error = "no CONNACK from the broker"
         try:
-            client.connect(broker.host, broker.port, broker.keepalive_s)
+            client.connect(host, port, broker.keepalive_s)
         except ssl.SSLCertVerificationError as exc:
             self._note_error(f"broker certificate rejected: {exc.verify_message}")
             return None
         except (OSError, ssl.SSLError) as exc:
-            self._note_error(f"cannot reach broker {broker.host}:{broker.port}: {exc}")
+            self._note_error(f"cannot reach broker {host}:{port}: {exc}")
             return None
         client.loop_start()
         self._connack.wait(CONNACK_TIMEOUT_SECONDS)
@@ -242,7 +265,8 @@ class Publisher:
         if self.first_connected_ms is None:
             self.first_connected_ms = time.time_ns() // 1_000_000
         self._last_error = ""
-        log.info("connected to broker %s:%s", broker.host, broker.port)
+        self._next_failback = time.monotonic() + broker.failback_s
+        log.info("connected to broker %s:%s", host, port)
         return client
 
     def _note_error(self, message: str) -> None:
@@ -256,11 +280,28 @@ class Publisher:
         with self._client_lock:
             self._client = None
             self._connected.clear()
-        client.loop_stop()
         try:
+            # Before loop_stop, so a live broker gets the DISCONNECT (no last will: leaving
+            # for the preferred broker is no going offline).
             client.disconnect()
         except Exception:  # the socket may already be gone
             log.debug("disconnect after loss failed", exc_info=True)
+        client.loop_stop()
+
+    def _failback_due(self) -> bool:
+        """Away from the preferred broker and it answers again (checked every failback_s)."""
+        if not self._brokers.away or self._final_deadline is not None:
+            return False
+        now = time.monotonic()
+        if now < self._next_failback:
+            return False
+        broker = self.config.broker
+        self._next_failback = now + broker.failback_s
+        try:
+            context = tls_context(ca=broker.ca, cert=broker.cert, key=broker.key)
+        except MillraceError:
+            return False
+        return answers(self._brokers.preferred, context)
 
     # ---------------------------------------------------------------- paho callbacks (enqueue only)
 
@@ -316,12 +357,13 @@ class Publisher:
 
     # ---------------------------------------------------------------- the publish loop
 
-    def _serve(self, client: Any) -> None:
+    def _serve(self, client: Any) -> bool:
+        """Publish until the connection ends; True if it ends to move to the preferred broker."""
         birth = client.publish(
             self._state_topic, self.birth(), qos=1, retain=True, properties=self._properties("json")
         )
         if birth.rc != 0:
-            return
+            return False
         client.subscribe([(cmd_filter(self.config.device_id), 1), (self._receipt_topic, 1)])
         broker = self.config.broker
         boundary = self.outbox.max_id()  # stored before this connection: backlog
@@ -340,6 +382,11 @@ class Publisher:
         waiting = Unreceipted(wait_s=broker.receipt_wait_s)
         while self.connected:
             self.beat = time.monotonic()
+            if self._failback_due():
+                host, port = self._brokers.preferred
+                log.info("preferred broker %s:%s answers again; moving back to it", host, port)
+                self.stats.failbacks += 1
+                return True
             self._wake.clear()
             acked_before = self.stats.acked
             unrouted = self._take_acks(inflight, waiting, time.monotonic())
@@ -357,7 +404,7 @@ class Publisher:
                 now = time.monotonic()
                 if self._final_deadline is not None and now >= self._final_deadline:
                     self._say_goodbye(client)  # what was not routed stays for the next start
-                    return
+                    return False
                 if now < resend_at or inflight:
                     self._wake.wait(min(IDLE_WAIT_SECONDS, max(0.001, resend_at - now)))
                     continue
@@ -369,7 +416,7 @@ class Publisher:
             if room > 0:
                 for row in self.outbox.rows_after(live_cursor, limit=room):
                     if not self._send(client, row, inflight):
-                        return
+                        return False
                     live_cursor = row.id
             wait = IDLE_WAIT_SECONDS
             while not backlog_done and len(inflight) < broker.max_inflight:
@@ -384,10 +431,10 @@ class Publisher:
                     log.info("backlog drained")
                     break
                 if not self._send(client, rows[0], inflight):
-                    return
+                    return False
                 backlog_cursor = rows[0].id
             if not self._resend_due(client, inflight, waiting, bucket):
-                return
+                return False
             next_due = waiting.next_due()
             if next_due is not None:
                 wait = min(wait, max(0.001, next_due - time.monotonic()))
@@ -396,9 +443,10 @@ class Publisher:
                 caught_up = not self.outbox.rows_after(live_cursor, limit=1)
                 if (idle and caught_up) or time.monotonic() >= self._final_deadline:
                     self._say_goodbye(client)
-                    return
+                    return False
             self._wake.wait(wait)
         log.warning("lost the broker connection; %d batch(es) unacknowledged", len(inflight))
+        return False
 
     def _send(self, client: Any, row: Row, inflight: dict[int, int]) -> bool:
         info = client.publish(
