@@ -1,0 +1,213 @@
+"""Sparkplug B host logic without services: the schema against an independent encoder
+(pysparkplug, run in its own venv), and the session rules of the spec (seq, bdSeq, aliases)
+and the hostile payloads, judged by `Sessions` alone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.protobuf import descriptor_pb2
+
+from millrace.cloud.sparkplug import schema
+from millrace.cloud.sparkplug.sessions import Accepted, Bounds, Duplicate, Refused, Sessions
+from millrace.cloud.sparkplug.windows import Windows
+
+SPB_PYTHON = Path(sys.prefix) / "pysparkplug" / "bin" / "python"
+NOW_MS = 1_800_000_000_000
+NODE = "spBv1.0/plant/{kind}/node1"
+DEVICE = "spBv1.0/plant/{kind}/node1/pump1"
+
+
+def peer(code: str) -> bytes:
+    """Run `code` in pysparkplug's venv (made by scripts/bootstrap); its stdout."""
+    if not SPB_PYTHON.exists():
+        pytest.fail(f"{SPB_PYTHON} missing: run make setup (scripts/bootstrap makes it)")
+    done = subprocess.run(
+        [str(SPB_PYTHON), "-c", code], capture_output=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    return done.stdout
+
+
+def _fields(messages: Any, prefix: str, out: dict[Any, Any]) -> dict[Any, Any]:
+    for m in messages:
+        for f in m.field:
+            kind = f.type_name.rsplit(".", 1)[-1]
+            out[(prefix + m.name, f.name)] = (
+                f.number,
+                f.label,
+                f.type,
+                kind,
+                f.HasField("oneof_index"),
+            )
+        _fields(m.nested_type, f"{prefix}{m.name}.", out)
+    return out
+
+
+def test_schema_is_field_for_field_the_one_pysparkplug_ships() -> None:
+    dumped = peer(
+        "import sys; from google.protobuf import descriptor_pb2 as d;"
+        "from pysparkplug._protobuf import sparkplug_b_pb2 as pb;"
+        "f = d.FileDescriptorProto(); pb.DESCRIPTOR.CopyToProto(f);"
+        "sys.stdout.buffer.write(f.SerializeToString())"
+    )
+    theirs = descriptor_pb2.FileDescriptorProto.FromString(dumped)
+    assert theirs.package == schema.PACKAGE
+    expected = _fields(theirs.message_type, "", {})
+    assert len(expected) > 60
+    assert _fields(schema._file().message_type, "", {}) == expected
+
+
+ENCODE_BIRTH = """
+import datetime, sys
+from pysparkplug import DataType as T, Metric, NBirth
+values = [
+    ("i8", T.INT8, -5), ("i16", T.INT16, -300), ("i32", T.INT32, -100000),
+    ("i64", T.INT64, -(2**40)), ("u8", T.UINT8, 250), ("u16", T.UINT16, 65000),
+    ("u32", T.UINT32, 4000000000), ("u64", T.UINT64, 2**50), ("f", T.FLOAT, 1.5),
+    ("d", T.DOUBLE, -2.25), ("b", T.BOOLEAN, True), ("s", T.STRING, "auto"),
+    ("Folder/t", T.TEXT, "a text"),
+    ("dt", T.DATETIME, datetime.datetime.fromtimestamp(1700000000.123, datetime.timezone.utc)),
+]
+metrics = [Metric(timestamp=1800000000000, name=n, datatype=t, value=v, alias=i)
+           for i, (n, t, v) in enumerate(values)]
+metrics.append(Metric(timestamp=1800000000000, name="bdSeq", datatype=T.INT64, value=7))
+birth = NBirth(timestamp=1800000000000, seq=0, metrics=metrics)
+sys.stdout.buffer.write(birth.encode(include_dtypes=True))
+"""
+
+
+def test_pysparkplug_birth_decodes_to_its_values_with_signed_ints_and_folders() -> None:
+    outcome = Sessions().handle(NODE.format(kind="NBIRTH"), peer(ENCODE_BIRTH), NOW_MS)
+    assert isinstance(outcome, Accepted), outcome
+    got = {
+        r.metric: (r.value.number if r.value.number is not None else r.value.other)
+        for r in outcome.readings
+    }
+    assert got == {
+        "i8": -5.0, "i16": -300.0, "i32": -100000.0, "i64": float(-(2**40)), "u8": 250.0,
+        "u16": 65000.0, "u32": 4e9, "u64": float(2**50), "f": 1.5, "d": -2.25, "b": True,
+        "s": "auto", "Folder.t": "a text", "dt": 1700000000123.0,
+    }  # fmt: skip
+    assert {r.device for r in outcome.readings} == {"plant.node1"}
+    assert all(r.ts_ms == NOW_MS for r in outcome.readings)
+    assert outcome.online == {"plant.node1": {}}
+
+
+def payload(seq: int | None, metrics: list[dict[str, Any]], *, ts: int = NOW_MS) -> bytes:
+    p = schema.Payload()
+    p.timestamp = ts
+    if seq is not None:
+        p.seq = seq
+    for spec in metrics:
+        m = p.metrics.add()
+        for key, value in spec.items():
+            setattr(m, key, value)
+    return p.SerializeToString()
+
+
+def birth(seq: int = 0, bd_seq: int = 0) -> bytes:
+    return payload(
+        seq,
+        [
+            {"name": "bdSeq", "datatype": 4, "long_value": bd_seq},
+            {"name": "Node Control/Rebirth", "datatype": 11, "boolean_value": False},
+            {"name": "temp", "alias": 1, "datatype": 10, "double_value": 20.0},
+        ],
+    )
+
+
+def data(seq: int, value: float = 21.0) -> bytes:
+    return payload(seq, [{"alias": 1, "double_value": value}])
+
+
+def test_seq_wraps_a_gap_asks_for_rebirth_and_a_redelivery_is_dropped() -> None:
+    s = Sessions()
+    assert isinstance(s.handle(NODE.format(kind="NBIRTH"), birth(seq=254), NOW_MS), Accepted)
+    ndata = NODE.format(kind="NDATA")
+    for seq in (255, 0, 1):  # 255 wraps to 0
+        out = s.handle(ndata, data(seq), NOW_MS)
+        assert isinstance(out, Accepted) and [r.metric for r in out.readings] == ["temp"], seq
+    assert s.handle(ndata, data(1), NOW_MS) == Duplicate("plant.node1")
+    gap = s.handle(ndata, data(3), NOW_MS)
+    assert isinstance(gap, Refused) and gap.code == "seq_gap" and gap.rebirth, gap
+    assert "expected 2" in gap.reason
+    stale = s.handle(ndata, data(4), NOW_MS)  # nothing trusted until the rebirth
+    assert isinstance(stale, Refused) and stale.code == "awaiting_rebirth"
+    assert isinstance(s.handle(NODE.format(kind="NBIRTH"), birth(bd_seq=1), NOW_MS), Accepted)
+    assert isinstance(s.handle(ndata, data(1), NOW_MS), Accepted)
+    reordered = s.handle(ndata, data(0), NOW_MS)
+    assert isinstance(reordered, Refused) and reordered.code == "seq_gap"
+
+
+def test_only_the_ndeath_of_the_current_bdseq_ends_the_session() -> None:
+    s = Sessions()
+    s.handle(NODE.format(kind="NBIRTH"), birth(bd_seq=3), NOW_MS)
+    dbirth = payload(1, [{"name": "flow", "alias": 2, "datatype": 9, "float_value": 1.0}])
+    assert isinstance(s.handle(DEVICE.format(kind="DBIRTH"), dbirth, NOW_MS), Accepted)
+    death = NODE.format(kind="NDEATH")
+    old = s.handle(
+        death, payload(None, [{"name": "bdSeq", "datatype": 4, "long_value": 2}]), NOW_MS
+    )
+    assert isinstance(old, Refused) and old.code == "stale_death" and not old.rebirth
+    assert isinstance(s.handle(NODE.format(kind="NDATA"), data(2), NOW_MS), Accepted)
+    out = s.handle(
+        death, payload(None, [{"name": "bdSeq", "datatype": 4, "long_value": 3}]), NOW_MS
+    )
+    assert isinstance(out, Accepted)
+    assert out.offline == ["plant.node1", "plant.node1.pump1"]
+    after = s.handle(NODE.format(kind="NDATA"), data(3), NOW_MS)
+    assert isinstance(after, Refused) and after.code == "no_birth" and after.rebirth
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        (b"\xff\xff\xff not protobuf", "undecodable"),
+        (payload(1, [{"alias": 99, "double_value": 1.0}]), "unknown_alias"),
+        (payload(1, [{"alias": 1, "int_value": 5}]), "wrong_datatype"),
+        (payload(1, [{"alias": 1, "datatype": 3, "int_value": 5}]), "wrong_datatype"),
+        (payload(1, [{"name": "nope", "double_value": 1.0}]), "unknown_metric"),
+        (payload(1, [{"alias": 1, "double_value": 1.0}] * 11), "too_many_metrics"),
+        (payload(1, [{"alias": 1, "double_value": 1.0, "timestamp": 5}]), "invalid"),
+        (
+            payload(1, [{"alias": 1, "double_value": 1.0, "timestamp": NOW_MS + 3_600_000}]),
+            "in_future",
+        ),
+        (payload(1, []) + b"\x00" * 2000, "oversize"),
+    ],
+)
+def test_hostile_ndata_is_refused_with_its_reason(message: bytes, code: str) -> None:
+    s = Sessions(Bounds(max_payload_bytes=1024, max_metrics=10))
+    s.handle(NODE.format(kind="NBIRTH"), birth(), NOW_MS)
+    out = s.handle(NODE.format(kind="NDATA"), message, NOW_MS)
+    assert isinstance(out, Refused) and out.code == code, out
+    assert out.device == "plant.node1" and out.reason
+
+
+def test_windows_align_and_count_non_finite_values_rejected() -> None:
+    w = Windows((1, 10), grace_ms=500)
+    start = NOW_MS - 20_000
+    for i, x in enumerate((3.0, 1.0, float("nan"), 2.0)):
+        w.add("d", "m", start + 100 * (3 - i), x)  # out of time order on purpose
+    assert w.close(start + 1_400) == {}  # still inside the grace period
+    one = w.close(start + 1_500)["d"]
+    assert [
+        (x.period_s, x.count, x.sum, x.min, x.max, x.first, x.last, x.rejected) for x in one
+    ] == [(1, 3, 6.0, 1.0, 3.0, 2.0, 3.0, 1)]
+    assert [x.period_s for x in w.close(None)["d"]] == [10]
+
+
+def test_state_payload_is_the_spec_json() -> None:
+    from millrace.cloud.sparkplug.host import rebirth_payload, state_payload
+
+    assert json.loads(state_payload(True, 5)) == {"online": True, "timestamp": 5}
+    ncmd = schema.parse_payload(rebirth_payload(NOW_MS))
+    assert [(m.name, m.datatype, m.boolean_value) for m in ncmd.metrics] == [
+        ("Node Control/Rebirth", 11, True)
+    ]
