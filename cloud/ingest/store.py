@@ -10,7 +10,8 @@ transaction. Database errors are sorted by what they blame (`error_kind`):
   offending message is dead-lettered (`db_poison`);
 - contention (deadlock, serialization, lock or statement timeout) -> retried;
 - the connection or the server (connection lost, class 08/53/57P/58, or the
-  database unusable for everyone: privileges, schema missing, class 28/3D/3F/42)
+  database unusable for everyone: privileges, schema missing, class 28/3D/3F/42;
+  a standby's read-only refusal, 25006)
   -> `DatabaseDown(outage=True)`: the worker stops consuming and recovers, and
   the broker redelivers (docs/cloud.md);
 - anything else (an unknown SQLSTATE, a bug) -> `DatabaseDown(outage=False)`:
@@ -54,6 +55,9 @@ POISON_SQLSTATE_CLASSES: Final = frozenset({"22", "23", "54"})
 # crash shutdown), system error; and a database nobody can use (authorization, catalog,
 # schema, privileges): the message is not to blame, everyone waits.
 DOWN_SQLSTATE_CLASSES: Final = frozenset({"08", "53", "57", "58", "28", "3D", "3F", "42"})
+# A read-only transaction: this server is a standby now (demoted, or the DSN reached a
+# replica); reconnecting finds the primary (cloud/dsn.py). Not the message's fault.
+DOWN_SQLSTATES: Final = frozenset({"25006"})
 # Python errors raised while adapting one message's values (encoding, overflow).
 POISON_PYTHON_ERRORS: Final = (UnicodeError, OverflowError, ValueError)
 # Contention: transaction rollback (deadlock, serialization; psycopg files 40001 under
@@ -114,7 +118,7 @@ def error_kind(conn: psycopg.Connection[Any] | None, exc: BaseException) -> Erro
         return "unexplained"
     if state[:2] in POISON_SQLSTATE_CLASSES:
         return "poison"
-    if state[:2] in DOWN_SQLSTATE_CLASSES:
+    if state[:2] in DOWN_SQLSTATE_CLASSES or state in DOWN_SQLSTATES:
         return "down"
     return "unexplained"
 
