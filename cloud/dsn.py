@@ -34,8 +34,12 @@ def dsn_key(table: Table, *, env: str | None) -> str:
     return env or table.key("dsn")
 
 
-def check_writer_dsn(dsn: str, *, key: str) -> str:
-    """`dsn` if a writer can use it: parseable, hosts and ports agree, no standby asked for."""
+def check_writer_dsn(dsn: str, *, key: str, connects_here: bool = True) -> str:
+    """`dsn` if a writer can use it: parseable, hosts and ports agree, no standby asked for.
+
+    `connects_here=False` is for a writer that connects without `connect_writer` (the
+    dashboard's pool): its DSN must itself say target_session_attrs when it names hosts.
+    """
     try:
         info = conninfo_to_dict(dsn)
     except psycopg.ProgrammingError:
@@ -59,6 +63,12 @@ def check_writer_dsn(dsn: str, *, key: str) -> str:
             key,
             f"target_session_attrs={attrs} may connect to a standby, which refuses writes;"
             f" use {WRITER_SESSION_ATTRS} or leave it out",
+        )
+    if not attrs and hosts > 1 and not connects_here:
+        raise ConfigError(
+            key,
+            f"names {hosts} hosts but no target_session_attrs: add"
+            f" target_session_attrs={WRITER_SESSION_ATTRS} so it follows the primary",
         )
     return dsn
 

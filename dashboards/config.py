@@ -12,6 +12,7 @@ environment variable MILLRACE_DASH_DSN) supplies the DSN instead.
 
     [database]
     dsn_file = "dashboard.dsn"     # or dsn = "postgresql://millrace_dashboard@host/db"
+    # a Patroni pair: "postgresql://u@db1.example:5432,db2.example:5432/db?target_session_attrs=read-write"
 
     [auth]
     users_file = "users.toml"      # local accounts (millrace dash add-user)
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from millrace.cloud.dsn import check_writer_dsn, dsn_key
 from millrace.configfile import Table, describe, read_dsn, read_toml
 
 Role = Literal["viewer", "operator", "admin"]
@@ -155,8 +157,13 @@ def parse_config(
     auth = root.table("auth")
     server = root.table("server")
     config = DashboardConfig(
-        # SQLAlchemy takes only URLs, not libpq's key=value strings.
-        dsn=read_dsn(database, env=DSN_ENV, url_only=True),
+        # SQLAlchemy takes only URLs, not libpq's key=value strings. Acknowledging an
+        # alert writes, so a multi-host URL must lead to the primary (cloud/dsn.py).
+        dsn=check_writer_dsn(
+            read_dsn(database, env=DSN_ENV, url_only=True),
+            key=dsn_key(database, env=DSN_ENV),
+            connects_here=False,
+        ),
         auth=AuthSettings(
             users_file=auth.path("users_file"),
             oidc_secrets=auth.optional_path("oidc_secrets", must_exist=True),
