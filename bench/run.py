@@ -34,7 +34,11 @@ ROOT = BENCH_DIR.parent
 # The order they run in: cheap, isolated ones first, the whole pipeline last.
 EXPECTED = ("sim_fleet", "edge", "ingest", "latency", "drain")
 # Modules in bench/ that are not benchmarks.
-HELPERS = frozenset({"run", "common", "plot"})
+HELPERS = frozenset(
+    {"run", "common", "plot", "scale_gen", "scale_meter", "scale_pki", "scale_plot"}
+)
+# Run only when named with --only: bench/scale.py takes about 20 minutes (docs/scaling.md).
+ON_DEMAND = frozenset({"scale"})
 DEFAULT_TIMEOUT_SECONDS = 1200.0
 INTERRUPT_GRACE_SECONDS = 60.0
 _PAIR = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=\S+$")
@@ -60,7 +64,7 @@ def result_line(line: str) -> dict[str, str] | None:
 
 def discover() -> list[str]:
     """Expected benchmarks first (in order), then any other bench/*.py."""
-    found = {p.stem for p in BENCH_DIR.glob("*.py")} - HELPERS
+    found = {p.stem for p in BENCH_DIR.glob("*.py")} - HELPERS - ON_DEMAND
     return [*EXPECTED, *sorted(found - set(EXPECTED))]
 
 
@@ -145,6 +149,7 @@ def main() -> int:
     args = parser.parse_args()
     names = discover()
     if args.only:
+        names += sorted(ON_DEMAND)
         unknown = sorted(set(args.only) - set(names))
         if unknown:
             parser.error(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(names)}")
