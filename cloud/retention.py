@@ -7,7 +7,8 @@ Hypertables lose whole chunks once a chunk's *entire* range is older than the
 age (so data up to one chunk interval older than the age may remain); plain
 tables lose rows by DELETE. Where `SHOW timescaledb.license` says `timescale`,
 `enable_compression_if_available` also compresses chunks past a (shorter) age;
-on the Apache edition it reports "not available" and does nothing.
+on the Apache edition it reports "not available" and does nothing, and the
+schedule packs windows past `pack_after_days` instead (cloud/packing.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ import psycopg
 from psycopg import sql
 
 from millrace.cloud.dbupgrade import DROP_CHUNKS_FUNCTION
+from millrace.cloud.packing import (
+    DEFAULT_PACK_AFTER_DAYS,
+    PackReport,
+    pack_windows,
+    storage_at_rest,
+)
 from millrace.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -97,6 +104,12 @@ RETAINED_TABLES: Final[Mapping[str, PlainTableRule]] = MappingProxyType(
     }
 )
 
+# Tables holding the same data in another form go with it, at its age: the packed
+# windows are readings (cloud/packing.py).
+FOLLOWERS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
+    {"readings": ("readings_packed",)}
+)
+
 # (segment by, order by) for compressed chunks: the dashboard reads one device and
 # metric over a range, so segments per (device, metric) ordered by time decompress least.
 COMPRESSION_SETTINGS: Final[Mapping[str, tuple[str, str]]] = MappingProxyType(
@@ -124,12 +137,17 @@ def _check_ages(ages: Mapping[str, float], key: str) -> dict[str, float]:
 
 @dataclass(frozen=True, slots=True)
 class RetentionPolicy:
-    """How long each table keeps data (days); tables not named are kept forever."""
+    """How long each table keeps data (days); tables not named are kept forever.
+
+    `pack_after_days`: windows older than this are packed on the Apache edition
+    (cloud/packing.py); None leaves them in `readings`.
+    """
 
     ages_days: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_AGES_DAYS))
     compress_after_days: Mapping[str, float] = field(
         default_factory=lambda: dict(DEFAULT_COMPRESS_AFTER_DAYS)
     )
+    pack_after_days: float | None = DEFAULT_PACK_AFTER_DAYS
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -140,6 +158,13 @@ class RetentionPolicy:
             if table not in COMPRESSION_SETTINGS:
                 raise ConfigError(f"compression.{table}", "compression is not set up for it")
         object.__setattr__(self, "compress_after_days", MappingProxyType(compress))
+        days = self.pack_after_days
+        if days is not None and (
+            isinstance(days, bool) or not isinstance(days, int | float) or not days > 0
+        ):
+            raise ConfigError(
+                "retention.pack_after_days", f"expected a number of days > 0, got {days!r}"
+            )
 
     @classmethod
     def from_days(cls, ages_days: Mapping[str, float], **kw: Any) -> RetentionPolicy:
@@ -173,6 +198,7 @@ def run_retention(
 ) -> dict[str, int]:
     """Apply the policy once: {table: chunks dropped (hypertables) or rows deleted (plain)}.
 
+    A table's followers (`FOLLOWERS`) are pruned at its age and counted in its figure.
     Each table is its own transaction (a savepoint if the caller holds one), so a
     lock timeout on one table skips only that table (logged; retried next run).
     """
@@ -180,34 +206,36 @@ def run_retention(
     hypertables = _hypertables(conn)
     existing = _existing_tables(conn)
     done: dict[str, int] = {}
-    for table in sorted(policy.ages_days):
-        if table not in existing:
-            logger.debug("retention: table %s does not exist, skipped", table)
-            continue
-        cutoff = policy.cutoff(table, now)
-        try:
-            with conn.transaction():
-                conn.execute(
-                    sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT))
-                )
-                if table in hypertables:
-                    # The owner-only drop_chunks, through db upgrade's wrapper (least privilege).
-                    cur = conn.execute(
-                        sql.SQL("SELECT {}(%s::regclass, %s)").format(
-                            sql.Identifier(DROP_CHUNKS_FUNCTION)
-                        ),
-                        (table, cutoff),
-                    )
-                    row = cur.fetchone()
-                    done[table] = int(row[0]) if row else 0
-                else:
-                    done[table] = _delete_rows(conn, table, cutoff)
-        except psycopg.errors.LockNotAvailable:
-            logger.warning("retention: %s is busy (lock timeout), retried next run", table)
-            continue
-        if done[table]:
-            logger.info("retention: %s dropped %s older than %s", table, done[table], cutoff)
+    for source in sorted(policy.ages_days):
+        cutoff = policy.cutoff(source, now)
+        for table in (source, *FOLLOWERS.get(source, ())):
+            if table not in existing:
+                logger.debug("retention: table %s does not exist, skipped", table)
+                continue
+            try:
+                n = _prune(conn, table, cutoff, hypertable=table in hypertables)
+            except psycopg.errors.LockNotAvailable:
+                logger.warning("retention: %s is busy (lock timeout), retried next run", table)
+                continue
+            done[source] = done.get(source, 0) + n
+            if n:
+                logger.info("retention: %s dropped %s older than %s", table, n, cutoff)
     return done
+
+
+def _prune(conn: psycopg.Connection[Any], table: str, cutoff: datetime, *, hypertable: bool) -> int:
+    """One table in its own transaction: chunks dropped (hypertable) or rows deleted."""
+    with conn.transaction():
+        conn.execute(_SET_LOCK_TIMEOUT)
+        if not hypertable:
+            return _delete_rows(conn, table, cutoff)
+        # The owner-only drop_chunks, through db upgrade's wrapper (least privilege).
+        cur = conn.execute(
+            sql.SQL("SELECT {}(%s::regclass, %s)").format(sql.Identifier(DROP_CHUNKS_FUNCTION)),
+            (table, cutoff),
+        )
+        row = cur.fetchone()
+        return int(row[0]) if row else 0
 
 
 # Stream rows are locked first, in key order, as the ingest writer locks them
@@ -369,6 +397,7 @@ class RetentionScheduler:
         self.runs = 0
         self.last_result: dict[str, int] | None = None
         self.last_compression: CompressionReport | None = None
+        self.last_packing: PackReport | None = None
         self.last_error: str | None = None
 
     def start(self) -> None:
@@ -404,6 +433,7 @@ class RetentionScheduler:
                     return None
                 try:
                     result = run_retention(conn, self._policy)
+                    self.last_packing = self._pack(conn)
                     if self._compress:
                         self.last_compression = enable_compression_if_available(conn, self._policy)
                 finally:
@@ -416,3 +446,11 @@ class RetentionScheduler:
         self.last_result = result
         self.last_error = None
         return result
+
+    def _pack(self, conn: psycopg.Connection[Any]) -> PackReport | None:
+        """Pack old windows on the Apache edition; where licensed, compression does it."""
+        days = self._policy.pack_after_days
+        if days is None or storage_at_rest(timescale_license(conn)) != "pack":
+            return None
+        older_than = datetime.now(UTC) - timedelta(days=days)
+        return pack_windows(conn, older_than=older_than, should_stop=self._stop.is_set)

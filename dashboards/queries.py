@@ -20,6 +20,7 @@ from sqlalchemy import (
     Double,
     Interval,
     Select,
+    Subquery,
     Text,
     and_,
     case,
@@ -27,6 +28,7 @@ from sqlalchemy import (
     func,
     literal,
     select,
+    true,
 )
 
 from millrace.cloud import registry
@@ -45,7 +47,8 @@ from millrace.cloud.schema.core import (
     sequence_gaps,
 )
 from millrace.cloud.schema.ops import alerts, audit_log, device_health, device_health_history
-from millrace.dashboards.resolution import Resolution
+from millrace.cloud.schema.packed import readings_packed
+from millrace.dashboards.resolution import HOUR_SECONDS, Resolution
 
 # Enough to see what went wrong without shipping a whole payload to every browser.
 DEAD_LETTER_PREVIEW_BYTES: Final = 160
@@ -233,6 +236,44 @@ def device_metrics(conn: Connection, *, device: str) -> pd.DataFrame:
 
 
 SERIES_COLUMNS: Final = ("ts", "mean", "min", "max", "count", "rejected", "windows")
+_WINDOW_FIELDS: Final = ("count", "sum", "min", "max", "rejected")
+
+
+def _windows(
+    *, device: str, metric: str, period_s: int, start: datetime, end: datetime
+) -> Subquery:
+    """Windows of [start, end) from both stored forms: `readings` and `readings_packed`.
+
+    Old hours are packed (cloud/packing.py); a window that came late for a packed hour
+    sits in `readings` until the next packing run, possibly as a second part of a
+    window also packed: callers count windows by distinct `ts` and merge the rest.
+    """
+    hot = select(readings.c.ts, *(readings.c[f] for f in _WINDOW_FIELDS)).where(
+        readings.c.device_id == _device_id(device),
+        readings.c.metric_id == _metric_id(metric),
+        readings.c.period_s == period_s,
+        readings.c.ts >= start,
+        readings.c.ts < end,
+    )
+    p = readings_packed
+    arrays = func.unnest(p.c.slots, *(p.c[f] for f in _WINDOW_FIELDS))
+    w = arrays.table_valued("slot", *_WINDOW_FIELDS, with_ordinality="i").render_derived()
+    ts = p.c.hour + func.coalesce(w.c.slot, w.c.i - 1) * p.c.period_s * _seconds(1)
+    packed = (
+        select(ts.label("ts"), *(w.c[f] for f in _WINDOW_FIELDS))
+        .select_from(p.join(w, true()))
+        .where(
+            p.c.device_id == _device_id(device),
+            p.c.metric_id == _metric_id(metric),
+            p.c.period_s == period_s,
+            # An hour row holds windows starting up to an hour after `hour`.
+            p.c.hour > start - _seconds(HOUR_SECONDS),
+            p.c.hour < end,
+            ts >= start,
+            ts < end,
+        )
+    )
+    return hot.union_all(packed).subquery("windows")
 
 
 def series(
@@ -249,13 +290,25 @@ def series(
     Only windows of `resolution.period_s` are read: an agent may window a signal at
     several periods, and mixing them would count readings twice.
     """
+    table: Any
     if resolution.source == "windows":
-        table, time_col = readings, readings.c.ts
-        n_windows: ColumnElement[Any] = func.count()
+        table = _windows(
+            device=device, metric=metric, period_s=resolution.period_s, start=start, end=end
+        )
+        time_col = table.c.ts
+        n_windows: ColumnElement[Any] = func.count(table.c.ts.distinct())
+        where: tuple[ColumnElement[bool], ...] = ()
     else:
         table = rollup_hourly if resolution.source == "hourly" else rollup_daily
         time_col = table.c.bucket
         n_windows = _big(func.sum(table.c.windows))
+        where = (
+            table.c.device_id == _device_id(device),
+            table.c.metric_id == _metric_id(metric),
+            table.c.period_s == resolution.period_s,
+            time_col >= start,
+            time_col < end,
+        )
     bucket = _bucket(resolution.bucket_s, time_col).label("ts")
     total = func.sum(table.c["count"])
     stmt = (
@@ -268,13 +321,7 @@ def series(
             _big(func.sum(table.c.rejected)).label("rejected"),
             n_windows.label("windows"),
         )
-        .where(
-            table.c.device_id == _device_id(device),
-            table.c.metric_id == _metric_id(metric),
-            table.c.period_s == resolution.period_s,
-            time_col >= start,
-            time_col < end,
-        )
+        .where(*where)
         .group_by(bucket)
         .order_by(bucket)
     )
@@ -650,6 +697,8 @@ def commit_latency(
     A reading row's ingested_at is its transaction's time, so this is the whole
     path from the window's end on the device to the database (edge flush,
     outbox, broker, worker batching); a backfill after an outage shows as a spike.
+    Packed windows (past the packing age, cloud/packing.py) keep no ingested_at, so
+    only windows still in `readings` count here.
     """
     r = readings
     latency = _epoch_s(r.c.ingested_at - r.c.ts) - r.c.period_s
