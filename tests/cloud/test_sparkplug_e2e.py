@@ -370,3 +370,60 @@ def test_a_sparkplug_node_publishes_only_as_itself_and_never_state_or_commands(
     assert not watcher_acks.publish(f"spBv1.0/{GROUP}/NCMD/{HOSTILE}", b"x").is_failure
     wait_for(lambda: marker in seen, what="the node's own NDATA")
     assert forged not in seen
+
+
+def test_millrace_sparkplug_publishes_state_retained_and_its_will_says_offline_on_a_crash(
+    broker: MosquittoServer,
+    test_pki: PKIFixture,
+    tmp_path: Path,
+    mqtt_connect: Callable[..., paho.Client],
+) -> None:
+    cert, key = test_pki.files("svc-test")
+    config = tmp_path / "sparkplug.toml"
+    config.write_text(
+        f"""
+[database]
+dsn = "postgresql://nobody@127.0.0.1:1/none"
+
+[broker]
+host = "{broker.host}"
+port = {broker.port}
+ca = "{broker.ca}"
+cert = "{cert}"
+key = "{key}"
+
+[sparkplug]
+host_id = "svc-test"
+groups = ["{GROUP}"]
+periods_s = [10, 60]
+""",
+        encoding="utf-8",
+    )
+    states: queue.Queue[dict[str, Any]] = queue.Queue()
+    watcher = mqtt_connect("svc-state-watch", "svc-test")
+    watcher.on_message = lambda _c, _u, m: states.put(json.loads(m.payload))
+    watcher.subscribe("spBv1.0/STATE/svc-test", qos=1)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "millrace.cli", "sparkplug", "--config", str(config)]
+    )
+    try:
+        online = states.get(timeout=WAIT_S)
+        while not online["online"]:  # a retained offline STATE of an earlier test's host
+            online = states.get(timeout=WAIT_S)
+        proc.kill()
+        offline = states.get(timeout=WAIT_S)
+        assert offline == {"online": False, "timestamp": online["timestamp"]}
+    finally:
+        proc.kill()
+        proc.wait(WAIT_S)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(config.read_text().replace("periods_s = [10, 60]", "periods_s = [7]"))
+    done = subprocess.run(
+        [sys.executable, "-m", "millrace.cli", "sparkplug", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "sparkplug.periods_s[0]" in done.stderr and "Traceback" not in done.stderr
