@@ -415,21 +415,27 @@ def _broker_hosts(table: Table) -> tuple[tuple[str, int], ...]:
         key = f"hosts[{i}]"
         if not isinstance(item, str):
             raise table.error(key, f'expected "host:port", got {describe(item)}')
-        if item.startswith("["):
-            host, sep, port = _bracketed(item)
-        else:
-            host, sep, port = item.rpartition(":")
-            host = host if sep else item
-        port = port if sep else str(DEFAULT_BROKER_PORT)
-        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        endpoint = parse_endpoint(item, default_port=DEFAULT_BROKER_PORT)
+        if endpoint is None:
             raise table.error(key, f'{item!r} is not "host" or "host:port" (port 1-65535)')
-        if (host, int(port)) in out:
+        if endpoint in out:
             raise table.error(key, f"{item!r} is listed twice")
-        out.append((host, int(port)))
+        out.append(endpoint)
     return tuple(out)
 
 
-def _bracketed(item: str) -> tuple[str, str, str]:
-    """`[::1]:8883` -> ("::1", ":", "8883"); `[::1]` -> ("::1", "", "")."""
-    host, _, rest = item[1:].partition("]")
-    return host, (":" if rest.startswith(":") else ""), rest[1:]
+def parse_endpoint(text: str, *, default_port: int) -> tuple[str, int] | None:
+    """`host`, `host:port`, `[v6]` or `[v6]:port` as (host, port); None if malformed."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+        rest = ":" + port
+    else:
+        host, rest = text, ""
+    if rest and not rest.startswith(":"):
+        return None
+    port = rest[1:] if rest else str(default_port)
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return None
+    return host, int(port)

@@ -47,8 +47,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="add new and delete revoked identities on the running broker (no restart)",
     )
     sync.add_argument("--pki", type=Path, required=True, metavar="DIR")
-    sync.add_argument("--host", default="localhost")
-    sync.add_argument("--port", type=int, default=8883)
+    sync.add_argument(
+        "--host",
+        action="append",
+        default=None,
+        metavar="HOST[:PORT]",
+        help="a broker to update (localhost); repeat for each broker of the plant",
+    )
+    sync.add_argument("--port", type=int, default=8883, help="for a --host without a port")
     sync.add_argument(
         "--admin", required=True, metavar="ID", help="an identity passed to `config --admin`"
     )
@@ -81,18 +87,25 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _sync(args: argparse.Namespace) -> int:
+    from millrace.ops import broker_live
     from millrace.ops.broker_sync import sync_running_broker
 
-    result = sync_running_broker(args.pki, host=args.host, port=args.port, admin_id=args.admin)
+    targets = [
+        broker_live.parse_admin_spec(f"{args.admin}@{host}", key="--host", default_port=args.port)
+        for host in args.host or ["localhost"]
+    ]
+    for target in targets:
+        result = sync_running_broker(
+            args.pki, host=target.host, port=target.port, admin_id=target.admin
+        )
+        where = f"{target.host}:{target.port}: " if len(targets) > 1 else ""
+        for word, names in (
+            ("added", result.added),
+            ("removed", result.removed),
+            ("changed", result.changed),
+        ):
+            for name in names:
+                print(f"{where}{word} {name}")
     if args.remember:
-        from millrace.ops import broker_live
-
-        target = broker_live.BrokerTarget(host=args.host, port=args.port, admin=args.admin)
-        print(f"remembered in {broker_live.remember(args.pki, target)}")
-    for name in result.added:
-        print(f"added {name}")
-    for name in result.removed:
-        print(f"removed {name}")
-    for name in result.changed:
-        print(f"changed {name}")
+        print(f"remembered in {broker_live.remember(args.pki, *targets)}")
     return 0

@@ -5,10 +5,14 @@ learns of it through `millrace broker sync` (its dynamic-security roles, over $C
 and, for a revocation, by re-reading crl.pem (SIGHUP). This module does both right after
 the PKI change when it knows the running broker:
 
-- `--broker-admin ID@HOST[:PORT]` on the command line, or else
+- `--broker-admin ID@HOST[:PORT]` on the command line (repeated for each broker of a
+  plant with several), or else
 - PKI_DIR/broker-admin.json, written by `millrace up` for the local plant (with the
   broker's pid and config, so a revocation also reloads the CRL there) and by
-  `millrace broker sync --remember`.
+  `millrace broker sync --remember` (every `--host` it was given).
+
+Every broker named is updated: brokers that share one authorization must all learn
+of a change, or a gateway that fails over is refused where it lands.
 
 Without either it says in one line that `millrace broker sync` must be run. A broker
 that is known but cannot be updated is reported in one line too; the PKI change stands.
@@ -20,11 +24,12 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from millrace.configfile import parse_endpoint
 from millrace.errors import ConfigError, MillraceError
 from millrace.ops import pki
 from millrace.ops.broker import DEFAULT_PORT
@@ -60,10 +65,15 @@ def record_path(pki_dir: Path | str) -> Path:
     return pki.pki_paths(pki_dir).dir / RECORD_NAME
 
 
-def remember(pki_dir: Path | str, target: BrokerTarget) -> Path:
-    """Record `target` as the broker that takes this PKI's changes (no secret: 0644)."""
+def remember(pki_dir: Path | str, *targets: BrokerTarget) -> Path:
+    """Record `targets` as the brokers that take this PKI's changes (no secret: 0644).
+
+    One broker is written as one object (the format before several brokers), several
+    as `{"brokers": [...]}`.
+    """
     path = record_path(pki_dir)
-    data = {k: v for k, v in asdict(target).items() if v is not None}
+    items = [{k: v for k, v in asdict(t).items() if v is not None} for t in targets]
+    data: Any = items[0] if len(items) == 1 else {"brokers": items}
     pki.write_atomic(path, (json.dumps(data, indent=1) + "\n").encode(), mode=0o644)
     return path
 
@@ -72,7 +82,9 @@ def forget(pki_dir: Path | str) -> None:
     record_path(pki_dir).unlink(missing_ok=True)
 
 
-def parse_admin_spec(value: str, *, key: str = "--broker-admin") -> BrokerTarget:
+def parse_admin_spec(
+    value: str, *, key: str = "--broker-admin", default_port: int = DEFAULT_PORT
+) -> BrokerTarget:
     """`ID@HOST`, `ID@HOST:PORT` or `ID@[IPv6]:PORT`."""
     ident, at, address = value.partition("@")
     hint = "expected ID@HOST[:PORT], e.g. operator@broker.plant.example:8883"
@@ -82,41 +94,45 @@ def parse_admin_spec(value: str, *, key: str = "--broker-admin") -> BrokerTarget
         pki.validate_id(ident)
     except MillraceError as exc:
         raise ConfigError(key, f"{value!r}: {exc} ({hint})") from None
-    if address.startswith("["):
-        host, _, rest = address[1:].partition("]")
-        port = rest.removeprefix(":")
-    elif address.count(":") == 1:
-        host, port = address.split(":")
-    else:
-        host, port = address, ""
-    if not host or (port and (not port.isdigit() or not 1 <= int(port) <= 65535)):
+    endpoint = parse_endpoint(address, default_port=default_port)
+    if endpoint is None:
         raise ConfigError(key, f"{value!r}: {hint} (port 1-65535)")
-    return BrokerTarget(host=host, port=int(port) if port else DEFAULT_PORT, admin=ident)
+    return BrokerTarget(host=endpoint[0], port=endpoint[1], admin=ident)
 
 
 def known_target(pki_dir: Path | str) -> BrokerTarget | None:
-    """The broker recorded in PKI_DIR/broker-admin.json, or None."""
+    """The (first) broker recorded in PKI_DIR/broker-admin.json, or None."""
+    targets = known_targets(pki_dir)
+    return targets[0] if targets else None
+
+
+def known_targets(pki_dir: Path | str) -> list[BrokerTarget]:
+    """Every broker recorded in PKI_DIR/broker-admin.json (none: empty)."""
     path = record_path(pki_dir)
     try:
         data: Any = json.loads(path.read_text())
     except FileNotFoundError:
-        return None
+        return []
     except (OSError, ValueError) as exc:
         raise ConfigError(str(path), f"unreadable ({exc}); fix or delete it") from None
     try:
-        pid, conf = data.get("pid"), data.get("conf")
-        target = BrokerTarget(
-            host=str(data["host"]),
-            port=int(data["port"]),
-            admin=str(data["admin"]),
-            pid=int(pid) if pid is not None else None,
-            conf=str(conf) if conf is not None else None,
-        )
+        items = data.get("brokers", [data])
+        return [_target(item) for item in items]
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ConfigError(
             str(path), f"needs host, port and admin ({exc!r}); fix or delete it"
         ) from None
-    return target
+
+
+def _target(data: Any) -> BrokerTarget:
+    pid, conf = data.get("pid"), data.get("conf")
+    return BrokerTarget(
+        host=str(data["host"]),
+        port=int(data["port"]),
+        admin=str(data["admin"]),
+        pid=int(pid) if pid is not None else None,
+        conf=str(conf) if conf is not None else None,
+    )
 
 
 def _local_broker_running(target: BrokerTarget) -> bool | None:
@@ -149,17 +165,19 @@ class Applied:
 def apply_change(
     pki_dir: Path | str,
     *,
-    option: str | None = None,
+    option: str | Sequence[str] | None = None,
     revoked: bool = False,
     sync: Callable[..., Any] | None = None,
 ) -> Applied:
-    """Sync the running broker's roles with the PKI; after a revocation also reload its CRL.
+    """Sync every running broker's roles with the PKI; after a revocation reload their CRL.
 
-    `option` is the command's --broker-admin value (it wins over the record). Never
+    `option` is the command's --broker-admin value(s) (they win over the record). Never
     raises for an unreachable broker: the caller prints the lines and picks the exit code.
+    Applied only if every broker took the change.
     """
-    target = parse_admin_spec(option) if option else known_target(pki_dir)
-    if target is None:
+    options = [option] if isinstance(option, str) else list(option or ())
+    targets = [parse_admin_spec(o) for o in options] or known_targets(pki_dir)
+    if not targets:
         return Applied(
             (
                 f"broker: none known for {pki_dir}: run 'millrace broker sync --pki {pki_dir}"
@@ -169,6 +187,21 @@ def apply_change(
             applied=False,
             known=False,
         )
+    outcomes = [_apply_one(pki_dir, t, revoked=revoked, sync=sync) for t in targets]
+    return Applied(
+        tuple(line for o in outcomes for line in o.lines),
+        applied=all(o.applied for o in outcomes),
+        known=True,
+    )
+
+
+def _apply_one(
+    pki_dir: Path | str,
+    target: BrokerTarget,
+    *,
+    revoked: bool,
+    sync: Callable[..., Any] | None,
+) -> Applied:
     local = _local_broker_running(target)
     if local is False:
         return Applied(
@@ -228,9 +261,10 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument(
         "--broker-admin",
         metavar="ID@HOST[:PORT]",
+        action="append",
         default=None,
-        help="apply the change to this running broker as admin ID (default: the broker "
-        f"recorded in the PKI's {RECORD_NAME}, e.g. by `millrace up`)",
+        help="apply the change to this running broker as admin ID; repeat for each broker "
+        f"(default: the brokers recorded in the PKI's {RECORD_NAME}, e.g. by `millrace up`)",
     )
     parser.add_argument(
         "--no-broker-sync",

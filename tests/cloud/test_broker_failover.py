@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -42,8 +43,10 @@ from tests.fixtures.fix_broker import (
     ADMIN_ID,
     BIND_ADDRESS,
     MosquittoServer,
+    PKIFixture,
     _die_with_parent,
     _mosquitto_binary,
+    connect_client,
     free_port,
 )
 
@@ -192,6 +195,40 @@ def test_a_receipt_goes_back_only_through_the_broker_that_carried_the_batch(
     with lock:
         assert not any(r.covers(first.seq) and not r.covers(second.seq) for r in got["b"])
         assert not any(r.covers(second.seq) for r in got["a"])
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "millrace.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_SECONDS,
+        check=False,
+    )
+
+
+def test_an_identity_issued_once_is_let_in_by_every_recorded_broker(
+    broker_factory: Any, tmp_path: Path
+) -> None:
+    """`broker sync --host A --host B --remember`, then `pki issue` updates both brokers."""
+    own = PKIFixture(tmp_path / "pki")  # no other test's issue or revoke reaches it
+    a, b = broker_factory(pki=own), broker_factory(pki=own)
+    hosts = [arg for s in (a, b) for arg in ("--host", endpoint(s))]
+    synced = cli("broker", "sync", "--pki", str(own.dir), "--admin", ADMIN_ID, *hosts, "--remember")
+    assert synced.returncode == 0, synced.stderr
+    device = f"fo-ops-{uuid.uuid4().hex[:6]}"
+    issued = cli("pki", "issue", "--pki", str(own.dir), device)
+    assert issued.returncode == 0, issued.stderr
+    for server in (a, b):
+        assert f"broker: {endpoint(server)} added {device}" in issued.stdout, issued.stdout
+        client = connect_client(server, device, device)  # refused if its role were missing
+        client.disconnect()
+        client.loop_stop()
+    b.stop()
+    again = cli("pki", "issue", "--pki", str(own.dir), f"{device}-2")
+    assert again.returncode == 3, "a broker that missed the change must fail the command"
+    assert f"broker: {endpoint(a)} added {device}-2" in again.stderr
+    assert f"broker: {endpoint(b)} NOT updated" in again.stderr
 
 
 @pytest.mark.faults
