@@ -156,7 +156,8 @@ class Host:
 
     # -- judging -------------------------------------------------------------------------
 
-    def _judge(self, topic: str, payload: bytes, received_at: datetime) -> None:
+    def judge(self, topic: str, payload: bytes, received_at: datetime) -> None:
+        """One message, in arrival order: into the windows and items, or a dead letter."""
         self.counters.messages += 1
         received = int(received_at.timestamp() * 1000)
         outcome = self.sessions.handle(topic, payload, received)
@@ -218,6 +219,8 @@ class Host:
             conn = self._connection()
             self._store.store(conn, self._items, self._engine)
         except (DatabaseDown, psycopg.Error) as exc:
+            # Kept in memory, retried with the same batch keys (the ledger stores each once);
+            # lost only if the host dies before the database is back (docs/sparkplug.md).
             log.warning("storing failed, kept for the next try: %s", describe(exc))
             if self._conn is not None:
                 self._conn.close()
@@ -262,7 +265,7 @@ class Host:
             while not self._stop.is_set():
                 timeout = max(0.0, next_flush - time.monotonic())
                 with contextlib.suppress(queue.Empty):
-                    self._judge(*self._inbox.get(timeout=timeout))
+                    self.judge(*self._inbox.get(timeout=timeout))
                 if time.monotonic() < next_flush:
                     continue
                 stored = self.flush()
@@ -276,7 +279,7 @@ class Host:
                     on_turn()
             self._say_offline()
             while not self._inbox.empty():
-                self._judge(*self._inbox.get_nowait())
+                self.judge(*self._inbox.get_nowait())
             if not self.flush(everything=True):
                 log.error(
                     "stopping with %s items not stored: the database is down", len(self._items)

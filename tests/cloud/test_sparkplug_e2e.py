@@ -6,6 +6,7 @@ Sparkplug topics."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import queue
 import subprocess
@@ -427,3 +428,26 @@ periods_s = [10, 60]
     )
     assert done.returncode == 2, done.stderr
     assert "sparkplug.periods_s[0]" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_host_keeps_what_it_judged_while_the_database_is_down_and_stores_it_once(
+    broker: MosquittoServer,
+    test_pki: PKIFixture,
+    ingest_db: IngestDb,  # noqa: F811
+) -> None:
+    good = host_config(broker, test_pki, ingest_db.ingest_dsn)
+    host = Host(dataclasses.replace(good, dsn="postgresql://nobody@127.0.0.1:1/none"))
+    t = aligned_past_s(60)
+    at = datetime.now(UTC)
+    node = f"spBv1.0/{GROUP}/{{}}/{HOSTILE}"
+    host.judge(node.format("NBIRTH"), hostile_birth(), at)
+    host.judge(node.format("NDATA"), pb(1, [{"alias": 1, "double_value": 4.0, "timestamp": t}]), at)
+    host.judge(
+        node.format("NDATA"), pb(2, [{"alias": 1, "double_value": 8.0, "timestamp": t + 1}]), at
+    )
+    assert not host.flush(everything=True)  # the database is down: nothing lost yet
+    host.config = good
+    assert host.flush() and host.flush()
+    dsn = ingest_db.owner_dsn
+    assert window(dsn, f"{GROUP}.{HOSTILE}", "temp", t) == [(6.0, 4.0, 8.0, 2)]
+    assert status_of(dsn, f"{GROUP}.{HOSTILE}") == "online"
