@@ -211,3 +211,34 @@ def test_state_payload_is_the_spec_json() -> None:
     assert [(m.name, m.datatype, m.boolean_value) for m in ncmd.metrics] == [
         ("Node Control/Rebirth", 11, True)
     ]
+
+
+def test_the_config_example_in_docs_loads_and_bad_keys_are_named(tmp_path: Path) -> None:
+    from millrace.cloud.sparkplug.config import load_config
+    from millrace.errors import ConfigError
+
+    doc = (Path(__file__).parents[2] / "docs" / "sparkplug.md").read_text()
+    example = doc.split("```toml\n", 1)[1].split("```", 1)[0]
+    dsn_file = tmp_path / "ingest.dsn"
+    dsn_file.write_text("postgresql://ingest@db.plant.example/millrace\n")
+    for name in ("ca.crt", "sparkplug-host.crt", "sparkplug-host.key"):
+        (tmp_path / name).write_text("")
+    path = tmp_path / "sparkplug.toml"
+    text = example.replace("/etc/millrace/ingest.dsn", str(dsn_file))
+    path.write_text(text)
+    config = load_config(path)
+    assert (config.host_id, config.groups, config.periods_s) == (
+        "sparkplug-host",
+        ("line1", "line2"),
+        (10, 60),
+    )
+    assert "ingest@" not in repr(config)
+    for wrong, bad, named in (
+        ('groups = ["line1", "line2"]', 'groups = ["a/b"]', "sparkplug.groups[0]"),
+        ("periods_s = [10, 60]", "periods_s = [10, 7]", "sparkplug.periods_s[1]"),
+        ('host_id = "sparkplug-host"', 'host_id = "h"\nhostid = "y"', "sparkplug.hostid"),
+    ):
+        path.write_text(text.replace(wrong, bad))
+        with pytest.raises(ConfigError) as caught:
+            load_config(path)
+        assert named in str(caught.value), caught.value
