@@ -137,8 +137,8 @@ $bundle_python, $python here is $here_python: provision it with Python $here_pyt
 # anything is touched, not with venv's page of advice after the user and directories exist.
 "$python" -c 'import ensurepip, venv' 2>/dev/null \
     || die "$python cannot create virtual environments (Debian: apt-get install python3-venv)"
-# The broker's name must resolve on this gateway: `edge check` does not look it up, and an
-# agent that cannot resolve it only retries in its log while install.sh reports success.
+# The broker's name must resolve on this gateway, or the agent only retries in its log:
+# `edge check` below finds it too, but this says so before anything is touched.
 if [ "$run_check" = 1 ]; then
     "$python" - config/agent.toml <<'EOF' || exit 1
 import socket
@@ -316,16 +316,32 @@ if [ "$current" != "releases/$release_id" ]; then
     say "current release is now $release_id (was ${current:-none})"
 fi
 
-# `edge check` exits 1 when a signal cannot be read right now (a PLC switched off): that
-# is reported, not fatal; anything else (2: the config is invalid) rolls back.
+# `edge check` asks the plant broker with the new key, certificate and CA (a TLS handshake
+# only while the old agent runs, else also a CONNACK) and reads every signal once. It exits
+# 1 when the broker refused them (rolls back) or a signal cannot be read right now (a PLC
+# switched off: reported, not fatal); its JSON says which. 2 (invalid config) rolls back.
 if [ "$run_check" = 1 ] && [ "$changed" = 1 ]; then
     check_status=0
-    "$opt/current/venv/bin/millrace" edge check --config "$etc/agent.toml" >"$work/check" 2>&1 \
-        || check_status=$?
+    "$opt/current/venv/bin/millrace" edge check --config "$etc/agent.toml" --json \
+        >"$work/check" 2>"$work/check.err" || check_status=$?
+    if [ "$check_status" -le 1 ]; then
+        "$opt/current/venv/bin/python" - "$work/check" >"$work/check.txt" 2>&1 <<'EOF' \
+            || rollback "millrace edge check failed: broker: $(cat "$work/check.txt")"
+import json
+import sys
+
+report = json.load(open(sys.argv[1]))
+broker = next(c for c in report["checks"] if c["check"] == "broker")
+if not broker["ok"]:
+    sys.exit(broker["problem"])
+print(f"broker: {broker['mode']} check ok")
+print("; ".join(f"{s['metric']}: {s['problem']}" for s in report["signals"] if not s["ok"]))
+EOF
+    fi
     case $check_status in
-        0) say "millrace edge check passed" ;;
-        1) say "warning: some signals cannot be read now: $(tail -n 5 "$work/check")" ;;
-        *) rollback "millrace edge check failed: $(tail -n 5 "$work/check")" ;;
+        0) say "millrace edge check passed ($(head -n 1 "$work/check.txt"))" ;;
+        1) say "warning: some signals cannot be read now: $(tail -n +2 "$work/check.txt")" ;;
+        *) rollback "millrace edge check failed: $(tail -n 5 "$work/check.err")" ;;
     esac
 fi
 
@@ -343,6 +359,14 @@ if [ "$manage_service" = 1 ]; then
     else
         say "systemd is not running here: enable and start $UNIT yourself"
     fi
+fi
+
+# `millrace` on PATH, for the check docs/edge.md shows: sudo millrace edge check --sandbox
+path_link=$prefix/usr/local/bin/millrace
+if [ "$(readlink "$path_link" 2>/dev/null || true)" != "$opt/current/venv/bin/millrace" ]; then
+    mkdir -p "${path_link%/*}"
+    ln -sfn "$opt/current/venv/bin/millrace" "$path_link"
+    say "linked $path_link"
 fi
 
 # The new certificate and key work: no old private key stays on the gateway (nor one an
