@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from millrace.argtypes import number_in
+from millrace.edge.sandbox import DEFAULT_UNIT
 from millrace.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -80,6 +82,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         " credentials, or only the handshake while the agent runs)",
     )
     check.add_argument(
+        "--sandbox",
+        nargs="?",
+        const=DEFAULT_UNIT,
+        metavar="UNIT",
+        help=f"run the check as the agent's unit runs (its user and hardening, via systemd-run;"
+        f" as root): the way to run it on a gateway (UNIT default {DEFAULT_UNIT})",
+    )
+    check.add_argument(
         "--json",
         action="store_true",
         help="print the result as one JSON object (per check and per signal) on stdout",
@@ -96,6 +106,8 @@ def _run(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from millrace.edge.check import config_failure_json, run_check
 
+    if args.sandbox:
+        return _check_in_sandbox(args)
     try:
         config = _load(args)
     except ConfigError as exc:
@@ -105,3 +117,16 @@ def _check(args: argparse.Namespace) -> int:
     report = run_check(config, mqtt_wait_s=args.mqtt_wait, broker=args.broker)
     print(report.to_json() if args.json else report.to_text())
     return report.exit_code
+
+
+def _check_in_sandbox(args: argparse.Namespace) -> int:
+    """The same check, re-run by this release's Python inside the unit's sandbox."""
+    from millrace.edge.sandbox import run_in_unit_sandbox
+
+    path, _ = config_path(args.config)
+    command = [sys.executable, "-m", "millrace.cli", "edge", "check"]
+    command += ["--config", str(path.resolve()), f"--mqtt-wait={args.mqtt_wait}"]
+    command += [
+        flag for flag, on in (("--no-broker", not args.broker), ("--json", args.json)) if on
+    ]
+    return run_in_unit_sandbox(args.sandbox, command)
