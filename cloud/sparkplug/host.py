@@ -135,8 +135,6 @@ class Host:
         self.ready.set()
 
     def _on_message(self, _client: Any, _u: Any, msg: Any) -> None:
-        if msg.topic.startswith(f"{sptopic.NAMESPACE}/STATE/"):
-            return  # host states (ours included) are not data
         self._inbox.put((msg.topic, bytes(msg.payload), datetime.now(UTC)))
 
     def ask_rebirth(self, group: str, node: str) -> bool:

@@ -66,5 +66,12 @@ def state_topic(host_id: str) -> str:
 
 
 def subscriptions(groups: tuple[str, ...]) -> list[str]:
-    """What the host subscribes to: every message of its groups, or of all groups."""
-    return [f"{NAMESPACE}/{g}/#" for g in groups] if groups else [f"{NAMESPACE}/+/#"]
+    """What the host subscribes to: what nodes publish in its groups (or in all groups).
+
+    Never commands or STATE: the host's own NCMDs would come back to it as messages.
+    """
+    filters: list[str] = []
+    for group in groups or ("+",):
+        filters += [f"{NAMESPACE}/{group}/{kind}/+" for kind in ("NBIRTH", "NDATA", "NDEATH")]
+        filters += [f"{NAMESPACE}/{group}/{kind}/+/+" for kind in ("DBIRTH", "DDATA", "DDEATH")]
+    return filters

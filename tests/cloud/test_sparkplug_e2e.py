@@ -315,6 +315,7 @@ def test_pysparkplug_node_births_data_gap_rebirth_reconnect_hostile_and_deaths(
                          "oversize"):  # fmt: skip
                 assert counts.get(code) == 1, (code, counts)
             assert counts.get("seq_gap") == 2, counts
+            assert "bad_topic" not in counts, counts  # the host's own NCMDs are not data
             with psycopg.connect(dsn) as conn:
                 rows = conn.execute(
                     "SELECT code, device, reason FROM dead_letters WHERE topic LIKE %s",
