@@ -149,6 +149,7 @@ class Sessions:
         try:
             device = names.device_id(sp.group, sp.node, sp.device)
         except names.NameError_ as exc:
+            self._count_seq(sp, payload)
             return Refused("bad_id", str(exc))
         try:
             return self._handle(sp, device, payload, received_ms)
@@ -156,6 +157,19 @@ class Sessions:
             if refused.rebirth and sp.node_key in self._nodes:
                 self._nodes[sp.node_key].stale = True
             return Refused(refused.code, refused.reason, device, refused.rebirth)
+
+    def _count_seq(self, sp: SpTopic, data: bytes) -> None:
+        """Take the seq of a device message refused for its id, so the node's next message
+        is not a gap: one unmappable device must not stall its node's others."""
+        node = self._nodes.get(sp.node_key)
+        if node is None or sp.device is None or len(data) > self.bounds.max_payload_bytes:
+            return
+        try:
+            seq = parse_payload(data).seq
+        except DecodeError:
+            return
+        if seq == (node.seq + 1) % SEQ_MODULUS:
+            node.seq = seq
 
     def _handle(self, sp: SpTopic, device: str, data: bytes, received_ms: int) -> Outcome:
         if sp.kind in ("NCMD", "DCMD"):

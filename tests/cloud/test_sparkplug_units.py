@@ -165,6 +165,15 @@ def test_only_the_ndeath_of_the_current_bdseq_ends_the_session() -> None:
     assert isinstance(after, Refused) and after.code == "no_birth" and after.rebirth
 
 
+def test_a_device_with_no_millrace_id_is_refused_without_stalling_its_node() -> None:
+    s = Sessions()
+    s.handle(NODE.format(kind="NBIRTH"), birth(), NOW_MS)
+    dbirth = payload(1, [{"name": "flow", "datatype": 9, "float_value": 1.0}])
+    out = s.handle("spBv1.0/plant/DBIRTH/node1/Pump 2!", dbirth, NOW_MS)
+    assert isinstance(out, Refused) and out.code == "bad_id" and not out.rebirth
+    assert isinstance(s.handle(NODE.format(kind="NDATA"), data(2), NOW_MS), Accepted)
+
+
 @pytest.mark.parametrize(
     ("message", "code"),
     [
