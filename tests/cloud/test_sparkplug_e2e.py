@@ -25,6 +25,7 @@ import pytest
 from sqlalchemy import Connection, create_engine
 from sqlalchemy.pool import NullPool
 
+from millrace.cloud.alerts.rules import AlertRule, add_rule
 from millrace.cloud.sparkplug.config import SparkplugConfig
 from millrace.cloud.sparkplug.host import Host
 from millrace.cloud.sparkplug.schema import Payload
@@ -431,7 +432,7 @@ periods_s = [10, 60]
     assert "sparkplug.periods_s[0]" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_host_keeps_what_it_judged_while_the_database_is_down_and_stores_it_once(
+def test_host_keeps_what_it_judged_while_the_database_is_down_stores_it_once_and_alerts(
     broker: MosquittoServer,
     test_pki: PKIFixture,
     ingest_db: IngestDb,  # noqa: F811
@@ -447,8 +448,17 @@ def test_host_keeps_what_it_judged_while_the_database_is_down_and_stores_it_once
         node.format("NDATA"), pb(2, [{"alias": 1, "double_value": 8.0, "timestamp": t + 1}]), at
     )
     assert not host.flush(everything=True)  # the database is down: nothing lost yet
+    dsn = ingest_db.owner_dsn
+    with psycopg.connect(dsn, autocommit=True) as conn:  # alert rules apply as to any device
+        add_rule(conn, AlertRule("spb-hot", "temp", "above", devices=f"{GROUP}.*", high=5.0))
     host.config = good
     assert host.flush() and host.flush()
-    dsn = ingest_db.owner_dsn
     assert window(dsn, f"{GROUP}.{HOSTILE}", "temp", t) == [(6.0, 4.0, 8.0, 2)]
     assert status_of(dsn, f"{GROUP}.{HOSTILE}") == "online"
+    now = datetime.now(UTC)
+    with dashboard(dsn) as conn:
+        alerts = queries.alert_history(conn, start=now - timedelta(hours=1), end=now)
+    # Raised by the window of 4 and 8, cleared by the later one of the birth's 1.0.
+    assert [(a.device, a.metric, a.value, a.state) for a in alerts.itertuples()] == [
+        (f"{GROUP}.{HOSTILE}", "temp", 8.0, "cleared")
+    ]
