@@ -18,6 +18,7 @@ from millrace import configfile
 from millrace.cloud.alerts.notify import NotifySettings, parse_notify
 from millrace.cloud.dsn import check_writer_dsn, dsn_key
 from millrace.cloud.ingest.limits import IngestLimits
+from millrace.cloud.packing import DEFAULT_PACK_AFTER_DAYS
 from millrace.cloud.retention import DEFAULT_AGES_DAYS, RETAINED_TABLES, RetentionPolicy
 from millrace.configfile import BrokerConnection, Table, optional_dsn, read_dsn, read_toml
 from millrace.errors import ConfigError
@@ -96,6 +97,8 @@ class RetentionSettings:
     interval_s: int = DEFAULT_RETENTION_INTERVAL_SECONDS
     dsn: str | None = field(default=None, repr=False)
     days: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_AGES_DAYS))
+    # Windows older than this are packed on the Apache edition (cloud/packing.py).
+    pack_after_days: float = DEFAULT_PACK_AFTER_DAYS
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,8 +179,15 @@ def _retention(t: Table) -> RetentionSettings:
         RetentionPolicy.from_days(days)
     except ConfigError as exc:
         raise t.error("days", exc.problem) from exc
+    pack_after_days = t.number("pack_after_days", DEFAULT_PACK_AFTER_DAYS, low=0.0, low_open=True)
     t.check_unknown()
-    return RetentionSettings(enabled=enabled, interval_s=interval_s, dsn=dsn, days=days)
+    return RetentionSettings(
+        enabled=enabled,
+        interval_s=interval_s,
+        dsn=dsn,
+        days=days,
+        pack_after_days=pack_after_days,
+    )
 
 
 def _limits(t: Table) -> IngestLimits:

@@ -236,7 +236,7 @@ class Worker:
         dsn = settings.dsn or self.config.dsn
         self._retention = RetentionScheduler(
             lambda: connect_writer(dsn, connect_timeout=DB_CONNECT_TIMEOUT_SECONDS),
-            RetentionPolicy.from_days(settings.days),
+            RetentionPolicy.from_days(settings.days, pack_after_days=settings.pack_after_days),
             interval_s=settings.interval_s,
         )
         self._retention.start()

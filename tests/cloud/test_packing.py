@@ -12,12 +12,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import psycopg
 import pytest
 from psycopg import sql
 
 from millrace.cloud import dbupgrade
+from millrace.cloud.config import load_config
 from millrace.cloud.packing import PackReport, pack_windows, storage_at_rest
 from millrace.cloud.retention import RetentionPolicy, RetentionScheduler
 from millrace.errors import ConfigError
@@ -31,6 +33,7 @@ from tests.cloud.packing_support import (
     store,
     windows_at_rest,
 )
+from tests.cloud.test_cloud_doc_examples import materialize
 
 HOUR = timedelta(hours=1)
 BASE = datetime(2026, 11, 1, tzinfo=UTC)
@@ -257,3 +260,12 @@ def test_policy_rejects_a_bad_packing_age() -> None:
     with pytest.raises(ConfigError, match=r"retention\.pack_after_days"):
         RetentionPolicy(pack_after_days=0)
     assert RetentionPolicy(pack_after_days=None).pack_after_days is None
+
+
+def test_ingest_config_sets_the_packing_age_and_names_the_key_when_bad(tmp_path: Path) -> None:
+    shown = load_config(materialize("[retention]\npack_after_days = 0.5\n", tmp_path / "ok"))
+    assert shown.retention.pack_after_days == 0.5
+    defaults = load_config(materialize("", tmp_path / "defaults"))
+    assert defaults.retention.pack_after_days == 1.0
+    with pytest.raises(ConfigError, match=r"retention\.pack_after_days"):
+        load_config(materialize("[retention]\npack_after_days = 0\n", tmp_path / "bad"))
