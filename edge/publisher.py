@@ -192,7 +192,7 @@ class Publisher:
                 except Exception:  # e.g. the outbox's disk failing: never kill the thread
                     log.exception("publisher error; reconnecting")
                 finally:
-                    self._teardown(client)
+                    self._teardown(client, lost=not moved and not self._goodbye_said)
             if moved:
                 self._brokers.back_to_preferred()
                 backoff_due = False
@@ -276,10 +276,27 @@ class Publisher:
         else:
             log.debug("%s", message)
 
-    def _teardown(self, client: Any) -> None:
+    def _teardown(self, client: Any, *, lost: bool) -> None:
+        """Drop the connection. A lost one is closed in the background, unheard.
+
+        paho's network thread may be in its own 1 s reconnect wait, which loop_stop
+        waits out; with a broker gone that second would delay the move to the next one.
+        Its callbacks are detached first, so nothing it does can touch the next client.
+        """
         with self._client_lock:
             self._client = None
             self._connected.clear()
+        if not lost:
+            self._close(client)
+            return
+        for callback in ("on_connect", "on_disconnect", "on_publish", "on_message", "on_subscribe"):
+            setattr(client, callback, None)
+        threading.Thread(
+            target=self._close, args=(client,), name="publisher-close", daemon=True
+        ).start()
+
+    @staticmethod
+    def _close(client: Any) -> None:
         try:
             # Before loop_stop, so a live broker gets the DISCONNECT (no last will: leaving
             # for the preferred broker is no going offline).
