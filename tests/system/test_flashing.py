@@ -225,6 +225,8 @@ def test_first_boot_installs_the_staged_bundle_and_disables_itself(gateway: Gate
     log = box.journal(FIRSTBOOT_UNIT)
     assert "manifest verified" in log, log
     assert "installed; first-boot service disabled" in log, log
+    # Before the agent's first start, the check connected with the device's identity.
+    assert "millrace edge check passed (broker: mqtt check ok)" in log, log
     assert box.unit_property(FIRSTBOOT_UNIT, "Result") == "success"
     # The staged bundle (a copy of the device key among it) is gone, the hook is disabled.
     assert not box.path("/var/lib/millrace-firstboot").exists()
@@ -287,6 +289,31 @@ def test_agent_logs_reach_journald(gateway: Gateway) -> None:
         "journalctl", "--no-pager", "-u", UNIT, "-o", "json", "_COMM=millrace"
     ).stdout.splitlines()
     assert fields, "no journal entries from the agent's process"
+
+
+def test_documented_edge_check_runs_on_path_in_the_units_sandbox(gateway: Gateway) -> None:
+    """docs/edge.md's command on a gateway: `sudo millrace edge check --sandbox` (as root)."""
+    box = gateway.box
+    pid = gateway.main_pid()
+    done = box.run("millrace", "edge", "check", "--sandbox", "--json", check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    broker = next(c for c in json.loads(done.stdout)["checks"] if c["check"] == "broker")
+    # Beside the running agent: the TLS handshake only, and the agent's own CONNACK.
+    assert broker["ok"] and broker["mode"] == "tls", broker
+    assert broker["agent"]["pid"] == pid and broker["agent"]["connected"], broker
+    assert gateway.main_pid() == pid
+    log = box.run("journalctl", "--no-pager", "-b", "-o", "cat").stdout
+    # systemd-run made the transient unit with the agent unit's sandbox, and it started.
+    assert re.search(rf"Started run-\S+ - millrace edge check in the sandbox of {UNIT}", log)
+    # As the agent's user: a key only root can read fails (exit 2 through systemd-run).
+    key = "/etc/millrace/pki/device.key"
+    box.run("chown", "root:root", key)
+    try:
+        refused = box.run("millrace", "edge", "check", "--sandbox", check=False)
+    finally:
+        box.run("chown", "millrace:millrace", key)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert f"broker.key: not readable: {key}" in refused.stderr
 
 
 def test_watchdog_restarts_a_frozen_agent(gateway: Gateway) -> None:
