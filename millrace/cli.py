@@ -54,8 +54,8 @@ COMMAND_MODULES: dict[str, str] = {
 EXIT_CODES_EPILOG = f"""\
 exit codes:
   {EXIT_OK:<4} success
-  {EXIT_FAILED:<4} the command ran and found a failure (edge check: a signal could not be read;
-       cmd: the device replied with an error)
+  {EXIT_FAILED:<4} the command ran and found a failure (edge check: the plant broker refused
+       the device or a signal could not be read; cmd: the device replied with an error)
   {EXIT_USAGE:<4} usage or configuration error: fix the command line or the config file
   {EXIT_UNREACHABLE:<4} a service it needs did not answer (database, broker, the device for cmd)
   {EXIT_INTERNAL:<4} internal error (a bug; the traceback is printed)
