@@ -64,6 +64,11 @@ class Consumer:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def where(self) -> str:
+        """`host:port` of this consumer's broker (logs and the per-broker metric)."""
+        return f"{self._settings.host}:{self._settings.port}"
+
     def filters(self) -> list[str]:
         """The shared-subscription filters of this worker's group."""
         group = self._settings.share_group
@@ -150,7 +155,7 @@ class Consumer:
     ) -> None:
         if reason.is_failure:
             self._connect_error = str(reason)
-            log.warning("broker refused the connection: %s", reason)
+            log.warning("broker %s refused the connection: %s", self.where, reason)
             return
         with self._lock:
             self._generation += 1
@@ -173,7 +178,7 @@ class Consumer:
         failed = [str(r) for r in reasons if r.is_failure]
         if failed:
             self._connect_error = f"subscription refused: {failed}"
-            log.error("broker refused subscriptions %s (check the ACL)", failed)
+            log.error("broker %s refused subscriptions %s (check the ACL)", self.where, failed)
             return
         self._connected.set()
 
@@ -183,7 +188,7 @@ class Consumer:
         with self._lock:
             self._generation += 1
         if self._connected.is_set():
-            log.warning("disconnected from the broker: %s", reason)
+            log.warning("disconnected from the broker %s: %s", self.where, reason)
         self._connected.clear()
 
     def _on_message(self, _client: paho.Client, _userdata: Any, message: Any) -> None:

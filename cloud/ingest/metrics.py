@@ -103,7 +103,13 @@ class IngestMetrics:
         )
         self.db_up = Gauge("millrace_ingest_db_up", "1 while the database is reachable", registry=r)
         self.broker_up = Gauge(
-            "millrace_ingest_broker_connected", "1 while subscribed to the broker", registry=r
+            "millrace_ingest_broker_connected", "1 while subscribed to a broker", registry=r
+        )
+        self.broker_subscribed = Gauge(
+            "millrace_ingest_broker_subscribed",
+            "1 while subscribed to this configured broker (host:port)",
+            ["broker"],
+            registry=r,
         )
         self.db_errors = Counter(
             "millrace_ingest_db_errors", "database errors by kind", ["kind"], registry=r

@@ -273,6 +273,8 @@ class Worker:
             self._consumer.stop()
             self._consumer = None
         self.metrics.broker_up.set(0)
+        for host, port in self.config.broker.endpoints:
+            self.metrics.broker_subscribed.labels(f"{host}:{port}").set(0)
         # Batches already handed over belong to the old epoch: the committer skips them.
         self._epoch += 1
         dropped = len(self._batcher.take())
@@ -303,6 +305,8 @@ class Worker:
         self._last_turn = now
         consumer = self._consumer
         self.metrics.broker_up.set(1 if consumer is not None and consumer.connected else 0)
+        for member in consumer.members if consumer is not None else ():
+            self.metrics.broker_subscribed.labels(member.where).set(1 if member.connected else 0)
         deadline = self._batcher.deadline()
         timeout = LOOP_WAKE_SECONDS if deadline is None else max(0.0, deadline - now)
         try:

@@ -454,6 +454,14 @@ def test_a_worker_cut_off_from_one_broker_loses_nothing_and_the_other_worker_kee
             cut_at = time.monotonic()
             wait_for(lambda: not to_b_cut.connected, "worker 1 to notice it lost b")
             noticed_s = time.monotonic() - cut_at
+            gauge = "millrace_ingest_broker_subscribed"
+            wait_for(
+                lambda: (
+                    w1.counter(gauge, broker=to_b_cut.where) == 0
+                    and w1.counter(gauge, broker=to_a.where) == 1
+                ),
+                "the per-broker metric to show which broker worker 1 lost",
+            )
             during = {id(x): receipted(x) for x in agents}
             stored = w1.counter("millrace_ingest_messages_total", kind="data", outcome="stored")
             wait_for(
