@@ -7,6 +7,11 @@ grouped from the same input on the server, with the same rules (`MERGE_RULES`). 
 merge exactly in any grouping, so this one code path runs on both TimescaleDB editions
 (the Apache build has no continuous aggregates).
 
+`first` and `last` are ordered by window start. Two parts of one window (split by an
+agent restart, `store_readings`) tie on it; the part stored later ended later, so it
+gives `last` (and the earlier one keeps `first`), as in the merged readings row: the
+rollups equal a recomputation from the readings (tests/cloud/test_rollup_exactly_once.py).
+
 Times stay epoch milliseconds until the server turns them into timestamps (no
 `datetime` per row on the committer thread). Rows are sent sorted
 by key, so concurrent workers lock rollup rows in the same order and cannot
@@ -42,6 +47,8 @@ def add_window(rows: Rollups, device_id: int, metric_id: int, w: Window, bucket_
         rows[key] = Merging(w, start, start)
     else:
         row.add(w, start, start)
+        if start == row.last_at:  # a split window's later part ended later (see module doc)
+            row.last = w.last
 
 
 def add_hourly(rows: Rollups, device_id: int, metric_id: int, w: Window) -> None:
@@ -56,6 +63,8 @@ def add_hourly(rows: Rollups, device_id: int, metric_id: int, w: Window) -> None
         rows[key] = Merging(w, start, start)
     else:
         row.add(w, start, start)
+        if start == row.last_at:
+            row.last = w.last
 
 
 def aggregate(windows: Iterable[tuple[int, int, Window]], *, bucket_s: int) -> Rollups:
@@ -97,7 +106,7 @@ def _merge_set() -> str:
         "greatest": "{c} = greatest(r.{c}, excluded.{c})",
         "earlier": "{c} = CASE WHEN excluded.{c}_ts < r.{c}_ts THEN excluded.{c} ELSE r.{c} END,"
         " {c}_ts = least(r.{c}_ts, excluded.{c}_ts)",
-        "later": "{c} = CASE WHEN excluded.{c}_ts > r.{c}_ts THEN excluded.{c} ELSE r.{c} END,"
+        "later": "{c} = CASE WHEN excluded.{c}_ts >= r.{c}_ts THEN excluded.{c} ELSE r.{c} END,"
         " {c}_ts = greatest(r.{c}_ts, excluded.{c}_ts)",
     }
     sets = ["windows = r.windows + excluded.windows"]
