@@ -462,7 +462,11 @@ class Publisher:
                     self._say_goodbye(client)
                     return False
             self._wake.wait(wait)
-        log.warning("lost the broker connection; %d batch(es) unacknowledged", len(inflight))
+        log.warning(
+            "lost the broker connection to %s; %d batch(es) unacknowledged",
+            self.broker,
+            len(inflight),
+        )
         return False
 
     def _send(self, client: Any, row: Row, inflight: dict[int, int]) -> bool:
