@@ -50,6 +50,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,6 +59,8 @@ from typing import Any
 from common import Plant, machine, percentile, postmaster_pid, print_table, wait_until
 from scale_meter import Meter, loadavg
 from scale_pki import cache_dir, ensure_pki, gateway_ids
+
+from millrace.ops.stack import procs
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_STEPS = (1000, 2500, 5000, 10_000, 15_000, 20_000)
@@ -91,10 +94,17 @@ class ScalePlant(Plant):
     """bench/common.py's plant, with the gateway identities from the cached PKI."""
 
     cached_pki: Path = Path()
+    broker_nofile: int = 0  # 0: the benchmark's own (raised) limit
 
     @property
     def pki_dir(self) -> Path:
         return self.cached_pki
+
+    def spawn(self, name: str, argv: Sequence[str]) -> procs.Service:
+        if name == "broker" and self.broker_nofile:
+            # As a service manager would start it: prlimit sets the limit, then execs.
+            argv = ["prlimit", f"--nofile={self.broker_nofile}", "--", *argv]
+        return super().spawn(name, argv)
 
     def _identities(self) -> None:
         ensure_pki(self.cached_pki, len(self.devices))
@@ -329,8 +339,10 @@ def judge(step: Step) -> None:
     step.busiest = max(use, key=lambda k: use[k])
     step.saturated = sorted((k for k, v in use.items() if v >= SATURATED), key=lambda k: -use[k])
     if step.failed or step.lost:
-        step.broke = "connections:" + ",".join(
-            f"{k.split(':')[0]}x{v}" for k, v in {**step.failed, **step.lost}.items()
+        kinds = "/".join(sorted({k.split(":")[0] for k in [*step.failed, *step.lost]}))
+        step.broke = (
+            f"connections:{sum(step.failed.values())}_refused,"
+            f"{sum(step.lost.values())}_dropped_of_{step.gateways}({kinds})"
         )
     elif not step.exactly_once or step.dead_letters:
         step.broke = (
@@ -351,8 +363,11 @@ def show(steps: list[Step]) -> None:
     print("|---" * 12 + "|")
     for s in steps:
         c, m = s.cores, s.memory_mb
+        up = s.connected - sum(s.lost.values())
+        connected = f" ({up:,} connected)" if up != s.gateways else ""
         print(
-            f"| {s.gateways:,} | {s.ramp_s:.0f} | {s.rows_per_s:,.0f} ({s.offered_rows_per_s:,.0f})"
+            f"| {s.gateways:,}{connected} | {s.ramp_s:.0f}"
+            f" | {s.rows_per_s:,.0f} ({s.offered_rows_per_s:,.0f})"
             f" | {s.p50_ms:,.0f} / {s.p99_ms:,.0f}"
             f" | {s.receipt_p50_ms:,.0f} / {s.receipt_p99_ms:,.0f}"
             f" | {c.get('broker', 0):.2f} / {c.get('worker', 0):.2f} / {c.get('database', 0):.2f}"
@@ -406,6 +421,12 @@ def main() -> int:
     parser.add_argument("--procs", type=int, default=2, help="load generator processes")
     parser.add_argument("--settle-s", type=float, default=25.0, help="wait for acks and receipts")
     parser.add_argument("--cache", type=Path, default=None, help="PKI cache (scale_pki.py)")
+    parser.add_argument(
+        "--broker-nofile",
+        type=int,
+        default=0,
+        help="the broker's open-file limit (1024: systemd's default soft limit); default: raised",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the steps as JSON")
     parser.add_argument("--plot", type=Path, default=None, help="draw the figures (PNG)")
     args = parser.parse_args()
@@ -419,7 +440,9 @@ def main() -> int:
     print(f"identities: {steps_n[-1]:,} gateways in {pki_dir} ({time.monotonic() - started:.0f} s)")
     print(f"machine: {machine()}; load average {loadavg()}", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="millrace-bench-scale-"))
-    stack = ScalePlant(workdir, gateway_ids(steps_n[-1]), cached_pki=pki_dir)
+    stack = ScalePlant(
+        workdir, gateway_ids(steps_n[-1]), cached_pki=pki_dir, broker_nofile=args.broker_nofile
+    )
     steps: list[Step] = []
     try:
         stack.start()

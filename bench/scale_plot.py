@@ -48,13 +48,10 @@ def render(steps: Sequence[dict[str, Any]], out: Path = OUT, *, subtitle: str = 
         color="#9e9e9e",
         label="load generator (not counted)",
     )
-    cpu.plot(
-        n,
-        [s["machine_busy"] * s["cpus"] for s in steps],
-        "--",
-        color="#555555",
-        label="machine, all processes",
-    )
+    machine = [s["machine_busy"] * s["cpus"] for s in steps]
+    cpu.plot(n, machine, "--", color="#555555", label="machine, all processes")
+    others = [max(0.0, m - sum(s["cores"].values())) for m, s in zip(machine, steps, strict=True)]
+    cpu.plot(n, others, "s:", color="#d95f02", label="other processes (shared box)")
     cpu.set(title="CPU (cores)", xlabel="gateways", ylabel="cores")
     cpu.legend()
     for ax in (rate, lat, cpu):
