@@ -8,6 +8,7 @@ Nothing here knows about Streamlit: data.py caches these, tests call them.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -17,12 +18,15 @@ from sqlalchemy import (
     BigInteger,
     ColumnElement,
     Connection,
+    DateTime,
     Double,
+    Integer,
     Interval,
     Select,
     Subquery,
     Text,
     and_,
+    bindparam,
     case,
     cast,
     func,
@@ -48,7 +52,7 @@ from millrace.cloud.schema.core import (
 )
 from millrace.cloud.schema.ops import alerts, audit_log, device_health, device_health_history
 from millrace.cloud.schema.packed import readings_packed
-from millrace.dashboards.resolution import HOUR_SECONDS, Resolution
+from millrace.dashboards.resolution import HOUR_SECONDS, Resolution, Source
 
 # Enough to see what went wrong without shipping a whole payload to every browser.
 DEAD_LETTER_PREVIEW_BYTES: Final = 160
@@ -61,9 +65,15 @@ MAX_HOLE_ROWS: Final = 500
 # --- helpers ------------------------------------------------------------------------------
 
 
-def _frame(conn: Connection, stmt: Select[Any], *, times: tuple[str, ...] = ()) -> pd.DataFrame:
+def _frame(
+    conn: Connection,
+    stmt: Select[Any],
+    *,
+    times: tuple[str, ...] = (),
+    params: dict[str, Any] | None = None,
+) -> pd.DataFrame:
     """Run `stmt`; its labels become the columns, `times` become UTC datetimes."""
-    result = conn.execute(stmt)
+    result = conn.execute(stmt, params or {})
     frame = pd.DataFrame(result.fetchall(), columns=list(result.keys()))
     for column in times:
         frame[column] = pd.to_datetime(frame[column], utc=True)
@@ -237,11 +247,27 @@ def device_metrics(conn: Connection, *, device: str) -> pd.DataFrame:
 
 SERIES_COLUMNS: Final = ("ts", "mean", "min", "max", "count", "rejected", "windows")
 _WINDOW_FIELDS: Final = ("count", "sum", "min", "max", "rejected")
+# The series statement's parameters: built once per source, bound per call.
+_DEVICE: Final = bindparam("device", type_=Text())
+_METRIC: Final = bindparam("metric", type_=Text())
+_PERIOD: Final = bindparam("period_s", type_=Integer())
+_START: Final = bindparam("start", type_=DateTime(timezone=True))
+_END: Final = bindparam("end", type_=DateTime(timezone=True))
+_PACKED_FROM: Final = bindparam("packed_from", type_=DateTime(timezone=True))
+_BUCKET: Final = bindparam("bucket", type_=Interval())
 
 
-def _windows(
-    *, device: str, metric: str, period_s: int, start: datetime, end: datetime
-) -> Subquery:
+def _ids_match(table: Any) -> tuple[ColumnElement[bool], ...]:
+    return (
+        table.c.device_id
+        == select(devices.c.id).where(devices.c.name == _DEVICE).scalar_subquery(),
+        table.c.metric_id
+        == select(metrics.c.id).where(metrics.c.name == _METRIC).scalar_subquery(),
+        table.c.period_s == _PERIOD,
+    )
+
+
+def _windows() -> Subquery:
     """Windows of [start, end) from both stored forms: `readings` and `readings_packed`.
 
     Old hours are packed (cloud/packing.py); a window that came late for a packed hour
@@ -249,11 +275,7 @@ def _windows(
     window also packed: callers count windows by distinct `ts` and merge the rest.
     """
     hot = select(readings.c.ts, *(readings.c[f] for f in _WINDOW_FIELDS)).where(
-        readings.c.device_id == _device_id(device),
-        readings.c.metric_id == _metric_id(metric),
-        readings.c.period_s == period_s,
-        readings.c.ts >= start,
-        readings.c.ts < end,
+        *_ids_match(readings), readings.c.ts >= _START, readings.c.ts < _END
     )
     p = readings_packed
     arrays = func.unnest(p.c.slots, *(p.c[f] for f in _WINDOW_FIELDS))
@@ -263,17 +285,47 @@ def _windows(
         select(ts.label("ts"), *(w.c[f] for f in _WINDOW_FIELDS))
         .select_from(p.join(w, true()))
         .where(
-            p.c.device_id == _device_id(device),
-            p.c.metric_id == _metric_id(metric),
-            p.c.period_s == period_s,
+            *_ids_match(p),
             # An hour row holds windows starting up to an hour after `hour`.
-            p.c.hour > start - _seconds(HOUR_SECONDS),
-            p.c.hour < end,
-            ts >= start,
-            ts < end,
+            p.c.hour > _PACKED_FROM,
+            p.c.hour < _END,
+            ts >= _START,
+            ts < _END,
         )
     )
     return hot.union_all(packed).subquery("windows")
+
+
+@functools.cache
+def _series_statement(source: Source) -> Select[Any]:
+    """The series query of one source, with bind parameters (built and keyed once)."""
+    table: Any
+    if source == "windows":
+        table = _windows()
+        time_col = table.c.ts
+        n_windows: ColumnElement[Any] = func.count(table.c.ts.distinct())
+        where: tuple[ColumnElement[bool], ...] = ()
+    else:
+        table = rollup_hourly if source == "hourly" else rollup_daily
+        time_col = table.c.bucket
+        n_windows = _big(func.sum(table.c.windows))
+        where = (*_ids_match(table), time_col >= _START, time_col < _END)
+    bucket = func.time_bucket(_BUCKET, time_col).label("ts")
+    total = func.sum(table.c["count"])
+    return (
+        select(
+            bucket,
+            (func.sum(table.c["sum"]) / cast(total, Double)).label("mean"),
+            func.min(table.c["min"]).label("min"),
+            func.max(table.c["max"]).label("max"),
+            _big(total).label("count"),
+            _big(func.sum(table.c.rejected)).label("rejected"),
+            n_windows.label("windows"),
+        )
+        .where(*where)
+        .group_by(bucket)
+        .order_by(bucket)
+    )
 
 
 def series(
@@ -290,42 +342,16 @@ def series(
     Only windows of `resolution.period_s` are read: an agent may window a signal at
     several periods, and mixing them would count readings twice.
     """
-    table: Any
-    if resolution.source == "windows":
-        table = _windows(
-            device=device, metric=metric, period_s=resolution.period_s, start=start, end=end
-        )
-        time_col = table.c.ts
-        n_windows: ColumnElement[Any] = func.count(table.c.ts.distinct())
-        where: tuple[ColumnElement[bool], ...] = ()
-    else:
-        table = rollup_hourly if resolution.source == "hourly" else rollup_daily
-        time_col = table.c.bucket
-        n_windows = _big(func.sum(table.c.windows))
-        where = (
-            table.c.device_id == _device_id(device),
-            table.c.metric_id == _metric_id(metric),
-            table.c.period_s == resolution.period_s,
-            time_col >= start,
-            time_col < end,
-        )
-    bucket = _bucket(resolution.bucket_s, time_col).label("ts")
-    total = func.sum(table.c["count"])
-    stmt = (
-        select(
-            bucket,
-            (func.sum(table.c["sum"]) / cast(total, Double)).label("mean"),
-            func.min(table.c["min"]).label("min"),
-            func.max(table.c["max"]).label("max"),
-            _big(total).label("count"),
-            _big(func.sum(table.c.rejected)).label("rejected"),
-            n_windows.label("windows"),
-        )
-        .where(*where)
-        .group_by(bucket)
-        .order_by(bucket)
-    )
-    return _frame(conn, stmt, times=("ts",))
+    params = {
+        "device": device,
+        "metric": metric,
+        "period_s": resolution.period_s,
+        "start": start,
+        "end": end,
+        "packed_from": start - timedelta(seconds=HOUR_SECONDS),
+        "bucket": timedelta(seconds=resolution.bucket_s),
+    }
+    return _frame(conn, _series_statement(resolution.source), times=("ts",), params=params)
 
 
 EVENT_COLUMNS: Final = ("ts", "metric", "kind", "value", "text")
