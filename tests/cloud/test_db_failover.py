@@ -151,3 +151,35 @@ def test_a_standby_refusing_a_write_is_an_outage_not_the_messages_fault(fresh_db
         with pytest.raises(psycopg.errors.ReadOnlySqlTransaction) as caught:
             conn.execute("CREATE TABLE refused (x int)")
         assert error_kind(conn, caught.value) == "down"
+
+
+@pytest.mark.faults
+def test_with_the_standby_down_the_primary_goes_on_alone_and_the_standby_catches_up(
+    patroni_pair: PatroniCluster,
+) -> None:
+    # synchronous_mode_strict is off: a dead standby (its machine gone: Patroni and
+    # postmaster SIGKILLed) stalls commits only until Patroni drops it from
+    # synchronous_standby_names; back, it catches up and is synchronous again.
+    pair = patroni_pair
+    primary = pair.primary()
+    standby = pair.other(primary)
+    dsn = pair.create_database("alone")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (x int)")
+        standby.kill()
+        started = time.monotonic()
+        # Until Patroni drops the standby, a commit may wait for it; after, none does.
+        wait_until(
+            lambda: conn.execute("SHOW synchronous_standby_names").fetchone() == ("",),
+            what="Patroni to drop the dead standby from synchronous_standby_names",
+        )
+        dropped_s = time.monotonic() - started
+        conn.execute("INSERT INTO t VALUES (1)")
+    standby.start()
+    assert pair.wait_synchronous() is primary
+    with psycopg.connect(standby.dsn("alone"), autocommit=True) as conn:
+        wait_until(
+            lambda: conn.execute("SELECT count(*) FROM t").fetchone() == (1,),
+            what="the commit made alone to reach the standby",
+        )
+    print(f"\nstandby killed: Patroni let the primary go on alone after {dropped_s:.1f} s")
