@@ -32,7 +32,7 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 # The order they run in: cheap, isolated ones first, the whole pipeline last.
-EXPECTED = ("sim_fleet", "edge", "ingest", "latency", "drain")
+EXPECTED = ("sim_fleet", "edge", "storage", "ingest", "latency", "drain")
 # Modules in bench/ that are not benchmarks.
 HELPERS = frozenset(
     {"run", "common", "plot", "scale_gen", "scale_meter", "scale_pki", "scale_plot"}
