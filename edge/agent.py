@@ -268,6 +268,7 @@ class Agent:
                 connected=pub.connected,
                 receipted_ms=pub.first_own_receipt_ms,
                 last_error=pub.last_error,
+                broker=pub.broker,
             )
         )
 

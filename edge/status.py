@@ -34,6 +34,8 @@ class AgentStatus:
     # Wall clock of the first receipt for a batch of this boot id: stored in the cloud.
     receipted_ms: int | None = None
     last_error: str = ""
+    # `host:port` of the plant broker in use (or tried next): with several, which one.
+    broker: str = ""
 
     def to_json(self) -> bytes:
         return json.dumps({"version": STATUS_VERSION, **asdict(self)}, sort_keys=True).encode()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import socket
 import subprocess
 import sys
@@ -155,6 +156,13 @@ def on(agent: RecordingAgent, server: Any) -> bool:
     return publisher.connected and publisher.broker == endpoint(server)
 
 
+def status_broker(agent: RecordingAgent) -> str:
+    """The broker the agent's status.json names (what an operator or a rollout reads)."""
+    with contextlib.suppress(OSError, ValueError):
+        return str(json.loads(agent.agent.status_file.path.read_text()).get("broker"))
+    return ""
+
+
 def receipted(agent: RecordingAgent) -> int:
     return agent.agent.publisher.stats.receipted_own
 
@@ -254,6 +262,7 @@ def test_gateways_move_to_the_surviving_broker_on_sigkill_and_spread_again_when_
             f"\nbroker SIGKILL: gateways on a after {moved_s:.2f} s, receipted {receipted_s:.2f} s"
         )
         assert all(on(x, a) for x in on_a), "a gateway of a moved"
+        wait_for(lambda: all(status_broker(x) == endpoint(a) for x in on_b), "status.json to say a")
 
         b.start()
         restarted = time.monotonic()
