@@ -183,3 +183,30 @@ def test_with_the_standby_down_the_primary_goes_on_alone_and_the_standby_catches
             what="the commit made alone to reach the standby",
         )
     print(f"\nstandby killed: Patroni let the primary go on alone after {dropped_s:.1f} s")
+
+
+@pytest.mark.faults
+def test_the_dashboard_pool_follows_the_primary_after_a_failover(
+    patroni_pair: PatroniCluster,
+) -> None:
+    # The dashboard's own engine (pool with pre-ping) on a two-host URL: after the primary
+    # dies, the next checkout replaces the dead pooled connection with one to the new one.
+    from millrace.dashboards import data
+
+    pair = patroni_pair
+    old = pair.primary()
+    new = pair.other(old)
+    hosts = ",".join(f"127.0.0.1:{n.pg_port}" for n in (new, old))  # the standby first
+    engine = data.engine(f"postgresql://postgres@{hosts}/postgres?target_session_attrs=read-write")
+    port = "SELECT inet_server_port()"
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql(port).scalar() == old.pg_port
+        old.kill_postmaster()
+        wait_until(lambda: new.role() == "primary", what=f"{new.name} promoted")
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql(port).scalar() == new.pg_port
+            conn.exec_driver_sql("CREATE TABLE acknowledged (x int)")  # it writes there
+            conn.commit()
+    finally:
+        engine.dispose()
