@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -237,9 +238,8 @@ def main() -> int:
     names = [f"gw{i:04d}" for i in range(args.devices)]
     metric_names = [f"{KINDS[i % len(KINDS)]}.{i:02d}" for i in range(args.signals)]
     columns = ", ".join(("ts", "device_id", "metric_id", "period_s", *AGGREGATE_FIELDS))
-    cluster = PostgresCluster(
-        Path(tempfile.mkdtemp(prefix="millrace-bench-pg-")), settings=BENCH_PG_SETTINGS
-    )
+    base = Path(tempfile.mkdtemp(prefix="millrace-bench-pg-"))
+    cluster = PostgresCluster(base, settings=BENCH_PG_SETTINGS)
     cluster.init()
     cluster.start()
     try:
@@ -295,6 +295,7 @@ def main() -> int:
         packed_engine.dispose()
     finally:
         cluster.stop()
+        shutil.rmtree(base, ignore_errors=True)
     (today_s, today_frames), (hot_s, hot_frames), (packed_s, packed_frames) = (
         runs["today"],
         runs["hot"],
