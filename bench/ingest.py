@@ -16,14 +16,21 @@ production durability (fsync on, synchronous_commit on):
 
 Ends with one line: ingest_rows_per_s=... floor_rows_per_s=... naive_rows_per_s=...
 ratio_vs_floor=... ratio_vs_naive=...
+
+`--profile-committer` measures instead where the committer's time goes: the writer's
+steps run serially on the same data (no broker, no decoding), with and without the
+rollup step, with the committer's CPU and its database backend's CPU beside the wall
+time (CPU time says more than wall time on a shared machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
+import os
 import queue
 import random
 import re
@@ -39,16 +46,20 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
 
 import psycopg  # noqa: E402
 
 from millrace import topics  # noqa: E402
-from millrace.cloud import dbupgrade  # noqa: E402
+from millrace.cloud import dbupgrade, rollups  # noqa: E402
+from millrace.cloud.ingest import writer as ingest_writer  # noqa: E402
+from millrace.cloud.ingest.messages import Incoming  # noqa: E402
 from millrace.cloud.ingest.writer import (  # noqa: E402
     READING_COLUMNS,
     READING_TYPES,
+    BatchWriter,
     copy_rows,
     to_datetime,
 )
@@ -444,6 +455,105 @@ def run_naive(
     return rows, elapsed
 
 
+# -- the committer's steps, serially ----------------------------------------------------------
+
+
+def backend_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a local process (the database backend), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_committer(
+    dsn: str, batches: list[Batch], *, rollup_step: bool
+) -> tuple[float, dict[str, float]]:
+    """`BatchWriter.write` + commit per commit batch, as the worker's committer does them.
+
+    Returns the wall time and, per step, its wall time; `python_cpu` and `backend_cpu` are
+    the CPU seconds of this process and of the database backend over the run. Without
+    `rollup_step` the hourly merge and the upsert are taken out (for measurement only).
+    """
+    steps: dict[str, float] = {}
+
+    def timed(name: str, fn: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                steps[name] = steps.get(name, 0.0) + time.perf_counter() - started
+
+        return call
+
+    per_commit = max(1, BATCH_MAX_ROWS // max(1, len(batches[0].windows)))
+    received = datetime.now().astimezone()
+    commits = [
+        [Incoming(b, received) for b in batches[i : i + per_commit]]
+        for i in range(0, len(batches), per_commit)
+    ]
+    writer = BatchWriter()
+    upsert = rollups.write_rollups if rollup_step else lambda _cur, _hourly: 0
+    with contextlib.ExitStack() as patches, psycopg.connect(dsn) as conn:
+        for target, name, fn in (
+            (writer, "_claim", writer._claim),
+            (writer, "_copy", writer._copy),
+            (rollups, "write_rollups", upsert),
+            (ingest_writer, "record_streams", ingest_writer.record_streams),
+            (writer, "_devices_seen", writer._devices_seen),
+        ):
+            patches.enter_context(mock.patch.object(target, name, timed(name.strip("_"), fn)))
+        if not rollup_step:
+            patches.enter_context(mock.patch.object(rollups, "add_hourly", lambda *_a: None))
+        writer.prepare(conn, batches)
+        conn.commit()
+        gc.collect()
+        gc.freeze()  # the worker's GC settings (cloud/ingest/worker.py)
+        gc.set_threshold(10_000)
+        python_cpu, backend_cpu = time.process_time(), backend_cpu_s(conn.info.backend_pid)
+        started = time.perf_counter()
+        for commit in commits:
+            with conn.transaction():
+                writer.write(conn, commit)
+                committing = time.perf_counter()
+            steps["commit"] = steps.get("commit", 0.0) + time.perf_counter() - committing
+        elapsed = time.perf_counter() - started
+        steps["python_cpu"] = time.process_time() - python_cpu
+        steps["backend_cpu"] = backend_cpu_s(conn.info.backend_pid) - backend_cpu
+    return elapsed, steps
+
+
+def profile_committer(pg: PostgresServer, batches: list[Batch], *, runs: int) -> None:
+    """Floor, committer and committer without rollups, `runs` times each, interleaved."""
+    rows = sum(len(b.windows) for b in batches)
+    print(f"committer profile: {len(batches)} batches, {rows} rows, {runs} runs of each")
+    print("| run | floor s | committer s | without rollups s | steps (s) |")
+    print("|---|---|---|---|---|")
+    results: dict[str, list[float]] = {"floor": [], "with": [], "without": []}
+    for run in range(runs):
+        _, floor_s = run_floor(fresh_database(pg, f"profile_floor_{run}"), batches)
+        with_s, with_steps = run_committer(
+            fresh_database(pg, f"profile_with_{run}"), batches, rollup_step=True
+        )
+        without_s, without_steps = run_committer(
+            fresh_database(pg, f"profile_without_{run}"), batches, rollup_step=False
+        )
+        results["floor"].append(floor_s)
+        results["with"].append(with_s)
+        results["without"].append(without_s)
+        shown = ", ".join(
+            f"{k} {v:.2f}/{without_steps.get(k, 0.0):.2f}" for k, v in with_steps.items()
+        )
+        print(f"| {run + 1} | {floor_s:.2f} | {with_s:.2f} | {without_s:.2f} | {shown} |")
+    print("(steps: with / without rollups; copy includes building the rows and the hourly merge)")
+    best = {k: min(v) for k, v in results.items()}
+    print(
+        f"committer_s={best['with']:.3f} committer_without_rollups_s={best['without']:.3f}"
+        f" floor_s={best['floor']:.3f}"
+        f" serial_ratio_vs_floor={best['floor'] / best['with']:.3f}"
+        f" serial_ratio_without_rollups={best['floor'] / best['without']:.3f}"
+    )
+
+
 # -- main -----------------------------------------------------------------------------------
 
 
@@ -458,6 +568,13 @@ def main() -> int:
         "--workers", type=int, default=1, help="ingest worker processes in one share group"
     )
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--profile-committer",
+        type=int,
+        metavar="RUNS",
+        default=0,
+        help="only profile the committer's steps serially, RUNS times (no broker)",
+    )
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
     args = parser.parse_args()
 
@@ -475,6 +592,14 @@ def main() -> int:
         seed=args.seed,
     )
     rows_total = sum(len(b.windows) for b in batches)
+    if args.profile_committer:
+        pg_only = PostgresServer(settings=PG_SETTINGS)
+        try:
+            pg_only.start()
+            profile_committer(pg_only, batches, runs=args.profile_committer)
+        finally:
+            pg_only.close()
+        return 0
     workdir = Path(tempfile.mkdtemp(prefix="millrace-bench-ingest-"))
     pg = PostgresServer(settings=PG_SETTINGS)
     broker: MosquittoServer | None = None
