@@ -123,6 +123,10 @@ def test_primary_killed_under_load_fails_over_and_loses_and_doubles_nothing(
             p.join(GIVE_UP_SECONDS)
         wait_ledger(check_dsn, len(everything), timeout_s=GIVE_UP_SECONDS)
         assert runner.counter("millrace_ingest_db_up") == 1
+        # What was in flight at the kill came back from the broker's session (not acked).
+        redelivered = runner.counter("millrace_ingest_redeliveries_total")
+        deduped = runner.counter("millrace_ingest_duplicates_total")
+        assert redelivered > 0
     finally:
         runner.stop()
     assert sent_before_kill < len(everything), "the kill did not land mid-stream"
@@ -138,7 +142,8 @@ def test_primary_killed_under_load_fails_over_and_loses_and_doubles_nothing(
         f" promoted seen after {promoted_seen_s:.1f} s; worker reconnected after"
         f" {reconnected[0] - killed_at:.1f} s; commits resumed after"
         f" {resumed_at - killed_at:.1f} s; old primary streaming as sync standby after"
-        f" {rejoined_s:.1f} s; lost 0, doubled 0"
+        f" {rejoined_s:.1f} s; {redelivered:.0f} messages redelivered, {deduped:.0f} of them"
+        " already stored; lost 0, doubled 0"
     )
 
 
