@@ -248,6 +248,7 @@ def run_step(stack: ScalePlant, args: argparse.Namespace, n: int, min_window_ms:
                 f"--period-s={args.period_s}",
                 f"--windows={args.windows}",
                 f"--min-window-ms={min_window_ms}",
+                *(["--burst"] if args.burst else []),
             ]
         )
         for i in range(args.procs)
@@ -420,6 +421,11 @@ def main() -> int:
     parser.add_argument("--windows", type=int, default=50, help="windows per batch")
     parser.add_argument("--procs", type=int, default=2, help="load generator processes")
     parser.add_argument("--settle-s", type=float, default=25.0, help="wait for acks and receipts")
+    parser.add_argument(
+        "--burst",
+        action="store_true",
+        help="every gateway sends at the period boundary + 2 s, as real agents do",
+    )
     parser.add_argument("--cache", type=Path, default=None, help="PKI cache (scale_pki.py)")
     parser.add_argument(
         "--broker-nofile",
@@ -439,6 +445,7 @@ def main() -> int:
     ensure_pki(pki_dir, steps_n[-1])
     print(f"identities: {steps_n[-1]:,} gateways in {pki_dir} ({time.monotonic() - started:.0f} s)")
     print(f"machine: {machine()}; load average {loadavg()}", flush=True)
+    print("sending: " + ("together (--burst)" if args.burst else "spread evenly"), flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="millrace-bench-scale-"))
     stack = ScalePlant(
         workdir, gateway_ids(steps_n[-1]), cached_pki=pki_dir, broker_nofile=args.broker_nofile

@@ -4,7 +4,8 @@ Each gateway is its own MQTT v5 connection over mutual TLS with its own certific
 (`millrace.mqtt.tls_context`, as the edge agent builds it), subscribed to its command
 and receipt topics like the agent, publishing one QoS 1 batch of W windows per period
 at its own phase (gateway k of N sends at k/N of the period, so the fleet's load is
-spread evenly). Frames are written by hand and the batch is spliced from pre-encoded
+spread evenly; with --burst every gateway sends at the boundary plus the agent's 2 s
+grace, as real agents do). Frames are written by hand and the batch is spliced from pre-encoded
 parts: the envelope's constant head per gateway, the windows once per period for all,
 and only `s` and `t` packed per send. At start the splice is checked to be byte-equal to
 `millrace.wire.encode_batch` of the same batch, so the broker and worker see exactly
@@ -50,6 +51,7 @@ QOS1: Final = 1
 # MQTT v5 packet types (high nibble of the fixed header).
 CONNACK, PUBLISH, PUBACK, SUBACK, PINGRESP, DISCONNECT = 2, 3, 4, 9, 13, 14
 PROP_CONTENT_TYPE: Final = 0x03
+BURST_PHASE_S: Final = 2.0  # the agent's default grace: it closes windows then
 PROBE_WINDOW_MS: Final = 946_684_800_000  # 2000-01-01: aligned to every period
 
 
@@ -333,7 +335,9 @@ class Run:
         self._tails: dict[int, bytes] = {}
         ids = [f"gw-{i:05d}" for i in range(1, args.gateways + 1)]
         self.gateways = [
-            Gateway(device, k * args.period_s / args.gateways, self)
+            Gateway(
+                device, BURST_PHASE_S if args.burst else k * args.period_s / args.gateways, self
+            )
             for k, device in enumerate(ids)
             if k % args.procs == args.index
         ]
@@ -434,6 +438,7 @@ def main() -> int:
     parser.add_argument("--windows", type=int, default=50, help="windows per batch")
     parser.add_argument("--min-window-ms", type=int, default=0, help="send no earlier window")
     parser.add_argument("--settle-s", type=float, default=25.0)
+    parser.add_argument("--burst", action="store_true", help="all send together, as agents do")
     asyncio.run(main_async(parser.parse_args()))
     return 0
 
