@@ -1,7 +1,7 @@
 """Rollups are written in the transaction that stores their windows: exactly once, exactly.
 
 The writer merges each commit's windows into hourly rows and upserts both rollup tables
-before the commit that stores the readings and claims the ledger rows, so a rollup can
+in the transaction that claims the ledger rows and copies the readings, so a rollup can
 never count a window the readings do not hold, nor miss one they do, whatever order,
 duplication or splitting the stream arrives with.
 """
