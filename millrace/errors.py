@@ -8,7 +8,8 @@ Exit codes of `millrace` (docs/cli.md; install.sh and Ansible rely on 0, 1, 2):
 
     0   success
     1   the command ran and found a failure: `edge check` could not read a
-        signal, `cmd` got an error reply from the device
+        signal or the plant broker refused the device's credentials, `cmd` got
+        an error reply from the device
     2   usage or configuration error: fix the command line or the config file
     3   a service it needs did not answer (database, broker, the device for
         `cmd`): retrying later may succeed
