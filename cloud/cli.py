@@ -49,13 +49,15 @@ def _cmd(args: argparse.Namespace) -> int:
 
 
 def _rules_db(args: argparse.Namespace) -> Any:
-    """A connection for rule administration; a dead database is exit 3, one line."""
+    """A connection for rule administration, on the primary (a multi-host DSN reaches it as
+    the worker's does, cloud/dsn.py); a dead database is exit 3, one line."""
     import psycopg
 
+    from millrace.cloud.dsn import connect_writer
     from millrace.errors import UnreachableError
 
     try:
-        return psycopg.connect(_dsn(args), connect_timeout=10)
+        return connect_writer(_dsn(args), connect_timeout=10)
     except psycopg.OperationalError as exc:
         first = (str(exc).strip().splitlines() or ["no answer"])[-1]
         raise UnreachableError(f"cannot reach the database: {first}") from None
