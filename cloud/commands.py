@@ -5,6 +5,13 @@ device cannot answer into the void. The command carries a fresh id (the agent
 applies an id once) and an MQTT v5 message expiry equal to the timeout: a
 device that is offline now will not act on a stale command hours later.
 
+A plant with several brokers (`[broker] hosts`, or `--broker-host` repeated): the
+device is on one of them, and which one can change at any moment (failover). The
+command goes to every broker with the same id and the first reply wins: a device
+that moves while it runs may get it twice and applies it once (edge/commands.py
+keeps the reply per id). A broker that cannot be reached is reported and skipped
+while another one takes the command.
+
 Exit codes: 0 the device replied ok, 1 the device replied with an error,
 3 no reply within the timeout; configuration and connection problems raise
 MillraceError (the CLI prints one line and exits 2).
@@ -25,7 +32,7 @@ from pathlib import Path
 from typing import Any, Final, TextIO
 
 from millrace import errors, topics
-from millrace.configfile import DEFAULT_BROKER_PORT, Table, read_toml
+from millrace.configfile import DEFAULT_BROKER_PORT, Table, parse_endpoint, read_toml
 from millrace.errors import ConfigError, MillraceError, UnreachableError, WireError
 from millrace.wire import Command, CommandReply
 
@@ -59,8 +66,17 @@ class BrokerTarget:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options `run_cmd` reads (cloud/cli.py adds DEVICE NAME ARGS itself)."""
     parser.add_argument("--config", type=Path, help="ingest TOML file; its [broker] table is used")
-    parser.add_argument("--broker-host", help="broker host name (overrides --config)")
-    parser.add_argument("--port", type=int, help=f"broker port (default {DEFAULT_BROKER_PORT})")
+    parser.add_argument(
+        "--broker-host",
+        action="append",
+        metavar="HOST[:PORT]",
+        help="broker (overrides --config); repeat for every broker of the plant",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        help=f"port of a --broker-host without one (default {DEFAULT_BROKER_PORT})",
+    )
     parser.add_argument("--ca", type=Path, help="project CA certificate")
     parser.add_argument("--cert", type=Path, help="service certificate")
     parser.add_argument("--key", type=Path, help="service certificate's key")
@@ -101,6 +117,11 @@ def _broker_from_file(path: Path) -> dict[str, Any]:
     root = Table(read_toml(path), base=Path(path).resolve().parent, source=str(path))
     table = root.table("broker", required=True)
     found: dict[str, Any] = {}
+    if table.has("hosts"):
+        raw = table.raw("hosts")
+        if not isinstance(raw, list) or not raw or not all(isinstance(h, str) for h in raw):
+            raise table.error("hosts", 'expected a non-empty array of "host:port" strings')
+        found["hosts"] = [_endpoint(item, table.key(f"hosts[{i}]")) for i, item in enumerate(raw)]
     if table.has("host"):
         found["host"] = table.text("host")
     if table.has("port"):
@@ -111,38 +132,48 @@ def _broker_from_file(path: Path) -> dict[str, Any]:
     return found
 
 
-def broker_target(args: argparse.Namespace) -> BrokerTarget:
-    """Broker settings from --config, overridden by explicit flags."""
+def _endpoint(text: str, key: str, default_port: int = DEFAULT_BROKER_PORT) -> tuple[str, int]:
+    endpoint = parse_endpoint(text, default_port=default_port)
+    if endpoint is None:
+        raise ConfigError(key, f'{text!r} is not "host" or "host:port" (port 1-65535)')
+    return endpoint
+
+
+def broker_targets(args: argparse.Namespace) -> list[BrokerTarget]:
+    """Every broker to send through: --config's [broker], overridden by explicit flags."""
     config = getattr(args, "config", None)
     settings = _broker_from_file(Path(config)) if config else {}
-    for key, attr in (
-        ("host", "broker_host"),
-        ("port", "port"),
-        ("ca", "ca"),
-        ("cert", "cert"),
-        ("key", "key"),
-    ):
+    for key, attr in (("port", "port"), ("ca", "ca"), ("cert", "cert"), ("key", "key")):
         value = getattr(args, attr, None)
         if value is not None:
             settings[key] = value
-    settings.setdefault("port", DEFAULT_BROKER_PORT)
-    for key, flag in (
-        ("host", "--broker-host"),
-        ("ca", "--ca"),
-        ("cert", "--cert"),
-        ("key", "--key"),
-    ):
+    port = int(settings.get("port", DEFAULT_BROKER_PORT))
+    if not 1 <= port <= 65535:
+        raise ConfigError("--port", f"{port} is not a TCP port")
+    flags: list[str] = getattr(args, "broker_host", None) or []
+    if flags:
+        endpoints = [_endpoint(text, "--broker-host", port) for text in flags]
+    elif "hosts" in settings:
+        endpoints = settings["hosts"]
+    elif "host" in settings:
+        endpoints = [(str(settings["host"]), port)]
+    else:
+        endpoints = []
+    if not endpoints:
+        raise ConfigError("--broker-host", "is required (or --config with a [broker] table)")
+    for key, flag in (("ca", "--ca"), ("cert", "--cert"), ("key", "--key")):
         if key not in settings:
             raise ConfigError(flag, "is required (or --config with a [broker] table)")
-    if not 1 <= int(settings["port"]) <= 65535:
-        raise ConfigError("--port", f"{settings['port']} is not a TCP port")
-    return BrokerTarget(
-        host=str(settings["host"]),
-        port=int(settings["port"]),
-        ca=Path(settings["ca"]),
-        cert=Path(settings["cert"]),
-        key=Path(settings["key"]),
-    )
+    return [
+        BrokerTarget(
+            host=host,
+            port=endpoint_port,
+            ca=Path(settings["ca"]),
+            cert=Path(settings["cert"]),
+            key=Path(settings["key"]),
+        )
+        for host, endpoint_port in dict.fromkeys(endpoints)
+    ]
 
 
 def run_cmd(
@@ -165,8 +196,7 @@ def run_cmd(
         args=parse_command_args(list(getattr(args, "args", None) or [])),
         ts_ms=int(time.time() * 1000),
     )
-    target = broker_target(args)
-    reply = _exchange(target, command, command_topic, reply_topic, timeout_s)
+    reply = _exchange(broker_targets(args), command, command_topic, reply_topic, timeout_s, err)
     if reply is None:
         print(
             f"millrace: no reply from {device} to {name!r} (id {command.id}) within "
@@ -179,61 +209,43 @@ def run_cmd(
 
 
 def _exchange(
-    target: BrokerTarget, command: Command, command_topic: str, reply_topic: str, timeout_s: float
+    targets: list[BrokerTarget],
+    command: Command,
+    command_topic: str,
+    reply_topic: str,
+    timeout_s: float,
+    err: TextIO,
 ) -> CommandReply | None:
-    """Connect, subscribe to the reply, publish, wait; None on timeout."""
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
-    from millrace.mqtt import tls_client
-
-    events: queue.Queue[tuple[str, Any]] = queue.Queue()
-    client = tls_client(
-        f"cmd-{uuid.uuid4().hex[:12]}", ca=target.ca, cert=target.cert, key=target.key
-    )
-    # paho callbacks only hand work to the queue; the decisions happen below.
-    client.on_connect = lambda _c, _u, _f, reason, _p: events.put(("connect", reason))
-    client.on_subscribe = lambda _c, _u, _mid, reasons, _p: events.put(("subscribe", reasons))
-    client.on_message = lambda _c, _u, msg: events.put(("message", msg.payload))
-    client.on_publish = lambda _c, _u, _mid, reason, _p: events.put(("publish", reason))
-    client.on_disconnect = lambda _c, _u, _f, reason, _p: events.put(("disconnect", reason))
+    """Send through every broker that answers, wait for the first reply; None on timeout."""
+    replies: queue.Queue[bytes] = queue.Queue()
+    sessions: list[_Session] = []
+    unreachable: list[str] = []
     try:
-        client.connect(target.host, target.port)
-    except OSError as exc:
-        raise UnreachableError(
-            f"cannot reach the broker at {target.host}:{target.port}: {exc}"
-        ) from exc
-    client.loop_start()
-    try:
-        reason = _wait_for(events, "connect", CONNECT_TIMEOUT_SECONDS)
-        if reason is None or reason.is_failure:
-            raise CommandError(
-                f"broker {target.host}:{target.port} refused the connection: {reason}"
-            )
-        client.subscribe(reply_topic, qos=1)
-        granted = _wait_for(events, "subscribe", CONNECT_TIMEOUT_SECONDS)
-        if granted is None or any(code.is_failure for code in granted):
-            raise CommandError(
-                f"the broker refused the reply subscription {reply_topic}: {granted}"
-                " (send commands with a service certificate)"
-            )
-        props = Properties(PacketTypes.PUBLISH)
-        props.MessageExpiryInterval = max(1, math.ceil(timeout_s))
-        props.ContentType = "application/json"
+        for target in targets:
+            session = _Session(target, replies)
+            try:
+                session.open(reply_topic)
+            except UnreachableError as exc:
+                session.close()
+                if len(targets) == 1:
+                    raise
+                unreachable.append(str(exc))
+                continue
+            sessions.append(session)
+        if not sessions:
+            raise UnreachableError("; ".join(unreachable))
+        for problem in unreachable:
+            print(f"millrace: warning: {problem}; sending through the others", file=err)
         deadline = time.monotonic() + timeout_s
-        client.publish(command_topic, command.to_json(), qos=1, properties=props)
-        # Mosquitto grants any subscription and filters on delivery, but refuses a
-        # publish the ACL forbids in the PUBACK: the one clear signal of a wrong identity.
-        acked = _wait_for(events, "publish", CONNECT_TIMEOUT_SECONDS)
-        if acked is not None and acked.is_failure:
-            raise CommandError(
-                f"the broker refused the command on {command_topic}: {acked}"
-                " (send commands with a service certificate)"
-            )
-        logger.debug("command %s sent to %s", command.id, command_topic)
+        for session in sessions:
+            session.send(command_topic, command, timeout_s)
+        logger.debug(
+            "command %s sent to %s via %d broker(s)", command.id, command_topic, len(sessions)
+        )
         while (left := deadline - time.monotonic()) > 0:
-            payload = _wait_for(events, "message", left)
-            if payload is None:
+            try:
+                payload = replies.get(timeout=left)
+            except queue.Empty:
                 break
             try:
                 reply = CommandReply.from_json(payload)
@@ -245,8 +257,75 @@ def _exchange(
             logger.debug("ignoring a reply to another command (id %s)", reply.id)
         return None
     finally:
-        client.disconnect()
-        client.loop_stop()
+        for session in sessions:
+            session.close()
+
+
+class _Session:
+    """One broker's connection: subscribed to the reply before the command goes out."""
+
+    def __init__(self, target: BrokerTarget, replies: queue.Queue[bytes]) -> None:
+        from millrace.mqtt import tls_client
+
+        self.target = target
+        self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        client = tls_client(
+            f"cmd-{uuid.uuid4().hex[:12]}", ca=target.ca, cert=target.cert, key=target.key
+        )
+        # paho callbacks only hand work to the queues; the decisions happen in the caller.
+        client.on_connect = lambda _c, _u, _f, reason, _p: self.events.put(("connect", reason))
+        client.on_subscribe = lambda _c, _u, _mid, codes, _p: self.events.put(("subscribe", codes))
+        client.on_message = lambda _c, _u, msg: replies.put(bytes(msg.payload))
+        client.on_publish = lambda _c, _u, _mid, reason, _p: self.events.put(("publish", reason))
+        client.on_disconnect = lambda _c, _u, _f, reason, _p: self.events.put(
+            ("disconnect", reason)
+        )
+        self.client = client
+        self._looping = False
+
+    @property
+    def where(self) -> str:
+        return f"{self.target.host}:{self.target.port}"
+
+    def open(self, reply_topic: str) -> None:
+        try:
+            self.client.connect(self.target.host, self.target.port)
+        except OSError as exc:
+            raise UnreachableError(f"cannot reach the broker at {self.where}: {exc}") from exc
+        self.client.loop_start()
+        self._looping = True
+        reason = _wait_for(self.events, "connect", CONNECT_TIMEOUT_SECONDS)
+        if reason is None or reason.is_failure:
+            raise CommandError(f"broker {self.where} refused the connection: {reason}")
+        self.client.subscribe(reply_topic, qos=1)
+        granted = _wait_for(self.events, "subscribe", CONNECT_TIMEOUT_SECONDS)
+        if granted is None or any(code.is_failure for code in granted):
+            raise CommandError(
+                f"the broker refused the reply subscription {reply_topic}: {granted}"
+                " (send commands with a service certificate)"
+            )
+
+    def send(self, command_topic: str, command: Command, timeout_s: float) -> None:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.PUBLISH)
+        props.MessageExpiryInterval = max(1, math.ceil(timeout_s))
+        props.ContentType = "application/json"
+        self.client.publish(command_topic, command.to_json(), qos=1, properties=props)
+        # Mosquitto grants any subscription and filters on delivery, but refuses a
+        # publish the ACL forbids in the PUBACK: the one clear signal of a wrong identity.
+        acked = _wait_for(self.events, "publish", CONNECT_TIMEOUT_SECONDS)
+        if acked is not None and acked.is_failure:
+            raise CommandError(
+                f"the broker refused the command on {command_topic}: {acked}"
+                " (send commands with a service certificate)"
+            )
+
+    def close(self) -> None:
+        self.client.disconnect()
+        if self._looping:
+            self.client.loop_stop()
 
 
 def _wait_for(events: queue.Queue[tuple[str, Any]], kind: str, timeout_s: float) -> Any:

@@ -20,7 +20,7 @@ from millrace.cloud.commands import (
     EXIT_TIMEOUT,
     CommandError,
     add_arguments,
-    broker_target,
+    broker_targets,
     parse_command_args,
     run_cmd,
 )
@@ -119,16 +119,16 @@ def test_missing_broker_settings_and_bad_names_are_user_errors(tmp_path: Path) -
 def test_broker_target_reads_the_ingest_config_like_ingest_does(tmp_path: Path) -> None:
     config = tmp_path / "ingest.toml"
     config.write_text('[broker]\nhost = "b"\nca = "pki/ca.crt"\ncert = "c.crt"\nkey = "c.key"\n')
-    target = broker_target(parse(["dev-a", "ping", "--config", str(config), "--port", "1884"]))
+    [target] = broker_targets(parse(["dev-a", "ping", "--config", str(config), "--port", "1884"]))
     assert (target.host, target.port) == ("b", 1884)
     assert target.ca == tmp_path / "pki" / "ca.crt" and target.key == tmp_path / "c.key"
     config.write_text('[broker]\nhost = "b"\nport = 0\n')
     with pytest.raises(ConfigError) as caught:
-        broker_target(parse(["dev-a", "ping", "--config", str(config)]))
+        broker_targets(parse(["dev-a", "ping", "--config", str(config)]))
     assert (caught.value.key, caught.value.problem) == ("broker.port", "0 is outside [1, 65535]")
     config.write_text('[database]\ndsn = "postgresql://x"\n')
     with pytest.raises(ConfigError) as caught:
-        broker_target(parse(["dev-a", "ping", "--config", str(config)]))
+        broker_targets(parse(["dev-a", "ping", "--config", str(config)]))
     assert (caught.value.key, caught.value.problem) == ("broker", "missing table")
 
 
@@ -187,3 +187,18 @@ def test_device_certificate_cannot_send_commands(broker: Any) -> None:
     argv += ["--ca", str(broker.ca), "--cert", str(cert), "--key", str(key), "--timeout", "1"]
     with pytest.raises(CommandError, match=r"refused the reply subscription.*service cert"):
         run(argv)
+
+
+def test_broker_targets_are_every_broker_of_the_config_or_of_the_flags(tmp_path: Path) -> None:
+    config = tmp_path / "ingest.toml"
+    files = 'ca = "ca.crt"\ncert = "c.crt"\nkey = "c.key"\n'
+    config.write_text(f'[broker]\nhosts = ["a.example:8883", "b.example:8884"]\n{files}')
+    targets = broker_targets(parse(["dev-a", "ping", "--config", str(config)]))
+    assert [(t.host, t.port) for t in targets] == [("a.example", 8883), ("b.example", 8884)]
+    flags = ["--broker-host", "c.example", "--broker-host", "d.example:1884", "--port", "1883"]
+    targets = broker_targets(parse(["dev-a", "ping", "--config", str(config), *flags]))
+    assert [(t.host, t.port) for t in targets] == [("c.example", 1883), ("d.example", 1884)]
+    config.write_text(f'[broker]\nhosts = ["a.example", "b.example:x"]\n{files}')
+    with pytest.raises(ConfigError) as caught:
+        broker_targets(parse(["dev-a", "ping", "--config", str(config)]))
+    assert caught.value.key == "broker.hosts[1]"
