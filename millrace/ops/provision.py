@@ -40,7 +40,7 @@ import sys
 import tarfile
 import tempfile
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata, resources
 from pathlib import Path
@@ -117,20 +117,31 @@ def agent_config_context(
     *,
     broker_host: str,
     broker_port: int = DEFAULT_PORT,
+    broker_hosts: Sequence[tuple[str, int]] = (),
     config_dir: str = CONFIG_DIR,
     state_dir: str = STATE_DIR,
 ) -> dict[str, Any]:
-    """The placeholders an agent config template may use (docs/rollout.md lists them)."""
+    """The placeholders an agent config template may use (docs/rollout.md lists them).
+
+    `broker_hosts`: every broker of a plant with several; the first is also broker_host.
+    """
+    if broker_hosts:
+        broker_host, broker_port = broker_hosts[0]
     return {
         "device_id": device_id,
         "broker_host": broker_host,
         "broker_port": broker_port,
+        "broker_hosts": [_endpoint_text(host, port) for host, port in broker_hosts],
         "config_dir": config_dir,
         "ca_file": f"{config_dir}/pki/ca.crt",
         "cert_file": f"{config_dir}/pki/device.crt",
         "key_file": f"{config_dir}/pki/device.key",
         "state_dir": state_dir,
     }
+
+
+def _endpoint_text(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def unit_context(
@@ -703,6 +714,7 @@ def build_bundle(
     csr_pem: bytes | None = None,
     broker_host: str | None = None,
     broker_port: int = DEFAULT_PORT,
+    broker_hosts: Sequence[tuple[str, int]] = (),
     wheel: Path | str | None = None,
     wheelhouse: Path | str | None = None,
     force: bool = False,
@@ -726,9 +738,10 @@ def build_bundle(
     if not out_path.name.endswith((".tar.gz", ".tgz")):
         raise ConfigError("--out", f"{out_path.name}: the bundle is a .tar.gz file")
     host = broker_host or default_broker_host(pki_path)
-    config = render_agent_config(
-        config_template, agent_config_context(ident, broker_host=host, broker_port=broker_port)
+    context = agent_config_context(
+        ident, broker_host=host, broker_port=broker_port, broker_hosts=broker_hosts
     )
+    config = render_agent_config(config_template, context)
     if validate_config is not None:
         validate_config(config)
     with tempfile.TemporaryDirectory(prefix="millrace-release-") as tmp:

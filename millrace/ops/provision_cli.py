@@ -35,9 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--broker",
+        action="append",
         metavar="HOST[:PORT]",
-        help="broker the agent connects to (default: the first non-loopback name on the "
-        "broker certificate, else localhost; port 8883)",
+        help="broker the agent connects to, repeated for every broker of a plant with several "
+        "(default: the brokers `broker sync --remember` recorded when there are several, else "
+        "the first non-loopback name on the broker certificate, else localhost; port 8883)",
     )
     parser.add_argument(
         "--wheel",
@@ -94,6 +96,25 @@ def _broker(value: str | None) -> tuple[str | None, int]:
     return host, int(port) if port else DEFAULT_PORT
 
 
+def _brokers(values: list[str], pki_dir: Path) -> tuple[str | None, int, list[tuple[str, int]]]:
+    """(host, port) of the one broker, and every broker when the plant has several.
+
+    Without --broker, a plant whose brokers were recorded (`millrace up --ha`, `broker sync
+    --remember` with several --host) gets all of them, so its gateways can fail over.
+    """
+    if len(values) > 1:
+        hosts = [_broker(value) for value in values]
+        return None, 0, [(h, p) for h, p in hosts if h is not None]
+    if values:
+        host, port = _broker(values[0])
+        return host, port, []
+    recorded = broker_live.known_targets(pki_dir)
+    if len(recorded) > 1:
+        return None, 0, [(target.host, target.port) for target in recorded]
+    host, port = _broker(None)
+    return host, port, []
+
+
 def _edge_validator() -> Callable[[str], None] | None:
     """The edge agent's own config loader when the edge package is installed here."""
     try:
@@ -133,7 +154,7 @@ def _provision(args: argparse.Namespace) -> int:
             csr_pem = args.csr.read_bytes()
         except OSError as exc:
             raise ConfigError("--csr", f"cannot read {args.csr}: {exc}") from exc
-    host, port = _broker(args.broker)
+    host, port, hosts = _brokers(args.broker or [], args.pki)
     validator = _edge_validator()
     bundle = provision.build_bundle(
         args.device_id,
@@ -143,6 +164,7 @@ def _provision(args: argparse.Namespace) -> int:
         csr_pem=csr_pem,
         broker_host=host,
         broker_port=port,
+        broker_hosts=hosts,
         wheel=args.wheel,
         wheelhouse=args.wheelhouse,
         force=args.force,
