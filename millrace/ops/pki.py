@@ -6,8 +6,10 @@ Everything lives in one directory (docs/security.md)::
 
 `index.json` records every certificate the CA issued (serial, id, role,
 expiry, revocation time) so revocation and the broker's ACL (service users)
-can be derived from it. Private keys are written 0600 and atomically; nothing
-here logs key material.
+can be derived from it. Issuing appends its record in place (`_append_index`)
+instead of rewriting the document, so a fleet of N costs O(N) bytes, not O(N^2);
+the document stays plain JSON for every reader. Private keys are written 0600
+and atomically; nothing here logs key material.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import shutil
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +90,15 @@ class PKIPaths:
     @property
     def index(self) -> Path:
         return self.dir / "index.json"
+
+    @property
+    def index_undo(self) -> Path:
+        """The tail an in-place append overwrites, kept until the append is on disk."""
+        return self.dir / ".index.undo"
+
+    @property
+    def lock(self) -> Path:
+        return self.dir / ".lock"
 
     @property
     def issued(self) -> Path:
@@ -160,11 +173,7 @@ def write_atomic(path: Path, data: bytes, *, mode: int) -> None:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync_dir(path.parent)
 
 
 def _make_dir(path: Path) -> None:
@@ -174,10 +183,30 @@ def _make_dir(path: Path) -> None:
 
 @contextlib.contextmanager
 def _locked(paths: PKIPaths) -> Iterator[None]:
-    """Serialize changes to the index and CRL between concurrent `millrace pki` runs."""
-    fd = os.open(paths.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    """Serialize changes to the index and CRL between concurrent `millrace pki` runs.
+
+    An append interrupted by a crash is rolled back first, so every writer starts
+    from a whole index.
+    """
+    fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        _roll_back_append(paths)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _shared(paths: PKIPaths) -> Iterator[None]:
+    """Keep writers out while a lock-free reader reads the index (never half an append)."""
+    try:
+        fd = os.open(paths.lock, os.O_RDONLY)
+    except OSError:  # no lock file yet, or a read-only copy: nobody writes here
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
         yield
     finally:
         os.close(fd)
@@ -218,15 +247,107 @@ def _now() -> dt.datetime:
 def _load_index(paths: PKIPaths) -> dict[str, Any]:
     if not paths.index.exists():
         return {"crl_number": 0, "certs": []}
+    raw = paths.index.read_bytes()
+    undo = _read_undo(paths)
+    if undo is not None:  # a crashed append nobody has rolled back yet: read as before it
+        raw = raw[: undo[0]] + undo[1]
     try:
-        data: dict[str, Any] = json.loads(paths.index.read_text())
+        data: dict[str, Any] = json.loads(raw)
     except ValueError as exc:
         raise PKIError(f"{paths.index} is not valid JSON: {exc}") from exc
     return data
 
 
 def _save_index(paths: PKIPaths, data: dict[str, Any]) -> None:
-    write_atomic(paths.index, json.dumps(data, indent=2).encode() + b"\n", mode=_KEY_MODE)
+    """Rewrite the whole index, `certs` last so later issues can append in place."""
+    ordered = {k: v for k, v in data.items() if k != "certs"} | {"certs": data["certs"]}
+    write_atomic(paths.index, json.dumps(ordered, indent=2).encode() + b"\n", mode=_KEY_MODE)
+
+
+def _read_undo(paths: PKIPaths) -> tuple[int, bytes] | None:
+    try:
+        data = json.loads(paths.index_undo.read_text())
+        return int(data["offset"]), bytes.fromhex(data["tail"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PKIError(
+            f"{paths.index_undo} is damaged ({exc}); compare index.json with issued/ and "
+            "delete it once index.json is valid JSON"
+        ) from exc
+
+
+def _fsync_dir(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _roll_back_append(paths: PKIPaths) -> None:
+    """Restore the tail saved before an append that never finished; caller holds the lock."""
+    undo = _read_undo(paths)
+    if undo is None:
+        return
+    if paths.index.exists():
+        offset, tail = undo
+        fd = os.open(paths.index, os.O_WRONLY)
+        try:
+            os.pwrite(fd, tail, offset)
+            os.ftruncate(fd, offset + len(tail))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        log.warning("rolled back an interrupted append to %s", paths.index)
+    paths.index_undo.unlink()
+    _fsync_dir(paths.dir)
+
+
+_TAIL_READ = 64  # bytes: the end of the index holds the closing brackets
+
+
+def _append_index(paths: PKIPaths, index: dict[str, Any], entry: dict[str, Any]) -> None:
+    """Add `entry` to `certs` in memory and on disk, writing a constant number of bytes.
+
+    The new record overwrites the closing `]}` in place; the old tail is saved to
+    `.index.undo` first, so a crash mid-write is rolled back by the next writer
+    (and read around by readers). An index whose shape does not allow that (not
+    written by this module) is rewritten whole once, with `certs` last.
+    """
+    index["certs"].append(entry)
+    place = _append_place(paths) if next(reversed(index)) == "certs" else None
+    if place is None:
+        _save_index(paths, index)
+        return
+    offset, old_tail, separator = place
+    record = separator + b"\n    " + json.dumps(entry).encode() + b"\n  ]\n}\n"
+    undo = {"offset": offset, "tail": old_tail.hex()}
+    write_atomic(paths.index_undo, json.dumps(undo).encode(), mode=_KEY_MODE)
+    fd = os.open(paths.index, os.O_WRONLY)
+    try:
+        os.pwrite(fd, record, offset)
+        os.ftruncate(fd, offset + len(record))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    paths.index_undo.unlink()
+    _fsync_dir(paths.dir)
+
+
+def _append_place(paths: PKIPaths) -> tuple[int, bytes, bytes] | None:
+    """Where a record goes: offset after the last record (or `[`), the tail there, the separator."""
+    if not paths.index.exists():
+        return None
+    with paths.index.open("rb") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        start = handle.seek(max(0, size - _TAIL_READ))
+        tail = handle.read()
+    match = re.search(rb"(\[|\})\s*\]\s*\}\s*$", tail)
+    if match is None:
+        return None
+    separator = b"" if match.group(1) == b"[" else b","
+    return start + match.end(1), tail[match.end(1) :], separator
 
 
 def _record(entry: dict[str, Any]) -> IssuedRecord:
@@ -242,7 +363,10 @@ def _record(entry: dict[str, Any]) -> IssuedRecord:
 
 def issued_records(pki_dir: Path | str) -> list[IssuedRecord]:
     """Every certificate the CA in `pki_dir` has issued, oldest first."""
-    return [_record(e) for e in _load_index(pki_path_checked(pki_dir)).get("certs", [])]
+    paths = pki_path_checked(pki_dir)
+    with _shared(paths):
+        index = _load_index(paths)
+    return [_record(e) for e in index.get("certs", [])]
 
 
 def pki_path_checked(pki_dir: Path | str) -> PKIPaths:
@@ -490,7 +614,9 @@ def check_role(pki_dir: Path | str, device_id: str, role: Role) -> None:
     """
     ident = validate_id(device_id)
     paths = pki_path_checked(pki_dir)
-    _role_conflict(paths, _load_index(paths), ident, _check_role(role))
+    with _shared(paths):
+        index = _load_index(paths)
+    _role_conflict(paths, index, ident, _check_role(role))
 
 
 def _check_can_issue(
@@ -511,19 +637,16 @@ def _check_can_issue(
 
 def _sign_client(
     paths: PKIPaths,
+    index: dict[str, Any],
     ident: str,
     public_key: ec.EllipticCurvePublicKey,
     *,
+    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
     role: Role,
     days: int,
-    force: bool,
 ) -> x509.Certificate:
-    """Sign a client certificate for `ident` and record it; caller holds the lock."""
-    if days < 1:
-        raise PKIError(f"--days must be at least 1, got {days}")
-    ca_cert, ca_key = _require_ca(paths)
-    index = _load_index(paths)
-    _check_can_issue(paths, index, ident, role=role, force=force)
+    """Sign a client certificate for `ident` and record it; caller holds the lock and checked it."""
+    ca_cert, ca_key = ca
     cert = (
         _leaf_builder(
             subject=_name(ident, role),
@@ -541,18 +664,16 @@ def _sign_client(
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    index["certs"].append(
-        {
-            "id": ident,
-            "role": role,
-            "serial": format(cert.serial_number, "x"),
-            "not_after": cert.not_valid_after_utc.isoformat(),
-            "revoked_at": None,
-        }
-    )
     _make_dir(paths.issued)
     write_atomic(paths.cert_for(ident), _cert_pem(cert), mode=_CERT_MODE)
-    _save_index(paths, index)
+    entry = {
+        "id": ident,
+        "role": role,
+        "serial": format(cert.serial_number, "x"),
+        "not_after": cert.not_valid_after_utc.isoformat(),
+        "revoked_at": None,
+    }
+    _append_index(paths, index, entry)
     return cert
 
 
@@ -571,20 +692,44 @@ def issue(
     holds an unrevoked certificate unless `force`, and an id holding an unrevoked
     certificate of the other role always (revoke it first).
     """
-    ident = validate_id(device_id)
+    return issue_many(pki_dir, [device_id], role=role, days=days, force=force)[0]
+
+
+def issue_many(
+    pki_dir: Path | str,
+    device_ids: Iterable[str],
+    *,
+    role: Role = "device",
+    days: int = CLIENT_VALIDITY_DAYS,
+    force: bool = False,
+) -> list[IssuedPaths]:
+    """`issue` for each id under one lock and one read of the index (a fleet at once).
+
+    Every id is checked before any file is written, so a refused id issues nothing.
+    """
+    idents = [validate_id(i) for i in device_ids]
+    repeated = sorted(i for i, n in Counter(idents).items() if n > 1)
+    if repeated:
+        raise PKIError(f"id {repeated[0]!r} is given more than once: name each id once")
     role = _check_role(role)
     if days < 1:
         raise PKIError(f"--days must be at least 1, got {days}")
     paths = pki_path_checked(pki_dir)
-    key = ec.generate_private_key(ec.SECP256R1())
+    issued = []
     with _locked(paths):
-        _check_can_issue(paths, _load_index(paths), ident, role=role, force=force)
+        ca = _require_ca(paths)
+        index = _load_index(paths)
+        for ident in idents:
+            _check_can_issue(paths, index, ident, role=role, force=force)
         _make_dir(paths.issued)
-        # Key first: a crash between the two leaves an unused key, never a cert without one.
-        write_atomic(paths.key_for(ident), _key_pem(key), mode=_KEY_MODE)
-        _sign_client(paths, ident, key.public_key(), role=role, days=days, force=force)
-    log.info("issued %s certificate for %s", role, ident)
-    return IssuedPaths(paths.cert_for(ident), paths.key_for(ident))
+        for ident in idents:
+            key = ec.generate_private_key(ec.SECP256R1())
+            # Key first: a crash between the two leaves an unused key, never a cert without one.
+            write_atomic(paths.key_for(ident), _key_pem(key), mode=_KEY_MODE)
+            _sign_client(paths, index, ident, key.public_key(), ca=ca, role=role, days=days)
+            log.info("issued %s certificate for %s", role, ident)
+            issued.append(IssuedPaths(paths.cert_for(ident), paths.key_for(ident)))
+    return issued
 
 
 def sign_csr(
@@ -618,9 +763,14 @@ def sign_csr(
     if len(cns) != 1:
         raise PKIError("the CSR must have exactly one CN: the device id")
     ident = validate_id(str(cns[0].value))
+    if days < 1:
+        raise PKIError(f"--days must be at least 1, got {days}")
     with _locked(paths):
+        ca = _require_ca(paths)
+        index = _load_index(paths)
+        _check_can_issue(paths, index, ident, role=role, force=force)
         stale_key = paths.key_for(ident)
-        _sign_client(paths, ident, public_key, role=role, days=days, force=force)
+        _sign_client(paths, index, ident, public_key, ca=ca, role=role, days=days)
         if stale_key.exists():
             stale_key.unlink()  # a key from an earlier `issue` no longer matches this cert
     log.info("signed CSR for %s certificate %s", role, ident)

@@ -31,9 +31,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     init.add_argument("--force", action="store_true", help="replace an existing CA")
     init.set_defaults(func=_init)
 
-    issue = sub.add_parser("issue", help="issue a client certificate: issued/ID.crt, ID.key")
+    issue = sub.add_parser(
+        "issue", help="issue client certificates: issued/ID.crt, ID.key (several IDs: one run)"
+    )
     issue.add_argument("--pki", type=Path, required=True, metavar="DIR")
-    issue.add_argument("id", metavar="ID")
+    issue.add_argument(
+        "ids", nargs="+", metavar="ID", help="one or more ids; many sync the broker once"
+    )
     issue.add_argument("--role", choices=("device", "service"), default="device")
     issue.add_argument("--days", type=int, default=None, help="validity (default 1095)")
     issue.add_argument(
@@ -95,9 +99,9 @@ def _issue(args: argparse.Namespace) -> int:
     from millrace.ops import pki
 
     days = pki.CLIENT_VALIDITY_DAYS if args.days is None else args.days
-    issued = pki.issue(args.pki, args.id, role=args.role, days=days, force=args.force)
-    print(issued.cert)
-    print(issued.key)
+    for issued in pki.issue_many(args.pki, args.ids, role=args.role, days=days, force=args.force):
+        print(issued.cert)
+        print(issued.key)
     return broker_live.after_change(args, args.pki, revoked=False)
 
 
