@@ -35,6 +35,7 @@ from millrace.edge.health import (
     heartbeat_message,
 )
 from millrace.edge.outbox import Outbox, PreviousRun
+from millrace.edge.pacing import publish_offset_s
 from millrace.edge.pipeline import Pipeline
 from millrace.edge.publisher import Publisher
 from millrace.edge.sampler import Sampler
@@ -413,6 +414,10 @@ class Agent:
             end_ms = w.start_ms + w.period_s * 1000
             if end_ms > closed.get(w.metric, -1):
                 closed[w.metric] = end_ms
+        if not close_all:  # at a stop the batches go at once: the final publish is short
+            offset = publish_offset_s(self.config.device_id, self.config.windows.spread_s)
+            self.publisher.hold_live(offset)
+        # Written at close whatever the offset: only the send waits, never durability.
         self.outbox.append(
             self.boot_id, batches, encoding=self.config.broker.encoding, closed_ms=closed
         )

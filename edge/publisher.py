@@ -93,6 +93,8 @@ class Publisher:
         self._final_deadline: float | None = None
         self._goodbye_said = False
         self._unthrottled = False
+        # Live batches wait until this monotonic time (the per-device send offset).
+        self._hold_until = 0.0
         self._acks: queue.SimpleQueue[tuple[int, bool, bool, str]] = queue.SimpleQueue()
         self._receipts: queue.SimpleQueue[Receipt] = queue.SimpleQueue()
         self._receipt_topic = receipt_topic(config.device_id)
@@ -139,9 +141,20 @@ class Publisher:
         """New batches are in the outbox."""
         self._wake.set()
 
+    def hold_live(self, seconds: float) -> None:
+        """Send batches written from now on no sooner than `seconds` from now.
+
+        Call it before writing them, so the publish loop never sees them unheld. A hold
+        already running is kept: batches written during it go out with it.
+        """
+        now = time.monotonic()
+        if seconds > 0 and self._hold_until <= now:
+            self._hold_until = now + seconds
+
     def flush(self) -> None:
-        """Drain the current backlog without the rate limit (the `flush` command)."""
+        """Drain the current backlog without the rate limit or hold (the `flush` command)."""
         self._unthrottled = True
+        self._hold_until = 0.0
         self._wake.set()
 
     def publish_message(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
@@ -159,6 +172,7 @@ class Publisher:
         """Try to publish what is in the outbox for up to `timeout_s`, then disconnect cleanly."""
         self._final_deadline = time.monotonic() + timeout_s
         self._unthrottled = True
+        self._hold_until = 0.0
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout_s + CONNACK_TIMEOUT_SECONDS + OFFLINE_PUBLISH_TIMEOUT_SECONDS)
@@ -430,12 +444,13 @@ class Publisher:
                 backlog_cursor, live_cursor, backlog_done = 0, boundary, False
                 waiting.clear()  # all of the outbox goes again as backlog
             room = broker.max_inflight - len(inflight)
-            if room > 0:
+            held_s = self._hold_until - time.monotonic()
+            if room > 0 and held_s <= 0:
                 for row in self.outbox.rows_after(live_cursor, limit=room):
                     if not self._send(client, row, inflight):
                         return False
                     live_cursor = row.id
-            wait = IDLE_WAIT_SECONDS
+            wait = IDLE_WAIT_SECONDS if held_s <= 0 else min(IDLE_WAIT_SECONDS, held_s)
             while not backlog_done and len(inflight) < broker.max_inflight:
                 now = time.monotonic()
                 if not self._unthrottled and not bucket.take(now):
