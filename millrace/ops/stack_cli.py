@@ -28,6 +28,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     up.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="state directory (.millrace)")
     up.add_argument("--devices", type=int, default=defaults.devices, help="simulated gateways")
     up.add_argument("--detach", action="store_true", help="return once up; stop with down")
+    up.add_argument(
+        "--ha",
+        action="store_true",
+        help="two brokers, a Patroni pair with one etcd and two workers, to try failover",
+    )
     for flag, value in (
         ("--broker-port", defaults.broker_port),
         ("--postgres-port", defaults.postgres_port),
@@ -80,6 +85,7 @@ def _up(args: argparse.Namespace) -> int:
             modbus_base_port=args.modbus_base_port,
             ingest_http_port=args.ingest_http_port,
             period_s=args.period,
+            ha=args.ha,
         )
     )
     stopping = False
@@ -100,7 +106,7 @@ def _up(args: argparse.Namespace) -> int:
     print(
         "\nmillrace plant is up\n"
         f"  dashboard  {summary['dashboard']}   login: {summary['login']['user']} / {password}\n"
-        f"  broker     {summary['broker']}\n"
+        f"  broker     {' '.join(summary['brokers'])}\n"
         f"  database   {summary['dsn']}\n"
         f"  logs       {summary['logs']}\n",
         flush=True,
@@ -145,7 +151,7 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from millrace.ops.stack.plant import read_state, running_services
+    from millrace.ops.stack.plant import database_nodes, read_state, running_services
 
     state = read_state(args.root)
     if state is None:
@@ -157,14 +163,21 @@ def _status(args: argparse.Namespace) -> int:
     alive = {s["name"] for s in running_services(state)}
     services = [{**s, "running": s["name"] in alive} for s in state.get("services", [])]
     state = {**state, "services": services}
+    if state.get("database_nodes"):
+        state["database_nodes"] = database_nodes(state)
     if state["status"] == "running" and len(alive) < len(services):
         state["status"] = "degraded"
     if args.json:
         print(json.dumps(state, indent=1))
     else:
         print(f"plant under {args.root}: {state['status']}")
-        for key in ("dashboard", "broker", "dsn", "logs"):
+        print(f"  {'dashboard':<10} {state['dashboard']}")
+        for broker in state.get("brokers") or [state["broker"]]:
+            print(f"  {'broker':<10} {broker}")
+        for key in ("dsn", "logs"):
             print(f"  {key:<10} {state[key]}")
+        for node in state.get("database_nodes", []):
+            print(f"  database   {node['name']} port {node['port']}: {node['role'] or 'DOWN'}")
         for service in services:
             mark = "up  " if service["running"] else "DOWN"
             print(f"  {mark} {service['name']:<16} pid {service['pid']:<8} {service['log']}")

@@ -32,6 +32,8 @@ class BrokerEndpoint:
     ca: Path
     cert: Path
     key: Path
+    # Every broker of a plant with several ("host:port"): the agent spreads over them.
+    hosts: tuple[str, ...] = ()
 
 
 def _toml(value: object) -> str:
@@ -133,8 +135,9 @@ def edge_config_toml(
     lines += _table(
         "broker",
         {
-            "host": broker.host,
-            "port": broker.port,
+            "host": None if broker.hosts else broker.host,
+            "port": None if broker.hosts else broker.port,
+            "hosts": list(broker.hosts) or None,
             "ca": broker.ca,
             "cert": broker.cert,
             "key": broker.key,

@@ -53,6 +53,10 @@ class PlantLayout:
         return self.root / "postgres"
 
     @property
+    def patroni(self) -> Path:
+        return self.root / "patroni"
+
+    @property
     def ingest_config(self) -> Path:
         return self.root / "ingest.toml"
 

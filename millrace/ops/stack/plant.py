@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from millrace.errors import MillraceError
 from millrace.ids import is_device_id
@@ -28,7 +29,14 @@ from millrace.ops import broker_live, pki
 from millrace.ops.stack import procs
 from millrace.ops.stack.edgeconfig import BrokerEndpoint, edge_config_toml, gateways_from_manifest
 from millrace.ops.stack.layout import PlantLayout
-from millrace.ops.stack.postgres import PostgresCluster
+from millrace.ops.stack.patroni import (
+    PairPorts,
+    PatroniPair,
+    node_status,
+    role_of,
+    stop_leftover_postmaster,
+)
+from millrace.ops.stack.postgres import HOST, PostgresCluster
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,8 @@ INGEST_SERVICE_ID = "ingest"
 OPERATOR_SERVICE_ID = "operator"
 ADMIN_USER = "admin"
 GATEWAY_PREFIX = "gw"
+# Patroni's cluster name in etcd: fixed, so a second `up --ha` finds the pair it made.
+PATRONI_SCOPE = "millrace-plant"
 START_TIMEOUT_SECONDS = 60.0
 # How long every service must survive after start before the plant counts as up.
 SETTLE_SECONDS = 3.0
@@ -86,6 +96,25 @@ class PlantOptions:
     ingest_http_port: int = 19464
     period_s: int = 10
     seed: int = 0
+    # Two brokers (broker_port, +1), a Patroni pair (postgres_port .. +5) and two workers
+    # (ingest_http_port, +1): failover to try out (docs/operations.md).
+    ha: bool = False
+
+    @property
+    def broker_ports(self) -> list[int]:
+        return [self.broker_port, self.broker_port + 1] if self.ha else [self.broker_port]
+
+    @property
+    def ingest_http_ports(self) -> list[int]:
+        return (
+            [self.ingest_http_port, self.ingest_http_port + 1]
+            if self.ha
+            else [self.ingest_http_port]
+        )
+
+    @property
+    def pair_ports(self) -> PairPorts:
+        return PairPorts.from_base(self.postgres_port)
 
 
 def _millrace() -> list[str]:
@@ -133,6 +162,15 @@ def _check_ports(options: PlantOptions) -> None:
         "--gateway-mqtt-port": options.gateway_mqtt_port,
         "--ingest-http-port": options.ingest_http_port,
     }
+    if options.ha:
+        wanted["--broker-port (+1, the second broker)"] = options.broker_port + 1
+        wanted["--ingest-http-port (+1, the second worker)"] = options.ingest_http_port + 1
+        base = options.postgres_port
+        wanted |= {
+            f"--postgres-port (+{port - base}, the Patroni pair)": port
+            for port in options.pair_ports.all()
+            if port != base
+        }
     wanted |= {
         f"--modbus-base-port (+{i})": options.modbus_base_port + i for i in range(options.devices)
     }
@@ -140,6 +178,11 @@ def _check_ports(options: PlantOptions) -> None:
         wanted[f"--modbus-base-port (+{options.devices}, the OPC UA PLC)"] = (
             options.modbus_base_port + options.devices
         )
+    taken: dict[int, str] = {}
+    for flag, port in wanted.items():
+        if port in taken:
+            raise MillraceError(f"{flag} and {taken[port]} both ask for port {port}; move one")
+        taken[port] = flag
     for flag, port in wanted.items():
         if not procs.port_is_free(port):
             raise MillraceError(f"port {port} is in use; choose another with {flag}")
@@ -159,6 +202,7 @@ class Plant:
             password_file=self.layout.pg_superuser_password,
             passfile=self.layout.pgpass,
         )
+        self.pair: PatroniPair | None = None
 
     # -- identities --------------------------------------------------------------------------
 
@@ -167,7 +211,9 @@ class Plant:
         if not paths.ca_cert.exists():
             pki.init_pki(self.layout.pki)
         have = {record.ident for record in pki.issued_records(self.layout.pki)}
-        for ident, role in [(INGEST_SERVICE_ID, "service"), (OPERATOR_SERVICE_ID, "service")]:
+        # Each worker its own identity: the broker takes the client id from the certificate.
+        services = [*_ingest_names(self.options), OPERATOR_SERVICE_ID]
+        for ident, role in [(name, "service") for name in services]:
             if ident not in have:
                 pki.issue(self.layout.pki, ident, role=role)  # type: ignore[arg-type]
         for gateway in _gateway_ids(self.options.devices):
@@ -185,44 +231,47 @@ class Plant:
         if not pki.renew_crl_if_below(self.layout.pki):
             return False
         for service in self.services:
-            if service.name == "broker" and procs.is_running(service.pid):
+            if service.name in _broker_names(self.options) and procs.is_running(service.pid):
                 os.kill(service.pid, signal.SIGHUP)
                 log.info("renewed the CRL; broker (pid %s) reloaded", service.pid)
         return True
 
     # -- broker ------------------------------------------------------------------------------
 
-    def _start_broker(self) -> None:
+    def _start_brokers(self) -> None:
+        """One broker, or two with the same authorization (--ha): same PKI, same roles."""
         from millrace.ops.broker import write_broker_config
 
-        files = write_broker_config(
-            self.layout.pki,
-            self.layout.broker,
-            port=self.options.broker_port,
-            bind_address="127.0.0.1",
-            user=getpass.getuser(),
-            # `millrace broker sync --admin operator` updates the running broker's roles.
-            admin_ids=[OPERATOR_SERVICE_ID],
-        )
-        service = self._spawn("broker", ["mosquitto", "-c", str(files.conf)])
-        procs.wait_for_port(
-            "127.0.0.1",
-            self.options.broker_port,
-            timeout_seconds=START_TIMEOUT_SECONDS,
-            service=service,
-        )
-        # `pki issue|revoke` and `provision` on this PKI then update this broker at once
+        targets = []
+        for name, port in zip(_broker_names(self.options), self.options.broker_ports, strict=True):
+            files = write_broker_config(
+                self.layout.pki,
+                self.layout.root / name,
+                port=port,
+                bind_address="127.0.0.1",
+                user=getpass.getuser(),
+                # `millrace broker sync --admin operator` updates the running broker's roles.
+                admin_ids=[OPERATOR_SERVICE_ID],
+            )
+            service = self._spawn(name, ["mosquitto", "-c", str(files.conf)])
+            procs.wait_for_port(
+                "127.0.0.1", port, timeout_seconds=START_TIMEOUT_SECONDS, service=service
+            )
+            targets.append(
+                broker_live.BrokerTarget(
+                    host="localhost",
+                    port=port,
+                    admin=OPERATOR_SERVICE_ID,
+                    pid=service.pid,
+                    conf=str(files.conf),
+                )
+            )
+        # `pki issue|revoke` and `provision` on this PKI then update every broker at once
         # (roles over $CONTROL; after a revocation a SIGHUP re-reads crl.pem).
-        broker_live.remember(
-            self.layout.pki,
-            broker_live.BrokerTarget(
-                host="localhost",
-                port=self.options.broker_port,
-                admin=OPERATOR_SERVICE_ID,
-                pid=service.pid,
-                conf=str(files.conf),
-            ),
-        )
+        broker_live.remember(self.layout.pki, *targets)
+
+    def _broker_endpoints(self) -> list[str]:
+        return [f"localhost:{port}" for port in self.options.broker_ports]
 
     def _start_gateway_mqtt(self) -> None:
         """The gateway-side broker the MQTT sensor nodes publish to (loopback only)."""
@@ -249,18 +298,27 @@ class Plant:
         ingest_password = _secret(self.layout.secrets / "pg-ingest-password")
         dashboard_password = _secret(self.layout.secrets / "pg-dashboard-password")
         retention_password = _secret(self.layout.secrets / "pg-retention-password")
-        port = self.options.postgres_port
+        ports = (
+            list(self.options.pair_ports.pg) if self.options.ha else [self.options.postgres_port]
+        )
         lines = [
-            f"127.0.0.1:{port}:*:postgres:{superuser_password}",
-            f"127.0.0.1:{port}:*:{INGEST_LOGIN}:{ingest_password}",
-            f"127.0.0.1:{port}:*:{DASHBOARD_LOGIN}:{dashboard_password}",
-            f"127.0.0.1:{port}:*:{RETENTION_LOGIN}:{retention_password}",
+            f"{HOST}:{port}:*:{login}:{password}"
+            for port in ports
+            for login, password in (
+                ("postgres", superuser_password),
+                (INGEST_LOGIN, ingest_password),
+                (DASHBOARD_LOGIN, dashboard_password),
+                (RETENTION_LOGIN, retention_password),
+            )
         ]
         _write_secret(self.layout.pgpass, "\n".join(lines) + "\n")
-        if not self.cluster.initialized():
-            self.cluster.init()
-        self.cluster.start()
-        self.cluster.create_database(DATABASE)
+        if self.options.ha:
+            self._start_pair(superuser_password)
+        else:
+            if not self.cluster.initialized():
+                self.cluster.init()
+            self.cluster.start()
+            self.cluster.create_database(DATABASE)
         from millrace.cloud.dbupgrade import DASHBOARD_ROLE, INGEST_ROLE, RETENTION_ROLE, upgrade
 
         upgrade(self.superuser_dsn)
@@ -268,6 +326,28 @@ class Plant:
         self._login_role(DASHBOARD_LOGIN, dashboard_password, DASHBOARD_ROLE)
         self._login_role(RETENTION_LOGIN, retention_password, RETENTION_ROLE)
         self._install_alert_rules()
+
+    def _start_pair(self, superuser_password: str) -> None:
+        """etcd and two Patroni nodes; the database is created on the primary, and replicated."""
+        import psycopg
+        from psycopg import sql
+
+        self.pair = PatroniPair(
+            self.layout.patroni,
+            ports=self.options.pair_ports,
+            superuser_password=superuser_password,
+            replication_password=_secret(self.layout.secrets / "pg-replication-password"),
+            client_auth="scram-sha-256",
+            log_dir=self.layout.logs,
+            scope=PATRONI_SCOPE,
+            passfile=self.layout.pgpass,
+            on_service=self._record,
+        )
+        self.pair.start()
+        with psycopg.connect(self._dsn("postgres"), autocommit=True) as conn:
+            query = "SELECT 1 FROM pg_database WHERE datname = %s"
+            if not conn.execute(query, (DATABASE,)).fetchone():
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
 
     def _login_role(self, name: str, password: str, group: str) -> None:
         import psycopg
@@ -297,14 +377,26 @@ class Plant:
 
     @property
     def superuser_dsn(self) -> str:
-        return self.cluster.dsn_for(DATABASE)
+        return self._dsn(DATABASE)
 
     def dsn_for(self, login: str) -> str:
-        return self.cluster.dsn_for(DATABASE, user=login)
+        return self._dsn(DATABASE, user=login)
+
+    def _dsn(self, dbname: str, *, user: str = "postgres") -> str:
+        """The database's URL; with --ha it names both nodes and asks for the primary."""
+        if not self.options.ha:
+            return self.cluster.dsn_for(dbname, user=user)
+        hosts = ",".join(f"{HOST}:{port}" for port in self.options.pair_ports.pg)
+        passfile = quote(str(self.layout.pgpass), safe="/")
+        return (
+            f"postgresql://{quote(user, safe='')}@{hosts}/{quote(dbname, safe='')}"
+            f"?passfile={passfile}&target_session_attrs=read-write"
+        )
 
     # -- cloud services ----------------------------------------------------------------------
 
     def _start_ingest(self) -> None:
+        """One worker, or two (--ha), each consuming from every broker of the plant."""
         paths = pki.pki_paths(self.layout.pki)
         dsn_file = self.layout.secrets / "ingest.dsn"
         _write_secret(dsn_file, self.dsn_for(INGEST_LOGIN) + "\n")
@@ -317,25 +409,29 @@ class Plant:
         if not share_group_file.exists() or not is_device_id(share_group_file.read_text().strip()):
             _write_secret(share_group_file, f"ingest-{secrets.token_hex(8)}\n")
         group = share_group_file.read_text().strip()
-        self.layout.ingest_config.write_text(
-            "# Generated by millrace up.\n"
-            f'[database]\ndsn_file = "{dsn_file}"\n\n'
-            f'[broker]\nhost = "localhost"\nport = {self.options.broker_port}\n'
-            f'ca = "{paths.ca_cert}"\ncert = "{paths.cert_for(INGEST_SERVICE_ID)}"\n'
-            f'key = "{paths.key_for(INGEST_SERVICE_ID)}"\nclient_id = "{INGEST_SERVICE_ID}"\n'
-            f'share_group = "{group}"\n\n'
-            f'[http]\nhost = "127.0.0.1"\nport = {self.options.ingest_http_port}\n\n'
-            f'[retention]\ndsn_file = "{retention_dsn}"\n'
-        )
-        service = self._spawn(
-            "ingest", [*_millrace(), "ingest", "--config", str(self.layout.ingest_config)]
-        )
-        procs.wait_for_port(
-            "127.0.0.1",
-            self.options.ingest_http_port,
-            timeout_seconds=START_TIMEOUT_SECONDS,
-            service=service,
-        )
+        if self.options.ha:
+            hosts = ", ".join(f'"{endpoint}"' for endpoint in self._broker_endpoints())
+            where = f"hosts = [{hosts}]\n"
+        else:
+            where = f'host = "localhost"\nport = {self.options.broker_port}\n'
+        for name, http_port in zip(
+            _ingest_names(self.options), self.options.ingest_http_ports, strict=True
+        ):
+            config = self.layout.root / f"{name}.toml"
+            config.write_text(
+                "# Generated by millrace up.\n"
+                f'[database]\ndsn_file = "{dsn_file}"\n\n'
+                f"[broker]\n{where}"
+                f'ca = "{paths.ca_cert}"\ncert = "{paths.cert_for(name)}"\n'
+                f'key = "{paths.key_for(name)}"\nclient_id = "{name}"\n'
+                f'share_group = "{group}"\n\n'
+                f'[http]\nhost = "127.0.0.1"\nport = {http_port}\n\n'
+                f'[retention]\ndsn_file = "{retention_dsn}"\n'
+            )
+            service = self._spawn(name, [*_millrace(), "ingest", "--config", str(config)])
+            procs.wait_for_port(
+                "127.0.0.1", http_port, timeout_seconds=START_TIMEOUT_SECONDS, service=service
+            )
 
     def _start_dashboard(self) -> str:
         dsn_file = self.layout.secrets / "dashboard.dsn"
@@ -447,6 +543,7 @@ class Plant:
                         ca=paths.ca_cert,
                         cert=paths.cert_for(gateway),
                         key=paths.key_for(gateway),
+                        hosts=tuple(self._broker_endpoints()) if self.options.ha else (),
                     ),
                     state_dir=gateway_dir,
                     period_s=self.options.period_s,
@@ -457,7 +554,9 @@ class Plant:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def _spawn(self, name: str, argv: list[str]) -> procs.Service:
-        service = procs.start(name, argv, log_dir=self.layout.logs)
+        return self._record(procs.start(name, argv, log_dir=self.layout.logs))
+
+    def _record(self, service: procs.Service) -> procs.Service:
         self.services.append(service)
         self._save("starting")
         return service
@@ -469,9 +568,11 @@ class Plant:
             "root": str(self.layout.root.resolve()),
             "supervisor_pid": os.getpid(),
             "supervisor_identity": procs.process_identity(os.getpid()),
-            "dsn": self.cluster.dsn_for(DATABASE, user=DASHBOARD_LOGIN),
+            "dsn": self.dsn_for(DASHBOARD_LOGIN),
             "superuser_dsn": self.superuser_dsn,
             "broker": f"mqtts://localhost:{self.options.broker_port}",
+            "brokers": [f"mqtts://{endpoint}" for endpoint in self._broker_endpoints()],
+            "ha": self.options.ha,
             "dashboard": f"http://127.0.0.1:{self.options.dashboard_port}",
             "dashboard_health": f"http://127.0.0.1:{self.options.dashboard_port}/_stcore/health",
             "ingest_metrics": f"http://127.0.0.1:{self.options.ingest_http_port}/metrics",
@@ -479,6 +580,15 @@ class Plant:
             "logs": str(self.layout.logs),
             "devices": self.options.devices,
             "postgres": {"datadir": str(self.cluster.datadir), "port": self.cluster.port},
+            "database_nodes": [
+                {
+                    "name": node.name,
+                    "port": node.pg_port,
+                    "rest": node.rest_url,
+                    "datadir": str(node.datadir),
+                }
+                for node in (self.pair.nodes if self.pair else [])
+            ],
             "services": [
                 {"name": s.name, "pid": s.pid, "identity": s.identity, "log": str(s.log_path)}
                 for s in self.services
@@ -497,9 +607,14 @@ class Plant:
         self.layout.root.mkdir(parents=True, exist_ok=True)
         steps: list[tuple[str, Callable[[], object]]] = [
             ("certificates", self._identities),
-            ("broker (TLS, ACL)", self._start_broker),
-            ("PostgreSQL + TimescaleDB, schema", self._start_database),
-            ("ingest worker", self._start_ingest),
+            ("brokers (TLS, ACL)" if self.options.ha else "broker (TLS, ACL)", self._start_brokers),
+            (
+                "Patroni pair (etcd, 2 x PostgreSQL + TimescaleDB), schema"
+                if self.options.ha
+                else "PostgreSQL + TimescaleDB, schema",
+                self._start_database,
+            ),
+            ("ingest workers" if self.options.ha else "ingest worker", self._start_ingest),
             ("gateway-local MQTT broker", self._start_gateway_mqtt),
         ]
         for label, step in steps:
@@ -531,6 +646,8 @@ class Plant:
         for service in reversed(self.services):
             procs.stop(service.pid)
         self.cluster.stop()
+        for node in self.pair.nodes if self.pair else []:
+            stop_leftover_postmaster(node.datadir)
         self.services.clear()
         self._save("stopped")
 
@@ -575,9 +692,29 @@ def down(root: Path) -> list[str]:
     if (cluster.datadir / "postmaster.pid").exists():
         cluster.stop()
         stopped.append("postgres")
+    # Patroni starts each postmaster in a session of its own; one it left behind goes too.
+    for node in state.get("database_nodes", []):
+        if stop_leftover_postmaster(Path(node["datadir"])):
+            stopped.append(f"postgres {node['name']}")
     state["status"] = "stopped"
     PlantLayout(root).state_file.write_text(json.dumps(state, indent=1) + "\n")
     return stopped
+
+
+def database_nodes(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The --ha plant's database nodes with the role Patroni reports now ("" if it is down)."""
+    return [
+        {**node, "role": role_of(node_status(node["rest"]))}
+        for node in state.get("database_nodes", [])
+    ]
+
+
+def _broker_names(options: PlantOptions) -> list[str]:
+    return ["broker", "broker-2"][: len(options.broker_ports)]
+
+
+def _ingest_names(options: PlantOptions) -> list[str]:
+    return [INGEST_SERVICE_ID, f"{INGEST_SERVICE_ID}-2"][: len(options.ingest_http_ports)]
 
 
 def _stop_supervisor(pid: int) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from millrace.errors import MillraceError
 
@@ -71,11 +73,21 @@ def start(
     *,
     log_dir: Path,
     env: Mapping[str, str] | None = None,
+    inherit_env: bool = True,
     cwd: Path | None = None,
+    user: str | None = None,
 ) -> Service:
-    """Start `argv` detached in a new session, appending its output to log_dir/name.log."""
+    """Start `argv` detached in a new session, appending its output to log_dir/name.log.
+
+    `inherit_env=False` gives the child `env` alone; `user` runs it as that system user
+    (PostgreSQL and Patroni refuse root).
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
+    as_user: dict[str, Any] = {}
+    if user is not None:
+        entry = pwd.getpwnam(user)
+        as_user = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
             list(argv),
@@ -83,8 +95,9 @@ def start(
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, **(env or {})},
+            env={**(os.environ if inherit_env else {}), **(env or {})},
             cwd=cwd,
+            **as_user,
         )
     log.debug("started %s pid=%s: %s", name, proc.pid, " ".join(argv))
     # The child exists until we reap it, so its identity is readable even if it died at once.
