@@ -26,6 +26,7 @@ from psycopg.types.json import Jsonb
 from sqlalchemy import ARRAY, Interval, Select, Text, any_, case, func, literal, select
 from sqlalchemy.dialects import postgresql
 
+from millrace.cloud.opsevents import note_broker
 from millrace.cloud.schema.core import devices
 from millrace.wire import DeviceState, Heartbeat
 
@@ -154,10 +155,20 @@ def _record_holes(conn: psycopg.Connection[Any], device_id: int, state: DeviceSt
 
 
 def apply_state(
-    conn: psycopg.Connection[Any], state: DeviceState, *, received_at: datetime
+    conn: psycopg.Connection[Any],
+    state: DeviceState,
+    *,
+    received_at: datetime,
+    broker: str | None = None,
 ) -> None:
-    """Apply a birth (online) or last will (offline) from the device's state topic."""
+    """Apply a birth (online) or last will (offline) from the device's state topic.
+
+    `broker` (host:port) carried a birth: the device is on it. A will is the broker's own
+    message about the device, so it says nothing about where the device is.
+    """
     device_id = ensure_device(conn, state.device)
+    if broker and state.status == "online":
+        note_broker(conn, device_id, broker, received_at=received_at)
     if state.status == "online":
         cur = conn.execute(
             """
@@ -241,10 +252,17 @@ _UPSERT_LATEST: Final = sql.SQL(
 )
 
 
-def apply_heartbeat(conn: psycopg.Connection[Any], hb: Heartbeat, *, received_at: datetime) -> None:
-    """Store a heartbeat: the latest row per device, and one row of history."""
+def apply_heartbeat(
+    conn: psycopg.Connection[Any],
+    hb: Heartbeat,
+    *,
+    received_at: datetime,
+    broker: str | None = None,
+) -> None:
+    """Store a heartbeat: the latest row per device, one row of history, its broker."""
+    device_id = ensure_device(conn, hb.device)
     params = {
-        "device_id": ensure_device(conn, hb.device),
+        "device_id": device_id,
         "received_at": received_at,
         "reported_at": _ms_to_datetime(hb.ts_ms),
         "boot_id": hb.boot_id,
@@ -269,6 +287,8 @@ def apply_heartbeat(conn: psycopg.Connection[Any], hb: Heartbeat, *, received_at
         " WHERE id = %s AND (last_seen_at IS NULL OR last_seen_at < %s)",
         (received_at, params["device_id"], received_at),
     )
+    if broker:
+        note_broker(conn, device_id, broker, received_at=received_at)
 
 
 # --- status -----------------------------------------------------------------------------

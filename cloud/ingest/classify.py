@@ -205,8 +205,8 @@ def classify(msg: Inbound, *, limits: Limits, now_ms: int) -> Classified:
                 f"payload device {parsed.device!r} published on the topic of {device!r}",
             )
         if isinstance(parsed, DeviceState):
-            return StateItem(parsed, msg.received_at)
-        return HealthItem(parsed, msg.received_at)
+            return StateItem(parsed, msg.received_at, msg.broker)
+        return HealthItem(parsed, msg.received_at, msg.broker)
     return dead_letter(msg, device, "bad_topic", f"{topic.kind} messages are not ingested")
 
 

@@ -50,6 +50,8 @@ class StateItem:
 
     state: DeviceState
     received_at: datetime
+    # Index into broker.endpoints of the broker that carried it (None: not over MQTT here).
+    broker: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +60,8 @@ class HealthItem:
 
     heartbeat: Heartbeat
     received_at: datetime
+    # Index into broker.endpoints of the broker that carried it (None: not over MQTT here).
+    broker: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -195,8 +195,13 @@ class BatchStore:
         self.writer = BatchWriter()
         # Where alert transitions are notified; the intents join the batch's transaction.
         self.notify = NotifySettings()
+        # host:port per configured broker: a birth or heartbeat records which one it came by.
+        self.brokers: tuple[str, ...] = ()
         self._count_error = count_error
         self._count_transaction = count_transaction or (lambda _outcome: None)
+
+    def _broker(self, index: int | None) -> str | None:
+        return None if index is None or index >= len(self.brokers) else self.brokers[index]
 
     def store(
         self,
@@ -309,9 +314,19 @@ class BatchStore:
                     self.writer.write_dead_letters(cur, dead)
             for item in items:
                 if isinstance(item, StateItem):
-                    registry.apply_state(conn, item.state, received_at=item.received_at)
+                    registry.apply_state(
+                        conn,
+                        item.state,
+                        received_at=item.received_at,
+                        broker=self._broker(item.broker),
+                    )
                 elif isinstance(item, HealthItem):
-                    registry.apply_heartbeat(conn, item.heartbeat, received_at=item.received_at)
+                    registry.apply_heartbeat(
+                        conn,
+                        item.heartbeat,
+                        received_at=item.received_at,
+                        broker=self._broker(item.broker),
+                    )
             if out.result is not None and out.result.windows and engine is not None:
                 out.alerts = self._evaluate_alerts(conn, engine, out.result)
 

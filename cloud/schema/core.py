@@ -83,6 +83,8 @@ devices = Table(
     Column("agent_version", Text),
     Column("config_hash", Text),
     timestamptz("created_at", nullable=False, server_default=func.now()),
+    Column("broker", Text, comment="host:port of the broker its last birth/heartbeat came through"),
+    timestamptz("broker_at", comment="when that message was received"),
     CheckConstraint(f"status IN {DEVICE_STATUSES!r}", name="status"),
 )
 

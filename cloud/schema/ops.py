@@ -1,4 +1,4 @@
-"""Operations tables: alert rules and alerts, the audit log, device health.
+"""Operations tables: alert rules and alerts, the audit log, device health, ops events.
 
 They live on the shared `metadata` of cloud/schema/core.py so Alembic sees one
 schema. `device_health` keeps the latest heartbeat per device (one row, cheap
@@ -216,3 +216,21 @@ __all__ = [
     "metric_freshness",
     "notifications",
 ]
+
+
+OPS_EVENT_KINDS = ("broker_move", "db_primary")
+
+# Failovers operators should see: a gateway moving to another broker, the database
+# primary changing (as an ingest worker finds it when it connects). Rare: one row a move.
+ops_events = Table(
+    "ops_events",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    timestamptz("at", nullable=False, server_default=func.now()),
+    Column("kind", Text, nullable=False),
+    Column("device_id", Integer, ForeignKey("devices.id"), comment="broker_move only"),
+    Column("from_value", Text, comment="host:port before; NULL when first seen"),
+    Column("to_value", Text, nullable=False, comment="host:port after"),
+    CheckConstraint(f"kind IN {OPS_EVENT_KINDS!r}", name="kind"),
+    Index("ix_ops_events_at", text("at DESC")),
+)
