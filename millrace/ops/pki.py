@@ -248,13 +248,14 @@ def _load_index(paths: PKIPaths) -> dict[str, Any]:
     if not paths.index.exists():
         return {"crl_number": 0, "certs": []}
     raw = paths.index.read_bytes()
-    undo = _read_undo(paths)
-    if undo is not None:  # a crashed append nobody has rolled back yet: read as before it
-        raw = raw[: undo[0]] + undo[1]
     try:
         data: dict[str, Any] = json.loads(raw)
     except ValueError as exc:
-        raise PKIError(f"{paths.index} is not valid JSON: {exc}") from exc
+        undo = _read_undo(paths)
+        if undo is None:
+            raise PKIError(f"{paths.index} is not valid JSON: {exc}") from exc
+        # A torn append nobody has rolled back yet: read the index as it was before it.
+        data = json.loads(raw[: undo[0]] + undo[1])
     return data
 
 
@@ -265,16 +266,15 @@ def _save_index(paths: PKIPaths, data: dict[str, Any]) -> None:
 
 
 def _read_undo(paths: PKIPaths) -> tuple[int, bytes] | None:
+    """The armed undo record, or None (none, disarmed, or torn while arming: unused then)."""
     try:
-        data = json.loads(paths.index_undo.read_text())
-        return int(data["offset"]), bytes.fromhex(data["tail"])
+        data = json.loads(paths.index_undo.read_bytes() or b"null")
+        return None if data is None else (int(data["offset"]), bytes.fromhex(data["tail"]))
     except FileNotFoundError:
         return None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise PKIError(
-            f"{paths.index_undo} is damaged ({exc}); compare index.json with issued/ and "
-            "delete it once index.json is valid JSON"
-        ) from exc
+    except (ValueError, KeyError, TypeError):
+        # Arming is synced before the index is touched, so a torn undo means an untouched index.
+        return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -286,53 +286,64 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _roll_back_append(paths: PKIPaths) -> None:
-    """Restore the tail saved before an append that never finished; caller holds the lock."""
+    """Undo an append a crash tore; caller holds the lock.
+
+    Only a finished append leaves the index valid JSON (every prefix of the record
+    breaks it), so a valid index just disarms the undo record and keeps its records.
+    """
     undo = _read_undo(paths)
     if undo is None:
         return
     if paths.index.exists():
-        offset, tail = undo
-        fd = os.open(paths.index, os.O_WRONLY)
         try:
-            os.pwrite(fd, tail, offset)
-            os.ftruncate(fd, offset + len(tail))
+            json.loads(paths.index.read_bytes())
+        except ValueError:
+            offset, tail = undo
+            _write_at(paths.index, tail, offset)
+            log.warning("rolled back an interrupted append to %s", paths.index)
+    _write_at(paths.index_undo, b"", 0)
+
+
+def _write_at(path: Path, data: bytes, offset: int, *, sync: bool = True) -> None:
+    """Write `data` at `offset` and end the file there (creating it 0600 if missing)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, _KEY_MODE)
+    try:
+        os.pwrite(fd, data, offset)
+        os.ftruncate(fd, offset + len(data))
+        if sync:
             os.fsync(fd)
-        finally:
-            os.close(fd)
-        log.warning("rolled back an interrupted append to %s", paths.index)
-    paths.index_undo.unlink()
-    _fsync_dir(paths.dir)
+    finally:
+        os.close(fd)
 
 
 _TAIL_READ = 64  # bytes: the end of the index holds the closing brackets
 
 
-def _append_index(paths: PKIPaths, index: dict[str, Any], entry: dict[str, Any]) -> None:
-    """Add `entry` to `certs` in memory and on disk, writing a constant number of bytes.
+def _append_index(paths: PKIPaths, index: dict[str, Any], entries: list[dict[str, Any]]) -> None:
+    """Add `entries` to `certs` in memory and on disk, writing bytes for them only.
 
-    The new record overwrites the closing `]}` in place; the old tail is saved to
-    `.index.undo` first, so a crash mid-write is rolled back by the next writer
-    (and read around by readers). An index whose shape does not allow that (not
-    written by this module) is rewritten whole once, with `certs` last.
+    The records overwrite the closing `]}` in place. The old tail is first saved
+    (and synced) to `.index.undo`, a file reused for every append so that costs one
+    sync and no directory sync, and a crash mid-write is rolled back by the next
+    writer and read around by readers. An index whose shape does not allow that
+    (not written by this module) is rewritten whole once, with `certs` last.
     """
-    index["certs"].append(entry)
+    index["certs"].extend(entries)
     place = _append_place(paths) if next(reversed(index)) == "certs" else None
     if place is None:
         _save_index(paths, index)
         return
     offset, old_tail, separator = place
-    record = separator + b"\n    " + json.dumps(entry).encode() + b"\n  ]\n}\n"
+    records = b",\n    ".join(json.dumps(e).encode() for e in entries)
+    new_tail = separator + b"\n    " + records + b"\n  ]\n}\n"
+    if not paths.index_undo.exists():
+        _write_at(paths.index_undo, b"", 0)
+        _fsync_dir(paths.dir)
     undo = {"offset": offset, "tail": old_tail.hex()}
-    write_atomic(paths.index_undo, json.dumps(undo).encode(), mode=_KEY_MODE)
-    fd = os.open(paths.index, os.O_WRONLY)
-    try:
-        os.pwrite(fd, record, offset)
-        os.ftruncate(fd, offset + len(record))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    paths.index_undo.unlink()
-    _fsync_dir(paths.dir)
+    _write_at(paths.index_undo, json.dumps(undo).encode(), 0)
+    _write_at(paths.index, new_tail, offset)
+    # Disarmed unsynced: if that is lost, the next writer finds a valid index and keeps it.
+    _write_at(paths.index_undo, b"", 0, sync=False)
 
 
 def _append_place(paths: PKIPaths) -> tuple[int, bytes, bytes] | None:
@@ -637,15 +648,17 @@ def _check_can_issue(
 
 def _sign_client(
     paths: PKIPaths,
-    index: dict[str, Any],
     ident: str,
     public_key: ec.EllipticCurvePublicKey,
     *,
     ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
     role: Role,
     days: int,
-) -> x509.Certificate:
-    """Sign a client certificate for `ident` and record it; caller holds the lock and checked it."""
+) -> dict[str, Any]:
+    """Sign and write `ident`'s client certificate; its index record for the caller to append.
+
+    The caller holds the lock and has checked `ident` may have it.
+    """
     ca_cert, ca_key = ca
     cert = (
         _leaf_builder(
@@ -666,15 +679,13 @@ def _sign_client(
     )
     _make_dir(paths.issued)
     write_atomic(paths.cert_for(ident), _cert_pem(cert), mode=_CERT_MODE)
-    entry = {
+    return {
         "id": ident,
         "role": role,
         "serial": format(cert.serial_number, "x"),
         "not_after": cert.not_valid_after_utc.isoformat(),
         "revoked_at": None,
     }
-    _append_index(paths, index, entry)
-    return cert
 
 
 def issue(
@@ -703,9 +714,11 @@ def issue_many(
     days: int = CLIENT_VALIDITY_DAYS,
     force: bool = False,
 ) -> list[IssuedPaths]:
-    """`issue` for each id under one lock and one read of the index (a fleet at once).
+    """`issue` for each id under one lock, one read and one append of the index (a fleet at once).
 
-    Every id is checked before any file is written, so a refused id issues nothing.
+    Every id is checked before any file is written, so a refused id issues nothing,
+    and the records are appended together after the certificates: a crash midway
+    records none of them, and the same command runs again without --force.
     """
     idents = [validate_id(i) for i in device_ids]
     repeated = sorted(i for i, n in Counter(idents).items() if n > 1)
@@ -716,6 +729,7 @@ def issue_many(
         raise PKIError(f"--days must be at least 1, got {days}")
     paths = pki_path_checked(pki_dir)
     issued = []
+    entries: list[dict[str, Any]] = []
     with _locked(paths):
         ca = _require_ca(paths)
         index = _load_index(paths)
@@ -726,9 +740,13 @@ def issue_many(
             key = ec.generate_private_key(ec.SECP256R1())
             # Key first: a crash between the two leaves an unused key, never a cert without one.
             write_atomic(paths.key_for(ident), _key_pem(key), mode=_KEY_MODE)
-            _sign_client(paths, index, ident, key.public_key(), ca=ca, role=role, days=days)
-            log.info("issued %s certificate for %s", role, ident)
+            entries.append(
+                _sign_client(paths, ident, key.public_key(), ca=ca, role=role, days=days)
+            )
             issued.append(IssuedPaths(paths.cert_for(ident), paths.key_for(ident)))
+        _append_index(paths, index, entries)
+    named = idents[0] if len(idents) == 1 else f"{len(idents)} ids, {idents[0]} to {idents[-1]}"
+    log.info("issued %s certificate(s) for %s", role, named)
     return issued
 
 
@@ -770,7 +788,8 @@ def sign_csr(
         index = _load_index(paths)
         _check_can_issue(paths, index, ident, role=role, force=force)
         stale_key = paths.key_for(ident)
-        _sign_client(paths, index, ident, public_key, ca=ca, role=role, days=days)
+        entry = _sign_client(paths, ident, public_key, ca=ca, role=role, days=days)
+        _append_index(paths, index, [entry])
         if stale_key.exists():
             stale_key.unlink()  # a key from an earlier `issue` no longer matches this cert
     log.info("signed CSR for %s certificate %s", role, ident)

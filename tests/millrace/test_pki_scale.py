@@ -100,9 +100,13 @@ def test_an_append_torn_by_a_crash_is_read_around_and_rolled_back(
     pki.issue(tmp_path, "dev-a")
     whole = (tmp_path / "index.json").read_bytes()
     real_pwrite = os.pwrite
+    calls: list[int] = []
 
     def torn(fd: int, data: bytes, offset: int) -> int:
-        real_pwrite(fd, data[: len(data) // 2], offset)
+        calls.append(len(data))
+        if len(calls) == 1:  # the undo record is armed (and synced) first
+            return real_pwrite(fd, data, offset)
+        real_pwrite(fd, data[: len(data) // 2], offset)  # then the index: half of it
         raise OSError("power lost")
 
     monkeypatch.setattr(pki.os, "pwrite", torn)
@@ -117,7 +121,7 @@ def test_an_append_torn_by_a_crash_is_read_around_and_rolled_back(
     assert [r.ident for r in pki.issued_records(tmp_path)] == ["dev-a", "dev-b"]
     after = json.loads((tmp_path / "index.json").read_bytes())
     assert after["certs"][:1] == json.loads(whole)["certs"], "dev-a's record is untouched"
-    assert not (tmp_path / ".index.undo").exists()
+    assert (tmp_path / ".index.undo").read_bytes() == b"", "disarmed"
 
 
 def test_issue_many_checks_every_id_before_writing_any(tmp_path: Path) -> None:
@@ -174,3 +178,14 @@ def test_cli_issues_several_ids_in_one_run(tmp_path: Path) -> None:
     ]
     assert sum("broker: not updated" in line for line in lines) == 1, "one broker sync"
     assert [r.ident for r in pki.issued_records(tmp_path)] == ["gw-1", "gw-2", "gw-3"]
+
+
+def test_an_undo_record_torn_while_arming_leaves_the_index_as_it_was(tmp_path: Path) -> None:
+    pki.init_pki(tmp_path)
+    pki.issue(tmp_path, "dev-a")
+    before = (tmp_path / "index.json").read_bytes()
+    (tmp_path / ".index.undo").write_bytes(b'{"offset": 12, "tail": "5d0a7d')  # cut short
+    assert [r.ident for r in pki.issued_records(tmp_path)] == ["dev-a"]
+    pki.issue(tmp_path, "dev-b")
+    assert (tmp_path / "index.json").read_bytes().startswith(before[: before.rindex(b"}\n  ]")])
+    assert [r.ident for r in pki.issued_records(tmp_path)] == ["dev-a", "dev-b"]
