@@ -6,7 +6,8 @@ A day of 10 s windows of realistic signals (sensor resolution, slow drift, noise
 set points; 1 s polling, aggregated with the edge's own float operations) is COPYed
 into `readings` in arrival order (every device's windows of one period together, as
 the ingest writes them), then packed by the retention schedule's own code
-(cloud/packing.py). Sizes come from `hypertable_detailed_size` after VACUUM; query
+(cloud/packing.py), whose heap block reads of `readings` are counted (pg_statio) against
+the blocks its chunks hold. Sizes come from `hypertable_detailed_size` after VACUUM; query
 times are medians of the dashboard's `series` at the resolutions it picks for 1 h,
 6 h and 24 h, on the same random (device, metric, range) draws: today's hot-only query
 text, the two-form query on hot data, and the two-form query on packed data.
@@ -109,6 +110,24 @@ def sizes(conn: psycopg.Connection[Any], table: str) -> tuple[int, int, int]:
     ).fetchone()
     assert row is not None
     return int(row[0] or 0), int(row[1] or 0), int(row[2] or 0)
+
+
+_HEAP_BLOCKS = """
+SELECT sum(pg_relation_size(s.relid) / current_setting('block_size')::int),
+       sum(s.heap_blks_read + s.heap_blks_hit)
+FROM timescaledb_information.chunks k
+JOIN pg_statio_all_tables s ON s.schemaname = k.chunk_schema AND s.relname = k.chunk_name
+WHERE k.hypertable_name = 'readings'
+"""
+
+
+def heap_blocks(conn: psycopg.Connection[Any]) -> tuple[int, int]:
+    """(blocks in `readings` chunks now, heap block reads of them so far, this session's too)."""
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    row = conn.execute(_HEAP_BLOCKS).fetchone()
+    assert row is not None
+    return int(row[0] or 0), int(row[1] or 0)
 
 
 def parts(size: tuple[int, int, int], n: int) -> str:
@@ -234,7 +253,6 @@ def main() -> int:
     start = (datetime.now(UTC) - timedelta(days=3)).replace(
         hour=0, minute=0, second=0, microsecond=0
     )
-    end = start + timedelta(hours=args.hours)
     names = [f"gw{i:04d}" for i in range(args.devices)]
     metric_names = [f"{KINDS[i % len(KINDS)]}.{i:02d}" for i in range(args.signals)]
     columns = ", ".join(("ts", "device_id", "metric_id", "period_s", *AGGREGATE_FIELDS))
@@ -275,9 +293,13 @@ def main() -> int:
                 db.execute("VACUUM ANALYZE readings")
             n_windows = int(hot_db.execute("SELECT count(*) FROM readings").fetchall()[0][0])
             hot = sizes(hot_db, "readings")
+            # Packing takes whole chunks: every (1-day) chunk the windows fill has ended here.
+            pack_before = start + timedelta(days=-(-args.hours // 24))
+            chunk_blocks, reads_before = heap_blocks(packed_db)
             t0 = time.perf_counter()
-            report = pack_windows(packed_db, older_than=end)
+            report = pack_windows(packed_db, older_than=pack_before)
             pack_s = time.perf_counter() - t0
+            pack_reads = heap_blocks(packed_db)[1] - reads_before
             packed_db.execute("VACUUM ANALYZE readings_packed")
             packed_db.execute("VACUUM ANALYZE readings")
             packed = sizes(packed_db, "readings_packed")
@@ -329,7 +351,12 @@ def main() -> int:
         (
             "packing",
             f"{report.windows / pack_s:,.0f} windows/s",
-            f"{report.hours} hour rows, {report.transactions} transactions, {pack_s:.1f} s",
+            f"{report.hours} hour rows, {report.chunks} chunks, {pack_s:.1f} s",
+        ),
+        (
+            "packing reads",
+            f"{pack_reads / chunk_blocks:.2f} x",
+            f"{pack_reads:,} heap block reads of readings for {chunk_blocks:,} blocks",
         ),
     ]
     for h in RANGES_H:
@@ -356,6 +383,7 @@ def main() -> int:
         f" shrink={hot_b / rest_b:.1f}"
         + "".join(f" query_{h}h_packed_vs_today={ratios[h]:.2f}" for h in RANGES_H)
         + "".join(f" query_{h}h_hot_vs_today={hot_s[h] / today_s[h]:.2f}" for h in RANGES_H)
+        + f" pack_reads_per_block={pack_reads / chunk_blocks:.2f}"
         + f" answers_identical={int(identical)}"
     )
     ok = rest_b <= TARGET_REST_BYTES and identical and all(r <= 1.0 for r in ratios.values())

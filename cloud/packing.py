@@ -1,20 +1,23 @@
 """Packing: windows past an age move from `readings` into `readings_packed`, an hour a row.
 
 On the Apache edition of TimescaleDB there is no native compression, and a stored
-window costs about 190 bytes in `readings`. `pack_windows` moves every complete UTC
-hour older than the age, per (device, metric, period), into one row of arrays that
-TOAST compresses (cloud/schema/packed.py): under 30 bytes a window. Where the
-Timescale License edition runs, `storage_at_rest` says native compression does this
-job instead and packing is not run.
+window costs about 190 bytes in `readings`. `pack_windows` moves every `readings`
+chunk whose whole time range is older than the age into rows of arrays, one per
+(device, metric, period, UTC hour), that TOAST compresses (cloud/schema/packed.py):
+under 30 bytes a window. Where the Timescale License edition runs,
+`storage_at_rest` says native compression does this job instead and packing is not run.
 
-Each chunk of hours is one transaction of three statements: move the hot rows into
-a session temp table, take out the packed rows of the hours they belong to (late
-windows for an hour packed before), and write each hour back as one merged row. A
-run that dies anywhere leaves both tables as they were before that chunk; chunks
-committed before stay packed, and the next run goes on from there. A window arriving
-late for a packed hour is stored in `readings` by the ingest as usual; readers union
-both forms (dashboards/queries.py), and the next run merges it into its hour's row
-with the contract's merge rules, so it is counted once in either state.
+The work is per chunk so that a run reads each stored window once: chunks to pack
+are found in TimescaleDB's catalog (non-empty by file size, no data read), and each
+is one transaction: lock the chunk against writers (readers go on), read it whole
+into a session temp table, take out the packed rows of the hours it touches (late
+windows for an hour packed before), write each hour back as one merged row, and
+TRUNCATE the chunk (no row-by-row DELETE, no dead tuples). A run that dies anywhere
+leaves both tables as they were before that chunk; chunks committed before stay
+packed. A window arriving late for a packed hour is stored in its (emptied) chunk by
+the ingest as usual; readers union both forms (dashboards/queries.py), and the next
+run merges it into its hour's row with the contract's merge rules, reading only the
+late windows, so it is counted once in either state.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
 import psycopg
@@ -35,10 +38,8 @@ from millrace.wire.aggregate import AGGREGATE_FIELDS, MERGE_RULES
 logger = logging.getLogger(__name__)
 
 DEFAULT_PACK_AFTER_DAYS: Final = 1.0
-# One hour of the whole plant per transaction: bounded work lost if a run dies.
-DEFAULT_HOURS_PER_TRANSACTION: Final = 1
-HOUR: Final = timedelta(hours=1)
-# Moving rows takes no lock ingest waits on; this only bounds a wait behind a DDL.
+# Packing a chunk holds off the ingest's late writes to that chunk only; this bounds our
+# wait behind a writer (the chunk is skipped and retried next run) or a DDL.
 LOCK_TIMEOUT: Final = "5s"
 
 StorageForm = Literal["pack", "native_compression"]
@@ -57,11 +58,27 @@ def storage_at_rest(license_name: str) -> StorageForm:
 
 @dataclass(frozen=True, slots=True)
 class PackReport:
-    """What one run moved: windows taken from `readings`, hour rows written, transactions."""
+    """What one run did: windows taken from `readings`, hour rows written, chunks emptied
+    (one transaction each), and chunks left for the next run (busy or holding odd rows)."""
 
     windows: int = 0
     hours: int = 0
-    transactions: int = 0
+    chunks: int = 0
+    skipped: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One chunk of `readings`: its table and time range."""
+
+    schema: str
+    name: str
+    start: datetime
+    end: datetime
+
+
+class _OffGrid(Exception):
+    """The chunk holds windows whose start is off its period's grid: it cannot be packed."""
 
 
 def _merge(field: str) -> str:
@@ -78,21 +95,30 @@ def _merge(field: str) -> str:
 
 
 _COLUMN_LIST: Final = ", ".join(_COLUMNS)
+# Chunks wholly before the cutoff with a non-empty file: catalog and file sizes only.
+# An emptied (truncated) chunk has no file pages; a late window gives it some again.
+_CHUNKS: Final = """
+SELECT k.chunk_schema, k.chunk_name, k.range_start, k.range_end
+FROM timescaledb_information.chunks k
+JOIN pg_namespace n ON n.nspname = k.chunk_schema
+JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = k.chunk_name
+WHERE k.hypertable_schema = current_schema() AND k.hypertable_name = 'readings'
+  AND k.range_end <= %s AND pg_relation_size(c.oid) > 0
+ORDER BY k.range_start
+"""
 _PARTS_CREATE: Final = f"""
 CREATE TEMP TABLE IF NOT EXISTS packing_parts ON COMMIT DELETE ROWS AS
 SELECT 0::smallint AS part, {_COLUMN_LIST} FROM readings WITH NO DATA
 """
-# Rows a window start not on its period grid (never written by the ingest) stay hot:
-# a slot could not say where they start.
-_MOVE_HOT: Final = f"""
-WITH moved AS (
-    DELETE FROM readings
-    WHERE ts >= %(start)s AND ts < %(end)s
-      AND mod(3600, period_s) = 0 AND mod(extract(epoch FROM ts), period_s) = 0
-    RETURNING {_COLUMN_LIST}
-)
-INSERT INTO packing_parts SELECT 1, {_COLUMN_LIST} FROM moved
+# The one read of the chunk's windows.
+_READ_CHUNK: Final = f"INSERT INTO packing_parts SELECT 1, {_COLUMN_LIST} FROM {{}}"
+# A window start off its period's grid (the wire refuses them, so only a hand-made row)
+# has no slot in an hour row.
+_OFF_GRID: Final = """
+SELECT count(*) FROM packing_parts
+WHERE mod(3600, period_s) <> 0 OR mod(extract(epoch FROM ts), period_s) <> 0
 """
+# The packed rows of the chunk's hours, bounded to them so no other day's chunk is read.
 _UNPACK_TOUCHED: Final = f"""
 WITH touched AS (
     DELETE FROM readings_packed p
@@ -100,6 +126,7 @@ WITH touched AS (
            FROM packing_parts) k
     WHERE p.device_id = k.device_id AND p.metric_id = k.metric_id
       AND p.period_s = k.period_s AND p.hour = k.hour
+      AND p.hour >= %(first_hour)s AND p.hour < %(end)s
     RETURNING p.*
 )
 INSERT INTO packing_parts
@@ -121,34 +148,40 @@ FROM (SELECT {", ".join(_KEY)}, {", ".join(f"{_merge(f)} AS {f}" for f in AGGREG
       FROM packing_parts GROUP BY {", ".join(_KEY)}) AS windows
 GROUP BY 1, device_id, metric_id, period_s
 """
-_HOT_HOURS: Final = (
-    "SELECT DISTINCT time_bucket('1 hour', ts) AS hour FROM readings WHERE ts < %s ORDER BY 1"
-)
 
 
 def _floor_hour(at: datetime) -> datetime:
     return at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
 
 
-def _chunks(hours: list[datetime], size: int) -> list[tuple[datetime, datetime]]:
-    """Ranges [first, last + 1 h) of up to `size` consecutive hot hours."""
-    return [
-        (hours[i], hours[min(i + size, len(hours)) - 1] + HOUR) for i in range(0, len(hours), size)
-    ]
+def chunks_to_pack(conn: psycopg.Connection[Any], older_than: datetime) -> list[Chunk]:
+    """`readings` chunks wholly before `older_than` that hold rows, oldest first."""
+    return [Chunk(*row) for row in conn.execute(_CHUNKS, (older_than,)).fetchall()]
 
 
 def pack_chunk(
-    conn: psycopg.Connection[Any], start: datetime, end: datetime, *, lock_timeout: str
+    conn: psycopg.Connection[Any], chunk: Chunk, *, lock_timeout: str = LOCK_TIMEOUT
 ) -> tuple[int, int]:
-    """Pack the hot windows in [start, end) in one transaction: (windows moved, hour rows)."""
+    """Pack one chunk in one transaction: (windows moved, hour rows written).
+
+    EXCLUSIVE mode lets readers of the chunk go on while holding off writers, so no
+    window committed after the read is truncated with the rest.
+    """
+    table = sql.Identifier(chunk.schema, chunk.name)
+    bounds = {"first_hour": _floor_hour(chunk.start), "end": chunk.end}
     with conn.transaction():
         conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(lock_timeout)))
+        conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(table))
         conn.execute(_PARTS_CREATE)
-        moved = conn.execute(_MOVE_HOT, {"start": start, "end": end}).rowcount
-        if moved == 0:
-            return 0, 0
-        conn.execute(_UNPACK_TOUCHED)
-        written = conn.execute(_WRITE_PACKED).rowcount
+        moved = conn.execute(sql.SQL(_READ_CHUNK).format(table)).rowcount
+        written = 0
+        if moved:
+            row = conn.execute(_OFF_GRID).fetchone()
+            if row and row[0]:
+                raise _OffGrid(f"{row[0]} windows")
+            conn.execute(_UNPACK_TOUCHED, bounds)
+            written = conn.execute(_WRITE_PACKED).rowcount
+        conn.execute(sql.SQL("TRUNCATE {}").format(table))
     return moved, written
 
 
@@ -156,25 +189,34 @@ def pack_windows(
     conn: psycopg.Connection[Any],
     *,
     older_than: datetime,
-    hours_per_transaction: int = DEFAULT_HOURS_PER_TRANSACTION,
     lock_timeout: str = LOCK_TIMEOUT,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> PackReport:
-    """Pack every complete UTC hour before `older_than`, oldest first, a chunk per transaction.
+    """Pack every `readings` chunk wholly before `older_than`, oldest first, one per transaction.
 
     `should_stop` is asked between chunks, so a stopping worker leaves after the
-    current one. Hours already packed are only touched again when late windows came.
+    current one. A chunk busy past `lock_timeout` is skipped and retried next run.
     """
-    if hours_per_transaction < 1:
-        raise ValueError("hours_per_transaction must be >= 1")
-    cutoff = _floor_hour(older_than)
-    hours = [row[0] for row in conn.execute(_HOT_HOURS, (cutoff,)).fetchall()]
-    windows = written = transactions = 0
-    for start, end in _chunks(hours, hours_per_transaction):
+    windows = written = packed = skipped = 0
+    for chunk in chunks_to_pack(conn, older_than):
         if should_stop():
             break
-        moved, rows = pack_chunk(conn, start, end, lock_timeout=lock_timeout)
-        windows, written, transactions = windows + moved, written + rows, transactions + 1
+        try:
+            moved, rows = pack_chunk(conn, chunk, lock_timeout=lock_timeout)
+        except psycopg.errors.LockNotAvailable:
+            logger.warning("packing: chunk %s is busy (lock timeout), retried next run", chunk.name)
+            skipped += 1
+            continue
+        except _OffGrid as exc:
+            logger.warning(
+                "packing: chunk %s left hot: %s start off their period's grid (not written by"
+                " the ingest); delete or correct them",
+                chunk.name,
+                exc,
+            )
+            skipped += 1
+            continue
+        windows, written, packed = windows + moved, written + rows, packed + 1
     if windows:
-        logger.info("packing: %s windows into %s hour rows before %s", windows, written, cutoff)
-    return PackReport(windows, written, transactions)
+        logger.info("packing: %s windows into %s hour rows before %s", windows, written, older_than)
+    return PackReport(windows, written, packed, skipped)

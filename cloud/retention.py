@@ -139,8 +139,8 @@ def _check_ages(ages: Mapping[str, float], key: str) -> dict[str, float]:
 class RetentionPolicy:
     """How long each table keeps data (days); tables not named are kept forever.
 
-    `pack_after_days`: windows older than this are packed on the Apache edition
-    (cloud/packing.py); None leaves them in `readings`.
+    `pack_after_days`: `readings` chunks that ended this long ago are packed on the
+    Apache edition (cloud/packing.py); None leaves them in `readings`.
     """
 
     ages_days: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_AGES_DAYS))

@@ -36,6 +36,7 @@ from tests.cloud.packing_support import (
 from tests.cloud.test_cloud_doc_examples import materialize
 
 HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
 BASE = datetime(2026, 11, 1, tzinfo=UTC)
 GIVE_UP_SECONDS = 120.0
 
@@ -85,7 +86,7 @@ def test_storage_at_rest_is_native_compression_only_on_the_timescale_license() -
 
 
 @pytest.mark.integration
-def test_packing_moves_complete_old_hours_into_one_row_each_and_reads_back_exactly(
+def test_packing_moves_whole_old_chunks_into_one_row_per_hour_and_reads_back_exactly(
     conn: psycopg.Connection, packer: psycopg.Connection
 ) -> None:
     rng = random.Random(18)
@@ -94,26 +95,25 @@ def test_packing_moves_complete_old_hours_into_one_row_each_and_reads_back_exact
     gappy = random_windows(
         rng, device_id=device, metric_id=metric, hour=BASE + HOUR, hours=4, missing=0.1
     )
-    truth = merged(dense, gappy)
+    next_day = random_windows(rng, device_id=device, metric_id=metric, hour=BASE + DAY, hours=2)
+    truth = merged(dense, gappy, next_day)
     store(conn, truth)
-    cutoff = BASE + 3 * HOUR + timedelta(minutes=30)  # hour 3 is not complete before it
+    cutoff = BASE + DAY + 3 * HOUR  # the second day's chunk is not wholly before it
 
-    report = pack_windows(packer, older_than=cutoff, hours_per_transaction=2)
+    report = pack_windows(packer, older_than=cutoff)
 
-    assert report == PackReport(
-        windows=sum(1 for key in truth if key[0] < BASE + 3 * HOUR), hours=3, transactions=2
-    )
-    assert hot_hours(conn) == [BASE + 3 * HOUR, BASE + 4 * HOUR]
-    assert packed_hours(conn) == [BASE, BASE + HOUR, BASE + 2 * HOUR]
+    assert report == PackReport(windows=len(dense) + len(gappy), hours=5, chunks=1)
+    assert hot_hours(conn) == [BASE + DAY, BASE + DAY + HOUR]
+    assert packed_hours(conn) == [BASE + h * HOUR for h in range(5)]
     slots = conn.execute("SELECT hour, slots IS NULL FROM readings_packed ORDER BY 1").fetchall()
-    assert slots == [(BASE, True), (BASE + HOUR, False), (BASE + 2 * HOUR, False)]
+    assert slots == [(BASE, True)] + [(BASE + h * HOUR, False) for h in range(1, 5)]
     assert windows_at_rest(conn) == truth  # every field of every window, bit for bit
     options = conn.execute(
         "SELECT DISTINCT c.reloptions FROM pg_class c JOIN timescaledb_information.chunks k"
         " ON k.chunk_name = c.relname WHERE k.hypertable_name = 'readings_packed'"
     ).fetchall()
     assert options == [(["toast_tuple_target=128"],)]
-    assert pack_windows(packer, older_than=cutoff) == PackReport()
+    assert pack_windows(packer, older_than=cutoff) == PackReport()  # the emptied chunk: no pages
 
 
 @pytest.mark.integration
@@ -125,7 +125,7 @@ def test_late_window_for_a_packed_hour_is_stored_once_then_merged_into_its_row(
     base = random_windows(rng, device_id=device, metric_id=metric, hour=BASE, hours=2)
     del base[(BASE + timedelta(seconds=1230), device, metric, PERIOD_S)]  # a slot never sent
     store(conn, base)
-    pack_windows(packer, older_than=BASE + 2 * HOUR)
+    pack_windows(packer, older_than=BASE + DAY)
     assert hot_hours(conn) == []
 
     def key(seconds: int) -> tuple[datetime, int, int, int]:
@@ -139,8 +139,8 @@ def test_late_window_for_a_packed_hour_is_stored_once_then_merged_into_its_row(
     stored = conn.execute("SELECT count(*) FROM readings").fetchone()
     assert stored == (4,)  # each late window stored once, in the hot form
     assert windows_at_rest(conn) == truth  # read across both forms, merged
-    report = pack_windows(packer, older_than=BASE + 2 * HOUR)
-    assert (report.windows, report.hours) == (4, 2)
+    report = pack_windows(packer, older_than=BASE + DAY)
+    assert (report.windows, report.hours, report.chunks) == (4, 2, 1)
     assert hot_hours(conn) == []
     assert windows_at_rest(conn) == truth  # merged into the packed rows by the contract's rules
     split = truth[key(3590)]
@@ -148,6 +148,51 @@ def test_late_window_for_a_packed_hour_is_stored_once_then_merged_into_its_row(
     assert (split.first, split.last) == (base[key(3590)].first, late[key(3590)].last)
     rows = conn.execute("SELECT hour, windows, slots IS NULL FROM readings_packed ORDER BY 1")
     assert rows.fetchall() == [(BASE, SLOTS_PER_HOUR, True), (BASE + HOUR, SLOTS_PER_HOUR, True)]
+
+
+@pytest.mark.integration
+def test_a_chunk_holding_a_window_off_its_grid_is_left_hot_and_the_others_are_packed(
+    conn: psycopg.Connection, packer: psycopg.Connection
+) -> None:
+    rng = random.Random(11)
+    device, metric = ids(conn, "press-1", "temp")
+    first = random_windows(rng, device_id=device, metric_id=metric, hour=BASE, hours=1)
+    second = random_windows(rng, device_id=device, metric_id=metric, hour=BASE + DAY, hours=1)
+    odd = {(BASE + timedelta(seconds=5), device, metric, PERIOD_S): random_aggregate(rng)}
+    store(conn, merged(first, second, odd))  # written by hand: the wire refuses such a start
+
+    report = pack_windows(packer, older_than=BASE + 2 * DAY)
+
+    assert report == PackReport(windows=len(second), hours=1, chunks=1, skipped=1)
+    assert hot_hours(conn) == [BASE]  # the whole first day is left as it was
+    assert windows_at_rest(conn) == merged(first, second, odd)
+
+
+@pytest.mark.integration
+def test_a_chunk_an_ingest_is_writing_to_is_skipped_then_packed_with_that_write_next_run(
+    db: str, conn: psycopg.Connection, packer: psycopg.Connection
+) -> None:
+    rng = random.Random(13)
+    device, metric = ids(conn, "press-1", "temp")
+    first = random_windows(rng, device_id=device, metric_id=metric, hour=BASE, hours=1)
+    second = random_windows(rng, device_id=device, metric_id=metric, hour=BASE + DAY, hours=1)
+    store(conn, merged(first, second))
+    late = {(BASE + 2 * HOUR, device, metric, PERIOD_S): random_aggregate(rng)}
+
+    # An ingest transaction storing a late window for the first day, not committed yet:
+    # the run skips that chunk rather than wait, and packs the other.
+    with psycopg.connect(db) as ingest:
+        ingest.execute("SELECT 1")  # open the transaction the COPY runs in
+        store(ingest, late)
+        report = pack_windows(packer, older_than=BASE + 2 * DAY, lock_timeout="500ms")
+        assert report == PackReport(windows=len(second), hours=1, chunks=1, skipped=1)
+        ingest.commit()
+
+    assert hot_hours(conn) == [BASE, BASE + 2 * HOUR]
+    report = pack_windows(packer, older_than=BASE + 2 * DAY)
+    assert report == PackReport(windows=len(first) + 1, hours=2, chunks=1)
+    assert hot_hours(conn) == []
+    assert windows_at_rest(conn) == merged(first, second, late)
 
 
 def _waiting_packer_pid(conn: psycopg.Connection, login: str) -> int | None:
@@ -166,34 +211,36 @@ def test_a_packing_run_killed_between_its_steps_loses_and_doubles_nothing(
 ) -> None:
     rng = random.Random(3)
     device, metric = ids(conn, "press-1", "temp")
-    base = random_windows(rng, device_id=device, metric_id=metric, hour=BASE, hours=4)
+    base = merged(
+        *(
+            random_windows(rng, device_id=device, metric_id=metric, hour=BASE + d * DAY, hours=2)
+            for d in range(2)
+        )
+    )
     store(conn, base)
-    pack_windows(packer, older_than=BASE + 4 * HOUR)
+    pack_windows(packer, older_than=BASE + 2 * DAY)
     late = {
-        (BASE + h * HOUR + timedelta(seconds=600), device, metric, PERIOD_S): random_aggregate(rng)
-        for h in range(4)
+        (BASE + d * DAY + h * HOUR + timedelta(seconds=600), device, metric, PERIOD_S): (
+            random_aggregate(rng)
+        )
+        for d in range(2)
+        for h in range(2)
     }
     store(conn, late)
     truth = merged(base, late)
     before_hot = conn.execute("SELECT * FROM readings ORDER BY ts").fetchall()
     before_packed = conn.execute("SELECT * FROM readings_packed ORDER BY hour").fetchall()
+    second_day = [BASE + DAY, BASE + DAY + HOUR]
 
-    # Another session holds the packed row of hour 2: the run's second chunk (hours 2-3)
-    # moves its hot rows, then waits to take that row out; it is killed right there.
+    # Another session holds a packed row of the second day: the run packs the first day's
+    # chunk, reads the second's, then waits to take that row out; it is killed right there.
     with psycopg.connect(db) as blocker:
-        blocker.execute(
-            "SELECT 1 FROM readings_packed WHERE hour = %s FOR UPDATE", (BASE + 2 * HOUR,)
-        )
+        blocker.execute("SELECT 1 FROM readings_packed WHERE hour = %s FOR UPDATE", (BASE + DAY,))
         errors: list[BaseException] = []
 
         def run() -> None:
             try:
-                pack_windows(
-                    packer,
-                    older_than=BASE + 4 * HOUR,
-                    hours_per_transaction=2,
-                    lock_timeout="10min",
-                )
+                pack_windows(packer, older_than=BASE + 2 * DAY, lock_timeout="10min")
             except psycopg.Error as exc:
                 errors.append(exc)
 
@@ -204,23 +251,23 @@ def test_a_packing_run_killed_between_its_steps_loses_and_doubles_nothing(
             if time.monotonic() > give_up or not thread.is_alive():
                 break
             time.sleep(0.1)
-        assert pid is not None, "the packing run never reached its second step"
-        # Its own transaction has moved hours 2-3 out of readings: not visible, not committed.
-        assert hot_hours(conn) == [BASE + 2 * HOUR, BASE + 3 * HOUR]
+        assert pid is not None, "the packing run never reached the second chunk's second step"
+        # It has read the second day's chunk; readers still see it, nothing is committed.
+        assert hot_hours(conn) == second_day
         conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
         thread.join(GIVE_UP_SECONDS)
         blocker.rollback()
     assert not thread.is_alive() and len(errors) == 1
 
     # The first chunk committed; the killed one left both tables as they were.
-    assert hot_hours(conn) == [BASE + 2 * HOUR, BASE + 3 * HOUR]
+    assert hot_hours(conn) == second_day
     hot = conn.execute("SELECT * FROM readings ORDER BY ts").fetchall()
-    assert hot == [r for r in before_hot if r[0] >= BASE + 2 * HOUR]
+    assert hot == [r for r in before_hot if r[0] >= BASE + DAY]
     packed = conn.execute("SELECT * FROM readings_packed ORDER BY hour").fetchall()
     assert packed[2:] == before_packed[2:]
     assert windows_at_rest(conn) == truth
     with psycopg.connect(db, user=retention_login, autocommit=True) as again:
-        assert pack_windows(again, older_than=BASE + 4 * HOUR).windows == 2
+        assert pack_windows(again, older_than=BASE + 2 * DAY).windows == 2
     assert hot_hours(conn) == []
     assert windows_at_rest(conn) == truth
 
@@ -250,7 +297,7 @@ def test_the_retention_schedule_packs_old_windows_and_drops_packed_chunks_at_the
 
     assert result is not None and scheduler.last_error is None
     assert result["readings"] == 2  # the packed chunk and the emptied hot one, 100 days old
-    assert scheduler.last_packing == PackReport(windows=len(old), hours=1, transactions=1)
+    assert scheduler.last_packing == PackReport(windows=len(old), hours=1, chunks=1)
     assert packed_hours(conn) == [now - 10 * 24 * HOUR]
     assert hot_hours(conn) == [now - HOUR]
     assert windows_at_rest(conn) == merged(old, recent)
