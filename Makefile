@@ -21,7 +21,7 @@ lint:
 	$(VENV)/bin/lint-imports
 
 test: setup lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	PY=$(PY) scripts/run-tests $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) bench/run.py
