@@ -62,6 +62,8 @@ INGEST_PRIVILEGES: Final[Mapping[str, tuple[str, ...]]] = {
     "metric_freshness": ("SELECT", "INSERT", "UPDATE"),
     # The alert notification outbox: intents written at ingest, marked by the senders.
     "notifications": ("SELECT", "INSERT", "UPDATE"),
+    # A gateway's broker move and a new database primary (cloud/opsevents.py).
+    "ops_events": ("SELECT", "INSERT"),
 }
 # The dashboard reads everything; beyond that it acknowledges alerts and audits it.
 DASHBOARD_COLUMN_UPDATES: Final[Mapping[str, tuple[str, ...]]] = {
@@ -95,6 +97,8 @@ RETENTION_HYPERTABLES: Final = (
     "device_health_history",
     "readings_packed",
 )
+# The replication state for the dashboard (migration 0009 says why SECURITY DEFINER).
+REPLICATION_FUNCTION: Final = "millrace_replication"
 _SKIP_TABLES: Final = frozenset({"alembic_version"})
 
 
@@ -370,6 +374,24 @@ def _ensure_drop_chunks_function(conn: psycopg.Connection[Any], schema: str) -> 
     return True
 
 
+def _grant_replication_function(conn: psycopg.Connection[Any]) -> bool:
+    """Let the dashboard role read the replication state; only when it may not yet."""
+    function = sql.Identifier(_schema(conn.cursor()), REPLICATION_FUNCTION)
+    signature = sql.SQL("{}()").format(function).as_string(conn)
+    row = conn.execute(
+        "SELECT has_function_privilege(%s, %s::regprocedure, 'EXECUTE')",
+        [DASHBOARD_ROLE, signature],
+    ).fetchone()
+    if row is not None and row[0]:
+        return False
+    conn.execute(
+        sql.SQL("GRANT EXECUTE ON FUNCTION {}() TO {}").format(
+            function, sql.Identifier(DASHBOARD_ROLE)
+        )
+    )
+    return True
+
+
 def _schema(cur: psycopg.Cursor[Any]) -> str:
     cur.execute("SELECT current_schema()")
     row = cur.fetchone()
@@ -438,6 +460,8 @@ def upgrade(dsn: str) -> UpgradeReport:
                     changed = _grant(conn, _tables(cur))
                     if _ensure_drop_chunks_function(conn, _schema(cur)):
                         changed.append(DROP_CHUNKS_FUNCTION)
+                    if _grant_replication_function(conn):
+                        changed.append(REPLICATION_FUNCTION)
             finally:
                 if not conn.broken:
                     conn.execute("SELECT pg_advisory_unlock(%s)", [ADVISORY_LOCK_KEY])

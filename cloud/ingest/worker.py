@@ -137,6 +137,7 @@ class Worker:
             config.limits, on_suppressed=self.metrics.dead_letters_suppressed.inc
         )
         self._store.notify = config.notify
+        self._store.brokers = tuple(f"{host}:{port}" for host, port in config.broker.endpoints)
         # Delivers notification intents after commit, on threads and connections of its own,
         # so a dead webhook or mail server never slows ingest (cloud/alerts/notify.py).
         self._sender = NotificationSender(
