@@ -30,6 +30,7 @@ from typing import Any, Final, Literal
 import psycopg
 
 from millrace import topics
+from millrace.cloud import opsevents
 from millrace.cloud.alerts.engine import AlertEngine
 from millrace.cloud.alerts.notify import NotificationSender, enqueue
 from millrace.cloud.config import IngestConfig
@@ -253,6 +254,7 @@ class Worker:
             try:
                 conn = self._connect()
                 conn.execute("SELECT 1")
+                self._note_primary(conn)
                 self._conn = conn
                 self._engine = AlertEngine.load(conn, reload_after_s=self.config.alert_refresh_s)
                 self.metrics.db_up.set(1)
@@ -265,6 +267,13 @@ class Worker:
             self._stop.wait(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, DB_BACKOFF_MAX_SECONDS)
         return False
+
+    def _note_primary(self, conn: psycopg.Connection[Any]) -> None:
+        """A database failover is an event operators see: the primary, if it changed."""
+        try:
+            opsevents.note_primary(conn)
+        except psycopg.Error as exc:  # not worth refusing to ingest for
+            log.warning("database primary not recorded (%s)", describe(exc))
 
     def _recover(self, why: str) -> None:
         """Stop consuming, reconnect the database, then the broker (which redelivers)."""

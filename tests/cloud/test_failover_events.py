@@ -134,3 +134,11 @@ def test_a_gateway_moving_between_real_brokers_shows_as_a_move_on_the_pipeline_p
     ]
     assert lines == [f"{device} moved from broker {endpoint(a)} to {endpoint(b)}"]
     assert brokers.set_index("device").loc[device, "broker"] == endpoint(b)
+    # The worker's first connection names the primary it found.
+    primaries = events[events["kind"] == "db_primary"]
+    assert list(primaries["to_value"]) == [_server(ingest_db.ingest_dsn)]
+
+
+def _server(dsn: str) -> str:
+    with psycopg.connect(dsn) as conn:
+        return opsevents.server_of(conn)
