@@ -20,7 +20,7 @@ import psycopg
 import streamlit as st
 from sqlalchemy import Engine, create_engine
 
-from millrace.dashboards import queries
+from millrace.dashboards import queries, redundancy
 from millrace.dashboards.auth import AuthUser, PermissionDenied, can_acknowledge
 from millrace.dashboards.config import CONFIG_ENV, DashboardConfig, load_config
 from millrace.dashboards.resolution import Resolution
@@ -239,6 +239,21 @@ def commit_latency(dsn: str, *, start: datetime, end: datetime, bucket_s: int) -
 @_cached
 def dead_letter_timeline(dsn: str, *, start: datetime, end: datetime, bucket_s: int) -> Any:
     return _run(dsn, queries.dead_letter_timeline, start=start, end=end, bucket_s=bucket_s)
+
+
+@_cached
+def database_state(dsn: str) -> redundancy.DatabaseState:
+    return _run(dsn, redundancy.database_state)
+
+
+@_cached
+def ops_events_in(dsn: str, *, start: datetime, end: datetime) -> Any:
+    return _run(dsn, redundancy.ops_events_in, start=start, end=end)
+
+
+@_cached
+def gateway_brokers(dsn: str) -> Any:
+    return _run(dsn, redundancy.gateway_brokers)
 
 
 _ALERT_VIEWS: Final = (active_alerts, unacknowledged_alerts, alert_history, active_alert_counts)

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import pandas as pd
 import streamlit as st
 
-from millrace.dashboards import charts, data, ui
+from millrace.dashboards import charts, data, redundancy, ui
 
 RANGE_LABELS = ("15 min", "1 h", "6 h", "24 h")
 
 ctx = ui.page(
     "Pipeline",
-    "Ingest rate, delivery delay, commit latency and refused messages over time.",
+    "Ingest rate, delivery delay, commit latency and refused messages over time; the "
+    "database nodes, each gateway's broker and failovers.",
 )
 range_label, range_s = ui.range_picker("pipeline_range", labels=RANGE_LABELS, default="1 h")
 
@@ -32,6 +34,81 @@ def _series_chart(
         color="series",
         color_title=color_title,
         domain=domain,
+    )
+
+
+def _database(state: redundancy.DatabaseState) -> None:
+    """Which node is primary and how far the other is behind."""
+    rows = state.replication
+    if state.primary:
+        st.markdown(f"**Database primary:** `{state.server}` (the node this dashboard reads)")
+    else:
+        upstream = rows["address"].iloc[0] if not rows.empty else "unknown"
+        st.markdown(
+            f"**Database primary:** `{upstream}`; this dashboard reads the standby `{state.server}`"
+        )
+    if rows.empty:
+        st.caption(
+            "No standby is streaming: the database has no replica, or it is down "
+            "(`patronictl list`)."
+            if state.primary
+            else "This standby is not streaming from a primary."
+        )
+        return
+    st.dataframe(
+        ui.fill_text(rows, ["name", "address", "state", "sync_state"]),
+        hide_index=True,
+        column_config={
+            "role": "Node",
+            "name": "Name",
+            "address": "Address",
+            "state": "State",
+            "sync_state": "Sync",
+            "replay_lag_s": st.column_config.NumberColumn(
+                "Replay lag (s)",
+                format="%.3f",
+                help="How long ago the standby replayed what the primary had then committed; "
+                "empty while idle and caught up.",
+            ),
+            "lag_bytes": st.column_config.NumberColumn(
+                "Lag (bytes)", help="WAL the standby has not replayed yet."
+            ),
+        },
+    )
+
+
+def _redundancy(range_label: str, start: datetime, end: datetime) -> None:
+    """The database nodes, each gateway's broker, and failovers in the range."""
+    st.subheader("Redundancy")
+    _database(data.database_state())
+    brokers = data.gateway_brokers()
+    if not brokers.empty:
+        counts = brokers.groupby("broker").size()
+        st.markdown(
+            "**Gateways per broker:** " + ", ".join(f"`{b}` {n}" for b, n in counts.items())
+        )
+        with st.expander("Which broker each gateway is on"):
+            st.dataframe(
+                ui.table_times(brokers, ctx.tz, ["since"]),
+                hide_index=True,
+                column_config={"device": "Device", "broker": "Broker", "since": "Since"},
+            )
+    moves = data.ops_events_in(start=start, end=end)
+    if moves.empty:
+        st.caption(f"No failover in the last {range_label}: no gateway moved, same primary.")
+        return
+    lines = ui.table_times(moves, ctx.tz, ["at"]).assign(
+        event=[
+            redundancy.describe_event(k, d, f, t)
+            for k, d, f, t in zip(
+                moves["kind"], moves["device"], moves["from_value"], moves["to_value"], strict=True
+            )
+        ]
+    )
+    st.dataframe(
+        lines[["at", "event"]],
+        hide_index=True,
+        column_config={"at": "When", "event": "Failover"},
     )
 
 
@@ -78,6 +155,7 @@ def pipeline(range_label: str, range_s: int) -> None:
             help=f"Messages the ingest refused in the last {range_label} (reasons below).",
             border=True,
         )
+        _redundancy(range_label, start, end)
 
         if ingest.empty:
             ui.empty(
