@@ -23,6 +23,8 @@ DSN_ENV: Final = "MILLRACE_SPARKPLUG_DSN"
 DEFAULT_PERIODS_S: Final = (10,)
 DEFAULT_FLUSH_MS: Final = 500
 DEFAULT_REBIRTH_INTERVAL_S: Final = 5.0
+# Readings, states and dead letters held while storing fails (~200 B each: ~200 MB).
+DEFAULT_MAX_PENDING: Final = 1_000_000
 _ID_FORBIDDEN: Final = frozenset("/+#")
 
 
@@ -39,6 +41,7 @@ class SparkplugConfig:
     flush_ms: int = DEFAULT_FLUSH_MS
     rebirth_interval_s: float = DEFAULT_REBIRTH_INTERVAL_S
     bounds: Bounds = field(default_factory=Bounds)
+    max_pending: int = DEFAULT_MAX_PENDING
 
 
 def _sparkplug_id(t: Table, key: str, value: str) -> str:
@@ -85,6 +88,7 @@ def parse_config(data: dict[str, Any], *, base: Path, source: str = "<config>") 
             ),
             max_metrics=sp.integer("max_metrics", DEFAULT_MAX_METRICS, low=1, high=1_000_000),
         ),
+        max_pending=sp.integer("max_pending", DEFAULT_MAX_PENDING, low=1, high=100_000_000),
     )
     for table in (root, database, broker_table, sp):
         table.check_unknown()

@@ -1,10 +1,13 @@
 """The Sparkplug B primary host application: STATE, subscriptions, rebirths, and the store loop.
 
-One MQTT session (clean start, as the spec asks of a host) with its STATE will registered
-at connect: `spBv1.0/STATE/<host_id>` `{"online": false, "timestamp": T}`, retained; once
-subscribed it publishes `{"online": true, "timestamp": T}` retained, the same T. paho's
-network thread only queues messages; the host's thread judges them in arrival order
-(sessions.py), windows numbers (windows.py), and every `flush_ms` stores what closed,
+One MQTT session on every configured broker (clean start, as the spec asks of a host;
+nodes may be on any of them), each with the host's STATE will registered at connect:
+`spBv1.0/STATE/<host_id>` `{"online": false, "timestamp": T}`, retained; once subscribed
+it publishes `{"online": true, "timestamp": T}` retained, the same T, on that broker.
+paho's network threads only queue messages, tagged with their broker; the host's thread
+judges them in arrival order (sessions.py; a node's session belongs to the broker that
+carried its NBIRTH, and a rebirth is asked through the broker that carried the message),
+windows numbers (windows.py), and every `flush_ms` stores what closed,
 the events, registry changes and dead letters through the ingest store
 (cloud/ingest/store.py) in one transaction. A failed transaction keeps the items and is
 retried with the same batch keys, so the ingest ledger stores each batch once.
@@ -46,6 +49,8 @@ REBIRTH_METRIC: Final = "Node Control/Rebirth"
 BOOLEAN: Final = 11
 DB_BACKOFF_MAX_SECONDS: Final = 10.0
 QUEUE_MAX: Final = 100_000
+# Judged whatever the backlog: they open and close sessions (seq restarts at NBIRTH).
+_SESSION_KINDS: Final = frozenset({"NBIRTH", "NDEATH"})
 
 
 def now_ms() -> int:
@@ -79,6 +84,8 @@ class Counters:
     rebirths_asked: int = 0
     batches: int = 0
     transactions: int = 0
+    # Data messages not judged because `max_pending` was reached while storing failed.
+    dropped: int = 0
 
 
 class Host:
@@ -91,23 +98,27 @@ class Host:
         self.counters = Counters()
         self.ready = threading.Event()
         self._stop = threading.Event()
-        self._inbox: queue.Queue[tuple[str, bytes, datetime]] = queue.Queue(QUEUE_MAX)
+        self._inbox: queue.Queue[tuple[str, bytes, datetime, int]] = queue.Queue(QUEUE_MAX)
         self._boot_id = uuid.uuid4().hex  # the host's batch stream; keys (device, boot, seq)
         self._seq: dict[str, int] = defaultdict(int)
         self._events: dict[str, list[Event]] = defaultdict(list)
         self._items: list[Classified] = []
-        self._last_rebirth: dict[tuple[str, str], float] = {}
+        self._last_rebirth: dict[tuple[str, str, int], float] = {}
+        self._born_on: dict[tuple[str, str], int] = {}  # node -> broker of its NBIRTH
+        self._pending = 0  # items and readings judged since the last stored transaction
         self._store = BatchStore(count_error=lambda _kind: None)
         self._conn: psycopg.Connection[Any] | None = None
         self._engine: AlertEngine | None = None
         self._state_ts = now_ms()
-        self._client = self._mqtt()
+        self.brokers = self.config.broker.endpoints
+        self._online: set[int] = set()
+        self._clients = [self._mqtt(i) for i in range(len(self.brokers))]
 
     # -- MQTT ------------------------------------------------------------------------------
 
-    def _mqtt(self) -> Any:
+    def _mqtt(self, index: int) -> Any:
         b = self.config.broker
-        client = tls_client(self.config.host_id, ca=b.ca, cert=b.cert, key=b.key)
+        client = tls_client(self.config.host_id, ca=b.ca, cert=b.cert, key=b.key, userdata=index)
         client.will_set(
             sptopic.state_topic(self.config.host_id),
             state_payload(False, self._state_ts),
@@ -116,11 +127,12 @@ class Host:
         )
         client.on_connect = self._on_connect
         client.on_message = self._on_message
+        client.on_disconnect = self._on_disconnect
         return client
 
-    def _on_connect(self, client: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+    def _on_connect(self, client: Any, index: int, _f: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
-            log.warning("broker refused the host: %s", reason)
+            log.warning("broker %s:%s refused the host: %s", *self.brokers[index], reason)
             return
         for topic in sptopic.subscriptions(self.config.groups):
             client.subscribe(topic, qos=1)
@@ -131,51 +143,93 @@ class Host:
             qos=1,
             retain=True,
         )
-        log.info("sparkplug host %s online", self.config.host_id)
-        self.ready.set()
+        log.info("sparkplug host %s online on %s:%s", self.config.host_id, *self.brokers[index])
+        self._online.add(index)
+        if len(self._online) == len(self._clients):
+            self.ready.set()
 
-    def _on_message(self, _client: Any, _u: Any, msg: Any) -> None:
-        self._inbox.put((msg.topic, bytes(msg.payload), datetime.now(UTC)))
+    def _on_disconnect(self, _c: Any, index: int, _f: Any, _reason: Any, _p: Any) -> None:
+        self._online.discard(index)
 
-    def ask_rebirth(self, group: str, node: str) -> bool:
-        """Publish NCMD Node Control/Rebirth, at most once per `rebirth_interval_s` per node."""
-        key = (group, node)
+    def _on_message(self, _client: Any, index: int, msg: Any) -> None:
+        self._inbox.put((msg.topic, bytes(msg.payload), datetime.now(UTC), index))
+
+    def ask_rebirth(self, group: str, node: str, broker: int = 0) -> bool:
+        """Publish NCMD Node Control/Rebirth through `broker` (the one that carried the node's
+        message), at most once per `rebirth_interval_s` per node and broker."""
+        key = (group, node, broker)
         mono = time.monotonic()
         last = self._last_rebirth.get(key)
         if last is not None and mono - last < self.config.rebirth_interval_s:
             return False
         self._last_rebirth[key] = mono
-        self._client.publish(
+        self._clients[broker].publish(
             sptopic.node_topic(group, "NCMD", node), rebirth_payload(now_ms()), qos=0
         )
         self.counters.rebirths_asked += 1
-        log.info("asked %s/%s for a rebirth", group, node)
+        log.info("asked %s/%s for a rebirth via %s:%s", group, node, *self.brokers[broker])
         return True
 
     # -- judging -------------------------------------------------------------------------
 
-    def judge(self, topic: str, payload: bytes, received_at: datetime) -> None:
-        """One message, in arrival order: into the windows and items, or a dead letter."""
+    def judge(self, topic: str, payload: bytes, received_at: datetime, broker: int = 0) -> None:
+        """One message from `broker`, in arrival order: into the windows and items, or a
+        dead letter."""
         self.counters.messages += 1
+        sp: sptopic.SpTopic | None = None
+        with contextlib.suppress(sptopic.TopicError):
+            sp = sptopic.parse(topic)
+        if sp is not None:
+            if self._over_cap(sp.kind):
+                return
+            born_on = self._born_on.get(sp.node_key)
+            if born_on is not None and born_on != broker and sp.kind not in _SESSION_KINDS:
+                self._refuse(topic, sp, broker, payload, received_at, _other_broker(self, born_on))
+                return
         received = int(received_at.timestamp() * 1000)
         outcome = self.sessions.handle(topic, payload, received)
         if isinstance(outcome, Duplicate):
             self.counters.duplicates += 1
             return
         if isinstance(outcome, Refused):
-            self.counters.refused[outcome.code] += 1
-            self._items.append(
-                DeadLetter(
-                    topic, outcome.device, outcome.code, outcome.reason, None, payload, received_at
-                )
-            )
-            if outcome.rebirth:
-                sp = sptopic.parse(topic)
-                self.ask_rebirth(sp.group, sp.node)
+            self._refuse(topic, sp, broker, payload, received_at, outcome)
             return
+        if sp is not None and sp.kind == "NBIRTH":
+            self._born_on[sp.node_key] = broker
         self._accept(outcome, received, received_at)
 
+    def _over_cap(self, kind: str) -> bool:
+        """True (and counted) for a data message judged past `max_pending`: dropped unjudged,
+        so the node's next message after the outage is a seq gap, dead-lettered and answered
+        by a rebirth; NBIRTH and NDEATH are always judged (the registry stays right)."""
+        if self._pending < self.config.max_pending or kind in _SESSION_KINDS:
+            return False
+        if self.counters.dropped % 10_000 == 0:
+            log.warning("%s items wait for the database: dropping data messages", self._pending)
+        self.counters.dropped += 1
+        return True
+
+    def _refuse(
+        self,
+        topic: str,
+        sp: sptopic.SpTopic | None,
+        broker: int,
+        payload: bytes,
+        received_at: datetime,
+        outcome: Refused,
+    ) -> None:
+        self.counters.refused[outcome.code] += 1
+        self._pending += 1
+        self._items.append(
+            DeadLetter(
+                topic, outcome.device, outcome.code, outcome.reason, None, payload, received_at
+            )
+        )
+        if outcome.rebirth and sp is not None:
+            self.ask_rebirth(sp.group, sp.node, broker)
+
     def _accept(self, accepted: Accepted, received: int, received_at: datetime) -> None:
+        self._pending += len(accepted.readings) + len(accepted.online) + len(accepted.offline)
         for device, units in accepted.online.items():
             self._items.append(
                 StateItem(DeviceState(device, "online", received, units=units), received_at)
@@ -226,6 +280,7 @@ class Host:
             return False
         self.counters.transactions += 1
         self._items = []
+        self._pending = len(self.windows) + sum(map(len, self._events.values()))
         return True
 
     def _connection(self) -> psycopg.Connection[Any]:
@@ -236,15 +291,20 @@ class Host:
 
     def _say_offline(self) -> None:
         """A clean stop sends no will: publish the offline STATE ourselves, then leave."""
-        info = self._client.publish(
-            sptopic.state_topic(self.config.host_id),
-            state_payload(False, self._state_ts),
-            qos=1,
-            retain=True,
-        )
-        with contextlib.suppress(RuntimeError, ValueError):
-            info.wait_for_publish(5)
-        self._client.disconnect()
+        sent = [
+            client.publish(
+                sptopic.state_topic(self.config.host_id),
+                state_payload(False, self._state_ts),
+                qos=1,
+                retain=True,
+            )
+            for client in self._clients
+        ]
+        for info in sent:
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(5)
+        for client in self._clients:
+            client.disconnect()
 
     # -- life ------------------------------------------------------------------------------
 
@@ -253,10 +313,9 @@ class Host:
 
     def run(self, on_turn: Callable[[], None] | None = None) -> int:
         """Connect, judge and store until stopped; then close every window and store it."""
-        b = self.config.broker
-        host, port = b.endpoints[0]
-        self._client.connect_async(host, port, keepalive=b.keepalive_s)
-        self._client.loop_start()
+        for client, (host, port) in zip(self._clients, self.brokers, strict=True):
+            client.connect_async(host, port, keepalive=self.config.broker.keepalive_s)
+            client.loop_start()
         backoff = self.config.flush_ms / 1000
         next_flush = time.monotonic() + self.config.flush_ms / 1000
         try:
@@ -284,10 +343,19 @@ class Host:
                 )
             return 0
         finally:
-            self._client.loop_stop()
+            for client in self._clients:
+                client.loop_stop()
             if self._conn is not None:
                 self._conn.close()
             log.info("sparkplug host stopped: %s", self.counters)
+
+
+def _other_broker(host: Host, born_on: int) -> Refused:
+    """A node's message through a broker other than its NBIRTH's: not its current session."""
+    where = "{}:{}".format(*host.brokers[born_on])
+    return Refused(
+        "other_broker", f"the node's session was born on {where}; rebirth asked", rebirth=True
+    )
 
 
 def run_host(config: SparkplugConfig) -> int:
