@@ -40,6 +40,8 @@ DEFAULT_KEEPALIVE_SECONDS: Final = configfile.DEFAULT_BROKER_KEEPALIVE_SECONDS
 # A batch commits at whichever comes first; 200 ms keeps window-close-to-commit well under 1 s.
 DEFAULT_BATCH_MAX_ROWS: Final = 20_000
 DEFAULT_BATCH_MAX_DELAY_MS: Final = 200
+# Rollups merge their commits' partials this often: the lag of rollups behind readings.
+DEFAULT_ROLLUP_DRAIN_MS: Final = 1000
 # Edge outboxes keep up to a week by default; older data is a broken clock or a lost cause.
 DEFAULT_MAX_AGE_SECONDS: Final = 8 * 24 * 3600
 DEFAULT_MAX_SKEW_SECONDS: Final = 300
@@ -70,6 +72,8 @@ class BatchSettings:
 
     max_rows: int = DEFAULT_BATCH_MAX_ROWS
     max_delay_ms: int = DEFAULT_BATCH_MAX_DELAY_MS
+    # Rollups trail their readings by about this (cloud/ingest/rollup_drain.py).
+    rollup_drain_ms: int = DEFAULT_ROLLUP_DRAIN_MS
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +227,9 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: str = "<config>
     batch_settings = BatchSettings(
         max_rows=batch.integer("max_rows", DEFAULT_BATCH_MAX_ROWS, low=1, high=1_000_000),
         max_delay_ms=batch.integer("max_delay_ms", DEFAULT_BATCH_MAX_DELAY_MS, low=1, high=60_000),
+        rollup_drain_ms=batch.integer(
+            "rollup_drain_ms", DEFAULT_ROLLUP_DRAIN_MS, low=10, high=60_000
+        ),
     )
     validation = root.table("validation")
     validation_settings = ValidationSettings(

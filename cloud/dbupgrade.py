@@ -45,6 +45,8 @@ INGEST_PRIVILEGES: Final[Mapping[str, tuple[str, ...]]] = {
     "events": ("SELECT", "INSERT"),
     "rollup_hourly": ("SELECT", "INSERT", "UPDATE"),
     "rollup_daily": ("SELECT", "INSERT", "UPDATE"),
+    # Commits add partials; a drain deletes them (UPDATE: its FOR UPDATE SKIP LOCKED).
+    "rollup_pending": ("SELECT", "INSERT", "UPDATE", "DELETE"),
     "dead_letters": ("INSERT",),
     "dead_letter_overflow": ("SELECT", "INSERT", "UPDATE"),
     "device_metrics": ("SELECT", "INSERT"),

@@ -1,16 +1,20 @@
-"""Hourly and daily rollups, maintained incrementally inside the ingest transaction.
+"""Hourly and daily rollups, maintained incrementally in two stages.
 
-Windows are first merged in Python per (device, metric, period, hour) with the
-contract's merge (`millrace.wire.aggregate.Merging`, first/last by window start), then
-one statement merges those into both tables: the hourly rows as sent, the daily rows
-grouped from the same input on the server, with the same rules (`MERGE_RULES`). Rows
-merge exactly in any grouping, so this one code path runs on both TimescaleDB editions
-(the Apache build has no continuous aggregates).
+The ingest transaction merges its windows in Python per (device, metric, period, hour)
+with the contract's merge (`millrace.wire.aggregate.Merging`, first/last by window
+start) and COPYs those partials into `rollup_pending` (`copy_pending`): exactly once
+with the readings, and no upsert on the committer's path. The drain
+(cloud/ingest/rollup_drain.py) takes partials, merges them per key (`merge_partials`)
+and `write_rollups` merges those into both tables in one statement: the hourly rows as
+sent, the daily rows grouped from the same input on the server, with the same rules
+(`MERGE_RULES`). Rows merge exactly in any grouping, so this one code path runs on both
+TimescaleDB editions (the Apache build has no continuous aggregates).
 
 `first` and `last` are ordered by window start. Two parts of one window (split by an
 agent restart, `store_readings`) tie on it; the part stored later ended later, so it
 gives `last` (and the earlier one keeps `first`), as in the merged readings row: the
 rollups equal a recomputation from the readings (tests/cloud/test_rollup_exactly_once.py).
+Partials of two commits tie the same way; `rollup_pending.id` says which was stored later.
 
 Times stay epoch milliseconds until the server turns them into timestamps (no
 `datetime` per row on the committer thread). Rows are sent sorted
@@ -25,7 +29,7 @@ from typing import Any, Final
 
 import psycopg
 
-from millrace.wire import Window
+from millrace.wire import Aggregate, Window
 from millrace.wire.aggregate import MERGE_RULES, Merging
 
 HOUR_SECONDS: Final = 3600
@@ -173,3 +177,55 @@ def write_rollups(cur: psycopg.Cursor[Any], hourly: Rollups) -> int:
     ]
     cur.execute(_UPSERT_BOTH, columns)
     return len(hourly) + max(cur.rowcount, 0)  # rowcount: the daily rows
+
+
+# rollup_pending's columns as the writer COPYs them (id and committed_at: the server's).
+PENDING_COLUMNS: Final = (
+    "device_id", "metric_id", "period_s", "bucket_ms", "windows", "count", "sum", "min",
+    "max", "sumsq", "first", "first_ms", "last", "last_ms", "rejected",
+)  # fmt: skip
+PENDING_TYPES: Final = (
+    "int4", "int4", "int4", "int8", "int4", "int8", "float8", "float8",
+    "float8", "float8", "float8", "int8", "float8", "int8", "int8",
+)  # fmt: skip
+
+
+def copy_pending(cur: psycopg.Cursor[Any], hourly: Rollups) -> int:
+    """COPY hourly partials into `rollup_pending` (the ingest transaction's rollup step).
+
+    No conflict to check: every commit adds rows, the drain merges them. Returns rows.
+    """
+    if not hourly:
+        return 0
+    statement = f"COPY rollup_pending ({', '.join(PENDING_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+    with cur.copy(statement) as copy:
+        copy.set_types(list(PENDING_TYPES))
+        for key, r in hourly.items():
+            row = (
+                *key, r.parts, r.count, r.sum, r.min, r.max, r.sumsq, r.first, r.first_at,
+                r.last, r.last_at, r.rejected,
+            )  # fmt: skip
+            copy.write_row(row)
+    return len(hourly)
+
+
+def merge_partials(rows: Iterable[tuple[Any, ...]]) -> Rollups:
+    """Merge `rollup_pending` rows (id first, then `PENDING_COLUMNS`) into one row per key.
+
+    Merged in id order, so on a `last` tie (two parts of one split window) the partial
+    stored later gives `last`, as `add_window` does within one commit.
+    """
+    out: Rollups = {}
+    for row in sorted(rows):
+        (_, device_id, metric_id, period_s, bucket_ms, windows, count, total, low, high,
+         sumsq, first, first_ms, last, last_ms, rejected) = row  # fmt: skip
+        part = Aggregate(count, total, low, high, first, last, sumsq, rejected)
+        key = (device_id, metric_id, period_s, bucket_ms)
+        into = out.get(key)
+        if into is None:
+            out[key] = Merging(part, first_ms, last_ms, parts=windows)
+        else:
+            into.add(part, first_ms, last_ms, parts=windows)
+            if last_ms == into.last_at:
+                into.last = last
+    return out

@@ -128,6 +128,20 @@ class IngestMetrics:
             "wall time of the last commit",
             registry=r,
         )
+        # The rollups' second stage (rollup_drain.py): how far rollups trail the readings.
+        self.rollup_pending = Gauge(
+            "millrace_ingest_rollup_pending_rows",
+            "hourly partials committed, not yet merged into the rollups",
+            registry=r,
+        )
+        self.rollup_drain_seconds = Histogram(
+            "millrace_ingest_rollup_drain_seconds", "one drain of rollup_pending", registry=r
+        )
+        self.rollup_lag_seconds = Gauge(
+            "millrace_ingest_rollup_lag_seconds",
+            "age of the oldest partial the last drain merged",
+            registry=r,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,7 @@ from millrace.cloud.ingest.deliveries import MAX_FAILED_DELIVERIES, FailedDelive
 from millrace.cloud.ingest.messages import Classified, DeadLetter, Inbound, Incoming
 from millrace.cloud.ingest.metrics import HealthServer, IngestMetrics, loop_health
 from millrace.cloud.ingest.receipts import ReceiptReader, dead_letter_receipts, streams_of
+from millrace.cloud.ingest.rollup_drain import RollupDrainer
 from millrace.cloud.ingest.store import BatchStore, DatabaseDown, Stored, describe, error_kind
 from millrace.cloud.ingest.writer import BatchWriter
 from millrace.cloud.retention import RetentionPolicy, RetentionScheduler
@@ -148,6 +149,10 @@ class Worker:
                 channel, outcome
             ).inc(n),
         )
+        # Merges the commits' rollup partials on a connection of its own (rollup_drain.py).
+        self._drainer = RollupDrainer(
+            self._connect, interval_s=config.batch.rollup_drain_ms / 1000, metrics=self.metrics
+        )
         self._failed = FailedDeliveries()
         self._receipts = ReceiptReader()
         self._engine: AlertEngine | None = None
@@ -195,6 +200,7 @@ class Worker:
             self._start_consumer()
             self._start_retention()
             self._sender.start()  # and sends what a previous run left pending
+            self._drainer.start()
             self.ready.set()
             while not self._stop.is_set():
                 try:
@@ -205,6 +211,7 @@ class Worker:
             return 0
         finally:
             self._stop_committer()
+            self._drainer.stop()  # after the last commit: drains everything pending
             self._sender.stop()
             if self._retention is not None:
                 self._retention.stop()

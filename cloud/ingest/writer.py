@@ -4,8 +4,9 @@ Inside the caller's transaction `BatchWriter.write` first claims each batch's
 (device, boot_id, seq) in the ingest ledger (INSERT ... ON CONFLICT DO NOTHING
 RETURNING); only the claimed ones are stored, so a redelivered batch is
 skipped by the same commit that would have stored it twice. Rows go in with
-binary COPY, rollups with one upsert for both tables, then the sequence streams
-and gaps (streams.py), then device freshness. Each step sends its keys sorted so
+binary COPY, hourly rollup partials with another (rollup_drain.py merges them into
+the rollup tables later), then the sequence streams and gaps (streams.py), then
+device freshness. Each step sends its keys sorted so
 concurrent workers take row locks in one order (docs/guarantees.md).
 """
 
@@ -362,7 +363,7 @@ class BatchWriter:
             refused = [over_cap[k] for k in sorted(claimed) if k in over_cap]
             self.write_dead_letters(cur, refused)
             readings, events, hourly, stored = self._copy(cur, fresh, report)
-            rollup_rows = rollups.write_rollups(cur, hourly)
+            rollup_rows = rollups.copy_pending(cur, hourly)
             gaps = record_streams(cur, self.ids.devices, fresh, max_gaps=self.max_gaps)
             self._devices_seen(cur, fresh)
         return WriteResult(

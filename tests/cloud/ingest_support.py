@@ -30,6 +30,7 @@ from psycopg import sql
 from millrace import topics
 from millrace.cloud import dbupgrade
 from millrace.cloud.config import IngestConfig, load_config
+from millrace.cloud.ingest import rollup_drain
 from millrace.cloud.ingest.worker import Worker
 from millrace.mqtt import tls_client
 from millrace.wire import Batch, Window, content_type_for, encode_batch
@@ -346,7 +347,7 @@ class Agg:
         self.windows += 1
         if w.start_ms < self.first_ms:
             self.first, self.first_ms = w.first, w.start_ms
-        if w.start_ms > self.last_ms:
+        if w.start_ms >= self.last_ms:  # a split window's part added later ended later
             self.last, self.last_ms = w.last, w.start_ms
 
 
@@ -412,7 +413,14 @@ def expected_readings(batches: Iterable[Batch]) -> dict[tuple[str, str, int, int
     }
 
 
+def drain_rollups(dsn: str) -> int:
+    """Merge every committed rollup partial now (the worker's drain does it each interval)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return rollup_drain.drain_all(conn).partials
+
+
 def assert_rollups_match(dsn: str, batches: Sequence[Batch]) -> None:
+    drain_rollups(dsn)
     for table, bucket_ms in (("rollup_hourly", HOUR_MS), ("rollup_daily", DAY_MS)):
         expected = expected_rollups(batches, bucket_ms)
         stored = stored_rollups(dsn, table)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +46,10 @@ def test_rows_and_rollups_equal_the_published_aggregates(
     config = make_config(
         tmp_path, server=server, dsn=ingest_db.ingest_dsn, client_id="w1", group=_group()
     )
+    # No drain on the interval in this test: only the clean stop's drain merges rollups.
+    config = dataclasses.replace(
+        config, batch=dataclasses.replace(config.batch, rollup_drain_ms=60_000)
+    )
     # ~30 h of 60 s windows for 3 metrics per device: many hours and a UTC midnight.
     a = make_batches("ing-a", batches=60, windows_per_batch=90, seed=1)
     b = make_batches("ing-b", batches=60, windows_per_batch=90, seed=2)
@@ -65,6 +70,9 @@ def test_rows_and_rollups_equal_the_published_aggregates(
         pa.publish([*a[30:], events])
         wait_ledger(ingest_db.owner_dsn, len(a) + len(b) + 1)
         assert runner.counter("millrace_ingest_rows_total", table="readings") == 60 * 90 * 2
+    # The worker stopped cleanly: its drain merged every partial before it exited.
+    assert scalar(ingest_db.owner_dsn, "SELECT count(*) FROM rollup_pending") == 0
+    assert scalar(ingest_db.owner_dsn, "SELECT sum(windows) FROM rollup_daily") == 60 * 90 * 2
     assert_stored_exactly(ingest_db.owner_dsn, [*a, *b, events])
     assert query(
         ingest_db.owner_dsn,

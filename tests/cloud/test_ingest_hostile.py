@@ -22,6 +22,7 @@ from tests.cloud.ingest_support import (
     IngestDb,
     Publisher,
     aligned_now_ms,
+    drain_rollups,
     ingest_db,
     make_batches,
     make_config,
@@ -243,6 +244,7 @@ def test_hostile_payloads_are_dead_lettered_and_good_data_keeps_flowing(
         check()
     sent = counter["sent"]
     assert scalar(dsn, "SELECT count(*) FROM ingest_ledger") == sent
+    drain_rollups(dsn)
     assert scalar(dsn, "SELECT sum(windows) FROM rollup_daily") == sent * 2
 
 

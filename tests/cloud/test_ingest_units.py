@@ -96,6 +96,7 @@ def test_config_defaults_and_relative_paths(tls_files: Path) -> None:
     assert config.broker.ca == tls_files / "ca.crt"
     assert isinstance(config.broker, BrokerConnection)  # the edge agent's type too
     assert config.batch.max_rows == 20_000 and config.batch.max_delay_ms == 200
+    assert config.batch.rollup_drain_ms == 1000  # rollups trail readings by about a second
     assert 3600 in config.validation.allowed_periods_s
     assert config.retention.enabled and config.retention.days["readings"] == 90
     assert "postgresql" not in repr(config), "the DSN may hold a password: never in reprs"
@@ -106,6 +107,7 @@ def test_config_defaults_and_relative_paths(tls_files: Path) -> None:
     [
         ({"batch": {"max_rows": 0}}, "batch.max_rows", "0 is outside [1, 1000000]"),
         ({"batch": {"max_delay_ms": "fast"}}, "batch.max_delay_ms", "expected an integer"),
+        ({"batch": {"rollup_drain_ms": 0}}, "batch.rollup_drain_ms", "0 is outside [10, 60000]"),
         (
             {"validation": {"allowed_periods_s": [60, 7]}},
             "validation.allowed_periods_s[1]",

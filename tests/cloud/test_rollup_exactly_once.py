@@ -1,9 +1,11 @@
-"""Rollups are written in the transaction that stores their windows: exactly once, exactly.
+"""Rollups count every stored window exactly once, exactly.
 
-The writer merges each commit's windows into hourly rows and upserts both rollup tables
-in the transaction that claims the ledger rows and copies the readings, so a rollup can
-never count a window the readings do not hold, nor miss one they do, whatever order,
-duplication or splitting the stream arrives with.
+The writer merges each commit's windows into hourly partials and COPYs them into
+rollup_pending in the transaction that claims the ledger rows and copies the readings;
+a drain merges partials into both rollup tables in one transaction of its own. So a
+rollup can never count a window the readings do not hold, nor miss one they do (once
+drained), whatever order, duplication or splitting the stream arrives with, and
+however drains interleave with commits, die or run concurrently.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from tests.cloud.ingest_support import (
     Agg,
     IngestDb,
     assert_stored_exactly,
+    drain_rollups,
     ingest_db,  # noqa: F401  (fixture)
     make_window,
     query,
@@ -123,10 +126,13 @@ def test_rollups_equal_a_recomputation_after_a_late_split_redelivered_stream(
             for key in sorted(fresh.keys() - seen):  # the writer's order within a commit
                 stored_order.append(fresh[key])
             seen |= fresh.keys()
+            if rng.random() < 0.2:  # drains interleave with the commits
+                drain_rollups(ingest_db.ingest_dsn)
     finally:
         for _, conn in writers:
             conn.close()
     assert len(stored_order) == len(batches)
+    drain_rollups(ingest_db.ingest_dsn)
     for table, bucket_ms in (("rollup_hourly", HOUR_MS), ("rollup_daily", DAY_MS)):
         _assert_equal(
             stored_rollups(ingest_db.owner_dsn, table), _expected(stored_order, bucket_ms)
@@ -160,12 +166,12 @@ from millrace.cloud.ingest import writer as w
 from millrace.cloud.ingest.messages import Incoming
 from millrace.wire import decode_batch, CONTENT_TYPE_MSGPACK
 
-def die(cur, hourly):  # the readings are copied, the rollups not yet written
+def die(cur, hourly):  # the readings are copied, the rollup partials not yet
     count = cur.execute("SELECT count(*) FROM readings").fetchone()[0]
     print(count, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 
-w.rollups.write_rollups = die
+w.rollups.copy_pending = die
 batch = decode_batch(sys.stdin.buffer.read(), content_type=CONTENT_TYPE_MSGPACK)
 writer = w.BatchWriter()
 with psycopg.connect(sys.argv[1]) as conn:
@@ -195,7 +201,7 @@ def test_a_worker_killed_between_the_copy_and_the_rollups_leaves_neither(
     )
     assert child.returncode == -signal.SIGKILL, child.stderr.decode()
     assert child.stdout.split() == [str(len(windows)).encode()]  # it died with them copied
-    for table in ("readings", "rollup_hourly", "rollup_daily", "ingest_ledger"):
+    for table in ("readings", "rollup_pending", "rollup_hourly", "rollup_daily", "ingest_ledger"):
         assert query(ingest_db.owner_dsn, f"SELECT count(*) FROM {table}") == [(0,)], table
     # The broker redelivers to another worker: stored once, rollups to match.
     writer = BatchWriter()

@@ -21,6 +21,7 @@ import psycopg
 from millrace.cloud import registry
 from millrace.cloud.alerts.engine import AlertEngine
 from millrace.cloud.alerts.rules import AlertRule, add_rule
+from millrace.cloud.ingest import rollup_drain
 from millrace.cloud.ingest.messages import DeadLetter, Incoming
 from millrace.cloud.ingest.writer import BatchWriter, write_dead_letters
 from millrace.wire import Batch, DeviceState, Event, Heartbeat, Window
@@ -233,6 +234,7 @@ def fill_plant(
                 received_at=end,
             )
         _dead_letters(conn, truth)
+        rollup_drain.drain_all(conn)  # the worker's drain merges the partials within a second
     return truth
 
 
