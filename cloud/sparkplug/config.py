@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from millrace.cloud.config import DEFAULT_HTTP_HOST, HttpSettings
 from millrace.cloud.sparkplug.sessions import (
     DEFAULT_MAX_METRICS,
     DEFAULT_MAX_PAYLOAD_BYTES,
@@ -42,6 +43,8 @@ class SparkplugConfig:
     rebirth_interval_s: float = DEFAULT_REBIRTH_INTERVAL_S
     bounds: Bounds = field(default_factory=Bounds)
     max_pending: int = DEFAULT_MAX_PENDING
+    # /metrics and /healthz; port 0 (the default): off.
+    http: HttpSettings = field(default_factory=lambda: HttpSettings(port=0))
 
 
 def _sparkplug_id(t: Table, key: str, value: str) -> str:
@@ -58,6 +61,11 @@ def parse_config(data: dict[str, Any], *, base: Path, source: str = "<config>") 
     broker_table = root.table("broker", required=True)
     broker = BrokerConnection.read(broker_table, files_must_exist=True)
     sp = root.table("sparkplug", required=True)
+    http = root.table("http")
+    http_settings = HttpSettings(
+        host=http.text("host", DEFAULT_HTTP_HOST),
+        port=http.integer("port", 0, low=0, high=65535),
+    )
     host_id = _sparkplug_id(sp, "host_id", sp.text("host_id"))
     raw_groups = sp.raw("groups") or []
     if not isinstance(raw_groups, list):
@@ -88,9 +96,10 @@ def parse_config(data: dict[str, Any], *, base: Path, source: str = "<config>") 
             ),
             max_metrics=sp.integer("max_metrics", DEFAULT_MAX_METRICS, low=1, high=1_000_000),
         ),
+        http=http_settings,
         max_pending=sp.integer("max_pending", DEFAULT_MAX_PENDING, low=1, high=100_000_000),
     )
-    for table in (root, database, broker_table, sp):
+    for table in (root, database, broker_table, sp, http):
         table.check_unknown()
     return config
 

@@ -36,6 +36,7 @@ from millrace.cloud.ingest.store import BatchStore, DatabaseDown, describe
 from millrace.cloud.ingest.worker import connect_db
 from millrace.cloud.sparkplug import topic as sptopic
 from millrace.cloud.sparkplug.config import SparkplugConfig
+from millrace.cloud.sparkplug.metrics import serve
 from millrace.cloud.sparkplug.schema import Payload
 from millrace.cloud.sparkplug.sessions import Accepted, Duplicate, Refused, Sessions
 from millrace.cloud.sparkplug.windows import Windows
@@ -106,6 +107,8 @@ class Host:
         self._last_rebirth: dict[tuple[str, str, int], float] = {}
         self._born_on: dict[tuple[str, str], int] = {}  # node -> broker of its NBIRTH
         self._pending = 0  # items and readings judged since the last stored transaction
+        self.db_up = False  # the last store (or probe) reached the database
+        self.last_turn_mono = time.monotonic()
         self._store = BatchStore(count_error=lambda _kind: None)
         self._conn: psycopg.Connection[Any] | None = None
         self._engine: AlertEngine | None = None
@@ -147,6 +150,15 @@ class Host:
         self._online.add(index)
         if len(self._online) == len(self._clients):
             self.ready.set()
+
+    def online_brokers(self) -> frozenset[int]:
+        """Indexes into `brokers` of the sessions subscribed now."""
+        return frozenset(self._online)
+
+    @property
+    def pending(self) -> int:
+        """Items and readings held until the next stored transaction (`max_pending` bounds)."""
+        return self._pending
 
     def _on_disconnect(self, _c: Any, index: int, _f: Any, _reason: Any, _p: Any) -> None:
         self._online.discard(index)
@@ -265,12 +277,14 @@ class Host:
         now = now_ms()
         closed = self.windows.close(None if everything else now)
         self._batches(closed, now, datetime.now(UTC))
-        if not self._items:
+        if not self._items and self.db_up:
             return True
         try:
             conn = self._connection()
-            self._store.store(conn, self._items, self._engine)
+            if self._items:
+                self._store.store(conn, self._items, self._engine)
         except (DatabaseDown, psycopg.Error) as exc:
+            self.db_up = False
             # Kept in memory, retried with the same batch keys (the ledger stores each once);
             # lost only if the host dies before the database is back (docs/sparkplug.md).
             log.warning("storing failed, kept for the next try: %s", describe(exc))
@@ -278,6 +292,9 @@ class Host:
                 self._conn.close()
             self._conn = None
             return False
+        self.db_up = True
+        if not self._items:
+            return True
         self.counters.transactions += 1
         self._items = []
         self._pending = len(self.windows) + sum(map(len, self._events.values()))
@@ -313,6 +330,7 @@ class Host:
 
     def run(self, on_turn: Callable[[], None] | None = None) -> int:
         """Connect, judge and store until stopped; then close every window and store it."""
+        http = serve(self, self.config.http) if self.config.http.port else None
         for client, (host, port) in zip(self._clients, self.brokers, strict=True):
             client.connect_async(host, port, keepalive=self.config.broker.keepalive_s)
             client.loop_start()
@@ -320,6 +338,7 @@ class Host:
         next_flush = time.monotonic() + self.config.flush_ms / 1000
         try:
             while not self._stop.is_set():
+                self.last_turn_mono = time.monotonic()
                 timeout = max(0.0, next_flush - time.monotonic())
                 with contextlib.suppress(queue.Empty):
                     self.judge(*self._inbox.get(timeout=timeout))
@@ -345,6 +364,8 @@ class Host:
         finally:
             for client in self._clients:
                 client.loop_stop()
+            if http is not None:
+                http.stop()
             if self._conn is not None:
                 self._conn.close()
             log.info("sparkplug host stopped: %s", self.counters)
