@@ -37,6 +37,8 @@ from millrace.ops.stack.patroni import (
     stop_leftover_postmaster,
 )
 from millrace.ops.stack.postgres import HOST, PostgresCluster
+from millrace.ops.stack.sparkplug import SERVICE_ID as SPARKPLUG_SERVICE_ID
+from millrace.ops.stack.sparkplug import config_toml as sparkplug_config_toml
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +214,7 @@ class Plant:
             pki.init_pki(self.layout.pki)
         have = {record.ident for record in pki.issued_records(self.layout.pki)}
         # Each worker its own identity: the broker takes the client id from the certificate.
-        services = [*_ingest_names(self.options), OPERATOR_SERVICE_ID]
+        services = [*_ingest_names(self.options), SPARKPLUG_SERVICE_ID, OPERATOR_SERVICE_ID]
         for ident, role in [(name, "service") for name in services]:
             if ident not in have:
                 pki.issue(self.layout.pki, ident, role=role)  # type: ignore[arg-type]
@@ -433,6 +435,22 @@ class Plant:
                 "127.0.0.1", http_port, timeout_seconds=START_TIMEOUT_SECONDS, service=service
             )
 
+    def _start_sparkplug(self) -> None:
+        """The Sparkplug B host on every broker, as the ingest login (docs/sparkplug.md)."""
+        paths = pki.pki_paths(self.layout.pki)
+        config = self.layout.root / f"{SPARKPLUG_SERVICE_ID}.toml"
+        config.write_text(
+            sparkplug_config_toml(
+                dsn_file=self.layout.secrets / "ingest.dsn",
+                brokers=self._broker_endpoints(),
+                ca=paths.ca_cert,
+                cert=paths.cert_for(SPARKPLUG_SERVICE_ID),
+                key=paths.key_for(SPARKPLUG_SERVICE_ID),
+                period_s=self.options.period_s,
+            )
+        )
+        self._spawn(SPARKPLUG_SERVICE_ID, [*_millrace(), "sparkplug", "--config", str(config)])
+
     def _start_dashboard(self) -> str:
         dsn_file = self.layout.secrets / "dashboard.dsn"
         _write_secret(dsn_file, self.dsn_for(DASHBOARD_LOGIN) + "\n")
@@ -615,6 +633,7 @@ class Plant:
                 self._start_database,
             ),
             ("ingest workers" if self.options.ha else "ingest worker", self._start_ingest),
+            ("Sparkplug B host", self._start_sparkplug),
             ("gateway-local MQTT broker", self._start_gateway_mqtt),
         ]
         for label, step in steps:
