@@ -3,9 +3,11 @@
 The ingest commit only COPYs its partials into `rollup_pending` (cloud/rollups.py);
 this drain deletes a batch of them, merges them per key and upserts both rollup
 tables, all in one transaction of its own. Killed half-way, it leaves the partials in
-`rollup_pending` for the next drain: nothing lost, nothing merged twice. Rows locked by
-another drain are skipped (FOR UPDATE SKIP LOCKED), so concurrent workers' drains take
-disjoint partials, and any worker drains what a dead one left. Many commits' partials
+`rollup_pending` for the next drain: nothing lost, nothing merged twice. One drain runs
+at a time in the whole database (a transaction advisory lock; a worker finding it held
+skips its turn), so partials merge into the tables in id order and a split window's
+later part keeps giving `last`; rows another transaction holds are skipped (FOR UPDATE
+SKIP LOCKED) all the same, and any worker drains what a dead one left. Many commits' partials
 of one hour merge once per drain instead of once per commit. Rollups lag their
 readings by about one drain interval (`batch.rollup_drain_ms`, docs/cloud.md).
 """
@@ -29,6 +31,9 @@ log = logging.getLogger(__name__)
 # Partials per drain transaction: bounds its memory and lock time; a backlog takes several.
 DRAIN_BATCH_ROWS: Final = 50_000
 STOP_TIMEOUT_SECONDS: Final = 120.0
+
+# pg_try_advisory_xact_lock key of the drain ("millrace rollup drain", as int64).
+DRAIN_LOCK_KEY: Final = 0x6D696C6C5F726472
 
 _TAKE: Final = f"""
 DELETE FROM rollup_pending WHERE id = ANY(ARRAY(
@@ -66,6 +71,10 @@ def take(cur: psycopg.Cursor[Any], limit: int = DRAIN_BATCH_ROWS) -> list[tuple[
 def drain_once(conn: psycopg.Connection[Any], limit: int = DRAIN_BATCH_ROWS) -> Drained:
     """Take up to `limit` partials and merge them into both rollup tables, one transaction."""
     with conn.transaction(), conn.cursor() as cur:
+        cur.execute("SELECT pg_try_advisory_xact_lock(%s)", [DRAIN_LOCK_KEY])
+        locked = cur.fetchone()
+        if not (locked and locked[0]):
+            return Drained()  # another worker's drain is merging: it takes what is here
         rows = take(cur, limit)
         if not rows:
             return Drained()

@@ -112,3 +112,24 @@ def test_two_concurrent_drains_never_merge_a_partial_twice(
             conn.commit()
     assert _pending(ingest_db.owner_dsn) == 0
     assert_rollups_match(ingest_db.owner_dsn, batches)
+
+
+def test_a_drain_skips_its_turn_while_another_workers_drain_is_merging(
+    ingest_db: IngestDb,  # noqa: F811
+) -> None:
+    """One drain at a time: partials merge in id order, so a split window's `last` holds."""
+    batches = _batches()
+    pending = _commit_all(ingest_db.ingest_dsn, batches, per_commit=2)
+    with (
+        psycopg.connect(ingest_db.ingest_dsn) as first,
+        psycopg.connect(ingest_db.ingest_dsn) as second,
+    ):
+        first.execute("SELECT pg_advisory_xact_lock(%s)", [rollup_drain.DRAIN_LOCK_KEY])
+        # While the first worker's drain holds the lock, the second's turn takes nothing.
+        assert rollup_drain.drain_once(second) == rollup_drain.Drained()
+        assert _pending(ingest_db.owner_dsn) == pending
+        first.rollback()
+        done = rollup_drain.drain_all(second)
+    assert done.partials == pending
+    assert _pending(ingest_db.owner_dsn) == 0
+    assert_rollups_match(ingest_db.owner_dsn, batches)
