@@ -289,8 +289,16 @@ def test_broker_dropin_raises_the_open_file_limit(ha: HaRun) -> None:
     assert f"\nLimitNOFILE={NOFILE}\n" in dropin.read_text()
 
 
-def test_ha_inventory_example_passes_the_cloud_syntax_check() -> None:
+def test_ha_inventory_example_has_the_layout_and_passes_the_cloud_syntax_check() -> None:
     inventory = str(ANSIBLE_DIR / "inventory" / "ha" / "hosts.yml")
+    listed = _run(str(VENV_BIN / "ansible-inventory"), "-i", inventory, "--list")
+    assert listed.returncode == 0, listed.stderr[-4000:]
+    groups = json.loads(listed.stdout)
+    sizes = {name: len(groups[name]["hosts"]) for name in ("broker", "etcd", "patroni", "ingest")}
+    assert sizes == {"broker": 2, "etcd": 3, "patroni": 2, "ingest": 2}
+    assert groups["database"]["children"] == ["patroni"]
+    hostvars = groups["_meta"]["hostvars"]
+    assert all(str(v["ansible_host"]).endswith(".example") for v in hostvars.values())
     result = _run(
         str(VENV_BIN / "ansible-playbook"), "--syntax-check", "-i", inventory, "cloud.yml"
     )
