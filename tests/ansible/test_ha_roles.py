@@ -42,6 +42,8 @@ ETCD_HOST = "localhost"  # the member's inventory name and address: on its certi
 DB_HOST = "db-test.plant.example"
 DB_HOST_2 = "db-test-2.plant.example"
 INGEST_HOST = "ingest-test.plant.example"
+GATEWAY = "gw-ha-test"
+BROKERS = (("mqtt-1.plant.example", 8883), ("mqtt-2.plant.example", 8883))
 NOFILE = 4096
 PLAYBOOK = """\
 - name: Render the etcd member
@@ -72,6 +74,15 @@ PLAYBOOK = """\
     - name: Run the dashboard role's config tasks
       ansible.builtin.include_role:
         name: dashboard
+        tasks_from: config.yml
+
+- name: Render a gateway's agent config for both brokers
+  hosts: gateways
+  gather_facts: false
+  tasks:
+    - name: Run the edge_agent role's config tasks
+      ansible.builtin.include_role:
+        name: edge_agent
         tasks_from: config.yml
 
 - name: Render the broker's open-file drop-in
@@ -128,6 +139,7 @@ def ha(tmp_path_factory: pytest.TempPathFactory, test_pki: PKIFixture) -> Iterat
     tls.mkdir()
     _self_signed(tls)
     test_pki.issue(INGEST_HOST, role="service")
+    test_pki.issue(GATEWAY)
     (root / "var/lib/millrace-dashboard").mkdir(parents=True)
     (root / "var/lib/millrace-dashboard/users.toml").write_text("")
     client_port, peer_port = free_port(), free_port()
@@ -170,6 +182,10 @@ def ha(tmp_path_factory: pytest.TempPathFactory, test_pki: PKIFixture) -> Iterat
         "dashboard_secrets_dir": str(secrets),
         "dashboard_db_hosts": [DB_HOST, DB_HOST_2],
         "dashboard_db_sslmode": "disable",
+        "edge_agent_root": str(root),
+        "edge_agent_manage_user": False,
+        "edge_agent_pki_dir": str(test_pki.dir),
+        "edge_agent_broker_hosts": [f"{host}:{port}" for host, port in BROKERS],
         "broker_root": str(root),
         "broker_manage_service": False,
         "broker_nofile_limit": NOFILE,
@@ -181,6 +197,7 @@ def ha(tmp_path_factory: pytest.TempPathFactory, test_pki: PKIFixture) -> Iterat
             "database": [DB_HOST, DB_HOST_2],
             "ingest": [INGEST_HOST],
             "dashboard": ["dash-test"],
+            "gateways": [GATEWAY],
             "broker": ["mqtt-test"],
         },
     )
@@ -282,6 +299,13 @@ def test_multi_host_dsns_rendered_for_the_pair_are_accepted_by_the_real_loaders(
     dashboard = load_dashboard(ha.root / "etc/millrace-dashboard/dashboard.toml")
     assert hosts in dashboard.dsn
     assert dashboard.dsn.endswith("&target_session_attrs=read-write")
+
+
+def test_edge_agent_config_names_every_broker(ha: HaRun) -> None:
+    from millrace.edge.config import load_config as load_agent
+
+    agent = load_agent(ha.root / "etc/millrace/agent.toml")
+    assert agent.broker.endpoints == BROKERS
 
 
 def test_broker_dropin_raises_the_open_file_limit(ha: HaRun) -> None:
