@@ -61,8 +61,6 @@ DEFAULT_OUTBOX_MAX_BYTES: Final = 100 * 1024 * 1024
 DEFAULT_OUTBOX_MAX_AGE_SECONDS: Final = 7 * 24 * 3600
 DEFAULT_HEARTBEAT_SECONDS: Final = 30.0
 DEFAULT_POLL_SECONDS: Final = 1.0
-# A fleet closing windows on the same wall-clock edge sends within this many seconds of it.
-MAX_DEFAULT_SPREAD_SECONDS: Final = 5.0
 MAX_OUTBOX_AGE_SECONDS: Final = 10 * 365 * 86400
 MIN_POLL_SECONDS: Final = 0.001
 MAX_POLL_SECONDS: Final = 86_400.0
@@ -97,9 +95,9 @@ class WindowsConfig:
     period_s: int = DEFAULT_PERIOD_SECONDS
     extra_periods_s: tuple[int, ...] = ()
     grace_s: float = DEFAULT_GRACE_SECONDS
-    # The range a closed batch's send is delayed in (per device, edge/pacing.py);
-    # None: min(half the shortest period, MAX_DEFAULT_SPREAD_SECONDS); 0: no delay.
-    publish_spread_s: float | None = None
+    # The range a closed batch's send is delayed in (per device, edge/pacing.py); 0 (the
+    # default) sends at once: the design's close->commit p99 <= 1 s leaves no room for it.
+    publish_spread_s: float = 0.0
 
     @property
     def periods_s(self) -> tuple[int, ...]:
@@ -108,10 +106,8 @@ class WindowsConfig:
 
     @property
     def spread_s(self) -> float:
-        """`publish_spread_s`, or its default for the current periods."""
-        if self.publish_spread_s is not None:
-            return self.publish_spread_s
-        return min(min(self.periods_s) / 2, MAX_DEFAULT_SPREAD_SECONDS)
+        """`publish_spread_s`: how far a closed batch's send may be delayed (0: not at all)."""
+        return self.publish_spread_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,8 +398,8 @@ def _windows(root: Table) -> WindowsConfig:
     grace = t.number("grace_s", DEFAULT_GRACE_SECONDS, low=0.0, high=3600.0)
     if grace >= min((period, *extra)):
         raise t.error("grace_s", f"{grace:g} must be shorter than the shortest period")
-    spread = t.number("publish_spread_s", low=0.0) if t.has("publish_spread_s") else None
-    if spread is not None and spread >= min((period, *extra)):
+    spread = t.number("publish_spread_s", 0.0, low=0.0)
+    if spread >= min((period, *extra)):
         raise t.error(
             "publish_spread_s", f"{spread:g} must be shorter than the shortest period (0 disables)"
         )
