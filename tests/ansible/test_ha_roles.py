@@ -257,6 +257,7 @@ def test_patroni_config_keeps_the_failover_settings_and_a_closed_pg_hba(ha: HaRu
     assert pg["parameters"]["ssl"] == "on"
     assert config["etcd3"]["protocol"] == "https"
     assert config["restapi"]["certfile"].endswith("node.crt")
+    assert config["restapi"]["verify_client"] == "required"
     network = [line for line in pg["pg_hba"] if not line.startswith("local ")]
     assert network == [
         f"hostssl replication replicator {DB_HOST} scram-sha-256",
