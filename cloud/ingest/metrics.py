@@ -160,13 +160,12 @@ class HealthServer:
 
     def __init__(
         self,
-        metrics: IngestMetrics,
+        registry: CollectorRegistry,
         health: Callable[[], Health],
         *,
         host: str,
         port: int,
     ) -> None:
-        registry = metrics.registry
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:

@@ -228,7 +228,9 @@ class Worker:
         if http.port == 0:
             return
         try:
-            self._http = HealthServer(self.metrics, self.health, host=http.host, port=http.port)
+            self._http = HealthServer(
+                self.metrics.registry, self.health, host=http.host, port=http.port
+            )
         except OSError as exc:
             raise IngestError(f"cannot serve metrics on {http.host}:{http.port}: {exc}") from exc
         self._http.start()

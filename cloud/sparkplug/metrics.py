@@ -7,14 +7,13 @@ nothing counted twice); all are prefixed millrace_sparkplug_.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from millrace.cloud.ingest.metrics import Health, HealthServer, IngestMetrics, loop_health
+from millrace.cloud.ingest.metrics import Health, HealthServer, loop_health
 
 if TYPE_CHECKING:
     from millrace.cloud.config import HttpSettings
@@ -60,11 +59,6 @@ class HostCollector(Collector):
         yield connected
 
 
-@dataclass(frozen=True, slots=True)
-class _Metrics:
-    registry: CollectorRegistry
-
-
 def health(host: Host) -> Health:
     """Healthy while the database is reachable, some broker is connected and the loop turns."""
     return loop_health(
@@ -76,12 +70,6 @@ def serve(host: Host, http: HttpSettings) -> HealthServer:
     """Start /metrics and /healthz for `host` on `http` (the caller skips port 0: off)."""
     registry = CollectorRegistry()
     registry.register(HostCollector(host))
-    # HealthServer reads only `.registry` of its metrics argument.
-    server = HealthServer(
-        cast(IngestMetrics, _Metrics(registry)),
-        lambda: health(host),
-        host=http.host,
-        port=http.port,
-    )
+    server = HealthServer(registry, lambda: health(host), host=http.host, port=http.port)
     server.start()
     return server
