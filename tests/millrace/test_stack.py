@@ -215,6 +215,9 @@ def test_up_status_down_leaves_nothing_and_reuses_state(plant_root: Path) -> Non
         assert all(count > 0 for count in counts.values())
         assert _wait_for_rtu_readings(status["superuser_dsn"]) > 0  # `up` shows an RTU PLC
         assert _wait_for_rtu_readings(status["superuser_dsn"], "opcua") > 0  # and an OPC UA one
+        # The Sparkplug B host runs in every plant and is still up once gateways have landed.
+        running = {s["name"]: s["running"] for s in _status(root)["services"]}
+        assert running.get("sparkplug") is True, running
         with urllib.request.urlopen(status["dashboard_health"], timeout=10) as response:
             assert response.status == 200
             assert response.read().strip() == b"ok"
