@@ -58,7 +58,7 @@ def test_plant_whose_crl_is_two_days_from_expiry_comes_up_with_it_renewed(
     try:
         plant._identities()  # the "certificates" step of millrace up
         assert pki.crl_days_left(pki_dir) > pki.CRL_VALIDITY_DAYS - 1
-        plant._start_broker()
+        plant._start_brokers()
         context = client_context(pki.pki_paths(pki_dir).ca_cert, "gw0001", pki_dir)
         assert _wait_for(plant, context, want_accepted=True) == "accepted"
     finally:
@@ -72,7 +72,7 @@ def test_running_plant_renews_a_crl_running_short_and_the_broker_rereads_it(
     pki_dir = plant.layout.pki
     try:
         plant._identities()
-        plant._start_broker()
+        plant._start_brokers()
         context = client_context(pki.pki_paths(pki_dir).ca_cert, "gw0001", pki_dir)
         assert _wait_for(plant, context, want_accepted=True) == "accepted"
         assert plant.keep_crl_fresh() is False  # fresh: left alone, no reload
