@@ -672,7 +672,8 @@ class Pipeline:
         """Wait until every batch ever written to an outbox is stored; returns batches per gateway.
 
         Outbox ids only grow, so the highest id ever assigned is the number of batches the
-        agent wrote; the cloud must hold exactly that many distinct (boot_id, seq). Fails
+        agent wrote; the cloud must hold exactly that many distinct (boot_id, seq), and
+        the worker's drain must have merged every committed rollup partial. Fails
         early when every outbox is empty (the broker acknowledged everything), the worker
         is healthy, and the number missing has not gone down for `stall_s`: those batches
         are gone.
@@ -684,7 +685,8 @@ class Pipeline:
             state = self.delivery()
             for gateway, (_, written, stored) in state.items():
                 assert stored <= written, f"{gateway}: {stored} batches stored, {written} written"
-            if all(w == 0 and stored == written for w, written, stored in state.values()):
+            stored_all = all(w == 0 and stored == written for w, written, stored in state.values())
+            if stored_all and self.rollup_partials_pending() == 0:
                 self.mark("quiescent")
                 return {gateway: written for gateway, (_, written, _) in state.items()}
             now = time.monotonic()
@@ -706,9 +708,16 @@ class Pipeline:
             if now > deadline:
                 raise AssertionError(
                     f"timed out after {timeout_s:.0f} s waiting for every outbox batch in the"
-                    f" database: (waiting, written, stored) = {state}"
+                    f" database and its rollups: (waiting, written, stored) = {state},"
+                    f" rollup partials pending {self.rollup_partials_pending()}"
                 )
             time.sleep(POLL_SECONDS)
+
+    def rollup_partials_pending(self) -> int:
+        """Partials committed with their readings that the drain has not merged yet."""
+        with psycopg.connect(self.owner_dsn) as conn:
+            row = conn.execute("SELECT count(*) FROM rollup_pending").fetchone()
+        return int(row[0]) if row else 0
 
     def open_gaps(self) -> list[tuple[str, int, int]]:
         """(device, seq_from, seq_to) of every open sequence gap."""
