@@ -219,13 +219,20 @@ class Generator:
         self.proc.wait()
 
 
-def raise_fd_limit(gateways: int) -> None:
-    """Room for every connection in the broker and generators (children inherit it)."""
+def raise_fd_limit(gateways: int) -> int:
+    """Room for every connection in the broker and generators (children inherit it).
+
+    Returns how many gateways the limit allows: root may raise the hard limit only with
+    CAP_SYS_RESOURCE (a container may lack it), so the hard limit can be what stops us.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = gateways + FD_HEADROOM
-    if os.geteuid() == 0:
-        hard = max(hard, want)
+    if os.geteuid() == 0 and hard < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return gateways
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, want), hard), hard))
+    return min(gateways, hard - FD_HEADROOM)
 
 
 def ms(t: float) -> datetime:
@@ -439,7 +446,18 @@ def main() -> int:
     steps_n = [int(s) for s in args.steps.split(",")]
     if steps_n != sorted(steps_n) or not steps_n or steps_n[0] < 1:
         parser.error(f"--steps: ascending positive gateway counts, got {args.steps!r}")
-    raise_fd_limit(steps_n[-1])
+    allowed = raise_fd_limit(steps_n[-1])
+    if allowed < steps_n[-1]:
+        skipped = [n for n in steps_n if n > allowed]
+        steps_n = [n for n in steps_n if n <= allowed]
+        print(
+            f"steps {', '.join(map(str, skipped))} skipped: the open-files hard limit"
+            f" ({resource.getrlimit(resource.RLIMIT_NOFILE)[1]}) allows {allowed} gateways;"
+            " raise it (`ulimit -Hn`, as root with CAP_SYS_RESOURCE) to run them",
+            flush=True,
+        )
+        if not steps_n:
+            raise SystemExit(f"bench/scale.py: no step fits the open-files limit ({allowed})")
     pki_dir = (args.cache or cache_dir()) / "pki"
     started = time.monotonic()
     ensure_pki(pki_dir, steps_n[-1])

@@ -77,3 +77,29 @@ def test_bench_scale_stores_every_window_of_every_gateway_exactly_once(tmp_path:
     assert step["dead_letters"] == 0
     assert step["batches_measured"] > 0
     assert set(step["cores"]) == {"broker", "worker", "database", "generator"}
+
+
+def test_bench_scale_skips_steps_the_open_files_hard_limit_cannot_hold() -> None:
+    """Found on a fresh machine: with the hard limit at 20,000 and no CAP_SYS_RESOURCE, the
+    bench died with `ValueError: not allowed to raise maximum limit` before any step; now
+    it runs the steps that fit and names the limit for the rest."""
+    hard = 6_000
+    script = (
+        "import resource, sys; sys.path.insert(0, 'bench');"
+        f" resource.setrlimit(resource.RLIMIT_NOFILE, ({hard}, {hard}));"
+        "import scale; print(scale.raise_fd_limit(10_000), resource.getrlimit(resource.RLIMIT_NOFILE))"
+    )
+    run = subprocess.run(
+        # Without CAP_SYS_RESOURCE even root may not raise the hard limit it lowered.
+        ["setpriv", "--bounding-set=-sys_resource", "--inh-caps=-sys_resource"]
+        + [sys.executable, "-c", script],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    allowed, limits = run.stdout.split(" ", 1)
+    assert int(allowed) == hard - 4096
+    assert limits.strip() == f"({hard}, {hard})"
