@@ -16,7 +16,9 @@ production durability (fsync on, synchronous_commit on):
             for a fixed time.
 
 Ends with one line: ingest_rows_per_s=... floor_rows_per_s=... naive_rows_per_s=...
-ratio_vs_floor=... ratio_vs_naive=...
+ratio_vs_floor=... ratio_vs_naive=... cpu_per_row_vs_floor=... (CPU seconds per stored row of
+workers, broker and database against the floor's process and database), after a `cpu:` line
+that says how far the machine's cores let the ratio go.
 
 `--profile-committer` measures instead where the committer's time goes: the writer's
 steps run serially on the same data (no broker, no decoding), with and without the
@@ -54,6 +56,7 @@ from unittest import mock
 REPO = Path(__file__).resolve().parents[1]
 
 import psycopg  # noqa: E402
+from scale_meter import Meter  # noqa: E402  (bench/ is the script's directory)
 
 from millrace import topics  # noqa: E402
 from millrace.cloud import dbupgrade, rollups  # noqa: E402
@@ -156,15 +159,22 @@ def count_readings(dsn: str, statement: str = "SELECT count(*) FROM readings") -
         return int(row[0] or 0) if row else 0
 
 
-_PENDING: Final = "SELECT count(*) FROM rollup_pending"
+_READINGS: Final = '{table="readings"}'
+_PENDING: Final = "SELECT count(*) FROM (SELECT 1 FROM rollup_pending LIMIT 1) AS any_left"
 _ROLLED_UP: Final = "SELECT sum(windows) FROM rollup_daily"
 
 
 # -- phase 1: the floor ---------------------------------------------------------------------
 
 
-def run_floor(dsn: str, batches: list[Batch]) -> tuple[int, float]:
-    """Binary COPY of every window as a readings row, BATCH_MAX_ROWS per transaction."""
+def run_floor(
+    dsn: str, batches: list[Batch], *, db_pid: int | None = None
+) -> tuple[int, float, dict[str, float]]:
+    """Binary COPY of every window as a readings row, BATCH_MAX_ROWS per transaction.
+
+    Returns rows, seconds and the CPU seconds spent: `bench` (this process) and, given
+    the postmaster's `db_pid`, `database` (all its processes).
+    """
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(
             "INSERT INTO devices (name) SELECT DISTINCT unnest(%s::text[])",
@@ -181,6 +191,8 @@ def run_floor(dsn: str, batches: list[Batch]) -> tuple[int, float]:
         )
         devices = dict(conn.execute("SELECT name, id FROM devices").fetchall())
         metrics = dict(conn.execute("SELECT name, id FROM metrics").fetchall())
+        meter = Meter({"database": [db_pid]}) if db_pid else None
+        python_cpu = time.process_time()
         started = time.perf_counter()
         rows: list[tuple[Any, ...]] = []
         total = 0
@@ -221,7 +233,10 @@ def run_floor(dsn: str, batches: list[Batch]) -> tuple[int, float]:
         if rows:
             flush()
         elapsed = time.perf_counter() - started
-    return total, elapsed
+        cpu = {"bench": time.process_time() - python_cpu}
+        if meter is not None:
+            cpu.update(meter.cpu_seconds())
+    return total, elapsed, cpu
 
 
 # -- phase 2: the worker, end to end --------------------------------------------------------
@@ -277,11 +292,12 @@ def wait_log(log: Path, pattern: str, after: int) -> re.Match[str]:
     raise RuntimeError(f"worker never logged {pattern!r}:\n{log.read_text()[-3000:]}")
 
 
-def metric_value(port: int, name: str) -> float:
+def metric_value(port: int, name: str, labels: str = "") -> float:
+    """A worker's metric; `labels` as exposed, e.g. '{table="readings"}' (else the first)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
     for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith(f"{name}{labels} ") or (not labels and line.startswith(name + "{")):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 
@@ -320,7 +336,13 @@ def publish_all(
 
 
 def run_worker_phase(
-    broker: MosquittoServer, dsn: str, batches: list[Batch], workdir: Path, *, workers: int = 1
+    broker: MosquittoServer,
+    dsn: str,
+    batches: list[Batch],
+    workdir: Path,
+    *,
+    workers: int = 1,
+    db_pid: int,
 ) -> tuple[int, float, dict[str, float]]:
     """Pre-queue every batch in the workers' sessions, then time them draining it.
 
@@ -328,6 +350,8 @@ def run_worker_phase(
     (millrace_ingest_last_commit_timestamp_seconds), so process start-up is not counted.
     `rollups_behind_s`: from the last commit until the drains left no partial pending
     (polled every 0.1 s), how far the rollups trailed the readings at the end.
+    `cpu_<group>`: CPU seconds of the workers, the broker and the database from the moment
+    every worker's "connected" line was seen until the rollups were complete.
     """
     configs = [workdir / f"ingest-{i}.toml" for i in range(workers)]
     logs = [workdir / f"ingest-{i}.log" for i in range(workers)]
@@ -365,8 +389,16 @@ def run_worker_phase(
             )
             stamp = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
             connected.append(stamp)
+        meter = Meter(
+            {"worker": [p.pid for p in procs], "broker": [broker.pid or 0], "database": [db_pid]}
+        )
         deadline = time.monotonic() + WAIT_SECONDS
-        while count_readings(dsn) < expected:
+        # Polled from the workers' counters: a count(*) of readings every 0.2 s cost the
+        # database about as much CPU as the ledger, and it was charged to the ingest.
+        while (
+            sum(metric_value(port, "millrace_ingest_rows_total", _READINGS) for port in ports)
+            < expected
+        ):
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                 raise RuntimeError(f"workers did not finish:\n{logs[0].read_text()[-3000:]}")
             time.sleep(0.2)
@@ -378,6 +410,7 @@ def run_worker_phase(
                 raise RuntimeError("the rollup drains did not empty rollup_pending")
             time.sleep(0.1)
         stats["rollups_behind_s"] = time.time() - last_commit
+        stats.update({f"cpu_{k}": v for k, v in meter.cpu_seconds().items()})
         for port in ports:
             stats["batches"] += metric_value(port, "millrace_ingest_batches_total")
             stats["commit_s_sum"] += metric_value(port, "millrace_ingest_commit_seconds_sum")
@@ -560,7 +593,7 @@ def profile_committer(pg: PostgresServer, batches: list[Batch], *, runs: int) ->
     results: dict[str, list[float]] = {"floor": [], "with": [], "without": [], "drain": []}
     upserts_in_commit = 0
     for run in range(runs):
-        _, floor_s = run_floor(fresh_database(pg, f"profile_floor_{run}"), batches)
+        _, floor_s, _ = run_floor(fresh_database(pg, f"profile_floor_{run}"), batches)
         with_s, with_steps = run_committer(
             fresh_database(pg, f"profile_with_{run}"), batches, rollup_step=True
         )
@@ -648,10 +681,13 @@ def main() -> int:
         broker = MosquittoServer(pki, broker_dir)
         broker.start()
 
-        floor_rows, floor_s = run_floor(fresh_database(pg, "bench_floor"), batches)
+        db_pid = int((pg.datadir / "postmaster.pid").read_text().splitlines()[0])
+        floor_rows, floor_s, floor_cpu = run_floor(
+            fresh_database(pg, "bench_floor"), batches, db_pid=db_pid
+        )
         ingest_dsn = fresh_database(pg, "bench_ingest")
         ingest_rows, ingest_s, stats = run_worker_phase(
-            broker, ingest_dsn, batches, workdir, workers=args.workers
+            broker, ingest_dsn, batches, workdir, workers=args.workers, db_pid=db_pid
         )
         stored = count_readings(ingest_dsn)
         rolled_up = count_readings(ingest_dsn, _ROLLED_UP)
@@ -716,6 +752,19 @@ def main() -> int:
         f" {stats['receipt_s']:.2f} s on the committer thread"
         f" ({stats['receipt_s'] / max(ingest_s, 1e-9):.1%} of the ingest phase)"
     )
+    # What the machine's cores allow: the CPU seconds each way spent, spread over all cores.
+    cores = os.cpu_count() or 1
+    floor_cpu_s = sum(floor_cpu.values())
+    ingest_cpu = {k[4:]: v for k, v in stats.items() if k.startswith("cpu_")}
+    ingest_cpu_s = sum(ingest_cpu.values())
+    print(
+        f"cpu: floor {floor_cpu_s:.2f} s ("
+        + ", ".join(f"{k} {v:.2f}" for k, v in floor_cpu.items())
+        + f"); ingest {ingest_cpu_s:.2f} s ("
+        + ", ".join(f"{k} {v:.2f}" for k, v in ingest_cpu.items())
+        + f"); on {cores} cores the ingest's CPU alone needs {ingest_cpu_s / cores:.2f} s,"
+        f" so ratio_vs_floor cannot pass {floor_s / (ingest_cpu_s / cores):.2f} here"
+    )
     ratio_floor = ingest / floor
     ratio_naive = ingest / naive
     result = {
@@ -724,6 +773,7 @@ def main() -> int:
         "naive_rows_per_s": round(naive),
         "ratio_vs_floor": round(ratio_floor, 3),
         "ratio_vs_naive": round(ratio_naive, 1),
+        "cpu_per_row_vs_floor": round(ingest_cpu_s / ingest_rows / (floor_cpu_s / floor_rows), 2),
     }
     if args.json:
         print(json.dumps({**result, "per_message_commit_rows_per_s": round(per_message)}))

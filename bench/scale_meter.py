@@ -131,6 +131,13 @@ class Meter:
             self._peaks[name] = max(self._peaks.get(name, 0), used)
         self.min_available = min(self.min_available, mem_available_fraction())
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds per group since the start (bench/ingest.py's accounting)."""
+        tree = _children()
+        return {
+            name: _cpu_seconds(pids, tree) - self._cpu0[name] for name, pids in self.groups.items()
+        }
+
     def stop(self) -> tuple[dict[str, GroupUse], float]:
         """Per group use, and the machine's busy share of all its cores (0..1)."""
         self.sample()
