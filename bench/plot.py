@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -210,7 +211,15 @@ def render(values: Mapping[str, str], out: Path = OUT, *, subtitle: str = "") ->
     _throughput(axes[0], values)
     _latency(axes[1], values)
     _drain(axes[2], values)
-    fig.suptitle("millrace benchmarks (blue: target met, orange: missed, grey: peer)", fontsize=11)
+    title = "millrace benchmarks (blue: target met, orange: missed, grey: peer)"
+    return save(fig, out, title=title, subtitle=subtitle)
+
+
+def save(fig: Figure, out: Path, *, title: str, subtitle: str = "") -> Path:
+    """Title, the machine line at the foot, and the PNG every bench figure is written as."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=11)
     if subtitle:
         fig.text(0.5, 0.005, subtitle, ha="center", va="bottom", fontsize=8, color="#555555")
     fig.tight_layout(rect=(0, 0.03, 1, 1))

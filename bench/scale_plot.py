@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from plot import save  # bench/ is the script's directory
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "img" / "scale.png"
 TARGET_P99_MS = 2000.0
@@ -60,14 +62,7 @@ def render(steps: Sequence[dict[str, Any]], out: Path = OUT, *, subtitle: str = 
     title = "bench/scale.py: one broker, one ingest worker, one TimescaleDB"
     if broke:
         title += f" (broke at {broke[0]['gateways']:,}: {broke[0]['broke']})"
-    fig.suptitle(title, fontsize=11)
-    if subtitle:
-        fig.text(0.5, 0.005, subtitle, ha="center", va="bottom", fontsize=8, color="#555555")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save(fig, out, title=title, subtitle=subtitle)
 
 
 def main() -> int:
