@@ -83,8 +83,8 @@ RETENTION_PRIVILEGES: Final[Mapping[str, tuple[str, ...]]] = {
     "audit_log": ("SELECT", "DELETE"),
     "notifications": ("SELECT", "DELETE"),
     # Packing (cloud/packing.py) moves old windows from readings into readings_packed:
-    # it reads a whole chunk, then empties it by TRUNCATE (no row-by-row DELETE).
-    "readings": ("SELECT", "TRUNCATE"),
+    # one DELETE ... RETURNING takes a chunk's rows (no lock holding the ingest off).
+    "readings": ("SELECT", "DELETE"),
     "readings_packed": ("SELECT", "INSERT", "DELETE"),
 }
 # drop_chunks needs the hypertable's owner, so retention calls this SECURITY DEFINER

@@ -9,15 +9,27 @@ under 30 bytes a window. Where the Timescale License edition runs,
 
 The work is per chunk so that a run reads each stored window once: chunks to pack
 are found in TimescaleDB's catalog (non-empty by file size, no data read), and each
-is one transaction: lock the chunk against writers (readers go on), read it whole
-into a session temp table, take out the packed rows of the hours it touches (late
-windows for an hour packed before), write each hour back as one merged row, and
-TRUNCATE the chunk (no row-by-row DELETE, no dead tuples). A run that dies anywhere
-leaves both tables as they were before that chunk; chunks committed before stay
-packed. A window arriving late for a packed hour is stored in its (emptied) chunk by
-the ingest as usual; readers union both forms (dashboards/queries.py), and the next
-run merges it into its hour's row with the contract's merge rules, reading only the
-late windows, so it is counted once in either state.
+is one REPEATABLE READ transaction that takes no lock holding off the ingest: one
+statement deletes the chunk's rows of its snapshot and returns them into a session
+temp table (the one read of the chunk), then the packed rows of the hours it touches
+are taken out (late windows for an hour packed before), and each hour is written back
+as one merged row. Readers see the hot rows or the packed ones, never both nor neither.
+
+Late writes during a pack: a window the ingest stores in the chunk after the snapshot is
+not in it, so it stays hot for the next run. A window of the snapshot the ingest merges
+into (the rest of a window an agent closed early) fails the DELETE with a serialization
+failure, or a lock wait past `lock_timeout`: the chunk is rolled back, skipped and
+retried next run. Only a rest of a window whose first part the DELETE has already taken
+waits, for the pack's commit, as it waited for the whole pack before.
+
+After the commit `VACUUM` reclaims the dead rows, truncating an emptied chunk to no
+pages, so the next run does not select it (one more read of the chunk; it needs the
+chunk's owner before PostgreSQL 17). Where the packing role may not, autovacuum does
+it, and until then the statistics' zero live rows keep the chunk unselected. A run that
+dies anywhere leaves both tables as they were before that chunk; chunks committed
+before stay packed. Readers union both forms (dashboards/queries.py), and the next run
+merges late windows into their hour's row with the contract's merge rules, reading only
+the late windows, so each is counted once in either state.
 """
 
 from __future__ import annotations
@@ -38,8 +50,9 @@ from millrace.wire.aggregate import AGGREGATE_FIELDS, MERGE_RULES
 logger = logging.getLogger(__name__)
 
 DEFAULT_PACK_AFTER_DAYS: Final = 1.0
-# Packing a chunk holds off the ingest's late writes to that chunk only; this bounds our
-# wait behind a writer (the chunk is skipped and retried next run) or a DDL.
+# Packing takes no lock that holds writers off, but its DELETE waits for a row an
+# ingest is merging into, and for a packed row another session holds: this bounds the
+# wait (the chunk is skipped and retried next run).
 LOCK_TIMEOUT: Final = "5s"
 
 StorageForm = Literal["pack", "native_compression"]
@@ -69,12 +82,13 @@ class PackReport:
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """One chunk of `readings`: its table and time range."""
+    """One chunk of `readings`: its table, time range and whether this role may VACUUM it."""
 
     schema: str
     name: str
     start: datetime
     end: datetime
+    owned: bool = False
 
 
 class _OffGrid(Exception):
@@ -95,23 +109,32 @@ def _merge(field: str) -> str:
 
 
 _COLUMN_LIST: Final = ", ".join(_COLUMNS)
-# Chunks wholly before the cutoff with a non-empty file: catalog and file sizes only.
-# An emptied (truncated) chunk has no file pages; a late window gives it some again.
+# Chunks wholly before the cutoff with a non-empty file: catalog, file sizes and
+# statistics only. VACUUM leaves an emptied chunk no pages; a late window gives it some
+# again. Until a vacuum has run (the packing role may not own the chunk), the counts of
+# live and dead rows tell an emptied chunk: the DELETE's commit and any late window's
+# commit update them (the next run is an hour later; a reset leaves 0 dead rows, so the
+# chunk is read once more, which is only a cost).
 _CHUNKS: Final = """
-SELECT k.chunk_schema, k.chunk_name, k.range_start, k.range_end
+SELECT k.chunk_schema, k.chunk_name, k.range_start, k.range_end,
+       pg_has_role(c.relowner, 'USAGE')
 FROM timescaledb_information.chunks k
 JOIN pg_namespace n ON n.nspname = k.chunk_schema
 JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = k.chunk_name
 WHERE k.hypertable_schema = current_schema() AND k.hypertable_name = 'readings'
   AND k.range_end <= %s AND pg_relation_size(c.oid) > 0
+  AND NOT (pg_stat_get_live_tuples(c.oid) = 0 AND pg_stat_get_dead_tuples(c.oid) > 0)
 ORDER BY k.range_start
 """
 _PARTS_CREATE: Final = f"""
 CREATE TEMP TABLE IF NOT EXISTS packing_parts ON COMMIT DELETE ROWS AS
 SELECT 0::smallint AS part, {_COLUMN_LIST} FROM readings WITH NO DATA
 """
-# The one read of the chunk's windows.
-_READ_CHUNK: Final = f"INSERT INTO packing_parts SELECT 1, {_COLUMN_LIST} FROM {{}}"
+# The one read of the chunk's windows: those of the transaction's snapshot, taken out.
+_MOVE_CHUNK: Final = f"""
+WITH moved AS (DELETE FROM {{}} RETURNING {_COLUMN_LIST})
+INSERT INTO packing_parts SELECT 1, {_COLUMN_LIST} FROM moved
+"""
 # A window start off its period's grid (the wire refuses them, so only a hand-made row)
 # has no slot in an hour row.
 _OFF_GRID: Final = """
@@ -162,18 +185,19 @@ def chunks_to_pack(conn: psycopg.Connection[Any], older_than: datetime) -> list[
 def pack_chunk(
     conn: psycopg.Connection[Any], chunk: Chunk, *, lock_timeout: str = LOCK_TIMEOUT
 ) -> tuple[int, int]:
-    """Pack one chunk in one transaction: (windows moved, hour rows written).
+    """Pack one chunk in one transaction, then VACUUM it: (windows moved, hour rows written).
 
-    EXCLUSIVE mode lets readers of the chunk go on while holding off writers, so no
-    window committed after the read is truncated with the rest.
+    REPEATABLE READ: the DELETE takes exactly the rows of the snapshot, so a window the
+    ingest stores meanwhile stays for the next run, and one it merges into meanwhile
+    raises SerializationFailure (the caller skips the chunk). `conn` is in autocommit.
     """
     table = sql.Identifier(chunk.schema, chunk.name)
     bounds = {"first_hour": _floor_hour(chunk.start), "end": chunk.end}
     with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(lock_timeout)))
-        conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(table))
         conn.execute(_PARTS_CREATE)
-        moved = conn.execute(sql.SQL(_READ_CHUNK).format(table)).rowcount
+        moved = conn.execute(sql.SQL(_MOVE_CHUNK).format(table)).rowcount
         written = 0
         if moved:
             row = conn.execute(_OFF_GRID).fetchone()
@@ -181,7 +205,14 @@ def pack_chunk(
                 raise _OffGrid(f"{row[0]} windows")
             conn.execute(_UNPACK_TOUCHED, bounds)
             written = conn.execute(_WRITE_PACKED).rowcount
-        conn.execute(sql.SQL("TRUNCATE {}").format(table))
+    # This commit's row counts go to the statistics now, before VACUUM sets them (they
+    # would be added after, and a late window's live row lost in the clamp at 0), and
+    # before the next run selects chunks by them.
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    if chunk.owned:
+        # Blocks no writer or reader; cuts an all-dead chunk to no pages (the next run
+        # skips it by file size) and gives a chunk a late window landed in room again.
+        conn.execute(sql.SQL("VACUUM {}").format(table))
     return moved, written
 
 
@@ -195,7 +226,8 @@ def pack_windows(
     """Pack every `readings` chunk wholly before `older_than`, oldest first, one per transaction.
 
     `should_stop` is asked between chunks, so a stopping worker leaves after the
-    current one. A chunk busy past `lock_timeout` is skipped and retried next run.
+    current one. A chunk the ingest merged into during its pack, or busy past
+    `lock_timeout`, is skipped and retried next run.
     """
     windows = written = packed = skipped = 0
     for chunk in chunks_to_pack(conn, older_than):
@@ -205,6 +237,14 @@ def pack_windows(
             moved, rows = pack_chunk(conn, chunk, lock_timeout=lock_timeout)
         except psycopg.errors.LockNotAvailable:
             logger.warning("packing: chunk %s is busy (lock timeout), retried next run", chunk.name)
+            skipped += 1
+            continue
+        except psycopg.errors.SerializationFailure:
+            logger.warning(
+                "packing: the ingest merged into a window of chunk %s during its pack;"
+                " rolled back, retried next run",
+                chunk.name,
+            )
             skipped += 1
             continue
         except _OffGrid as exc:

@@ -45,10 +45,24 @@ def random_windows(
 
 
 def store(conn: psycopg.Connection[Any], windows: dict[Key, Aggregate]) -> None:
-    """Store windows as the ingest does (COPY, or merged into a part stored before)."""
+    """Store windows as the ingest does (COPY, or merged into a part stored before).
+
+    Then the statistics are flushed, as an ingest session's are within a second of its
+    commit: packing selects an emptied chunk again by its count of live rows.
+    """
     rows = [(*key, *(getattr(agg, f) for f in AGGREGATE_FIELDS)) for key, agg in windows.items()]
     with conn.transaction(), conn.cursor() as cur:
         store_readings(cur, rows)
+    flush_stats(conn)
+
+
+def flush_stats(conn: psycopg.Connection[Any]) -> None:
+    """Make this session's statistics visible to others before its next reply.
+
+    Outside a transaction only: inside one, they are flushed after its commit.
+    """
+    if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        conn.execute("SELECT pg_stat_force_next_flush()")
 
 
 def ids(conn: psycopg.Connection[Any], device: str, metric: str) -> tuple[int, int]:
@@ -90,3 +104,13 @@ def merged(*sets: dict[Key, Aggregate]) -> dict[Key, Aggregate]:
         for key, agg in windows.items():
             out[key] = out[key].merge(agg) if key in out else agg
     return out
+
+
+def waiting_pid(conn: psycopg.Connection[Any], login: str, statement: str) -> int | None:
+    """The backend of `login` waiting on a lock in a statement containing `statement`."""
+    row = conn.execute(
+        "SELECT pid FROM pg_stat_activity WHERE usename = %s AND wait_event_type = 'Lock'"
+        " AND strpos(query, %s) > 0",
+        (login, statement),
+    ).fetchone()
+    return int(row[0]) if row else None

@@ -26,6 +26,7 @@ from millrace.errors import ConfigError
 from tests.cloud.packing_support import (
     PERIOD_S,
     SLOTS_PER_HOUR,
+    flush_stats,
     ids,
     merged,
     random_aggregate,
@@ -169,7 +170,7 @@ def test_a_chunk_holding_a_window_off_its_grid_is_left_hot_and_the_others_are_pa
 
 
 @pytest.mark.integration
-def test_a_chunk_an_ingest_is_writing_to_is_skipped_then_packed_with_that_write_next_run(
+def test_a_chunk_an_ingest_is_writing_to_is_packed_at_once_and_that_write_next_run(
     db: str, conn: psycopg.Connection, packer: psycopg.Connection
 ) -> None:
     rng = random.Random(13)
@@ -180,17 +181,19 @@ def test_a_chunk_an_ingest_is_writing_to_is_skipped_then_packed_with_that_write_
     late = {(BASE + 2 * HOUR, device, metric, PERIOD_S): random_aggregate(rng)}
 
     # An ingest transaction storing a late window for the first day, not committed yet:
-    # the run skips that chunk rather than wait, and packs the other.
+    # the run neither waits for it nor takes it; both chunks are packed.
     with psycopg.connect(db) as ingest:
         ingest.execute("SELECT 1")  # open the transaction the COPY runs in
         store(ingest, late)
         report = pack_windows(packer, older_than=BASE + 2 * DAY, lock_timeout="500ms")
-        assert report == PackReport(windows=len(second), hours=1, chunks=1, skipped=1)
+        assert report == PackReport(windows=len(first) + len(second), hours=2, chunks=2)
         ingest.commit()
+        flush_stats(ingest)
 
-    assert hot_hours(conn) == [BASE, BASE + 2 * HOUR]
+    assert hot_hours(conn) == [BASE + 2 * HOUR]
+    assert windows_at_rest(conn) == merged(first, second, late)
     report = pack_windows(packer, older_than=BASE + 2 * DAY)
-    assert report == PackReport(windows=len(first) + 1, hours=2, chunks=1)
+    assert report == PackReport(windows=1, hours=1, chunks=1)
     assert hot_hours(conn) == []
     assert windows_at_rest(conn) == merged(first, second, late)
 
