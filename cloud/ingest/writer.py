@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import struct
 import uuid
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -118,14 +119,102 @@ def store_readings(cur: psycopg.Cursor[Any], rows: Iterable[tuple[Any, ...]]) ->
         return len(kept)
     except psycopg.errors.UniqueViolation:
         kept.extend(source)  # whatever the COPY had not taken yet
-        log.info("merging %s window rows into windows stored in part before", len(kept))
-    merged = kept
-    if len({row[:_KEY_WIDTH] for row in kept}) != len(kept):
-        merged = _merge_repeated_windows(kept)
+    _merge_readings(cur, kept)
+    return len(kept)
+
+
+def _merge_readings(cur: psycopg.Cursor[Any], rows: list[tuple[Any, ...]]) -> None:
+    """Merge `rows` into the windows stored in part before (`store_readings`' slow path)."""
+    log.info("merging %s window rows into windows stored in part before", len(rows))
+    merged = rows
+    if len({row[:_KEY_WIDTH] for row in rows}) != len(rows):
+        merged = _merge_repeated_windows(rows)
     cur.execute(_MERGE_STAGING_CREATE)
     copy_rows(cur, "readings_merge", READING_COLUMNS, READING_TYPES, merged)
     cur.execute(_MERGE_INTO_READINGS)
-    return len(kept)
+
+
+# PostgreSQL's binary COPY format ("COPY", File Formats): a signature, flags and header
+# extension length, then per row an int16 field count and per field an int32 length and the
+# value in network order (timestamptz: int64 microseconds since 2000-01-01 UTC), then -1.
+_COPY_SIGNATURE: Final = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+_COPY_TRAILER: Final = struct.pack(">h", -1)
+_PG_EPOCH_MS: Final = 946_684_800_000
+_BINARY_FORMATS: Final = {"timestamptz": "q", "int4": "i", "int8": "q", "float8": "d"}
+# One readings row; `reading_chunks` passes each field's length before its value.
+_READING_ROW: Final = struct.Struct(">h" + "".join(f"i{_BINARY_FORMATS[t]}" for t in READING_TYPES))
+_ROWS_PER_CHUNK: Final = 256  # ~33 kB a chunk: psycopg's own COPY buffer is 32 kB
+
+
+def reading_chunks(
+    fresh: Sequence[Incoming],
+    device_ids: Mapping[str, int],
+    metric_ids: Mapping[str, int],
+    hourly: rollups.Rollups,
+    stored: list[tuple[str, Window]],
+    report: Callable[[str], bool] | None,
+) -> Iterator[bytes]:
+    """The readings rows of `fresh` in binary COPY format (no signature, no trailer).
+
+    Each window goes into `hourly` (`rollups.add_hourly`) and, if `report(metric)`, into
+    `stored` on the way. One struct per row instead of a row tuple through psycopg's
+    `write_row` takes a fifth off the committer's CPU (issue 18);
+    tests/cloud/test_writer_copy.py holds the bytes equal to psycopg's.
+    """
+    add_hourly = rollups.add_hourly  # looked up per call: bench/ingest.py swaps it out
+    pack_into, size = _READING_ROW.pack_into, _READING_ROW.size
+    chunk = bytearray(size * _ROWS_PER_CHUNK)
+    end, at = len(chunk), 0
+    fields = len(READING_TYPES)
+    for item in fresh:
+        batch = item.batch
+        device_id = device_ids[batch.device]
+        for w in batch.windows:
+            metric_id = metric_ids[w.metric]
+            add_hourly(hourly, device_id, metric_id, w)
+            if report is None or report(w.metric):
+                stored.append((batch.device, w))
+            # READING_COLUMNS' order, each value after its length in bytes.
+            pack_into(
+                chunk, at, fields, 8, (w.start_ms - _PG_EPOCH_MS) * 1000, 4, device_id,
+                4, metric_id, 4, w.period_s, 8, w.count, 8, w.sum, 8, w.min, 8, w.max,
+                8, w.first, 8, w.last, 8, w.sumsq, 4, w.rejected,
+            )  # fmt: skip
+            at += size
+            if at == end:
+                yield bytes(chunk)
+                at = 0
+    if at:
+        yield bytes(chunk[:at])
+
+
+def _reading_rows(
+    fresh: Sequence[Incoming], device_ids: Mapping[str, int], metric_ids: Mapping[str, int]
+) -> list[tuple[Any, ...]]:
+    """The rows `reading_chunks` encodes, as tuples (for the merge, which is rare)."""
+    rows: list[tuple[Any, ...]] = []
+    for item in fresh:
+        device_id = device_ids[item.batch.device]
+        for w in item.batch.windows:
+            key = (to_datetime(w.start_ms), device_id, metric_ids[w.metric], w.period_s)
+            rows.append((*key, w.count, w.sum, w.min, w.max, w.first, w.last, w.sumsq, w.rejected))
+    return rows
+
+
+def _store_chunks(cur: psycopg.Cursor[Any], chunks: Iterator[bytes]) -> bool:
+    """COPY `chunks` into readings; False (and `chunks` run out) on a window stored before."""
+    try:
+        # A savepoint: a conflict undoes only the COPY.
+        with cur.connection.transaction(), cur.copy(_COPY_READINGS) as copy:
+            copy.write(_COPY_SIGNATURE)
+            for chunk in chunks:
+                copy.write(chunk)
+            copy.write(_COPY_TRAILER)
+        return True
+    except psycopg.errors.UniqueViolation:
+        for _ in chunks:  # the windows the COPY had not taken yet still go into the rollups
+            pass
+        return False
 
 
 def _merge_into_readings() -> str:
@@ -169,6 +258,11 @@ def copy_rows(
         copy.set_types(list(types))
         for row in rows:
             copy.write_row(row)
+
+
+_COPY_READINGS: Final = psycopg.sql.SQL("COPY readings ({}) FROM STDIN (FORMAT BINARY)").format(
+    psycopg.sql.SQL(", ").join(map(psycopg.sql.Identifier, READING_COLUMNS))
+)
 
 
 _LEDGER_INSERT: Final = """
@@ -409,33 +503,14 @@ class BatchWriter:
     ) -> tuple[int, int, rollups.Rollups, list[tuple[str, Window]]]:
         device_ids = self.ids.devices
         metric_ids = self.ids.metrics
-        times: dict[int, datetime] = {}
         event_rows: list[tuple[object, ...]] = []
         hourly: rollups.Rollups = {}
-        add_hourly = rollups.add_hourly
         stored: list[tuple[str, Window]] = []
-
-        def readings() -> Iterator[tuple[object, ...]]:
-            """Rows for the COPY, built while it streams; rollups and alerts on the way."""
-            for item in fresh:
-                batch = item.batch
-                device_id = device_ids[batch.device]
-                for w in batch.windows:
-                    ts = times.get(w.start_ms)
-                    if ts is None:
-                        ts = times[w.start_ms] = to_datetime(w.start_ms)
-                    metric_id = metric_ids[w.metric]
-                    add_hourly(hourly, device_id, metric_id, w)
-                    if report is None or report(w.metric):
-                        stored.append((batch.device, w))
-                    # READING_COLUMNS' order, spelled out: a generic row costs a tuple more.
-                    yield (
-                        ts, device_id, metric_id, w.period_s, w.count, w.sum, w.min, w.max,
-                        w.first, w.last, w.sumsq, w.rejected,
-                    )  # fmt: skip
-
-        has_windows = any(item.batch.windows for item in fresh)
-        reading_count = store_readings(cur, readings()) if has_windows else 0
+        reading_count = sum(len(item.batch.windows) for item in fresh)
+        if reading_count:
+            chunks = reading_chunks(fresh, device_ids, metric_ids, hourly, stored, report)
+            if not _store_chunks(cur, chunks):
+                _merge_readings(cur, _reading_rows(fresh, device_ids, metric_ids))
         for item in fresh:
             device_id = device_ids[item.batch.device]
             for e in item.batch.events:
