@@ -83,8 +83,9 @@ RETENTION_PRIVILEGES: Final[Mapping[str, tuple[str, ...]]] = {
     "audit_log": ("SELECT", "DELETE"),
     "notifications": ("SELECT", "DELETE"),
     # Packing (cloud/packing.py) moves old windows from readings into readings_packed:
-    # one DELETE ... RETURNING takes a chunk's rows (no lock holding the ingest off).
-    "readings": ("SELECT", "DELETE"),
+    # one DELETE ... RETURNING takes a chunk's rows (no lock holding the ingest off);
+    # TRUNCATE gives back the index pages of a chunk VACUUM left without rows.
+    "readings": ("SELECT", "DELETE", "TRUNCATE"),
     "readings_packed": ("SELECT", "INSERT", "DELETE"),
 }
 # drop_chunks needs the hypertable's owner, so retention calls this SECURITY DEFINER

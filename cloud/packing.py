@@ -54,6 +54,9 @@ DEFAULT_PACK_AFTER_DAYS: Final = 1.0
 # ingest is merging into, and for a packed row another session holds: this bounds the
 # wait (the chunk is skipped and retried next run).
 LOCK_TIMEOUT: Final = "5s"
+# Releasing an emptied chunk's index pages takes its ACCESS EXCLUSIVE lock for a size
+# check and a TRUNCATE: readers and writers queue behind our wait, so it is short.
+RELEASE_LOCK_TIMEOUT: Final = "200ms"
 
 StorageForm = Literal["pack", "native_compression"]
 
@@ -124,6 +127,19 @@ JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = k.chunk_name
 WHERE k.hypertable_schema = current_schema() AND k.hypertable_name = 'readings'
   AND k.range_end <= %s AND pg_relation_size(c.oid) > 0
   AND NOT (pg_stat_get_live_tuples(c.oid) = 0 AND pg_stat_get_dead_tuples(c.oid) > 0)
+ORDER BY k.range_start
+"""
+# Chunks VACUUM left no heap pages that still hold index pages past each index's
+# metapage: a btree never gives its pages back, TRUNCATE does.
+_EMPTIED: Final = """
+SELECT k.chunk_schema, k.chunk_name
+FROM timescaledb_information.chunks k
+JOIN pg_namespace n ON n.nspname = k.chunk_schema
+JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = k.chunk_name
+WHERE k.hypertable_schema = current_schema() AND k.hypertable_name = 'readings'
+  AND k.range_end <= %s AND pg_relation_size(c.oid) = 0
+  AND pg_indexes_size(c.oid) > current_setting('block_size')::int
+      * (SELECT count(*) FROM pg_index i WHERE i.indrelid = c.oid)
 ORDER BY k.range_start
 """
 _PARTS_CREATE: Final = f"""
@@ -216,6 +232,31 @@ def pack_chunk(
     return moved, written
 
 
+def release_emptied(conn: psycopg.Connection[Any], older_than: datetime) -> int:
+    """TRUNCATE chunks before `older_than` that hold index pages and no row: chunks released.
+
+    A chunk with no heap page holds no row, committed or not (an insert extends the file
+    first, under a lock ours waits for), so under ACCESS EXCLUSIVE its TRUNCATE loses
+    nothing and no snapshot can miss a row; a busy chunk waits for the next run.
+    """
+    released = 0
+    for schema, name in conn.execute(_EMPTIED, (older_than,)).fetchall():
+        table = sql.Identifier(schema, name)
+        try:
+            with conn.transaction():
+                conn.execute(
+                    sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(RELEASE_LOCK_TIMEOUT))
+                )
+                conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table))
+                row = conn.execute("SELECT pg_relation_size(%s::regclass)", (f"{schema}.{name}",))
+                if row.fetchone() == (0,):
+                    conn.execute(sql.SQL("TRUNCATE {}").format(table))
+                    released += 1
+        except psycopg.errors.LockNotAvailable:
+            logger.info("packing: emptied chunk %s busy, its index released next run", name)
+    return released
+
+
 def pack_windows(
     conn: psycopg.Connection[Any],
     *,
@@ -257,6 +298,8 @@ def pack_windows(
             skipped += 1
             continue
         windows, written, packed = windows + moved, written + rows, packed + 1
+    if released := release_emptied(conn, older_than):
+        logger.info("packing: released the index pages of %s emptied chunks", released)
     if windows:
         logger.info("packing: %s windows into %s hour rows before %s", windows, written, older_than)
     return PackReport(windows, written, packed, skipped)

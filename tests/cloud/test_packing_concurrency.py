@@ -268,25 +268,48 @@ def test_the_rest_of_a_window_the_pack_has_taken_waits_for_its_commit_and_is_cou
     assert windows_at_rest(conn) == truth
 
 
+_CHUNK_PAGES = """
+SELECT pg_relation_size(r), pg_indexes_size(r) / current_setting('block_size')::int
+FROM (SELECT format('%I.%I', chunk_schema, chunk_name)::regclass AS r
+      FROM timescaledb_information.chunks WHERE hypertable_name = 'readings') AS k
+"""
+
+
 @pytest.mark.integration
-def test_a_chunk_packed_by_its_owner_is_vacuumed_to_no_pages_until_a_late_window_lands(
+def test_a_chunk_packed_by_its_owner_is_vacuumed_and_released_to_no_pages_till_a_late_window(
     conn: psycopg.Connection,
 ) -> None:
     rng = random.Random(43)
     device, metric = ids(conn, "press-1", "temp")
-    first = random_windows(rng, device_id=device, metric_id=metric, hour=BASE, hours=1)
+    first = random_windows(rng, device_id=device, metric_id=metric, hour=BASE, hours=6)
     store(conn, first)
-    chunk_pages = (
-        "SELECT pg_relation_size(format('%I.%I', chunk_schema, chunk_name)::regclass)"
-        " FROM timescaledb_information.chunks WHERE hypertable_name = 'readings'"
-    )
-    assert conn.execute(chunk_pages).fetchone() != (0,)
+    heap, index_pages = conn.execute(_CHUNK_PAGES).fetchone() or (0, 0)
+    assert heap > 0 and index_pages > 1
 
     assert pack_windows(conn, older_than=BASE + DAY).chunks == 1  # the owner: VACUUM runs
-    assert conn.execute(chunk_pages).fetchone() == (0,)  # no dead rows, no pages
+    assert conn.execute(_CHUNK_PAGES).fetchall() == [(0, 1)]  # no heap, an index metapage
     assert pack_windows(conn, older_than=BASE + DAY) == PackReport()
     late = {(BASE + timedelta(seconds=600), device, metric, PERIOD_S): random_aggregate(rng)}
     store(conn, late)
     assert pack_windows(conn, older_than=BASE + DAY) == PackReport(windows=1, hours=1, chunks=1)
-    assert conn.execute(chunk_pages).fetchone() == (0,)
+    assert conn.execute(_CHUNK_PAGES).fetchall() == [(0, 1)]
     assert windows_at_rest(conn) == merged(first, late)
+
+
+@pytest.mark.integration
+def test_a_chunk_vacuumed_by_autovacuum_is_released_by_the_next_run_of_a_packer_not_its_owner(
+    conn: psycopg.Connection, packer: psycopg.Connection
+) -> None:
+    rng = random.Random(47)
+    device, metric = ids(conn, "press-1", "temp")
+    first = random_windows(rng, device_id=device, metric_id=metric, hour=BASE, hours=6)
+    store(conn, first)
+    pack_windows(packer, older_than=BASE + DAY)
+    heap, index_pages = conn.execute(_CHUNK_PAGES).fetchone() or (0, 0)
+    assert heap > 0 and index_pages > 1  # the retention role may not VACUUM it
+    conn.execute("VACUUM readings")  # what autovacuum does: the heap goes, the index stays
+    assert conn.execute(_CHUNK_PAGES).fetchall() == [(0, index_pages)]
+
+    assert pack_windows(packer, older_than=BASE + DAY) == PackReport()
+    assert conn.execute(_CHUNK_PAGES).fetchall() == [(0, 1)]
+    assert windows_at_rest(conn) == first
