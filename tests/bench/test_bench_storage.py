@@ -14,7 +14,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_SECONDS = 300  # the tiny run takes ~15 s
-RESULT_KEYS = {"hot_bytes_per_window", "rest_bytes_per_window", "answers_identical"}
+RESULT_KEYS = {
+    "hot_bytes_per_window",
+    "rest_bytes_per_window",
+    "pack_wal_bytes_per_window",
+    "answers_identical",
+}
 
 
 @pytest.mark.integration
