@@ -266,3 +266,30 @@ def test_integer_valued_floats_take_the_strict_path_and_come_out_floats() -> Non
     assert isinstance(decoded, Batch)
     assert decoded == _valid_batch()
     assert type(decoded.windows[0].sum) is float
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "mean"),
+    [
+        (1.0, 2.0, 2.0),  # on the bound
+        (1.0, 2.0, 2.0 + 1.5e-9),  # outside [min, max], inside the slack (1e-9 * 2)
+        (1.0, 2.0, 2.0 + 2.5e-9),  # outside the slack
+        (1.0, 2.0, 1.0 - 1.5e-9),
+        (1.0, 2.0, 1.0 - 2.5e-9),
+        (-3e6, -2e6, -3e6 - 2e-3),  # slack 1e-9 * 3e6 = 3e-3
+        (-3e6, -2e6, -3e6 - 4e-3),
+        (0.1, 0.2, 0.2 + 0.5e-9),  # slack 1e-9: |min|, |max| below 1
+        (0.1, 0.2, 0.2 + 1.5e-9),
+    ],
+)
+def test_mean_just_inside_or_outside_the_slack_decodes_the_same_on_both_paths(
+    low: float, high: float, mean: float
+) -> None:
+    plain = msgpack.unpackb(encode_batch(_valid_batch()), raw=False)
+    plain["w"][0][3:10] = [1, mean, low, high, low, high, high * high + low * low]
+    payload = msgpack.packb(plain)
+    fast, strict = decode_batch(payload), strict_decode(payload)
+    assert_same(fast, strict)
+    inside = low - 1e-9 * max(1.0, abs(low), abs(high)) <= mean
+    inside = inside and mean <= high + 1e-9 * max(1.0, abs(low), abs(high))
+    assert isinstance(fast, Batch) is inside
