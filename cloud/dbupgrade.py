@@ -82,6 +82,7 @@ RETENTION_PRIVILEGES: Final[Mapping[str, tuple[str, ...]]] = {
     "alerts": ("SELECT", "DELETE"),
     "audit_log": ("SELECT", "DELETE"),
     "notifications": ("SELECT", "DELETE"),
+    "ops_events": ("SELECT", "DELETE"),
     # Packing (cloud/packing.py) moves old windows from readings into readings_packed:
     # one DELETE ... RETURNING takes a chunk's rows (no lock holding the ingest off);
     # TRUNCATE gives back the index pages of a chunk VACUUM left without rows.

@@ -51,6 +51,8 @@ DEFAULT_AGES_DAYS: Final[Mapping[str, float]] = MappingProxyType(
         "device_health_history": 30,
         # Alert notifications sent or given up (cloud/alerts/notify.py); pending ones stay.
         "notifications": 90,
+        # Broker moves and database primary changes (the Redundancy page's history).
+        "ops_events": 365,
     }
 )
 # Chunks this old are compressed where the Timescale edition allows: a week keeps the
@@ -97,6 +99,7 @@ RETAINED_TABLES: Final[Mapping[str, PlainTableRule]] = MappingProxyType(
         "audit_log": PlainTableRule("at"),
         "dead_letters": PlainTableRule("received_at"),
         "device_health_history": PlainTableRule("received_at"),
+        "ops_events": PlainTableRule("at"),
         "readings": PlainTableRule("ts"),
         "events": PlainTableRule("ts"),
         "rollup_hourly": PlainTableRule("bucket"),

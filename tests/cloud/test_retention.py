@@ -258,3 +258,21 @@ def test_old_sent_notifications_are_pruned_and_pending_ones_kept(conn: psycopg.C
     assert result["notifications"] == 2
     kept = conn.execute("SELECT alert_id, state FROM notifications ORDER BY alert_id").fetchall()
     assert kept == [(1, "pending"), (2, "delivered")]
+
+
+@pytest.mark.integration
+def test_ops_events_older_than_their_age_are_pruned_by_the_retention_role(
+    conn: psycopg.Connection, retention_conn: psycopg.Connection
+) -> None:
+    """ops_events (broker moves, database primary changes) grew without bound: no table
+    rule and no privilege for the retention role. Now they are kept a year by default."""
+    conn.execute(
+        "INSERT INTO ops_events (at, kind, from_value, to_value)"
+        " SELECT t, 'db_primary', 'a:5432', 'b:5432' FROM unnest(%s::timestamptz[]) AS t",
+        ([days_ago(400), days_ago(366), days_ago(10)],),
+    )
+    assert DEFAULT_AGES_DAYS["ops_events"] == 365
+    result = run_retention(retention_conn, RetentionPolicy(), now=NOW)
+    assert result["ops_events"] == 2
+    kept = conn.execute("SELECT at FROM ops_events").fetchall()
+    assert kept == [(days_ago(10),)]
