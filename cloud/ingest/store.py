@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -58,8 +59,9 @@ DOWN_SQLSTATE_CLASSES: Final = frozenset({"08", "53", "57", "58", "28", "3D", "3
 # A read-only transaction: this server is a standby now (demoted, or the DSN reached a
 # replica); reconnecting finds the primary (cloud/dsn.py). Not the message's fault.
 DOWN_SQLSTATES: Final = frozenset({"25006"})
-# Python errors raised while adapting one message's values (encoding, overflow).
-POISON_PYTHON_ERRORS: Final = (UnicodeError, OverflowError, ValueError)
+# Python errors raised while adapting one message's values (encoding, overflow; the
+# writer's own binary COPY rows raise struct.error for a value out of its column's range).
+POISON_PYTHON_ERRORS: Final = (UnicodeError, OverflowError, ValueError, struct.error)
 # Contention: transaction rollback (deadlock, serialization; psycopg files 40001 under
 # OperationalError, not TransactionRollback), statement timeout, lock not available.
 TRANSIENT_SQLSTATE_CLASSES: Final = frozenset({"40"})

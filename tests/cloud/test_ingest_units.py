@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import struct
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -410,6 +411,8 @@ def _pg_error(cls: type[Exception], sqlstate: str | None) -> Exception:
         (_pg_error(psycopg.OperationalError, None), "down"),
         (_pg_error(psycopg.errors.RaiseException, "P0001"), "unexplained"),
         (OverflowError("date value out of range"), "poison"),
+        # The writer packs readings rows itself: an int out of int4's range is the data's.
+        (struct.error("'i' format requires -2147483648 <= number <= 2147483647"), "poison"),
         (UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"), "poison"),
         (KeyError("a bug"), "unexplained"),
     ],
