@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 GATEWAYS = 20
 # A give-up limit for a run that takes ~30 s; nothing is judged by it.
 RUN_TIMEOUT_SECONDS = 300
+DROP_SYS_RESOURCE = ("setpriv", "--bounding-set=-sys_resource", "--inh-caps=-sys_resource")
 RESULT_KEYS = {
     "max_devices",
     "scale_break_at",
@@ -87,12 +88,12 @@ def test_bench_scale_skips_steps_the_open_files_hard_limit_cannot_hold() -> None
     script = (
         "import resource, sys; sys.path.insert(0, 'bench');"
         f" resource.setrlimit(resource.RLIMIT_NOFILE, ({hard}, {hard}));"
-        "import scale; print(scale.raise_fd_limit(10_000), resource.getrlimit(resource.RLIMIT_NOFILE))"
+        "import scale;"
+        " print(scale.raise_fd_limit(10_000), resource.getrlimit(resource.RLIMIT_NOFILE))"
     )
     run = subprocess.run(
         # Without CAP_SYS_RESOURCE even root may not raise the hard limit it lowered.
-        ["setpriv", "--bounding-set=-sys_resource", "--inh-caps=-sys_resource"]
-        + [sys.executable, "-c", script],
+        [*DROP_SYS_RESOURCE, sys.executable, "-c", script],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
