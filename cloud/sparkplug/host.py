@@ -35,6 +35,7 @@ from millrace.cloud.ingest.messages import Classified, DeadLetter, Incoming, Sta
 from millrace.cloud.ingest.store import BatchStore, DatabaseDown, describe
 from millrace.cloud.ingest.worker import connect_db
 from millrace.cloud.sparkplug import topic as sptopic
+from millrace.cloud.sparkplug.claims import ID_COLLISION
 from millrace.cloud.sparkplug.config import SparkplugConfig
 from millrace.cloud.sparkplug.metrics import serve
 from millrace.cloud.sparkplug.schema import Payload
@@ -203,11 +204,13 @@ class Host:
         if isinstance(outcome, Duplicate):
             self.counters.duplicates += 1
             return
+        # An NBIRTH refused only for its id still opened the node's session (sessions.py).
+        opened = not isinstance(outcome, Refused) or outcome.code == ID_COLLISION
+        if sp is not None and sp.kind == "NBIRTH" and opened:
+            self._born_on[sp.node_key] = broker
         if isinstance(outcome, Refused):
             self._refuse(topic, sp, broker, payload, received_at, outcome)
             return
-        if sp is not None and sp.kind == "NBIRTH":
-            self._born_on[sp.node_key] = broker
         self._accept(outcome, received, received_at)
 
     def _over_cap(self, kind: str) -> bool:

@@ -2,10 +2,12 @@
 
 A millrace device id is `<group>.<edge node>` for the node's own metrics and
 `<group>.<edge node>.<device>` for a device, lowercased; ids that do not then satisfy
-the device id rule (millrace.ids) are refused with that rule. Metric names keep their
-case; `/` (Sparkplug's folder separator) becomes `.`, and every other character outside
-the metric name rule becomes `_`. Two names of one birth that map to one millrace name
-are refused, so one millrace metric never mixes two Sparkplug metrics.
+the device id rule (millrace.ids) are refused with that rule. Distinct Sparkplug ids
+can map to one device id (case, or a `.` inside an id): claims.py keeps them apart.
+Metric names keep their case; `/` (Sparkplug's folder separator) becomes `.`, and
+every other character outside the metric name rule becomes `_`. Two names of one
+birth that map to one millrace name are refused, so one millrace metric never mixes
+two Sparkplug metrics.
 """
 
 from __future__ import annotations

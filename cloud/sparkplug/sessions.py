@@ -13,6 +13,9 @@ letter code and whether to ask the node for a rebirth (`Refused`). The spec's ru
 - NDEATH ends the session only when its bdSeq is the birth's: an NDEATH with another bdSeq
   is the will of an older connection, arriving late, and is ignored (dead-lettered as
   `stale_death` so it is visible).
+
+Two sources that map to one millrace device id are never merged: the first to birth
+owns it (claims.py); the other's messages for it are refused `id_collision`, no rebirth.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any, Final
 
 from millrace.cloud.config import DEFAULT_MAX_AGE_SECONDS, DEFAULT_MAX_SKEW_SECONDS
 from millrace.cloud.sparkplug import names, values
+from millrace.cloud.sparkplug.claims import ID_COLLISION, Claims, Source
 from millrace.cloud.sparkplug.schema import DecodeError, parse_payload
 from millrace.cloud.sparkplug.topic import SpTopic, TopicError, parse
 from millrace.wire.batch import MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS
@@ -139,6 +143,7 @@ class Sessions:
     def __init__(self, bounds: Bounds | None = None) -> None:
         self.bounds = bounds or Bounds()
         self._nodes: dict[tuple[str, str], _Node] = {}
+        self.claims = Claims()
 
     def handle(self, topic: str, payload: bytes, received_ms: int) -> Outcome:
         """Judge one message published on a Sparkplug `topic`."""
@@ -152,11 +157,27 @@ class Sessions:
             self._count_seq(sp, payload)
             return Refused("bad_id", str(exc))
         try:
-            return self._handle(sp, device, payload, received_ms)
+            outcome = self._handle(sp, device, payload, received_ms)
         except _Refuse as refused:
             if refused.rebirth and sp.node_key in self._nodes:
                 self._nodes[sp.node_key].stale = True
             return Refused(refused.code, refused.reason, device, refused.rebirth)
+        return self._owned(sp, device, outcome)
+
+    def _owned(self, sp: SpTopic, device: str, outcome: Outcome) -> Outcome:
+        """`outcome` if its source owns (or, by a birth, now claims) `device`, else an
+        `id_collision` refusal. Judged after the session rules, so a colliding node's seq
+        and births are still followed and its other devices are not stalled."""
+        if not isinstance(outcome, Accepted):
+            return outcome
+        source = Source(sp.group, sp.node, sp.device)
+        if sp.kind in ("NBIRTH", "DBIRTH"):
+            reason = self.claims.claim(source, device)
+        else:
+            reason = self.claims.refusal(source, device)
+        if reason is None or (sp.kind == "NDEATH" and outcome.offline):
+            return outcome  # an NDEATH's offline ids are already only the node's own
+        return Refused(ID_COLLISION, reason, device)
 
     def _count_seq(self, sp: SpTopic, data: bytes) -> None:
         """Take the seq of a device message refused for its id, so the node's next message
@@ -219,7 +240,14 @@ class Sessions:
             )
         self._nodes.pop(sp.node_key, None)
         devices = [] if node is None else [d for d in node.by_name if d is not None]
-        return Accepted(offline=[device, *(names.device_id(sp.group, sp.node, d) for d in devices)])
+        offline = [(None, device), *((d, names.device_id(sp.group, sp.node, d)) for d in devices)]
+        return Accepted(
+            offline=[
+                mapped
+                for sp_device, mapped in offline
+                if self.claims.refusal(Source(sp.group, sp.node, sp_device), mapped) is None
+            ]
+        )
 
     def _in_sequence(self, sp: SpTopic, payload: Any) -> _Node | None:
         """The node's session if this message is its next; None for a redelivery."""

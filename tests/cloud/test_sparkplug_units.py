@@ -7,15 +7,20 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from google.protobuf import descriptor_pb2
 
+from millrace.cloud.ingest.messages import DeadLetter
 from millrace.cloud.sparkplug import schema
+from millrace.cloud.sparkplug.config import SparkplugConfig
 from millrace.cloud.sparkplug.sessions import Accepted, Bounds, Duplicate, Refused, Sessions
 from millrace.cloud.sparkplug.windows import Windows
+from millrace.configfile import BrokerConnection
+from tests.fixtures.fix_broker import PKIFixture
 
 SPB_PYTHON = Path(sys.prefix) / "pysparkplug" / "bin" / "python"
 NOW_MS = 1_800_000_000_000
@@ -251,3 +256,116 @@ def test_the_config_example_in_docs_loads_and_bad_keys_are_named(tmp_path: Path)
         with pytest.raises(ConfigError) as caught:
             load_config(path)
         assert named in str(caught.value), caught.value
+
+
+def _topic(group: str, kind: str, node: str, device: str | None = None) -> str:
+    return f"spBv1.0/{group}/{kind}/{node}" + ("" if device is None else f"/{device}")
+
+
+def _death(bd_seq: int = 0) -> bytes:
+    return payload(None, [{"name": "bdSeq", "datatype": 4, "long_value": bd_seq}])
+
+
+def _dbirth(seq: int) -> bytes:
+    return payload(seq, [{"name": "flow", "alias": 2, "datatype": 10, "double_value": 1.0}])
+
+
+def _collision(out: object, device: str, *sources: str) -> None:
+    assert isinstance(out, Refused) and out.code == "id_collision", out
+    assert out.device == device and not out.rebirth
+    for named in (*sources, repr(device), "rename one"):
+        assert named in out.reason, out.reason
+
+
+def test_two_nodes_whose_ids_differ_only_in_case_are_not_merged_into_one_device() -> None:
+    s = Sessions()
+    assert isinstance(s.handle(_topic("plant", "NBIRTH", "line1"), birth(), NOW_MS), Accepted)
+    intruder = s.handle(_topic("Plant", "NBIRTH", "Line1"), birth(), NOW_MS)
+    _collision(intruder, "plant.line1", "'Plant/Line1'", "'plant/line1'")
+    _collision(s.handle(_topic("Plant", "NDATA", "Line1"), data(1, 99.0), NOW_MS), "plant.line1")
+    owner = s.handle(_topic("plant", "NDATA", "line1"), data(1, 21.0), NOW_MS)
+    assert isinstance(owner, Accepted)
+    assert [(r.device, r.value.number) for r in owner.readings] == [("plant.line1", 21.0)]
+    # The intruder's death (its own bdSeq) must not mark the owner offline.
+    _collision(s.handle(_topic("Plant", "NDEATH", "Line1"), _death(), NOW_MS), "plant.line1")
+    assert isinstance(s.handle(_topic("plant", "NDATA", "line1"), data(2), NOW_MS), Accepted)
+
+
+def test_group_and_node_split_differently_by_a_dot_are_not_merged() -> None:
+    s = Sessions()
+    owner, intruder = ("a.b", "c"), ("a", "b.c")  # both a.b.c; devices a.b.c.<device>
+    assert isinstance(s.handle(_topic(owner[0], "NBIRTH", owner[1]), birth(), NOW_MS), Accepted)
+    assert isinstance(
+        s.handle(_topic(*owner[:1], "DBIRTH", owner[1], "pump"), _dbirth(1), NOW_MS), Accepted
+    )
+    _collision(s.handle(_topic(intruder[0], "NBIRTH", intruder[1]), birth(), NOW_MS), "a.b.c")
+    _collision(
+        s.handle(_topic(intruder[0], "DBIRTH", intruder[1], "pump"), _dbirth(1), NOW_MS),
+        "a.b.c.pump",
+        "'a/b.c/pump'",
+        "'a.b/c/pump'",
+    )
+    # Its session is still followed: a device of its own id is not stalled, no seq gap.
+    valve = s.handle(_topic(intruder[0], "DBIRTH", intruder[1], "valve"), _dbirth(2), NOW_MS)
+    assert isinstance(valve, Accepted) and valve.online == {"a.b.c.valve": {}}
+    ddata = payload(3, [{"alias": 2, "double_value": 5.0}])
+    _collision(
+        s.handle(_topic(intruder[0], "DDATA", intruder[1], "pump"), ddata, NOW_MS), "a.b.c.pump"
+    )
+    ddata = payload(4, [{"alias": 2, "double_value": 6.0}])
+    out = s.handle(_topic(intruder[0], "DDATA", intruder[1], "valve"), ddata, NOW_MS)
+    assert isinstance(out, Accepted) and [r.device for r in out.readings] == ["a.b.c.valve"]
+    # Its NDEATH takes only its own device offline.
+    out = s.handle(_topic(intruder[0], "NDEATH", intruder[1]), _death(), NOW_MS)
+    assert isinstance(out, Accepted) and out.offline == ["a.b.c.valve"]
+    ddata = payload(2, [{"alias": 2, "double_value": 7.0}])
+    out = s.handle(_topic(*owner[:1], "DDATA", owner[1], "pump"), ddata, NOW_MS)
+    assert isinstance(out, Accepted) and [r.value.number for r in out.readings] == [7.0]
+
+
+def test_a_colliding_node_cannot_take_over_the_device_after_the_owner_dies() -> None:
+    s = Sessions()
+    s.handle(_topic("plant", "NBIRTH", "line1"), birth(bd_seq=0), NOW_MS)
+    died = s.handle(_topic("plant", "NDEATH", "line1"), _death(0), NOW_MS)
+    assert isinstance(died, Accepted) and died.offline == ["plant.line1"]
+    # The colliding node reconnects first: the owner's claim outlives its session.
+    _collision(s.handle(_topic("PLANT", "NBIRTH", "line1"), birth(), NOW_MS), "plant.line1")
+    _collision(s.handle(_topic("PLANT", "NDATA", "line1"), data(1), NOW_MS), "plant.line1")
+    back = s.handle(_topic("plant", "NBIRTH", "line1"), birth(bd_seq=1), NOW_MS)
+    assert isinstance(back, Accepted) and back.online == {"plant.line1": {}}
+
+
+def test_a_colliding_node_never_reaches_the_owners_windows_and_keeps_its_birth_broker(
+    test_pki: PKIFixture,
+) -> None:
+    from millrace.cloud.sparkplug.host import Host
+
+    cert, key = test_pki.issue("svc-test", role="service")
+    config = SparkplugConfig(
+        dsn="postgresql://nobody@127.0.0.1:1/none",  # never reached: nothing is flushed
+        broker=BrokerConnection(
+            host="127.0.0.1",
+            port=1,
+            ca=test_pki.ca,
+            cert=cert,
+            key=key,
+            hosts=(("127.0.0.1", 1), ("127.0.0.1", 2)),
+        ),
+        host_id="svc-test",
+        groups=("plant",),
+        periods_s=(10,),
+    )
+    host = Host(config)  # not run: judged by hand, no broker
+    at = datetime.fromtimestamp(NOW_MS / 1000, UTC)
+    host.judge(_topic("plant", "NBIRTH", "line1"), birth(), at, broker=0)  # temp 20
+    host.judge(_topic("plant", "NDATA", "line1"), data(1, 21.0), at, broker=0)
+    host.judge(_topic("Plant", "NBIRTH", "Line1"), birth(), at, broker=1)
+    host.judge(_topic("Plant", "NDATA", "Line1"), data(1, 99.0), at, broker=1)
+    # The refused birth still opened its session on broker 1: through broker 0 it is stale.
+    host.judge(_topic("Plant", "NDATA", "Line1"), data(2, 98.0), at, broker=0)
+    assert dict(host.counters.refused) == {"id_collision": 2, "other_broker": 1}
+    assert host.counters.rebirths_asked == 1  # for other_broker only: no rebirth fixes a name
+    (window,) = host.windows.close(None)["plant.line1"]
+    assert (window.count, window.sum, window.max) == (2, 41.0, 21.0)
+    collided = [i for i in host._items if isinstance(i, DeadLetter) and i.code == "id_collision"]
+    assert [i.device for i in collided] == ["plant.line1"] * 2
