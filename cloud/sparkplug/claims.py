@@ -43,10 +43,6 @@ class Claims:
         owner = self._owners.setdefault(device, source)
         return None if owner == source else self._reason(source, device, owner)
 
-    def holds(self, source: Source, device: str) -> bool:
-        """True if `source` owns `device` (a source never born under it does not)."""
-        return self._owners.get(device) == source
-
     def refusal(self, source: Source, device: str) -> str | None:
         """The reason to refuse `source`'s message for `device`, None if it may pass."""
         owner = self._owners.get(device)
