@@ -9,14 +9,12 @@ from __future__ import annotations
 import random
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from millrace.cloud import dbupgrade
 from millrace.cloud.config import load_config
@@ -54,24 +52,6 @@ def conn(db: str) -> Iterator[psycopg.Connection]:
         yield connection
 
 
-@pytest.fixture
-def retention_login(db: str) -> str:
-    login = f"retention_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(db, autocommit=True) as admin:
-        admin.execute(
-            sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(
-                sql.Identifier(login), sql.Identifier(dbupgrade.RETENTION_ROLE)
-            )
-        )
-    return login
-
-
-@pytest.fixture
-def packer(db: str, retention_login: str) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(db, user=retention_login, autocommit=True) as connection:
-        yield connection
-
-
 def hot_hours(conn: psycopg.Connection) -> list[datetime]:
     rows = conn.execute("SELECT DISTINCT time_bucket('1 hour', ts) FROM readings ORDER BY 1")
     return [r[0] for r in rows.fetchall()]
@@ -88,7 +68,7 @@ def test_storage_at_rest_is_native_compression_only_on_the_timescale_license() -
 
 @pytest.mark.integration
 def test_packing_moves_whole_old_chunks_into_one_row_per_hour_and_reads_back_exactly(
-    conn: psycopg.Connection, packer: psycopg.Connection
+    conn: psycopg.Connection, retention_conn: psycopg.Connection
 ) -> None:
     rng = random.Random(18)
     device, metric = ids(conn, "press-1", "temp")
@@ -101,7 +81,7 @@ def test_packing_moves_whole_old_chunks_into_one_row_per_hour_and_reads_back_exa
     store(conn, truth)
     cutoff = BASE + DAY + 3 * HOUR  # the second day's chunk is not wholly before it
 
-    report = pack_windows(packer, older_than=cutoff)
+    report = pack_windows(retention_conn, older_than=cutoff)
 
     assert report == PackReport(windows=len(dense) + len(gappy), hours=5, chunks=1)
     assert hot_hours(conn) == [BASE + DAY, BASE + DAY + HOUR]
@@ -114,19 +94,21 @@ def test_packing_moves_whole_old_chunks_into_one_row_per_hour_and_reads_back_exa
         " ON k.chunk_name = c.relname WHERE k.hypertable_name = 'readings_packed'"
     ).fetchall()
     assert options == [(["toast_tuple_target=128"],)]
-    assert pack_windows(packer, older_than=cutoff) == PackReport()  # the emptied chunk: no pages
+    assert (
+        pack_windows(retention_conn, older_than=cutoff) == PackReport()
+    )  # the emptied chunk: no pages
 
 
 @pytest.mark.integration
 def test_late_window_for_a_packed_hour_is_stored_once_then_merged_into_its_row(
-    conn: psycopg.Connection, packer: psycopg.Connection
+    conn: psycopg.Connection, retention_conn: psycopg.Connection
 ) -> None:
     rng = random.Random(7)
     device, metric = ids(conn, "press-1", "temp")
     base = random_windows(rng, device_id=device, metric_id=metric, hour=BASE, hours=2)
     del base[(BASE + timedelta(seconds=1230), device, metric, PERIOD_S)]  # a slot never sent
     store(conn, base)
-    pack_windows(packer, older_than=BASE + DAY)
+    pack_windows(retention_conn, older_than=BASE + DAY)
     assert hot_hours(conn) == []
 
     def key(seconds: int) -> tuple[datetime, int, int, int]:
@@ -140,7 +122,7 @@ def test_late_window_for_a_packed_hour_is_stored_once_then_merged_into_its_row(
     stored = conn.execute("SELECT count(*) FROM readings").fetchone()
     assert stored == (4,)  # each late window stored once, in the hot form
     assert windows_at_rest(conn) == truth  # read across both forms, merged
-    report = pack_windows(packer, older_than=BASE + DAY)
+    report = pack_windows(retention_conn, older_than=BASE + DAY)
     assert (report.windows, report.hours, report.chunks) == (4, 2, 1)
     assert hot_hours(conn) == []
     assert windows_at_rest(conn) == truth  # merged into the packed rows by the contract's rules
@@ -153,7 +135,7 @@ def test_late_window_for_a_packed_hour_is_stored_once_then_merged_into_its_row(
 
 @pytest.mark.integration
 def test_a_chunk_holding_a_window_off_its_grid_is_left_hot_and_the_others_are_packed(
-    conn: psycopg.Connection, packer: psycopg.Connection
+    conn: psycopg.Connection, retention_conn: psycopg.Connection
 ) -> None:
     rng = random.Random(11)
     device, metric = ids(conn, "press-1", "temp")
@@ -162,7 +144,7 @@ def test_a_chunk_holding_a_window_off_its_grid_is_left_hot_and_the_others_are_pa
     odd = {(BASE + timedelta(seconds=5), device, metric, PERIOD_S): random_aggregate(rng)}
     store(conn, merged(first, second, odd))  # written by hand: the wire refuses such a start
 
-    report = pack_windows(packer, older_than=BASE + 2 * DAY)
+    report = pack_windows(retention_conn, older_than=BASE + 2 * DAY)
 
     assert report == PackReport(windows=len(second), hours=1, chunks=1, skipped=1)
     assert hot_hours(conn) == [BASE]  # the whole first day is left as it was
@@ -171,7 +153,7 @@ def test_a_chunk_holding_a_window_off_its_grid_is_left_hot_and_the_others_are_pa
 
 @pytest.mark.integration
 def test_a_chunk_an_ingest_is_writing_to_is_packed_at_once_and_that_write_next_run(
-    db: str, conn: psycopg.Connection, packer: psycopg.Connection
+    db: str, conn: psycopg.Connection, retention_conn: psycopg.Connection
 ) -> None:
     rng = random.Random(13)
     device, metric = ids(conn, "press-1", "temp")
@@ -185,14 +167,14 @@ def test_a_chunk_an_ingest_is_writing_to_is_packed_at_once_and_that_write_next_r
     with psycopg.connect(db) as ingest:
         ingest.execute("SELECT 1")  # open the transaction the COPY runs in
         store(ingest, late)
-        report = pack_windows(packer, older_than=BASE + 2 * DAY, lock_timeout="500ms")
+        report = pack_windows(retention_conn, older_than=BASE + 2 * DAY, lock_timeout="500ms")
         assert report == PackReport(windows=len(first) + len(second), hours=2, chunks=2)
         ingest.commit()
         flush_stats(ingest)
 
     assert hot_hours(conn) == [BASE + 2 * HOUR]
     assert windows_at_rest(conn) == merged(first, second, late)
-    report = pack_windows(packer, older_than=BASE + 2 * DAY)
+    report = pack_windows(retention_conn, older_than=BASE + 2 * DAY)
     assert report == PackReport(windows=1, hours=1, chunks=1)
     assert hot_hours(conn) == []
     assert windows_at_rest(conn) == merged(first, second, late)
@@ -210,7 +192,7 @@ def _waiting_packer_pid(conn: psycopg.Connection, login: str) -> int | None:
 @pytest.mark.integration
 @pytest.mark.faults
 def test_a_packing_run_killed_between_its_steps_loses_and_doubles_nothing(
-    db: str, conn: psycopg.Connection, packer: psycopg.Connection, retention_login: str
+    db: str, conn: psycopg.Connection, retention_conn: psycopg.Connection, retention_login: str
 ) -> None:
     rng = random.Random(3)
     device, metric = ids(conn, "press-1", "temp")
@@ -221,7 +203,7 @@ def test_a_packing_run_killed_between_its_steps_loses_and_doubles_nothing(
         )
     )
     store(conn, base)
-    pack_windows(packer, older_than=BASE + 2 * DAY)
+    pack_windows(retention_conn, older_than=BASE + 2 * DAY)
     late = {
         (BASE + d * DAY + h * HOUR + timedelta(seconds=600), device, metric, PERIOD_S): (
             random_aggregate(rng)
@@ -243,7 +225,7 @@ def test_a_packing_run_killed_between_its_steps_loses_and_doubles_nothing(
 
         def run() -> None:
             try:
-                pack_windows(packer, older_than=BASE + 2 * DAY, lock_timeout="10min")
+                pack_windows(retention_conn, older_than=BASE + 2 * DAY, lock_timeout="10min")
             except psycopg.Error as exc:
                 errors.append(exc)
 
@@ -277,7 +259,7 @@ def test_a_packing_run_killed_between_its_steps_loses_and_doubles_nothing(
 
 @pytest.mark.integration
 def test_the_retention_schedule_packs_old_windows_and_drops_packed_chunks_at_the_readings_age(
-    db: str, conn: psycopg.Connection, packer: psycopg.Connection, retention_login: str
+    db: str, conn: psycopg.Connection, retention_conn: psycopg.Connection, retention_login: str
 ) -> None:
     rng = random.Random(5)
     device, metric = ids(conn, "press-1", "temp")
@@ -290,7 +272,7 @@ def test_the_retention_schedule_packs_old_windows_and_drops_packed_chunks_at_the
     )
     recent = random_windows(rng, device_id=device, metric_id=metric, hour=now - HOUR, hours=1)
     store(conn, merged(ancient, old, recent))
-    pack_windows(packer, older_than=now - 50 * 24 * HOUR)  # packed before it aged out
+    pack_windows(retention_conn, older_than=now - 50 * 24 * HOUR)  # packed before it aged out
     assert packed_hours(conn) == [now - 100 * 24 * HOUR]
 
     scheduler = RetentionScheduler(

@@ -12,14 +12,12 @@ from __future__ import annotations
 import random
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from millrace.cloud import dbupgrade
 from millrace.cloud.packing import PackReport, pack_windows
@@ -52,24 +50,6 @@ def db(fresh_db: str) -> str:
 @pytest.fixture
 def conn(db: str) -> Iterator[psycopg.Connection]:
     with psycopg.connect(db, autocommit=True) as connection:
-        yield connection
-
-
-@pytest.fixture
-def retention_login(db: str) -> str:
-    login = f"retention_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(db, autocommit=True) as admin:
-        admin.execute(
-            sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(
-                sql.Identifier(login), sql.Identifier(dbupgrade.RETENTION_ROLE)
-            )
-        )
-    return login
-
-
-@pytest.fixture
-def packer(db: str, retention_login: str) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(db, user=retention_login, autocommit=True) as connection:
         yield connection
 
 
@@ -121,7 +101,7 @@ def _wait_for_pid(conn: psycopg.Connection, login: str, pack: _PackInThread) -> 
 def test_a_late_window_for_a_chunk_being_packed_is_stored_without_waiting_for_the_pack(
     db: str,
     conn: psycopg.Connection,
-    packer: psycopg.Connection,
+    retention_conn: psycopg.Connection,
     ingest: psycopg.Connection,
     retention_login: str,
 ) -> None:
@@ -130,7 +110,7 @@ def test_a_late_window_for_a_chunk_being_packed_is_stored_without_waiting_for_th
     base = random_windows(rng, device_id=device, metric_id=metric, hour=BASE, hours=2)
     del base[(BASE + timedelta(seconds=1230), device, metric, PERIOD_S)]
     store(conn, base)
-    pack_windows(packer, older_than=BASE + DAY)
+    pack_windows(retention_conn, older_than=BASE + DAY)
     late = {(BASE + timedelta(seconds=s), device, metric, PERIOD_S): random_aggregate(rng)
             for s in (600, 4200)}  # fmt: skip
     store(conn, late)  # a gateway back after a day: the next run packs these
@@ -143,7 +123,7 @@ def test_a_late_window_for_a_chunk_being_packed_is_stored_without_waiting_for_th
     with psycopg.connect(db) as blocker:
         blocker.execute("SELECT 1 FROM readings_packed WHERE hour = %s FOR UPDATE", (BASE,))
         pack = _PackInThread(
-            lambda: pack_windows(packer, older_than=BASE + DAY, lock_timeout="10min")
+            lambda: pack_windows(retention_conn, older_than=BASE + DAY, lock_timeout="10min")
         )
         _wait_for_pid(conn, retention_login, pack)
 
@@ -159,7 +139,9 @@ def test_a_late_window_for_a_chunk_being_packed_is_stored_without_waiting_for_th
     assert report == PackReport(windows=2, hours=2, chunks=1)
     assert hot_keys(conn) == set(later_still)  # after the pack's snapshot: left for the next run
     assert windows_at_rest(conn) == merged(base, late, later_still)  # each window once
-    assert pack_windows(packer, older_than=BASE + DAY) == PackReport(windows=1, hours=1, chunks=1)
+    assert pack_windows(retention_conn, older_than=BASE + DAY) == PackReport(
+        windows=1, hours=1, chunks=1
+    )
     assert hot_keys(conn) == set()
     assert windows_at_rest(conn) == merged(base, late, later_still)
 
@@ -185,7 +167,7 @@ class _HookAfter:
 
 @pytest.mark.integration
 def test_a_window_merged_by_the_ingest_while_its_chunk_is_packed_is_counted_once(
-    conn: psycopg.Connection, packer: psycopg.Connection, ingest: psycopg.Connection
+    conn: psycopg.Connection, retention_conn: psycopg.Connection, ingest: psycopg.Connection
 ) -> None:
     rng = random.Random(37)
     device, metric = ids(conn, "press-1", "temp")
@@ -206,7 +188,7 @@ def test_a_window_merged_by_the_ingest_while_its_chunk_is_packed_is_counted_once
         except psycopg.Error as exc:
             refused.append(exc)
 
-    hooked = _HookAfter(packer, "CREATE TEMP TABLE", merge_the_rest)
+    hooked = _HookAfter(retention_conn, "CREATE TEMP TABLE", merge_the_rest)
     report = pack_windows(cast(psycopg.Connection, hooked), older_than=BASE + 2 * DAY)
     assert refused == []
 
@@ -218,7 +200,7 @@ def test_a_window_merged_by_the_ingest_while_its_chunk_is_packed_is_counted_once
     ).fetchone()
     assert stored == (first[split].count + rest[split].count,)
     assert windows_at_rest(conn) == merged(first, second, rest)
-    report = pack_windows(packer, older_than=BASE + 2 * DAY)
+    report = pack_windows(retention_conn, older_than=BASE + 2 * DAY)
     assert report == PackReport(windows=len(first), hours=1, chunks=1)
     assert hot_keys(conn) == set()
     assert windows_at_rest(conn) == merged(first, second, rest)  # every sum exact
@@ -226,13 +208,13 @@ def test_a_window_merged_by_the_ingest_while_its_chunk_is_packed_is_counted_once
 
 @pytest.mark.integration
 def test_the_rest_of_a_window_the_pack_has_taken_waits_for_its_commit_and_is_counted_once(
-    db: str, conn: psycopg.Connection, packer: psycopg.Connection, retention_login: str
+    db: str, conn: psycopg.Connection, retention_conn: psycopg.Connection, retention_login: str
 ) -> None:
     rng = random.Random(41)
     device, metric = ids(conn, "press-1", "temp")
     first = random_windows(rng, device_id=device, metric_id=metric, hour=BASE, hours=1)
     store(conn, first)
-    pack_windows(packer, older_than=BASE + DAY)
+    pack_windows(retention_conn, older_than=BASE + DAY)
     key = (BASE + timedelta(seconds=600), device, metric, PERIOD_S)
     late = {key: random_aggregate(rng)}  # a late part of a packed window
     store(conn, late)
@@ -244,7 +226,7 @@ def test_the_rest_of_a_window_the_pack_has_taken_waits_for_its_commit_and_is_cou
     with psycopg.connect(db) as blocker, psycopg.connect(db, autocommit=True) as writer:
         blocker.execute("SELECT 1 FROM readings_packed WHERE hour = %s FOR UPDATE", (BASE,))
         pack = _PackInThread(
-            lambda: pack_windows(packer, older_than=BASE + DAY, lock_timeout="10min")
+            lambda: pack_windows(retention_conn, older_than=BASE + DAY, lock_timeout="10min")
         )
         _wait_for_pid(conn, retention_login, pack)
         writing = threading.Thread(target=store, args=(writer, rest), daemon=True)
@@ -264,7 +246,9 @@ def test_the_rest_of_a_window_the_pack_has_taken_waits_for_its_commit_and_is_cou
     truth = merged(first, late, rest)
     assert hot_keys(conn) == set(rest)  # the earlier parts packed, the rest hot
     assert windows_at_rest(conn) == truth
-    assert pack_windows(packer, older_than=BASE + DAY) == PackReport(windows=1, hours=1, chunks=1)
+    assert pack_windows(retention_conn, older_than=BASE + DAY) == PackReport(
+        windows=1, hours=1, chunks=1
+    )
     assert windows_at_rest(conn) == truth
 
 
@@ -298,18 +282,18 @@ def test_a_chunk_packed_by_its_owner_is_vacuumed_and_released_to_no_pages_till_a
 
 @pytest.mark.integration
 def test_a_chunk_vacuumed_by_autovacuum_is_released_by_the_next_run_of_a_packer_not_its_owner(
-    conn: psycopg.Connection, packer: psycopg.Connection
+    conn: psycopg.Connection, retention_conn: psycopg.Connection
 ) -> None:
     rng = random.Random(47)
     device, metric = ids(conn, "press-1", "temp")
     first = random_windows(rng, device_id=device, metric_id=metric, hour=BASE, hours=6)
     store(conn, first)
-    pack_windows(packer, older_than=BASE + DAY)
+    pack_windows(retention_conn, older_than=BASE + DAY)
     heap, index_pages = conn.execute(_CHUNK_PAGES).fetchone() or (0, 0)
     assert heap > 0 and index_pages > 1  # the retention role may not VACUUM it
     conn.execute("VACUUM readings")  # what autovacuum does: the heap goes, the index stays
     assert conn.execute(_CHUNK_PAGES).fetchall() == [(0, index_pages)]
 
-    assert pack_windows(packer, older_than=BASE + DAY) == PackReport()
+    assert pack_windows(retention_conn, older_than=BASE + DAY) == PackReport()
     assert conn.execute(_CHUNK_PAGES).fetchall() == [(0, 1)]
     assert windows_at_rest(conn) == first

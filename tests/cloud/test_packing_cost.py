@@ -9,17 +9,15 @@ the chunks and so leaves their VACUUM to autovacuum (off here).
 from __future__ import annotations
 
 import random
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from millrace.cloud import dbupgrade
 from millrace.cloud.packing import pack_windows
-from tests.cloud.packing_support import ids, random_windows, store, windows_at_rest
+from tests.cloud.packing_support import flush_stats, ids, random_windows, store, windows_at_rest
 
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
@@ -42,11 +40,6 @@ def blocks(conn: psycopg.Connection, table: str) -> dict[datetime, tuple[int, in
     return {r[0]: (int(r[1]), int(r[2])) for r in conn.execute(_BLOCKS, (table,)).fetchall()}
 
 
-def flush_stats(conn: psycopg.Connection) -> None:
-    """Make this session's block counts visible to others before its next reply."""
-    conn.execute("SELECT pg_stat_force_next_flush()")
-
-
 @pytest.fixture
 def db(fresh_db: str) -> str:
     dbupgrade.upgrade(fresh_db)
@@ -59,22 +52,9 @@ def conn(db: str) -> Iterator[psycopg.Connection]:
         yield connection
 
 
-@pytest.fixture
-def packer(db: str) -> Iterator[psycopg.Connection]:
-    login = f"retention_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(db, autocommit=True) as admin:
-        admin.execute(
-            sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(
-                sql.Identifier(login), sql.Identifier(dbupgrade.RETENTION_ROLE)
-            )
-        )
-    with psycopg.connect(db, user=login, autocommit=True) as connection:
-        yield connection
-
-
 @pytest.mark.integration
 def test_hourly_packing_over_a_day_reads_each_stored_window_once_and_no_other_chunk(
-    conn: psycopg.Connection, packer: psycopg.Connection
+    conn: psycopg.Connection, retention_conn: psycopg.Connection
 ) -> None:
     # No autovacuum or analyze may read the chunks while they are counted.
     for table in ("readings", "readings_packed"):
@@ -97,12 +77,12 @@ def test_hourly_packing_over_a_day_reads_each_stored_window_once_and_no_other_ch
     # Hourly runs through the last day: the first packs the days before it, the 22 after
     # it find nothing to pack, the run at the day's end packs that day.
     for h in range(1, 24):
-        pack_windows(packer, older_than=last_day + h * HOUR)
-    flush_stats(packer)
+        pack_windows(retention_conn, older_than=last_day + h * HOUR)
+    flush_stats(retention_conn)
     before_last = blocks(conn, "readings")
     packed_before_last = blocks(conn, "readings_packed")
-    pack_windows(packer, older_than=last_day + DAY)
-    flush_stats(packer)
+    pack_windows(retention_conn, older_than=last_day + DAY)
+    flush_stats(retention_conn)
     after = blocks(conn, "readings")
     packed_after = blocks(conn, "readings_packed")
 
@@ -127,7 +107,7 @@ def test_hourly_packing_over_a_day_reads_each_stored_window_once_and_no_other_ch
     # A run with nothing to pack reads no block of either table.
     flush_stats(conn)
     hot_now, packed_now = blocks(conn, "readings"), blocks(conn, "readings_packed")
-    pack_windows(packer, older_than=last_day + DAY + HOUR)
-    flush_stats(packer)
+    pack_windows(retention_conn, older_than=last_day + DAY + HOUR)
+    flush_stats(retention_conn)
     assert blocks(conn, "readings") == hot_now
     assert blocks(conn, "readings_packed") == packed_now

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from millrace.cloud import dbupgrade
 from millrace.cloud.retention import (
@@ -181,20 +179,6 @@ def test_scheduler_survives_an_unreachable_database() -> None:
     assert scheduler.run_once() is None
     assert scheduler.last_error and "OperationalError" in scheduler.last_error
     assert scheduler.runs == 0
-
-
-@pytest.fixture
-def retention_conn(db: str) -> Iterator[psycopg.Connection]:
-    """A login in db upgrade's millrace_retention group, as the plant and Ansible make one."""
-    login = f"retention_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(db, autocommit=True) as admin:
-        admin.execute(
-            sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(
-                sql.Identifier(login), sql.Identifier(dbupgrade.RETENTION_ROLE)
-            )
-        )
-    with psycopg.connect(db, user=login, autocommit=True) as connection:
-        yield connection
 
 
 @pytest.mark.integration
