@@ -38,8 +38,23 @@ HOUR_MS: Final = HOUR_SECONDS * 1000
 DAY_MS: Final = DAY_SECONDS * 1000
 
 RollupKey = tuple[int, int, int, int]  # device_id, metric_id, period_s, bucket_ms
-# A rollup row: its windows merged (`parts`), `first_at`/`last_at` the first and last start.
-Rollups = dict[RollupKey, Merging]
+
+
+class RollupRow(Merging):
+    """A rollup row: its windows merged (`parts`), `first_at`/`last_at` the first and last
+    start. On a `last` tie (two parts of one split window, see the module doc) the part
+    merged later gives `last`, as the SQL upserts' "later" rule (>=) does."""
+
+    __slots__ = ()
+
+    def add(self, part: Aggregate, first_at: int, last_at: int, *, parts: int = 1) -> None:
+        """`Merging.add`, the later part winning a tie on `last`."""
+        super().add(part, first_at, last_at, parts=parts)
+        if last_at == self.last_at:
+            self.last = part.last
+
+
+Rollups = dict[RollupKey, RollupRow]
 
 
 def add_window(rows: Rollups, device_id: int, metric_id: int, w: Window, bucket_ms: int) -> None:
@@ -48,24 +63,22 @@ def add_window(rows: Rollups, device_id: int, metric_id: int, w: Window, bucket_
     key = (device_id, metric_id, w.period_s, start - start % bucket_ms)
     row = rows.get(key)
     if row is None:
-        rows[key] = Merging(w, start, start)
+        rows[key] = RollupRow(w, start, start)
     else:
         row.add(w, start, start)
-        if start == row.last_at:  # a split window's later part ended later (see module doc)
-            row.last = w.last
 
 
 def add_hourly(rows: Rollups, device_id: int, metric_id: int, w: Window) -> None:
     """Merge one window into its hourly row (the writer calls this inside its COPY loop).
 
-    `add_window` for hours with `Merging.add` spelled out: it runs once per stored window,
-    and the call cost a seventh of it (tests/cloud/test_rollup_units.py holds them equal).
+    `add_window` for hours with `RollupRow.add` spelled out: it runs once per stored window,
+    and the calls cost a seventh of it (tests/cloud/test_rollup_units.py holds them equal).
     """
     start = w.start_ms
     key = (device_id, metric_id, w.period_s, start - start % HOUR_MS)
     row = rows.get(key)
     if row is None:
-        rows[key] = Merging(w, start, start)
+        rows[key] = RollupRow(w, start, start)
         return
     row.parts += 1
     row.count += w.count
@@ -102,7 +115,7 @@ def rebucket(rows: Rollups, *, bucket_s: int) -> Rollups:
         key = (device_id, metric_id, period_s, start_ms - start_ms % bucket_ms)
         part, into = row.result(), out.get(key)
         if into is None:
-            out[key] = Merging(part, row.first_at, row.last_at, parts=row.parts)
+            out[key] = RollupRow(part, row.first_at, row.last_at, parts=row.parts)
         else:
             into.add(part, row.first_at, row.last_at, parts=row.parts)
     return out
@@ -234,9 +247,7 @@ def merge_partials(rows: Iterable[tuple[Any, ...]]) -> Rollups:
         key = (device_id, metric_id, period_s, bucket_ms)
         into = out.get(key)
         if into is None:
-            out[key] = Merging(part, first_ms, last_ms, parts=windows)
+            out[key] = RollupRow(part, first_ms, last_ms, parts=windows)
         else:
             into.add(part, first_ms, last_ms, parts=windows)
-            if last_ms == into.last_at:
-                into.last = last
     return out
